@@ -1,0 +1,105 @@
+//! # Design overview
+//!
+//! `hsm-bridge` is the only road from sovereign-kms to its hardware security module. It speaks
+//! PKCS#11 through the `cryptoki` crate, with no `unsafe` of its own.
+//!
+//! What it does:
+//! - loads a module, finds the token by label, logs in once and keeps the login alive;
+//! - hands out sessions from a bounded pool *by move* (one operation per session at a time);
+//! - finds or creates the root wrapping key (AES-256, sensitive, non-extractable) by label;
+//! - wraps and unwraps key material under the root key (AES-256-GCM inside the token);
+//! - generates token-resident AES-256 keys and runs AES-256-GCM with them;
+//! - draws random bytes from the token;
+//! - classifies errors: session loss and device faults are retried once on a fresh session,
+//!   wrong PINs and missing tokens are fatal and name the token and module.
+//!
+//! What it does not do: it never reads `CKA_VALUE`, never holds key bytes except in the
+//! zeroizing buffers it hands back, and never runs on an async worker: every method blocks,
+//! and async callers run it under `spawn_blocking`.
+//!
+//! ```text
+//!   kms-core ──(&dyn Hsm, blocking)──▶ Pkcs11Hsm ──▶ SessionPool ──▶ cryptoki ──▶ token
+//!                                          │
+//!                                          └── root key handle, cached at open
+//! ```
+
+mod config;
+mod error;
+mod pool;
+pub mod softhsm;
+#[cfg(feature = "test-support")]
+pub mod test_support;
+mod token;
+
+use secrecy::SecretSlice;
+
+pub use config::{
+    find_softhsm2_module, HsmConfig, DEFAULT_MAX_SESSIONS, DEFAULT_ROOT_KEY_LABEL,
+    SOFTHSM2_MODULE_PATHS,
+};
+pub use cryptoki::context::Function;
+pub use cryptoki::error::RvError;
+pub use error::{Error, Result};
+pub use token::Pkcs11Hsm;
+
+/// Length of an AES-GCM nonce in bytes (96 bits, SP 800-38D §8.2.1 deterministic IV length).
+pub const GCM_NONCE_LEN: usize = 12;
+/// Length of an AES-GCM tag in bytes.
+pub const GCM_TAG_LEN: usize = 16;
+
+/// A handle to a key object on the token. It names the key; it holds no key bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TokenKey(cryptoki::object::ObjectHandle);
+
+/// Security attributes read back from a token key.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct KeyAttributes {
+    /// `CKA_TOKEN`: the object persists on the token.
+    pub token: bool,
+    /// `CKA_SENSITIVE`: the value can never be read in the clear.
+    pub sensitive: bool,
+    /// `CKA_EXTRACTABLE`: the value can be wrapped out of the token.
+    pub extractable: bool,
+    /// `CKA_NEVER_EXTRACTABLE`: the value has never been extractable.
+    pub never_extractable: bool,
+    /// `CKA_VALUE_LEN` in bytes.
+    pub value_len: u64,
+}
+
+/// The operations the KMS needs from an HSM. Every method blocks.
+pub trait Hsm: Send + Sync {
+    /// Fills `out` with random bytes from the token's generator.
+    fn random(&self, out: &mut [u8]) -> Result<()>;
+
+    /// The root wrapping key.
+    fn root_key(&self) -> TokenKey;
+
+    /// Generates a token-resident, sensitive, non-extractable AES-256 key labelled `label`.
+    fn generate_aes_key(&self, label: &str) -> Result<TokenKey>;
+
+    /// Finds a token-resident AES key by label.
+    fn find_aes_key(&self, label: &str) -> Result<TokenKey>;
+
+    /// AES-256-GCM encryption inside the token; returns ciphertext with the 16-byte tag.
+    fn aes_gcm_encrypt(
+        &self,
+        key: TokenKey,
+        nonce: &[u8; GCM_NONCE_LEN],
+        aad: &[u8],
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>>;
+
+    /// AES-256-GCM decryption inside the token. A wrong key, nonce, AAD or tag gives the
+    /// opaque [`Error::DecryptFailed`].
+    fn aes_gcm_decrypt(
+        &self,
+        key: TokenKey,
+        nonce: &[u8; GCM_NONCE_LEN],
+        aad: &[u8],
+        ciphertext: &[u8],
+    ) -> Result<SecretSlice<u8>>;
+
+    /// Reads back a key's security attributes.
+    fn key_attributes(&self, key: TokenKey) -> Result<KeyAttributes>;
+}

@@ -1,0 +1,322 @@
+//! The PKCS#11 implementation of [`Hsm`](crate::Hsm) on `cryptoki`.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Function, Pkcs11};
+use cryptoki::error::RvError;
+use cryptoki::mechanism::aead::GcmParams;
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, UserType};
+use cryptoki::slot::Slot;
+use parking_lot::Mutex;
+use secrecy::{SecretBox, SecretSlice};
+use zeroize::Zeroize;
+
+use crate::config::HsmConfig;
+use crate::error::{rv_is_device_fault, Error, Result};
+use crate::pool::SessionPool;
+use crate::{Hsm, KeyAttributes, TokenKey, GCM_NONCE_LEN, GCM_TAG_LEN};
+
+/// AES-256 key length in bytes.
+const AES_256_LEN: u64 = 32;
+/// GCM tag length in bits, as PKCS#11 wants it.
+const GCM_TAG_BITS: u64 = 128;
+
+/// A logged-in PKCS#11 token holding the root wrapping key.
+pub struct Pkcs11Hsm {
+    ctx: Pkcs11,
+    slot: Slot,
+    pool: SessionPool,
+    root: TokenKey,
+    /// Keeps the login alive: PKCS#11 logs the application out when its last session closes.
+    _login: Mutex<Session>,
+    module: PathBuf,
+    label: String,
+}
+
+impl Pkcs11Hsm {
+    /// Loads the module, finds the token by label, logs in once, and finds or creates the
+    /// root wrapping key.
+    pub fn open(config: &HsmConfig) -> Result<Self> {
+        let module = config.module.clone();
+        let ctx = Pkcs11::new(&module).map_err(|source| Error::ModuleLoad {
+            module: module.clone(),
+            source,
+        })?;
+        match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+            Ok(()) => {}
+            Err(cryptoki::error::Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+            Err(source) => {
+                return Err(Error::ModuleLoad {
+                    module: module.clone(),
+                    source,
+                })
+            }
+        }
+        let slot = find_slot(&ctx, &config.token_label, &module)?;
+        let login = ctx.open_rw_session(slot)?;
+        match login.login(UserType::User, Some(&config.user_pin)) {
+            Ok(()) | Err(cryptoki::error::Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
+            Err(cryptoki::error::Error::Pkcs11(rv, _)) => {
+                return Err(Error::Login {
+                    label: config.token_label.clone(),
+                    rv,
+                })
+            }
+            Err(other) => return Err(Error::Cryptoki(other)),
+        }
+        let root = match find_key(&login, &config.root_key_label)? {
+            Some(handle) => TokenKey(handle),
+            None => {
+                tracing::info!(label = %config.root_key_label, "creating root wrapping key in the token");
+                TokenKey(login.generate_key(
+                    &Mechanism::AesKeyGen,
+                    &aes_key_template(&config.root_key_label),
+                )?)
+            }
+        };
+        Ok(Self {
+            ctx,
+            slot,
+            pool: SessionPool::new(config.max_sessions),
+            root,
+            _login: Mutex::new(login),
+            module,
+            label: config.token_label.clone(),
+        })
+    }
+
+    /// Runs `op` on a pooled session; a session-loss or device error drops the session (and
+    /// drains the pool for a device error) and retries once on a fresh session.
+    fn run<T>(&self, op: impl Fn(&Session) -> cryptoki::error::Result<T>) -> Result<T> {
+        match self.run_once(&op) {
+            Err(e) if e.is_retryable() => {
+                tracing::warn!(error = %e, token = %self.label, "hsm session lost; retrying once");
+                self.run_once(&op)
+            }
+            other => other,
+        }
+    }
+
+    fn run_once<T>(&self, op: &impl Fn(&Session) -> cryptoki::error::Result<T>) -> Result<T> {
+        let mut guard = self.pool.take(&self.ctx, self.slot)?;
+        let session = guard.session().ok_or(Error::InvalidArgument {
+            what: "pool guard without session",
+        })?;
+        match op(session) {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                guard.discard();
+                let e = Error::from(e);
+                if let Error::Pkcs11 { rv, .. } = &e {
+                    if rv_is_device_fault(*rv) {
+                        self.pool.drain();
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Hsm for Pkcs11Hsm {
+    fn random(&self, out: &mut [u8]) -> Result<()> {
+        // The session writes into a private buffer so a retried call never leaves half output.
+        let bytes =
+            self.run(|s| s.generate_random_vec(u32::try_from(out.len()).unwrap_or(u32::MAX)))?;
+        let mut bytes = bytes;
+        if bytes.len() != out.len() {
+            bytes.zeroize();
+            return Err(Error::InvalidArgument {
+                what: "random length",
+            });
+        }
+        out.copy_from_slice(&bytes);
+        bytes.zeroize();
+        Ok(())
+    }
+
+    fn root_key(&self) -> TokenKey {
+        self.root
+    }
+
+    fn generate_aes_key(&self, label: &str) -> Result<TokenKey> {
+        if label.is_empty() {
+            return Err(Error::InvalidArgument {
+                what: "empty key label",
+            });
+        }
+        let template = aes_key_template(label);
+        self.run(|s| s.generate_key(&Mechanism::AesKeyGen, &template))
+            .map(TokenKey)
+    }
+
+    fn find_aes_key(&self, label: &str) -> Result<TokenKey> {
+        self.run(|s| find_key(s, label).map_err(into_cryptoki))?
+            .map(TokenKey)
+            .ok_or_else(|| Error::KeyNotFound {
+                label: label.to_owned(),
+            })
+    }
+
+    fn aes_gcm_encrypt(
+        &self,
+        key: TokenKey,
+        nonce: &[u8; GCM_NONCE_LEN],
+        aad: &[u8],
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>> {
+        self.run(|s| {
+            let mut iv = *nonce;
+            let params = GcmParams::new(&mut iv, aad, GCM_TAG_BITS.into())?;
+            s.encrypt(&Mechanism::AesGcm(params), key.0, plaintext)
+        })
+    }
+
+    fn aes_gcm_decrypt(
+        &self,
+        key: TokenKey,
+        nonce: &[u8; GCM_NONCE_LEN],
+        aad: &[u8],
+        ciphertext: &[u8],
+    ) -> Result<SecretSlice<u8>> {
+        if ciphertext.len() < GCM_TAG_LEN {
+            return Err(Error::DecryptFailed);
+        }
+        let op = |s: &Session| {
+            let mut iv = *nonce;
+            let params = GcmParams::new(&mut iv, aad, GCM_TAG_BITS.into())?;
+            s.decrypt(&Mechanism::AesGcm(params), key.0, ciphertext)
+        };
+        let result = match self.run_once(&op) {
+            Err(e) if e.is_retryable() && !is_bad_ciphertext(&e) => {
+                tracing::warn!(error = %e, token = %self.label, "hsm session lost; retrying once");
+                self.run_once(&op)
+            }
+            other => other,
+        };
+        match result {
+            Ok(plain) => Ok(into_secret(plain)),
+            Err(e) if is_bad_ciphertext(&e) => Err(Error::DecryptFailed),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn key_attributes(&self, key: TokenKey) -> Result<KeyAttributes> {
+        let types = [
+            AttributeType::Token,
+            AttributeType::Sensitive,
+            AttributeType::Extractable,
+            AttributeType::NeverExtractable,
+            AttributeType::ValueLen,
+        ];
+        let attrs = self.run(|s| s.get_attributes(key.0, &types))?;
+        let mut out = KeyAttributes::default();
+        for attr in attrs {
+            match attr {
+                Attribute::Token(v) => out.token = v,
+                Attribute::Sensitive(v) => out.sensitive = v,
+                Attribute::Extractable(v) => out.extractable = v,
+                Attribute::NeverExtractable(v) => out.never_extractable = v,
+                Attribute::ValueLen(v) => out.value_len = u64::from(v),
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Pkcs11Hsm {
+    /// The module this token was loaded from.
+    pub fn module(&self) -> &std::path::Path {
+        &self.module
+    }
+
+    /// The token's label.
+    pub fn token_label(&self) -> &str {
+        &self.label
+    }
+}
+
+impl fmt::Debug for Pkcs11Hsm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pkcs11Hsm")
+            .field("module", &self.module)
+            .field("token", &self.label)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A decryption refused because of its input: SoftHSM2 reports a bad GCM tag as
+/// `CKR_GENERAL_ERROR`, other tokens as `CKR_ENCRYPTED_DATA_INVALID`. Neither says anything
+/// about the device, so neither is retried.
+fn is_bad_ciphertext(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::Pkcs11 {
+            func: Function::Decrypt,
+            rv: RvError::EncryptedDataInvalid
+                | RvError::EncryptedDataLenRange
+                | RvError::GeneralError,
+        }
+    )
+}
+
+fn find_slot(ctx: &Pkcs11, label: &str, module: &std::path::Path) -> Result<Slot> {
+    for slot in ctx.get_slots_with_token()? {
+        let info = ctx.get_token_info(slot)?;
+        if info.label().trim_end() == label {
+            return Ok(slot);
+        }
+    }
+    Err(Error::TokenNotFound {
+        label: label.to_owned(),
+        module: module.to_path_buf(),
+    })
+}
+
+fn find_key(session: &Session, label: &str) -> Result<Option<ObjectHandle>> {
+    let template = [
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::Label(label.as_bytes().to_vec()),
+    ];
+    let found = session.find_objects(&template)?;
+    Ok(found.into_iter().next())
+}
+
+/// Carries our error back through an `op` closure that must return cryptoki's error type.
+fn into_cryptoki(e: Error) -> cryptoki::error::Error {
+    match e {
+        Error::Pkcs11 { func, rv } => cryptoki::error::Error::Pkcs11(rv, func),
+        Error::Cryptoki(inner) => inner,
+        _ => cryptoki::error::Error::NotSupported,
+    }
+}
+
+/// An AES-256 token key that never leaves the HSM.
+fn aes_key_template(label: &str) -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::ValueLen(AES_256_LEN.into()),
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Encrypt(true),
+        Attribute::Decrypt(true),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+        Attribute::Label(label.as_bytes().to_vec()),
+    ]
+}
+
+/// Moves plaintext into a secret box of exactly its length and wipes the source buffer.
+fn into_secret(mut plain: Vec<u8>) -> SecretSlice<u8> {
+    let boxed: Box<[u8]> = plain.as_slice().into();
+    plain.zeroize();
+    SecretBox::new(boxed)
+}
