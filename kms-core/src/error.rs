@@ -1,0 +1,139 @@
+//! The one error type of the core.
+
+use crate::blob::BlobError;
+use crate::ids::{Alias, KeyId, KeyRef, KeyVersion};
+use crate::key::KeyState;
+
+/// Everything a core operation can refuse or fail with.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Another key already has this alias.
+    #[error("alias {alias} is already in use")]
+    AliasTaken {
+        /// The alias.
+        alias: Alias,
+    },
+    /// The ciphertext is malformed; refused before any key was touched.
+    #[error("malformed ciphertext: {0}")]
+    Blob(#[from] BlobError),
+    /// Authenticated decryption failed. No reason and no key identity, by design.
+    #[error("decryption failed")]
+    DecryptFailed,
+    /// The authorizer refused the request.
+    #[error("request denied")]
+    Denied,
+    /// The HSM failed.
+    #[error("hsm")]
+    Hsm(#[source] hsm_bridge::Error),
+    /// A state the code rules out was reached.
+    #[error("internal error: {0}")]
+    Internal(&'static str),
+    /// Caller input failed validation.
+    #[error("invalid {0}")]
+    Invalid(InvalidInput),
+    /// No key with this id or alias.
+    #[error("key {key} not found")]
+    KeyNotFound {
+        /// How the caller named it.
+        key: KeyRef,
+    },
+    /// The key's state forbids the operation.
+    #[error("key {id} is {state:?}; {op:?} refused")]
+    KeyState {
+        /// The key.
+        id: KeyId,
+        /// Its state.
+        state: KeyState,
+        /// What was attempted.
+        op: Op,
+    },
+    /// A stored record could not be decoded.
+    #[error("stored {table} record is corrupt")]
+    Record {
+        /// Which table.
+        table: &'static str,
+        /// The decoder's complaint.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The random generator failed.
+    #[error("random generator failed")]
+    Rng,
+    /// The store failed.
+    #[error("storage: {op}")]
+    Store {
+        /// What the store was doing.
+        op: &'static str,
+        /// The store's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// An input is larger than the operation accepts.
+    #[error("{what} too large: {len}, at most {max}")]
+    TooLarge {
+        /// What was too large.
+        what: &'static str,
+        /// Its size.
+        len: usize,
+        /// The bound.
+        max: usize,
+    },
+    /// A blob names a key version that does not exist.
+    #[error("key {id} has no version {version}")]
+    VersionNotFound {
+        /// The key.
+        id: KeyId,
+        /// The missing version.
+        version: KeyVersion,
+    },
+}
+
+/// Which caller input was invalid.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum InvalidInput {
+    /// Alias syntax.
+    #[error("alias (1-64 of A-Z a-z 0-9 / _ - ., not a UUID)")]
+    Alias,
+    /// Encryption context bounds or duplicates.
+    #[error("encryption context (at most 64 unique keys of 1-128 bytes, values up to 1024 bytes)")]
+    Context,
+    /// Key id syntax.
+    #[error("key id (a UUID)")]
+    KeyId,
+    /// Key reference syntax.
+    #[error("key reference (a key id or an alias)")]
+    KeyRef,
+    /// Label syntax.
+    #[error("label (keys 1-64 of a-z 0-9 _ - ., values up to 256 printable characters)")]
+    Label,
+    /// Paging token.
+    #[error("page token")]
+    PageToken,
+}
+
+/// Key operations, named in errors and decisions.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[non_exhaustive]
+pub enum Op {
+    /// Decrypt a blob.
+    Decrypt,
+    /// Encrypt a small secret.
+    Encrypt,
+    /// Generate a data key.
+    GenerateDataKey,
+    /// Re-encrypt a blob.
+    ReEncrypt,
+    /// Rotate a key.
+    Rotate,
+}
+
+impl From<hsm_bridge::Error> for Error {
+    fn from(e: hsm_bridge::Error) -> Self {
+        match e {
+            hsm_bridge::Error::DecryptFailed => Error::DecryptFailed,
+            other => Error::Hsm(other),
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! Identifiers: key ids, key versions, aliases and principals.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, InvalidInput};
+
+/// A key's permanent identity: a random (version 4) UUID.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct KeyId(uuid::Uuid);
+
+impl KeyId {
+    /// Builds a key id from 16 random bytes, setting the UUID version and variant bits.
+    pub fn from_random_bytes(bytes: [u8; 16]) -> Self {
+        Self(uuid::Builder::from_random_bytes(bytes).into_uuid())
+    }
+
+    /// The 16 bytes as they appear in a ciphertext header.
+    pub fn to_bytes(self) -> [u8; 16] {
+        *self.0.as_bytes()
+    }
+
+    /// Reads the 16 header bytes back.
+    pub fn from_bytes(bytes: [u8; 16]) -> Self {
+        Self(uuid::Uuid::from_bytes(bytes))
+    }
+}
+
+impl fmt::Display for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.hyphenated().fmt(f)
+    }
+}
+
+impl fmt::Debug for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KeyId({self})")
+    }
+}
+
+impl FromStr for KeyId {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        uuid::Uuid::try_parse(s)
+            .map(Self)
+            .map_err(|_| Error::Invalid(InvalidInput::KeyId))
+    }
+}
+
+/// A key version number. Version 1 is created with the key; each rotation adds one.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize, Deserialize)]
+pub struct KeyVersion(u32);
+
+impl KeyVersion {
+    /// The first version of every key.
+    pub const FIRST: KeyVersion = KeyVersion(1);
+
+    /// Wraps a raw version number; zero is not a version.
+    pub fn new(n: u32) -> Option<Self> {
+        (n >= 1).then_some(Self(n))
+    }
+
+    /// The raw number.
+    pub fn get(self) -> u32 {
+        self.0
+    }
+
+    /// The version after this one.
+    pub fn next(self) -> Result<Self, Error> {
+        self.0
+            .checked_add(1)
+            .map(Self)
+            .ok_or(Error::Internal("key version overflow"))
+    }
+}
+
+impl fmt::Display for KeyVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// A unique, human-friendly name for a key: 1 to 64 characters of `A-Z a-z 0-9 / _ - .`,
+/// not itself a UUID, so that a key reference is never ambiguous.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Alias(String);
+
+impl Alias {
+    /// Maximum length in bytes.
+    pub const MAX_LEN: usize = 64;
+
+    /// The alias text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for Alias {
+    type Error = Error;
+    fn try_from(s: String) -> Result<Self, Error> {
+        let ok_chars = s
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'_' | b'-' | b'.'));
+        if s.is_empty() || s.len() > Self::MAX_LEN || !ok_chars || uuid::Uuid::try_parse(&s).is_ok()
+        {
+            return Err(Error::Invalid(InvalidInput::Alias));
+        }
+        Ok(Self(s))
+    }
+}
+
+impl From<Alias> for String {
+    fn from(a: Alias) -> String {
+        a.0
+    }
+}
+
+impl fmt::Display for Alias {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// How a caller names a key: by id or by alias.
+#[derive(Clone, PartialEq, Eq, Debug)]
+#[non_exhaustive]
+pub enum KeyRef {
+    /// By alias.
+    Alias(Alias),
+    /// By id.
+    Id(KeyId),
+}
+
+impl FromStr for KeyRef {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        if let Ok(id) = s.parse::<KeyId>() {
+            return Ok(KeyRef::Id(id));
+        }
+        Alias::try_from(s.to_owned())
+            .map(KeyRef::Alias)
+            .map_err(|_| Error::Invalid(InvalidInput::KeyRef))
+    }
+}
+
+impl fmt::Display for KeyRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeyRef::Alias(a) => a.fmt(f),
+            KeyRef::Id(id) => id.fmt(f),
+        }
+    }
+}
+
+/// An authenticated caller, as the transport established it.
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+pub struct PrincipalId(String);
+
+impl PrincipalId {
+    /// Wraps the identity string the transport verified (for now, a certificate fingerprint).
+    pub fn new(id: String) -> Self {
+        Self(id)
+    }
+
+    /// The identity string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for PrincipalId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}

@@ -1,0 +1,148 @@
+//! Key records as stored: metadata, versions and their wrapped or token-resident material.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, InvalidInput};
+use crate::ids::{Alias, KeyId, KeyVersion};
+
+/// Where a key version's material lives and where its operations run.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Protection {
+    /// A non-extractable token object; every wrap and unwrap runs inside the HSM.
+    Hsm,
+    /// 32 random bytes from the HSM, stored wrapped under the root key and unwrapped into
+    /// zeroizing memory, so operations run in process at software speed.
+    Software,
+}
+
+/// A key's lifecycle state.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum KeyState {
+    /// No cryptographic operation is allowed; metadata stays readable.
+    Disabled,
+    /// Usable.
+    Enabled,
+}
+
+/// Key labels such as `owner` and `sensitivity`, used by policy and inventory.
+#[derive(Clone, Default, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(
+    try_from = "BTreeMap<String, String>",
+    into = "BTreeMap<String, String>"
+)]
+pub struct Labels(BTreeMap<String, String>);
+
+impl Labels {
+    /// At most this many labels.
+    pub const MAX_LABELS: usize = 32;
+
+    /// Validated labels from pairs; duplicates are refused.
+    pub fn from_pairs<I: IntoIterator<Item = (String, String)>>(pairs: I) -> Result<Self, Error> {
+        let mut map = BTreeMap::new();
+        for (k, v) in pairs {
+            let key_ok = !k.is_empty()
+                && k.len() <= 64
+                && k.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-' | b'.')
+                });
+            let value_ok = v.len() <= 256 && v.chars().all(|c| !c.is_control());
+            if !key_ok || !value_ok || map.insert(k, v).is_some() || map.len() > Self::MAX_LABELS {
+                return Err(Error::Invalid(InvalidInput::Label));
+            }
+        }
+        Ok(Self(map))
+    }
+
+    /// The value of one label.
+    pub fn value(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(String::as_str)
+    }
+
+    /// All labels, sorted.
+    pub fn entries(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+}
+
+impl TryFrom<BTreeMap<String, String>> for Labels {
+    type Error = Error;
+    fn try_from(map: BTreeMap<String, String>) -> Result<Self, Error> {
+        Self::from_pairs(map)
+    }
+}
+
+impl From<Labels> for BTreeMap<String, String> {
+    fn from(l: Labels) -> Self {
+        l.0
+    }
+}
+
+/// A key's metadata record.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct KeyRecord {
+    /// The key id.
+    pub id: KeyId,
+    /// Its alias, if any.
+    pub alias: Option<Alias>,
+    /// Labels.
+    pub labels: Labels,
+    /// Protection level, fixed at creation.
+    pub protection: Protection,
+    /// Lifecycle state.
+    pub state: KeyState,
+    /// The version new encryptions use.
+    pub current_version: KeyVersion,
+    /// Creation time, Unix seconds.
+    pub created_at: u64,
+    /// Last change, Unix seconds.
+    pub updated_at: u64,
+}
+
+/// One version of a key.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct VersionRecord {
+    /// The key.
+    pub key_id: KeyId,
+    /// The version.
+    pub version: KeyVersion,
+    /// Creation time, Unix seconds.
+    pub created_at: u64,
+    /// Its material.
+    pub material: StoredMaterial,
+}
+
+/// How a version's material is kept. Neither form is usable without the HSM.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum StoredMaterial {
+    /// A token object found by this label.
+    Hsm {
+        /// The `CKA_LABEL` of the token key.
+        label: String,
+    },
+    /// 32 bytes sealed with AES-256-GCM under the root key: 12-byte nonce then ciphertext and
+    /// tag. The AAD binds the key id and version, so records cannot be swapped.
+    Software {
+        /// Nonce, ciphertext and tag.
+        wrapped: Vec<u8>,
+    },
+}
+
+/// Domain separation for wrapping software KEK versions under the root key.
+const KEK_WRAP_AAD_PREFIX: &[u8] = b"sovereign-kms/kek-wrap/v1";
+
+/// The AAD under which a software KEK version is wrapped by the root key: a fixed prefix, the
+/// key id's 16 bytes and the version as u32 big-endian. Part of the stored format.
+pub fn kek_wrap_aad(id: KeyId, version: KeyVersion) -> Vec<u8> {
+    let mut aad = KEK_WRAP_AAD_PREFIX.to_vec();
+    aad.extend_from_slice(&id.to_bytes());
+    aad.extend_from_slice(&version.get().to_be_bytes());
+    aad
+}

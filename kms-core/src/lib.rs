@@ -1,0 +1,49 @@
+//! # Design overview
+//!
+//! `kms-core` is the domain of sovereign-kms: the key hierarchy, key versions and their
+//! lifecycle, the ciphertext format, envelope operations, the authorisation seam, and the
+//! storage trait with its RocksDB implementation.
+//!
+//! It does not open sockets, parse flags or know about gRPC. It reads neither the clock nor
+//! an RNG directly: [`Deps`] injects a [`Clock`], an [`Rng`], a [`Store`], an
+//! [`hsm_bridge::Hsm`] and an [`Authorizer`].
+//!
+//! Key hierarchy:
+//!
+//! ```text
+//!  HSM token ── root wrapping key (AES-256, sensitive, non-extractable, never leaves)
+//!                 │ wraps (AES-GCM, AAD = key id ‖ version)
+//!                 ▼
+//!  KEK versions ── software: 32 bytes wrapped in the store, unwrapped into memory
+//!              └── hsm:      a non-extractable token object per version
+//!                 │ seals (AES-256-GCM, AAD = blob header ‖ canonical context)
+//!                 ▼
+//!  DEKs ── returned once in plaintext, and as a blob (see [`blob`])
+//! ```
+//!
+//! Data-plane flow for one request: resolve the key's metadata from the in-memory cache →
+//! ask the [`Authorizer`] (a denial and an unknown key are both refused before any HSM
+//! call) → check the key's state → seal or open with the version's key.
+
+pub mod authz;
+pub mod blob;
+mod clock;
+pub mod context;
+mod error;
+mod ids;
+mod key;
+mod kms;
+mod secret;
+pub mod store;
+
+pub use authz::{AccessRequest, AllowAuthenticated, Authorizer, Decision, PolicyDecision};
+pub use clock::{Clock, Rng, SystemClock, SystemRng};
+pub use context::EncryptionContext;
+pub use error::{Error, InvalidInput, Op};
+pub use ids::{Alias, KeyId, KeyRef, KeyVersion, PrincipalId};
+pub use key::{
+    kek_wrap_aad, KeyRecord, KeyState, Labels, Protection, StoredMaterial, VersionRecord,
+};
+pub use kms::{DataKey, Deps, Kms, NewKey, Opened, Sealed};
+pub use secret::{Dek, Kek, Plaintext, DEK_LEN, KEK_LEN};
+pub use store::{RocksStore, Store};

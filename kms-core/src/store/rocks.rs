@@ -1,0 +1,128 @@
+//! The RocksDB store: one data directory, one column family per table, every write synced.
+#![allow(clippy::disallowed_types, reason = "this is the RocksDB adapter")]
+
+use std::path::{Path, PathBuf};
+
+use rocksdb::{
+    ColumnFamilyDescriptor, DBCompressionType, IteratorMode, Options, WriteBatch, WriteOptions, DB,
+};
+
+use super::{Change, Store, Table};
+use crate::error::Error;
+
+/// RocksDB under one directory.
+pub struct RocksStore {
+    db: DB,
+    path: PathBuf,
+}
+
+impl RocksStore {
+    /// Opens the store, creating the directory and missing column families on first start.
+    pub fn open(path: &Path) -> Result<Self, Error> {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.set_compression_type(DBCompressionType::Lz4);
+        let families = Table::ALL.iter().map(|t| {
+            let mut cf = Options::default();
+            cf.set_compression_type(DBCompressionType::Lz4);
+            ColumnFamilyDescriptor::new(t.name(), cf)
+        });
+        let db = DB::open_cf_descriptors(&opts, path, families).map_err(|e| store("open", e))?;
+        Ok(Self {
+            db,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The data directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn cf(&self, table: Table) -> Result<&rocksdb::ColumnFamily, Error> {
+        self.db
+            .cf_handle(table.name())
+            .ok_or(Error::Internal("column family missing after open"))
+    }
+}
+
+impl Store for RocksStore {
+    fn write(&self, changes: Vec<Change>) -> Result<(), Error> {
+        let mut batch = WriteBatch::default();
+        for change in changes {
+            match change {
+                Change::Put { table, key, value } => batch.put_cf(self.cf(table)?, key, value),
+                Change::Delete { table, key } => batch.delete_cf(self.cf(table)?, key),
+            }
+        }
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        self.db
+            .write_opt(batch, &opts)
+            .map_err(|e| store("write", e))
+    }
+
+    fn scan(&self, table: Table) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Error> {
+        self.db
+            .iterator_cf(self.cf(table)?, IteratorMode::Start)
+            .map(|item| {
+                item.map(|(k, v)| (k.into_vec(), v.into_vec()))
+                    .map_err(|e| store("scan", e))
+            })
+            .collect()
+    }
+}
+
+impl std::fmt::Debug for RocksStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RocksStore")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+fn store(op: &'static str, e: rocksdb::Error) -> Error {
+    Error::Store {
+        op,
+        source: Box::new(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_are_atomic_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = RocksStore::open(dir.path()).unwrap();
+            s.write(vec![
+                Change::Put {
+                    table: Table::Keys,
+                    key: b"a".to_vec(),
+                    value: b"1".to_vec(),
+                },
+                Change::Put {
+                    table: Table::Aliases,
+                    key: b"x".to_vec(),
+                    value: b"a".to_vec(),
+                },
+            ])
+            .unwrap();
+            s.write(vec![Change::Delete {
+                table: Table::Aliases,
+                key: b"x".to_vec(),
+            }])
+            .unwrap();
+        }
+        let s = RocksStore::open(dir.path()).unwrap();
+        assert_eq!(
+            s.scan(Table::Keys).unwrap(),
+            vec![(b"a".to_vec(), b"1".to_vec())]
+        );
+        assert!(s.scan(Table::Aliases).unwrap().is_empty());
+        assert!(s.scan(Table::Versions).unwrap().is_empty());
+    }
+}
