@@ -1,0 +1,17 @@
+//! Compiles the protobuf contract with protox (pure Rust, no system protoc).
+
+use std::path::PathBuf;
+
+use protox::prost::Message;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protos = ["kms/v1/data.proto", "kms/v1/admin.proto"];
+    for p in protos {
+        println!("cargo:rerun-if-changed=proto/{p}");
+    }
+    let fds = protox::compile(protos, ["proto"])?;
+    let out = PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(out.join("kms_descriptor.bin"), fds.encode_to_vec())?;
+    tonic_prost_build::configure().compile_fds(fds)?;
+    Ok(())
+}
