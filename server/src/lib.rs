@@ -1,0 +1,168 @@
+//! # Design overview
+//!
+//! `kms-server` runs the two gRPC planes of sovereign-kms over one [`kms_core::Kms`]:
+//!
+//! ```text
+//!  workload ──mTLS (workload CA)──▶ data listener  ──▶ DataService  ─┐
+//!                                                                   ├─▶ Kms (kms-core) ─▶ HSM, store
+//!  operator ──mTLS (operator CA)──▶ admin listener ──▶ AdminService ─┘
+//! ```
+//!
+//! Each plane has its own listener, its own rustls configuration (TLS 1.3 only, client
+//! certificate required, its own client CA), its own service and its own status mapper; no
+//! authentication code is shared, so a certificate from one plane's CA is refused by the other.
+//! Both planes also serve gRPC health and reflection.
+//!
+//! It does not hold domain rules: validation, authorisation and key handling live in
+//! kms-core. It runs every core call under `spawn_blocking`, since those may call the HSM.
+
+mod admin;
+mod data;
+mod error;
+mod identity;
+mod tls;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use api::v1::admin_server::AdminServer;
+use api::v1::data_plane_server::DataPlaneServer;
+use kms_core::Kms;
+use tokio::net::TcpListener;
+use tonic::transport::Server;
+
+pub use admin::AdminService;
+pub use data::{DataService, MAX_BATCH};
+pub use error::Error;
+
+/// Where and how the two planes listen.
+#[derive(Clone, Debug)]
+pub struct ListenConfig {
+    /// Data-plane address.
+    pub data_addr: SocketAddr,
+    /// Admin-plane address.
+    pub admin_addr: SocketAddr,
+    /// Server certificate chain (PEM), presented on both planes.
+    pub server_cert: PathBuf,
+    /// Server private key (PEM).
+    pub server_key: PathBuf,
+    /// CA(s) whose client certificates the data plane accepts.
+    pub data_client_ca: PathBuf,
+    /// CA(s) whose client certificates the admin plane accepts.
+    pub admin_client_ca: PathBuf,
+}
+
+/// Both planes, bound and ready to serve.
+#[derive(Debug)]
+pub struct Bound {
+    data: TcpListener,
+    admin: TcpListener,
+    data_tls: Arc<rustls::ServerConfig>,
+    admin_tls: Arc<rustls::ServerConfig>,
+}
+
+impl Bound {
+    /// Loads TLS material and binds both listeners. Fails before anything is served.
+    pub async fn bind(config: &ListenConfig) -> Result<Self, Error> {
+        let data_tls = tls::server_config(
+            "data",
+            &config.server_cert,
+            &config.server_key,
+            &config.data_client_ca,
+        )?;
+        let admin_tls = tls::server_config(
+            "admin",
+            &config.server_cert,
+            &config.server_key,
+            &config.admin_client_ca,
+        )?;
+        let bind = |addr: SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| Error::Bind { addr, source })
+        };
+        Ok(Self {
+            data: bind(config.data_addr).await?,
+            admin: bind(config.admin_addr).await?,
+            data_tls,
+            admin_tls,
+        })
+    }
+
+    /// The addresses actually bound (port 0 resolves to an ephemeral port).
+    pub fn local_addrs(&self) -> Result<(SocketAddr, SocketAddr), Error> {
+        let addr = |l: &TcpListener, configured| {
+            l.local_addr().map_err(|source| Error::Bind {
+                addr: configured,
+                source,
+            })
+        };
+        let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
+        Ok((
+            addr(&self.data, unspecified)?,
+            addr(&self.admin, unspecified)?,
+        ))
+    }
+
+    /// Serves both planes until `shutdown` resolves, then drains in-flight requests.
+    pub async fn serve(
+        self,
+        kms: Arc<Kms>,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), Error> {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        });
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(api::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .build_v1()
+                .map_err(Error::Reflection)
+        };
+
+        let (data_health, data_health_svc) = tonic_health::server::health_reporter();
+        data_health
+            .set_serving::<DataPlaneServer<DataService>>()
+            .await;
+        let data = Server::builder()
+            .add_service(data_health_svc)
+            .add_service(reflection()?)
+            .add_service(DataPlaneServer::new(DataService::new(kms.clone())))
+            .serve_with_incoming_shutdown(
+                tls::incoming("data", self.data, self.data_tls),
+                stopped(stop_rx.clone()),
+            );
+
+        let (admin_health, admin_health_svc) = tonic_health::server::health_reporter();
+        admin_health
+            .set_serving::<AdminServer<AdminService>>()
+            .await;
+        let admin = Server::builder()
+            .add_service(admin_health_svc)
+            .add_service(reflection()?)
+            .add_service(AdminServer::new(AdminService::new(kms)))
+            .serve_with_incoming_shutdown(
+                tls::incoming("admin", self.admin, self.admin_tls),
+                stopped(stop_rx),
+            );
+
+        let (d, a) = tokio::join!(data, admin);
+        d.map_err(|source| Error::Serve {
+            plane: "data",
+            source,
+        })?;
+        a.map_err(|source| Error::Serve {
+            plane: "admin",
+            source,
+        })?;
+        Ok(())
+    }
+}

@@ -1,0 +1,113 @@
+//! TLS for the two listeners: TLS 1.3 only, client certificates required, each plane with its
+//! own client CA. Handshakes run in their own tasks so a slow client cannot stall accepts.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::server::WebPkiClientVerifier;
+use rustls::RootCertStore;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::error::Error;
+
+/// How long a client has to finish the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Builds a plane's rustls configuration.
+pub(crate) fn server_config(
+    plane: &'static str,
+    cert_chain: &Path,
+    key: &Path,
+    client_ca: &Path,
+) -> Result<Arc<rustls::ServerConfig>, Error> {
+    let certs = read_certs("server certificate", cert_chain)?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|_| Error::Pem {
+        what: "server private key",
+        path: key.to_path_buf(),
+        source: None,
+    })?;
+    let mut roots = RootCertStore::empty();
+    for ca in read_certs("client CA certificate", client_ca)? {
+        roots.add(ca).map_err(|e| tls(plane, e))?;
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| tls(plane, e))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| tls(plane, e))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)
+        .map_err(|e| tls(plane, e))?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+fn read_certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
+    let pem_err = |source| Error::Pem {
+        what,
+        path: path.to_path_buf(),
+        source,
+    };
+    let bytes = std::fs::read(path).map_err(|e| pem_err(Some(e)))?;
+    let certs = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| pem_err(None))?;
+    if certs.is_empty() {
+        return Err(pem_err(None));
+    }
+    Ok(certs)
+}
+
+fn tls(plane: &'static str, e: impl std::error::Error + Send + Sync + 'static) -> Error {
+    Error::Tls {
+        plane,
+        source: Box::new(e),
+    }
+}
+
+/// Accepts TCP connections, completes TLS handshakes concurrently, and yields the finished
+/// streams. Failed handshakes (wrong CA, no certificate, TLS 1.2) are logged and dropped.
+pub(crate) fn incoming(
+    plane: &'static str,
+    listener: TcpListener,
+    config: Arc<rustls::ServerConfig>,
+) -> ReceiverStream<Result<TlsStream<tokio::net::TcpStream>, std::io::Error>> {
+    let (tx, rx) = mpsc::channel(256);
+    let acceptor = TlsAcceptor::from(config);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    tracing::warn!(plane, error = %e, "accept failed");
+                    continue;
+                }
+            };
+            if tx.is_closed() {
+                break;
+            }
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        let _ = tx.send(Ok(stream)).await;
+                    }
+                    Ok(Err(e)) => tracing::info!(plane, %peer, error = %e, "tls handshake refused"),
+                    Err(_) => tracing::info!(plane, %peer, "tls handshake timed out"),
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
