@@ -1,0 +1,253 @@
+//! `kms bench`: a closed-loop load generator against a running server.
+//!
+//! It creates its own key on the admin plane, opens a few HTTP/2 connections to the data plane
+//! (one per 16 concurrent callers, at most 8), runs `--concurrency` callers for `--duration`
+//! seconds, and reports throughput and latency percentiles of whole RPCs. With `--batch N`,
+//! each RPC carries N items and throughput counts items.
+
+use std::time::{Duration, Instant};
+
+use api::v1::{
+    BatchDecryptRequest, BatchGenerateDataKeyRequest, CreateKeyRequest, DecryptRequest,
+    GenerateDataKeyRequest,
+};
+use clap::Args;
+use hdrhistogram::Histogram;
+use serde_json::json;
+use tonic::transport::Channel;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+use crate::connect::{ConnectArgs, Plane};
+use crate::error::Error;
+use crate::output::emit;
+
+/// Options of `kms bench`.
+#[derive(Args, Debug)]
+pub(crate) struct BenchArgs {
+    /// Operation to measure.
+    #[arg(long, value_parser = ["generate-data-key", "decrypt", "health"])]
+    op: String,
+    /// Protection level of the key the benchmark creates.
+    #[arg(long, default_value = "software", value_parser = ["software", "hsm"])]
+    protection: String,
+    /// Items per RPC; 1 uses the single-item RPC, more uses the batch RPC.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    batch: u32,
+    /// Concurrent callers.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    concurrency: u32,
+    /// Seconds to run.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    duration: u64,
+    /// HTTP/2 connections to spread callers over (default: one per 16 callers, at most 8).
+    #[arg(long)]
+    connections: Option<u32>,
+}
+
+#[derive(Clone)]
+enum Job {
+    Decrypt(Vec<u8>),
+    Generate(String),
+    Health,
+}
+
+struct WorkerResult {
+    hist: Histogram<u64>,
+    items: u64,
+    errors: u64,
+}
+
+pub(crate) async fn run(args: BenchArgs, conn: &ConnectArgs, as_json: bool) -> Result<(), Error> {
+    let (admin_addr, admin_tls) = conn.resolve(Plane::Admin)?;
+    let (data_addr, data_tls) = conn.resolve(Plane::Data)?;
+    let connections = args
+        .connections
+        .unwrap_or_else(|| args.concurrency.div_ceil(16).min(8))
+        .max(1);
+    let mut channels = Vec::new();
+    for _ in 0..connections {
+        channels.push(data_tls.channel(&data_addr).await?);
+    }
+    let job = match args.op.as_str() {
+        "health" => Job::Health,
+        op => {
+            let protection = match args.protection.as_str() {
+                "hsm" => api::v1::Protection::Hsm,
+                _ => api::v1::Protection::Software,
+            };
+            let key = admin_tls
+                .admin(&admin_addr)
+                .await?
+                .create_key(CreateKeyRequest {
+                    alias: String::new(),
+                    protection: protection.into(),
+                    labels: [("purpose".to_owned(), "benchmark".to_owned())].into(),
+                })
+                .await?
+                .into_inner()
+                .key_id;
+            if op == "decrypt" {
+                let first = channels
+                    .first()
+                    .cloned()
+                    .ok_or_else(|| Error::Usage("no connection".into()))?;
+                let mut client = api::v1::data_plane_client::DataPlaneClient::new(first);
+                let blob = client
+                    .generate_data_key_without_plaintext(gdk_request(&key))
+                    .await?
+                    .into_inner()
+                    .ciphertext;
+                Job::Decrypt(blob)
+            } else {
+                Job::Generate(key)
+            }
+        }
+    };
+
+    let duration = Duration::from_secs(args.duration);
+    let started = now();
+    let deadline = started + duration;
+    let batch = args.batch;
+    let mut tasks = Vec::new();
+    for channel in channels
+        .iter()
+        .cycle()
+        .take(usize::try_from(args.concurrency).unwrap_or(1))
+    {
+        let channel = channel.clone();
+        let job = job.clone();
+        tasks.push(tokio::spawn(worker(channel, job, batch, deadline)));
+    }
+    let mut hist = new_histogram()?;
+    let (mut items, mut errors) = (0u64, 0u64);
+    for t in tasks {
+        let r = t
+            .await
+            .map_err(|_| Error::Usage("a benchmark worker panicked".into()))??;
+        hist.add(&r.hist)
+            .map_err(|_| Error::Usage("histogram merge".into()))?;
+        items += r.items;
+        errors += r.errors;
+    }
+    let elapsed = now().duration_since(started).as_secs_f64();
+    let ops = if elapsed > 0.0 {
+        items_f64(items) / elapsed
+    } else {
+        0.0
+    };
+    let report = json!({
+        "op": args.op,
+        "protection": if matches!(job, Job::Health) { "-" } else { args.protection.as_str() },
+        "batch": batch,
+        "concurrency": args.concurrency,
+        "connections": connections,
+        "duration_s": args.duration,
+        "ops_per_sec": (ops * 10.0).round() / 10.0,
+        "p50_us": hist.value_at_quantile(0.50),
+        "p90_us": hist.value_at_quantile(0.90),
+        "p99_us": hist.value_at_quantile(0.99),
+        "max_us": hist.max(),
+        "requests": hist.len(),
+        "errors": errors,
+    });
+    emit(as_json, &report)
+}
+
+fn gdk_request(key: &str) -> GenerateDataKeyRequest {
+    GenerateDataKeyRequest {
+        key: key.to_owned(),
+        encryption_context: [("bench".to_owned(), "1".to_owned())].into(),
+        spec: api::v1::DataKeySpec::Aes256.into(),
+    }
+}
+
+#[expect(
+    clippy::as_conversions,
+    reason = "item counts far below 2^52 convert exactly"
+)]
+fn items_f64(n: u64) -> f64 {
+    n as f64
+}
+
+#[expect(clippy::disallowed_methods, reason = "a benchmark measures wall time")]
+fn now() -> Instant {
+    Instant::now()
+}
+
+fn new_histogram() -> Result<Histogram<u64>, Error> {
+    Histogram::new_with_bounds(1, 60_000_000, 3)
+        .map_err(|_| Error::Usage("histogram bounds".into()))
+}
+
+async fn worker(
+    channel: Channel,
+    job: Job,
+    batch: u32,
+    deadline: Instant,
+) -> Result<WorkerResult, Error> {
+    let mut data = api::v1::data_plane_client::DataPlaneClient::new(channel.clone());
+    let mut health = HealthClient::new(channel);
+    let mut hist = new_histogram()?;
+    let (mut items, mut errors) = (0u64, 0u64);
+    let n = usize::try_from(batch).unwrap_or(1);
+    while now() < deadline {
+        let t0 = now();
+        let ok = match &job {
+            Job::Health => health
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .is_ok(),
+            Job::Generate(key) if batch == 1 => {
+                data.generate_data_key(gdk_request(key)).await.is_ok()
+            }
+            Job::Generate(key) => data
+                .batch_generate_data_key(BatchGenerateDataKeyRequest {
+                    items: vec![gdk_request(key); n],
+                    without_plaintext: false,
+                })
+                .await
+                .is_ok_and(|r| {
+                    r.get_ref().results.iter().all(|x| {
+                        matches!(
+                            x.result,
+                            Some(api::v1::generate_data_key_result::Result::Ok(_))
+                        )
+                    })
+                }),
+            Job::Decrypt(blob) if batch == 1 => data.decrypt(decrypt_request(blob)).await.is_ok(),
+            Job::Decrypt(blob) => data
+                .batch_decrypt(BatchDecryptRequest {
+                    items: vec![decrypt_request(blob); n],
+                })
+                .await
+                .is_ok_and(|r| {
+                    r.get_ref()
+                        .results
+                        .iter()
+                        .all(|x| matches!(x.result, Some(api::v1::decrypt_result::Result::Ok(_))))
+                }),
+        };
+        let micros = u64::try_from(now().duration_since(t0).as_micros()).unwrap_or(u64::MAX);
+        let _ = hist.record(micros.max(1));
+        if ok {
+            items += u64::from(batch);
+        } else {
+            errors += 1;
+        }
+    }
+    Ok(WorkerResult {
+        hist,
+        items,
+        errors,
+    })
+}
+
+fn decrypt_request(blob: &[u8]) -> DecryptRequest {
+    DecryptRequest {
+        ciphertext: blob.to_vec(),
+        encryption_context: [("bench".to_owned(), "1".to_owned())].into(),
+    }
+}

@@ -1,0 +1,97 @@
+//! How client commands find a server: by default the development directory (`./.kms`) that
+//! `kms serve --dev` created, with its endpoints file and certificates; every part can be
+//! given explicitly instead.
+
+use std::path::PathBuf;
+
+use api::ClientTls;
+use clap::Args;
+
+use crate::dev::DevLayout;
+use crate::error::{read, Error};
+
+/// Connection options shared by client commands.
+#[derive(Args, Debug, Clone)]
+pub(crate) struct ConnectArgs {
+    /// Directory of a `kms serve --dev` instance: endpoints and dev certificates come from it.
+    #[arg(long, global = true, default_value = ".kms", env = "KMS_DATA_DIR")]
+    pub(crate) data_dir: PathBuf,
+    /// Server address (host:port); defaults to the one the dev server recorded.
+    #[arg(long, global = true, env = "KMS_SERVER")]
+    pub(crate) server: Option<String>,
+    /// Client certificate (PEM); defaults to the dev workload or operator certificate.
+    #[arg(long, global = true, requires = "client_key")]
+    pub(crate) client_cert: Option<PathBuf>,
+    /// Client private key (PEM).
+    #[arg(long, global = true, requires = "client_cert")]
+    pub(crate) client_key: Option<PathBuf>,
+    /// CA certificate that issued the server certificate.
+    #[arg(long, global = true)]
+    pub(crate) server_ca: Option<PathBuf>,
+    /// Name the server certificate must carry.
+    #[arg(long, global = true, default_value = "localhost")]
+    pub(crate) server_name: String,
+}
+
+/// Which plane a command talks to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Plane {
+    Admin,
+    Data,
+}
+
+impl ConnectArgs {
+    /// The address and TLS material for `plane`.
+    pub(crate) fn resolve(&self, plane: Plane) -> Result<(String, ClientTls), Error> {
+        let layout = DevLayout::new(self.data_dir.clone());
+        let addr = match &self.server {
+            Some(s) => s.clone(),
+            None => recorded_addr(&layout, plane)?,
+        };
+        let who = match plane {
+            Plane::Admin => "operator",
+            Plane::Data => "workload",
+        };
+        let cert = self
+            .client_cert
+            .clone()
+            .unwrap_or_else(|| layout.pki(&format!("{who}.pem")));
+        let key = self
+            .client_key
+            .clone()
+            .unwrap_or_else(|| layout.pki(&format!("{who}.key")));
+        let ca = self
+            .server_ca
+            .clone()
+            .unwrap_or_else(|| layout.pki("server-ca.pem"));
+        Ok((
+            addr,
+            ClientTls {
+                server_ca_pem: read(&ca)?,
+                cert_pem: read(&cert)?,
+                key_pem: read(&key)?,
+                server_name: self.server_name.clone(),
+            },
+        ))
+    }
+}
+
+fn recorded_addr(layout: &DevLayout, plane: Plane) -> Result<String, Error> {
+    let path = layout.endpoints();
+    let bytes = std::fs::read(&path).map_err(|_| {
+        Error::Usage(format!(
+            "no running dev server recorded in {} (start `kms serve --dev`, or pass --server)",
+            path.display()
+        ))
+    })?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|_| Error::Usage(format!("{} is not valid JSON", path.display())))?;
+    let field = match plane {
+        Plane::Admin => "admin",
+        Plane::Data => "data",
+    };
+    v.get(field)
+        .and_then(|a| a.as_str())
+        .map(str::to_owned)
+        .ok_or_else(|| Error::Usage(format!("{} has no {field} address", path.display())))
+}

@@ -1,0 +1,108 @@
+//! The one error type of the `kms` command.
+
+use std::path::PathBuf;
+
+/// Why a `kms` command failed. Each variant prints as one clear line.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub(crate) enum Error {
+    /// A configuration setting is missing or wrong.
+    #[error("config {}: {setting}: {problem}", file.display())]
+    Config {
+        /// The config file.
+        file: PathBuf,
+        /// The setting, e.g. `hsm.pin_file`.
+        setting: &'static str,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// A file could not be read or written.
+    #[error("{what} {}", path.display())]
+    File {
+        /// What was being done, e.g. "cannot read".
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The HSM could not be opened.
+    #[error(transparent)]
+    Hsm(#[from] hsm_bridge::Error),
+    /// The key service could not start.
+    #[error("key service: {0}")]
+    Core(#[from] kms_core::Error),
+    /// The server could not start.
+    #[error(transparent)]
+    Server(#[from] server::Error),
+    /// Connecting to a server failed.
+    #[error(transparent)]
+    Connect(#[from] api::ConnectError),
+    /// The server refused or failed a request.
+    #[error("{}: {}", code_word(.0.code()), .0.message())]
+    Rpc(#[from] tonic::Status),
+    /// Caller input is unusable.
+    #[error("{0}")]
+    Usage(String),
+    /// The development PKI could not be generated.
+    #[error("development pki")]
+    Pki(#[from] rcgen::Error),
+}
+
+fn code_word(code: tonic::Code) -> &'static str {
+    match code {
+        tonic::Code::PermissionDenied => "permission denied",
+        tonic::Code::NotFound => "not found",
+        tonic::Code::InvalidArgument => "invalid argument",
+        tonic::Code::FailedPrecondition => "failed precondition",
+        tonic::Code::AlreadyExists => "already exists",
+        tonic::Code::Unavailable => "unavailable",
+        tonic::Code::Unauthenticated => "unauthenticated",
+        _ => "error",
+    }
+}
+
+impl Error {
+    /// The process exit code for this error: 2 for usage and configuration, 1 otherwise.
+    pub(crate) fn exit_code(&self) -> u8 {
+        match self {
+            Error::Usage(_) | Error::Config { .. } => 2,
+            _ => 1,
+        }
+    }
+}
+
+pub(crate) fn read(path: &std::path::Path) -> Result<Vec<u8>, Error> {
+    std::fs::read(path).map_err(|source| Error::File {
+        what: "cannot read",
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+pub(crate) fn write_private(path: &std::path::Path, bytes: &[u8]) -> Result<(), Error> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file_err = |source| Error::File {
+        what: "cannot write",
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(file_err)?;
+    f.write_all(bytes).map_err(file_err)?;
+    f.sync_all().map_err(file_err)
+}
+
+pub(crate) fn write_public(path: &std::path::Path, bytes: &[u8]) -> Result<(), Error> {
+    std::fs::write(path, bytes).map_err(|source| Error::File {
+        what: "cannot write",
+        path: path.to_path_buf(),
+        source,
+    })
+}
