@@ -1,0 +1,150 @@
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    clippy::panic,
+    reason = "test harness: a failed step is a failed test"
+)]
+//! Harness for end-to-end tests: runs the real `kms` binary (`kms serve --dev` on ephemeral
+//! loopback ports, with its own SoftHSM2 token and RocksDB under a temporary directory) and the
+//! real CLI and gRPC clients against it.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+
+/// The `kms` binary built beside this test binary (or `$KMS_BIN`).
+pub fn kms_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("KMS_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    // target/<profile>/deps/<test> → target/<profile>/kms
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("kms"))
+        .unwrap_or_default();
+    assert!(
+        bin.is_file(),
+        "kms binary not found at {}; build the workspace first (cargo nextest run --workspace builds it)",
+        bin.display()
+    );
+    bin
+}
+
+/// A running `kms serve --dev`, killed when dropped.
+pub struct Server {
+    child: Child,
+    /// The working directory; state lives in `dir/.kms`.
+    pub dir: PathBuf,
+    /// Bound data-plane address.
+    pub data: String,
+    /// Bound admin-plane address.
+    pub admin: String,
+}
+
+impl Server {
+    /// Starts a dev server in `dir` on ephemeral ports and waits until it listens.
+    pub fn start(dir: &Path) -> Server {
+        let mut child = Command::new(kms_bin())
+            .current_dir(dir)
+            .args([
+                "serve",
+                "--dev",
+                "--data-addr",
+                "127.0.0.1:0",
+                "--admin-addr",
+                "127.0.0.1:0",
+            ])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn kms serve");
+        let stdout = child.stdout.take().expect("stdout");
+        let stderr = child.stderr.take().expect("stderr");
+        // Forward the server's log to the test's stderr so failures show it.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[kms serve] {line}");
+            }
+        });
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(line)) = lines.next() {
+                let _ = tx.send(line);
+            }
+            for _ in lines {}
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(120))
+            .expect("kms serve did not announce its listeners");
+        let v: Value = serde_json::from_str(&line).expect("listening line is JSON");
+        assert_eq!(v["event"], "listening");
+        Server {
+            child,
+            dir: dir.to_path_buf(),
+            data: v["data"].as_str().unwrap_or_default().to_owned(),
+            admin: v["admin"].as_str().unwrap_or_default().to_owned(),
+        }
+    }
+
+    /// SIGKILL: no shutdown path runs.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits for a clean exit and returns its status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        self.child.wait().expect("wait for kms serve")
+    }
+
+    /// Runs a `kms` client command in the server's directory.
+    pub fn kms(&self, args: &[&str]) -> Output {
+        Command::new(kms_bin())
+            .current_dir(&self.dir)
+            .args(args)
+            .output()
+            .expect("run kms")
+    }
+
+    /// Runs a `kms ... --json` command that must succeed, and parses its output.
+    pub fn kms_json(&self, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let out = self.kms(&all);
+        assert!(
+            out.status.success(),
+            "kms {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("kms --json prints JSON")
+    }
+
+    /// TLS material of the dev PKI for a client with `who`'s certificate.
+    pub fn client_tls(&self, who: &str) -> api::ClientTls {
+        let pki = self.dir.join(".kms/pki");
+        let read = |name: &str| std::fs::read(pki.join(name)).expect("dev pki file");
+        api::ClientTls {
+            server_ca_pem: read("server-ca.pem"),
+            cert_pem: read(&format!("{who}.pem")),
+            key_pem: read(&format!("{who}.key")),
+            server_name: "localhost".into(),
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

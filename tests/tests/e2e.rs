@@ -1,0 +1,367 @@
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::as_conversions,
+    reason = "test code: a failed step is a failed test"
+)]
+//! End to end: the real `kms serve --dev` binary on loopback, driven by the real CLI and the
+//! gRPC client, with a real SoftHSM2 token and RocksDB under a temporary directory.
+
+use api::v1::{DecryptRequest, GenerateDataKeyRequest, KeyRequest};
+use kms_tests::Server;
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn b64_flip_last(blob_b64: &str) -> String {
+    // Changes the final base64 character that carries whole bits of the tag.
+    let mut chars: Vec<char> = blob_b64.trim_end_matches('=').chars().collect();
+    let pads = blob_b64.len() - chars.len();
+    let i = chars.len() - 2;
+    chars[i] = if chars[i] == 'A' { 'B' } else { 'A' };
+    let mut s: String = chars.into_iter().collect();
+    s.push_str(&"=".repeat(pads));
+    s
+}
+
+#[test]
+fn create_generate_decrypt_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    for protection in ["software", "hsm"] {
+        let alias = format!("demo-{protection}");
+        let created = server.kms_json(&[
+            "key",
+            "create",
+            "--alias",
+            &alias,
+            "--protection",
+            protection,
+            "--label",
+            "owner=platform",
+            "--label",
+            "sensitivity=internal",
+        ]);
+        let key_id = created["key_id"].as_str().unwrap().to_owned();
+        assert_eq!(created["protection"], protection);
+        assert_eq!(created["labels"]["owner"], "platform");
+
+        let dk = server.kms_json(&[
+            "data",
+            "generate-key",
+            "--key",
+            &alias,
+            "--context",
+            "tenant=acme",
+            "--context",
+            "app=chat",
+        ]);
+        assert_eq!(dk["key_id"], key_id.as_str());
+        assert_eq!(dk["key_version"], 1);
+        let plaintext = dk["plaintext"].as_str().unwrap();
+        let ciphertext = dk["ciphertext"].as_str().unwrap();
+
+        // Context order does not matter.
+        let opened = server.kms_json(&[
+            "data",
+            "decrypt",
+            "--ciphertext",
+            ciphertext,
+            "--context",
+            "app=chat",
+            "--context",
+            "tenant=acme",
+        ]);
+        assert_eq!(opened["key_id"], key_id.as_str());
+        assert_eq!(opened["plaintext"], plaintext);
+
+        let described = server.kms_json(&["key", "describe", &key_id]);
+        assert_eq!(described["alias"], alias.as_str());
+        assert_eq!(described["state"], "enabled");
+    }
+    let listed = server.kms_json(&["key", "list"]);
+    assert_eq!(listed["keys"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        server.terminate().code(),
+        Some(0),
+        "SIGTERM shuts down cleanly"
+    );
+}
+
+#[test]
+fn bad_requests_get_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    server.kms_json(&["key", "create", "--alias", "k"]);
+    let dk = server.kms_json(&["data", "generate-key", "--key", "k", "--context", "a=1"]);
+    let blob = dk["ciphertext"].as_str().unwrap();
+
+    let tampered = server.kms(&[
+        "data",
+        "decrypt",
+        "--ciphertext",
+        &b64_flip_last(blob),
+        "--context",
+        "a=1",
+    ]);
+    assert_eq!(tampered.status.code(), Some(1));
+    assert!(
+        stderr(&tampered).contains("decryption failed"),
+        "{}",
+        stderr(&tampered)
+    );
+
+    let wrong_ctx = server.kms(&["data", "decrypt", "--ciphertext", blob, "--context", "a=2"]);
+    assert_eq!(wrong_ctx.status.code(), Some(1));
+    assert!(
+        stderr(&wrong_ctx).contains("decryption failed"),
+        "{}",
+        stderr(&wrong_ctx)
+    );
+
+    let garbage = server.kms(&[
+        "data",
+        "decrypt",
+        "--ciphertext",
+        "aGVsbG8=",
+        "--context",
+        "a=1",
+    ]);
+    assert!(
+        stderr(&garbage).contains("malformed ciphertext"),
+        "{}",
+        stderr(&garbage)
+    );
+
+    server.kms_json(&["key", "disable", "k"]);
+    let disabled = server.kms(&["data", "generate-key", "--key", "k"]);
+    assert!(
+        stderr(&disabled).contains("key is disabled"),
+        "{}",
+        stderr(&disabled)
+    );
+    let disabled = server.kms(&["data", "decrypt", "--ciphertext", blob, "--context", "a=1"]);
+    assert!(
+        stderr(&disabled).contains("key is disabled"),
+        "{}",
+        stderr(&disabled)
+    );
+    server.kms_json(&["key", "enable", "k"]);
+    server.kms_json(&["data", "decrypt", "--ciphertext", blob, "--context", "a=1"]);
+
+    // An unknown key and an unknown alias get the one fixed answer a refused caller would get.
+    let unknown_id = server.kms(&[
+        "data",
+        "generate-key",
+        "--key",
+        "0b0b0b0b-0b0b-4b0b-8b0b-0b0b0b0b0b0b",
+    ]);
+    let unknown_alias = server.kms(&["data", "generate-key", "--key", "nope"]);
+    assert!(
+        stderr(&unknown_id).contains("key not found or access denied"),
+        "{}",
+        stderr(&unknown_id)
+    );
+    assert_eq!(stderr(&unknown_id), stderr(&unknown_alias));
+
+    let usage = server.kms(&["data", "generate-key", "--key", "k", "--context", "novalue"]);
+    assert_eq!(usage.status.code(), Some(2));
+    assert!(stderr(&usage).contains("expects K=V"));
+
+    let dup = server.kms(&["key", "create", "--alias", "k"]);
+    assert!(stderr(&dup).contains("already in use"), "{}", stderr(&dup));
+}
+
+#[test]
+fn acknowledged_changes_survive_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let created = server.kms_json(&["key", "create", "--alias", "durable", "--protection", "hsm"]);
+    let soft = server.kms_json(&["key", "create", "--protection", "software"]);
+    let soft_id = soft["key_id"].as_str().unwrap().to_owned();
+    let before = server.kms_json(&[
+        "data",
+        "generate-key",
+        "--key",
+        "durable",
+        "--context",
+        "c=1",
+    ]);
+    let soft_before = server.kms_json(&["data", "generate-key", "--key", &soft_id]);
+    let rotated = server.kms_json(&["key", "rotate", "durable"]);
+    assert_eq!(rotated["current_version"], 2);
+    server.kms_json(&["key", "rotate", &soft_id]);
+    server.kill9();
+
+    let server = Server::start(dir.path());
+    let described = server.kms_json(&["key", "describe", "durable"]);
+    assert_eq!(described["key_id"], created["key_id"]);
+    assert_eq!(described["current_version"], 2);
+    let opened = server.kms_json(&[
+        "data",
+        "decrypt",
+        "--ciphertext",
+        before["ciphertext"].as_str().unwrap(),
+        "--context",
+        "c=1",
+    ]);
+    assert_eq!(opened["plaintext"], before["plaintext"]);
+    let opened = server.kms_json(&[
+        "data",
+        "decrypt",
+        "--ciphertext",
+        soft_before["ciphertext"].as_str().unwrap(),
+    ]);
+    assert_eq!(opened["plaintext"], soft_before["plaintext"]);
+    let after = server.kms_json(&["data", "generate-key", "--key", "durable"]);
+    assert_eq!(after["key_version"], 2);
+    assert_eq!(
+        server.kms_json(&["key", "describe", &soft_id])["current_version"],
+        2
+    );
+}
+
+#[test]
+fn each_plane_accepts_only_its_own_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let operator = server.client_tls("operator");
+        let workload = server.client_tls("workload");
+
+        let mut admin = operator.admin(&server.admin).await.unwrap();
+        let key = admin
+            .create_key(api::v1::CreateKeyRequest {
+                alias: String::new(),
+                protection: 0,
+                labels: Default::default(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .key_id;
+        let mut data = workload.data(&server.data).await.unwrap();
+        let dk = data
+            .generate_data_key(GenerateDataKeyRequest {
+                key: key.clone(),
+                encryption_context: Default::default(),
+                spec: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let opened = data
+            .decrypt(DecryptRequest {
+                ciphertext: dk.ciphertext.clone(),
+                encryption_context: Default::default(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(opened.plaintext, dk.plaintext);
+
+        // An operator certificate on the data plane: the TLS handshake or the first call fails.
+        let refused = match operator.data(&server.data).await {
+            Err(_) => true,
+            Ok(mut c) => c
+                .generate_data_key(GenerateDataKeyRequest {
+                    key: key.clone(),
+                    encryption_context: Default::default(),
+                    spec: 0,
+                })
+                .await
+                .is_err(),
+        };
+        assert!(refused, "data plane accepted an operator certificate");
+
+        // A workload certificate on the admin plane likewise.
+        let refused = match workload.admin(&server.admin).await {
+            Err(_) => true,
+            Ok(mut c) => c
+                .describe_key(KeyRequest { key: key.clone() })
+                .await
+                .is_err(),
+        };
+        assert!(refused, "admin plane accepted a workload certificate");
+
+        // Both planes answer gRPC health checks.
+        for (tls, addr) in [(&workload, &server.data), (&operator, &server.admin)] {
+            let channel = tls.channel(addr).await.unwrap();
+            let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+            let status = health
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .status;
+            assert_eq!(
+                status,
+                i32::from(tonic_health::pb::health_check_response::ServingStatus::Serving)
+            );
+        }
+    });
+}
+
+#[test]
+fn batch_calls_return_per_item_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let key = server.kms_json(&["key", "create", "--alias", "batch"])["key_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut data = server.client_tls("workload").data(&server.data).await.unwrap();
+        let item = |k: &str| GenerateDataKeyRequest { key: k.into(), encryption_context: [("i".into(), "1".into())].into(), spec: 0 };
+        let mut items: Vec<_> = (0..99).map(|_| item("batch")).collect();
+        items.push(item("missing"));
+        let results = data
+            .batch_generate_data_key(api::v1::BatchGenerateDataKeyRequest { items, without_plaintext: false })
+            .await
+            .unwrap()
+            .into_inner()
+            .results;
+        assert_eq!(results.len(), 100);
+        use api::v1::generate_data_key_result::Result as R;
+        let oks: Vec<_> = results[..99]
+            .iter()
+            .map(|r| match &r.result {
+                Some(R::Ok(ok)) => ok.clone(),
+                other => panic!("item failed: {other:?}"),
+            })
+            .collect();
+        assert!(oks.iter().all(|o| o.key_id == key));
+        assert!(matches!(&results[99].result, Some(R::Error(e)) if e.message == "key not found or access denied"));
+
+        let decrypts = oks
+            .iter()
+            .map(|o| DecryptRequest { ciphertext: o.ciphertext.clone(), encryption_context: [("i".into(), "1".into())].into() })
+            .collect();
+        let opened = data
+            .batch_decrypt(api::v1::BatchDecryptRequest { items: decrypts })
+            .await
+            .unwrap()
+            .into_inner()
+            .results;
+        for (o, r) in oks.iter().zip(&opened) {
+            match &r.result {
+                Some(api::v1::decrypt_result::Result::Ok(d)) => assert_eq!(d.plaintext, o.plaintext),
+                other => panic!("decrypt failed: {other:?}"),
+            }
+        }
+
+        let too_many = (0..1001).map(|_| item("batch")).collect();
+        let err = data
+            .batch_generate_data_key(api::v1::BatchGenerateDataKeyRequest { items: too_many, without_plaintext: true })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    });
+}
