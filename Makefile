@@ -1,0 +1,30 @@
+# sovereign-kms: the two commands of the README, plus a few conveniences.
+#
+#   make run    install what is missing, build, and start a development KMS (kms serve --dev)
+#   make test   install what is missing and run the whole test suite (what CI runs)
+
+# Builds go outside the clone so repeated runs (and CI on the same machine) are incremental.
+CARGO_TARGET_DIR ?= $(HOME)/.cache/sovereign-kms/target
+export CARGO_TARGET_DIR
+
+.PHONY: deps run test lint bench build
+
+deps:
+	@bash scripts/install-deps.sh
+
+build: deps
+	cargo build --workspace --locked
+
+run: deps
+	cargo run --locked -p kms-cli --bin kms -- serve --dev
+
+test: deps
+	cargo nextest run --workspace --locked --no-fail-fast
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets --locked -- -D warnings
+
+bench: deps
+	cargo build --release --locked -p kms-cli
+	bash bench/run.sh $(CARGO_TARGET_DIR)/release/kms
