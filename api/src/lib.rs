@@ -15,7 +15,13 @@ pub use client::{AdminClient, ClientTls, ConnectError, DataClient};
 
 /// Generated types and services of package `kms.v1`.
 pub mod v1 {
-    #![allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]
+    #![allow(
+        missing_docs,
+        unreachable_pub,
+        clippy::all,
+        clippy::pedantic,
+        clippy::restriction
+    )]
     tonic::include_proto!("kms.v1");
 }
 

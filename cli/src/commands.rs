@@ -291,13 +291,17 @@ pub(crate) async fn data(cmd: DataCommand, conn: &ConnectArgs, as_json: bool) ->
                 let r = client.generate_data_key(request).await?.into_inner();
                 (r.key_id, r.key_version, Some(r.plaintext), r.ciphertext)
             };
-            let mut out = json!({ "key_id": key_id, "key_version": key_version });
-            let plaintext = secret_field(plaintext, plaintext_out.as_ref())?;
-            if let Some(p) = plaintext {
-                out["plaintext"] = Value::String(p);
+            let mut out = serde_json::Map::new();
+            out.insert("key_id".into(), key_id.into());
+            out.insert("key_version".into(), key_version.into());
+            if let Some(p) = secret_field(plaintext, plaintext_out.as_ref())? {
+                out.insert("plaintext".into(), p.into());
             }
-            out["ciphertext"] = blob_field(&ciphertext, ciphertext_out.as_ref())?;
-            emit(as_json, &out)
+            out.insert(
+                "ciphertext".into(),
+                blob_field(&ciphertext, ciphertext_out.as_ref())?,
+            );
+            emit(as_json, &Value::Object(out))
         }
         DataCommand::Decrypt {
             input,
@@ -311,11 +315,13 @@ pub(crate) async fn data(cmd: DataCommand, conn: &ConnectArgs, as_json: bool) ->
                 })
                 .await?
                 .into_inner();
-            let mut out = json!({ "key_id": r.key_id, "key_version": r.key_version });
+            let mut out = serde_json::Map::new();
+            out.insert("key_id".into(), r.key_id.into());
+            out.insert("key_version".into(), r.key_version.into());
             if let Some(p) = secret_field(Some(r.plaintext), plaintext_out.as_ref())? {
-                out["plaintext"] = Value::String(p);
+                out.insert("plaintext".into(), p.into());
             }
-            emit(as_json, &out)
+            emit(as_json, &Value::Object(out))
         }
         DataCommand::Encrypt {
             key,

@@ -64,6 +64,8 @@ pub(crate) fn ensure(layout: &DevLayout) -> Result<PathBuf, Error> {
     };
     mkdir(&layout.root)?;
     mkdir(&layout.root.join("secrets"))?;
+    // The token files and PINs are the keys to everything here: owner-only, like secrets/.
+    restrict(&layout.root)?;
     restrict(&layout.root.join("secrets"))?;
 
     let token_dir = layout.root.join("tokens");

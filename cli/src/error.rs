@@ -39,15 +39,22 @@ pub(crate) enum Error {
     /// Connecting to a server failed.
     #[error(transparent)]
     Connect(#[from] api::ConnectError),
-    /// The server refused or failed a request.
+    /// The server refused or failed a request. Not a `#[source]`: the status is printed once,
+    /// and `main` adds only its transport cause, if any.
     #[error("{}: {}", code_word(.0.code()), .0.message())]
-    Rpc(#[from] tonic::Status),
+    Rpc(tonic::Status),
     /// Caller input is unusable.
     #[error("{0}")]
     Usage(String),
     /// The development PKI could not be generated.
     #[error("development pki")]
     Pki(#[from] rcgen::Error),
+}
+
+impl From<tonic::Status> for Error {
+    fn from(s: tonic::Status) -> Self {
+        Error::Rpc(s)
+    }
 }
 
 fn code_word(code: tonic::Code) -> &'static str {
@@ -59,7 +66,8 @@ fn code_word(code: tonic::Code) -> &'static str {
         tonic::Code::AlreadyExists => "already exists",
         tonic::Code::Unavailable => "unavailable",
         tonic::Code::Unauthenticated => "unauthenticated",
-        _ => "error",
+        tonic::Code::Internal => "server error",
+        _ => "request failed",
     }
 }
 

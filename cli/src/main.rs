@@ -53,6 +53,7 @@ fn main() -> ExitCode {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     match run(cli) {
@@ -93,7 +94,10 @@ fn run(cli: Cli) -> Result<(), Error> {
 fn report(e: &Error) {
     use std::io::Write;
     let mut msg = format!("kms: {e}");
-    let mut source = std::error::Error::source(e);
+    let mut source = match e {
+        Error::Rpc(status) => std::error::Error::source(status),
+        other => std::error::Error::source(other),
+    };
     while let Some(s) = source {
         msg.push_str(&format!(": {s}"));
         source = s.source();

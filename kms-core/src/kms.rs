@@ -504,16 +504,16 @@ impl std::fmt::Debug for Kms {
 fn load(deps: &Deps) -> Result<Cache, Error> {
     let mut cache = Cache::default();
     let mut versions: BTreeMap<KeyId, BTreeMap<KeyVersion, Arc<VersionKey>>> = BTreeMap::new();
-    for (_, value) in deps.store.scan(Table::Versions)? {
-        let record: VersionRecord = decode(Table::Versions, &value)?;
+    for row in deps.store.scan(Table::Versions)? {
+        let record: VersionRecord = decode(Table::Versions, &row.value)?;
         let key = materialize(deps.hsm.as_ref(), &record)?;
         versions
             .entry(record.key_id)
             .or_default()
             .insert(record.version, Arc::new(key));
     }
-    for (_, value) in deps.store.scan(Table::Keys)? {
-        let record: KeyRecord = decode(Table::Keys, &value)?;
+    for row in deps.store.scan(Table::Keys)? {
+        let record: KeyRecord = decode(Table::Keys, &row.value)?;
         let versions = versions.remove(&record.id).unwrap_or_default();
         if !versions.contains_key(&record.current_version) {
             tracing::error!(key_id = %record.id, version = %record.current_version, "current key version missing from store");

@@ -102,7 +102,7 @@ impl Harness {
         };
         let record: VersionRecord = rows
             .iter()
-            .map(|(_, v)| serde_json::from_slice::<VersionRecord>(v).unwrap())
+            .map(|row| serde_json::from_slice::<VersionRecord>(&row.value).unwrap())
             .find(|r| r.key_id == *id && r.version.get() == version)
             .unwrap();
         let StoredMaterial::Software { wrapped } = &record.material else {

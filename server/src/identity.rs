@@ -15,6 +15,16 @@ pub(crate) fn principal<T>(request: &Request<T>) -> Result<PrincipalId, Status> 
         .first()
         .ok_or_else(|| Status::unauthenticated("client certificate required"))?;
     let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, leaf.as_ref());
-    let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-    Ok(PrincipalId::new(format!("x509-sha256:{hex}")))
+    const PREFIX: &str = "x509-sha256:";
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut id = String::with_capacity(PREFIX.len() + 64);
+    id.push_str(PREFIX);
+    for byte in digest.as_ref() {
+        for nibble in [byte >> 4, byte & 0x0f] {
+            id.push(char::from(
+                HEX.get(usize::from(nibble)).copied().unwrap_or(b'0'),
+            ));
+        }
+    }
+    Ok(PrincipalId::new(id))
 }

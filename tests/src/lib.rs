@@ -2,6 +2,7 @@
     clippy::expect_used,
     clippy::unwrap_used,
     clippy::panic,
+    clippy::indexing_slicing,
     reason = "test harness: a failed step is a failed test"
 )]
 //! Harness for end-to-end tests: runs the real `kms` binary (`kms serve --dev` on ephemeral

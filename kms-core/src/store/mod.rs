@@ -56,11 +56,20 @@ pub enum Change {
     },
 }
 
+/// One stored entry.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Row {
+    /// Its key.
+    pub key: Vec<u8>,
+    /// Its value.
+    pub value: Vec<u8>,
+}
+
 /// A key-value store with atomic, durable batches.
 pub trait Store: Send + Sync {
     /// Applies every change or none, and returns only once the batch is durable (synced).
     fn write(&self, changes: Vec<Change>) -> Result<(), Error>;
 
     /// Every entry of a table, in key order.
-    fn scan(&self, table: Table) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Error>;
+    fn scan(&self, table: Table) -> Result<Vec<Row>, Error>;
 }

@@ -7,7 +7,7 @@ use rocksdb::{
     ColumnFamilyDescriptor, DBCompressionType, IteratorMode, Options, WriteBatch, WriteOptions, DB,
 };
 
-use super::{Change, Store, Table};
+use super::{Change, Row, Store, Table};
 use crate::error::Error;
 
 /// RocksDB under one directory.
@@ -63,12 +63,15 @@ impl Store for RocksStore {
             .map_err(|e| store("write", e))
     }
 
-    fn scan(&self, table: Table) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Error> {
+    fn scan(&self, table: Table) -> Result<Vec<Row>, Error> {
         self.db
             .iterator_cf(self.cf(table)?, IteratorMode::Start)
             .map(|item| {
-                item.map(|(k, v)| (k.into_vec(), v.into_vec()))
-                    .map_err(|e| store("scan", e))
+                item.map(|(k, v)| Row {
+                    key: k.into_vec(),
+                    value: v.into_vec(),
+                })
+                .map_err(|e| store("scan", e))
             })
             .collect()
     }
@@ -120,7 +123,10 @@ mod tests {
         let s = RocksStore::open(dir.path()).unwrap();
         assert_eq!(
             s.scan(Table::Keys).unwrap(),
-            vec![(b"a".to_vec(), b"1".to_vec())]
+            vec![Row {
+                key: b"a".to_vec(),
+                value: b"1".to_vec()
+            }]
         );
         assert!(s.scan(Table::Aliases).unwrap().is_empty());
         assert!(s.scan(Table::Versions).unwrap().is_empty());
