@@ -13,10 +13,12 @@ deps:
 	@bash scripts/install-deps.sh
 
 build: deps
-	cargo build --workspace --locked
+	cargo build --workspace --all-targets --locked
 
+# Built exactly as `make test` builds, so the two share one compile of RocksDB.
 run: deps
-	cargo run --locked -p kms-cli --bin kms -- serve --dev
+	cargo build --workspace --all-targets --locked
+	$(CARGO_TARGET_DIR)/debug/kms serve --dev
 
 test: deps
 	cargo nextest run --workspace --locked --no-fail-fast

@@ -16,29 +16,11 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-/// The `kms` binary built beside this test binary (or `$KMS_BIN`).
-pub fn kms_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("KMS_BIN") {
-        return PathBuf::from(p);
-    }
-    let exe = std::env::current_exe().unwrap_or_default();
-    // target/<profile>/deps/<test> → target/<profile>/kms
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|d| d.join("kms"))
-        .unwrap_or_default();
-    assert!(
-        bin.is_file(),
-        "kms binary not found at {}; build the workspace first (cargo nextest run --workspace builds it)",
-        bin.display()
-    );
-    bin
-}
-
 /// A running `kms serve --dev`, killed when dropped.
 pub struct Server {
     child: Child,
+    /// The binary under test.
+    pub bin: PathBuf,
     /// The working directory; state lives in `dir/.kms`.
     pub dir: PathBuf,
     /// Bound data-plane address.
@@ -48,9 +30,11 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts a dev server in `dir` on ephemeral ports and waits until it listens.
-    pub fn start(dir: &Path) -> Server {
-        let mut child = Command::new(kms_bin())
+    /// Starts `bin serve --dev` in `dir` on ephemeral ports and waits until it listens.
+    /// `$KMS_BIN`, when set, replaces `bin` (to test an installed build).
+    pub fn start(bin: &str, dir: &Path) -> Server {
+        let bin = std::env::var_os("KMS_BIN").map_or_else(|| PathBuf::from(bin), PathBuf::from);
+        let mut child = Command::new(&bin)
             .current_dir(dir)
             .args([
                 "serve",
@@ -88,6 +72,7 @@ impl Server {
         assert_eq!(v["event"], "listening");
         Server {
             child,
+            bin,
             dir: dir.to_path_buf(),
             data: v["data"].as_str().unwrap_or_default().to_owned(),
             admin: v["admin"].as_str().unwrap_or_default().to_owned(),
@@ -110,7 +95,7 @@ impl Server {
 
     /// Runs a `kms` client command in the server's directory.
     pub fn kms(&self, args: &[&str]) -> Output {
-        Command::new(kms_bin())
+        Command::new(&self.bin)
             .current_dir(&self.dir)
             .args(args)
             .output()

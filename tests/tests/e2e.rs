@@ -12,6 +12,9 @@
 use api::v1::{DecryptRequest, GenerateDataKeyRequest, KeyRequest};
 use kms_tests::Server;
 
+/// The CLI built for this test run from the current code.
+const KMS: &str = env!("CARGO_BIN_EXE_kms-under-test");
+
 fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
@@ -30,7 +33,7 @@ fn b64_flip_last(blob_b64: &str) -> String {
 #[test]
 fn create_generate_decrypt_through_the_cli() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path());
+    let server = Server::start(KMS, dir.path());
     for protection in ["software", "hsm"] {
         let alias = format!("demo-{protection}");
         let created = server.kms_json(&[
@@ -94,7 +97,7 @@ fn create_generate_decrypt_through_the_cli() {
 #[test]
 fn bad_requests_get_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path());
+    let server = Server::start(KMS, dir.path());
     server.kms_json(&["key", "create", "--alias", "k"]);
     let dk = server.kms_json(&["data", "generate-key", "--key", "k", "--context", "a=1"]);
     let blob = dk["ciphertext"].as_str().unwrap();
@@ -178,7 +181,7 @@ fn bad_requests_get_clear_errors() {
 #[test]
 fn acknowledged_changes_survive_sigkill() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path());
+    let server = Server::start(KMS, dir.path());
     let created = server.kms_json(&["key", "create", "--alias", "durable", "--protection", "hsm"]);
     let soft = server.kms_json(&["key", "create", "--protection", "software"]);
     let soft_id = soft["key_id"].as_str().unwrap().to_owned();
@@ -196,7 +199,7 @@ fn acknowledged_changes_survive_sigkill() {
     server.kms_json(&["key", "rotate", &soft_id]);
     server.kill9();
 
-    let server = Server::start(dir.path());
+    let server = Server::start(KMS, dir.path());
     let described = server.kms_json(&["key", "describe", "durable"]);
     assert_eq!(described["key_id"], created["key_id"]);
     assert_eq!(described["current_version"], 2);
@@ -227,7 +230,7 @@ fn acknowledged_changes_survive_sigkill() {
 #[test]
 fn each_plane_accepts_only_its_own_ca() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path());
+    let server = Server::start(KMS, dir.path());
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let operator = server.client_tls("operator");
@@ -311,7 +314,7 @@ fn each_plane_accepts_only_its_own_ca() {
 #[test]
 fn batch_calls_return_per_item_results() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path());
+    let server = Server::start(KMS, dir.path());
     let key = server.kms_json(&["key", "create", "--alias", "batch"])["key_id"]
         .as_str()
         .unwrap()

@@ -1,0 +1,114 @@
+//! # Design overview
+//!
+//! The `kms` command of sovereign-kms, as a library so that the binary and the end-to-end
+//! tests run the same code. `kms serve` runs the server; `kms key` and `kms data` call its
+//! admin and data planes; `kms bench` measures it. It parses flags and config files and prints
+//! results; it holds no server or domain logic.
+//!
+//! ```text
+//!   argv ─▶ clap ─▶ serve::prepare (HSM, store, keys; before any thread) ─▶ tokio ─▶ server
+//!                └▶ key / data / bench ─▶ api client ─▶ gRPC over mTLS
+//! ```
+
+mod bench;
+mod commands;
+mod config;
+mod connect;
+mod dev;
+mod error;
+mod output;
+mod serve;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+use crate::connect::ConnectArgs;
+use crate::error::Error;
+
+/// sovereign-kms: an organisation-operated key management service.
+#[derive(Parser, Debug)]
+#[command(name = "kms", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Print results as one JSON object per line.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(flatten)]
+    connect: ConnectArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the server (data plane and admin plane).
+    Serve(serve::ServeArgs),
+    /// Key lifecycle on the admin plane.
+    #[command(subcommand)]
+    Key(commands::KeyCommand),
+    /// Envelope encryption on the data plane.
+    #[command(subcommand)]
+    Data(commands::DataCommand),
+    /// Load-test a running server and report throughput and latency.
+    Bench(bench::BenchArgs),
+}
+
+/// Runs the `kms` command with the process's arguments and returns its exit code.
+pub fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            report(&e);
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<(), Error> {
+    // The server opens the HSM before any runtime thread exists: SoftHSM2's configuration is
+    // process-wide environment, set once here.
+    let prepared = match &cli.command {
+        Command::Serve(args) => Some(serve::prepare(args, &cli.connect.data_dir)?),
+        _ => None,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| Error::File {
+            what: "cannot start the async runtime",
+            path: "-".into(),
+            source,
+        })?;
+    runtime.block_on(async move {
+        match (cli.command, prepared) {
+            (Command::Serve(_), Some(p)) => serve::run(p).await,
+            (Command::Key(cmd), _) => commands::key(cmd, &cli.connect, cli.json).await,
+            (Command::Data(cmd), _) => commands::data(cmd, &cli.connect, cli.json).await,
+            (Command::Bench(args), _) => bench::run(args, &cli.connect, cli.json).await,
+            (Command::Serve(_), None) => Err(Error::Usage("internal: serve not prepared".into())),
+        }
+    })
+}
+
+fn report(e: &Error) {
+    use std::io::Write;
+    let mut msg = format!("kms: {e}");
+    let mut source = match e {
+        Error::Rpc(status) => std::error::Error::source(status),
+        other => std::error::Error::source(other),
+    };
+    while let Some(s) = source {
+        msg.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    let _ = writeln!(std::io::stderr().lock(), "{msg}");
+}
