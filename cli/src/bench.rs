@@ -56,6 +56,7 @@ struct WorkerResult {
     hist: Histogram<u64>,
     items: u64,
     errors: u64,
+    first_error: Option<String>,
 }
 
 pub(crate) async fn run(args: BenchArgs, conn: &ConnectArgs, as_json: bool) -> Result<(), Error> {
@@ -121,6 +122,7 @@ pub(crate) async fn run(args: BenchArgs, conn: &ConnectArgs, as_json: bool) -> R
     }
     let mut hist = new_histogram()?;
     let (mut items, mut errors) = (0u64, 0u64);
+    let mut first_error = None;
     for t in tasks {
         let r = t
             .await
@@ -129,6 +131,7 @@ pub(crate) async fn run(args: BenchArgs, conn: &ConnectArgs, as_json: bool) -> R
             .map_err(|_| Error::Usage("histogram merge".into()))?;
         items += r.items;
         errors += r.errors;
+        first_error = first_error.or(r.first_error);
     }
     let elapsed = now().duration_since(started).as_secs_f64();
     let ops = if elapsed > 0.0 {
@@ -150,6 +153,7 @@ pub(crate) async fn run(args: BenchArgs, conn: &ConnectArgs, as_json: bool) -> R
         "max_us": hist.max(),
         "requests": hist.len(),
         "errors": errors,
+        "first_error": first_error,
     });
     emit(as_json, &report)
 }
@@ -186,63 +190,104 @@ async fn worker(
     batch: u32,
     deadline: Instant,
 ) -> Result<WorkerResult, Error> {
-    let mut data = api::v1::data_plane_client::DataPlaneClient::new(channel.clone());
-    let mut health = HealthClient::new(channel);
+    let mut clients = Clients {
+        data: api::v1::data_plane_client::DataPlaneClient::new(channel.clone()),
+        health: HealthClient::new(channel),
+    };
     let mut hist = new_histogram()?;
     let (mut items, mut errors) = (0u64, 0u64);
-    let n = usize::try_from(batch).unwrap_or(1);
+    let mut first_error = None;
     while now() < deadline {
         let t0 = now();
-        let ok = match &job {
-            Job::Health => health
-                .check(HealthCheckRequest {
-                    service: String::new(),
-                })
-                .await
-                .is_ok(),
-            Job::Generate(key) if batch == 1 => {
-                data.generate_data_key(gdk_request(key)).await.is_ok()
-            }
-            Job::Generate(key) => data
-                .batch_generate_data_key(BatchGenerateDataKeyRequest {
-                    items: vec![gdk_request(key); n],
-                    without_plaintext: false,
-                })
-                .await
-                .is_ok_and(|r| {
-                    r.get_ref().results.iter().all(|x| {
-                        matches!(
-                            x.result,
-                            Some(api::v1::generate_data_key_result::Result::Ok(_))
-                        )
-                    })
-                }),
-            Job::Decrypt(blob) if batch == 1 => data.decrypt(decrypt_request(blob)).await.is_ok(),
-            Job::Decrypt(blob) => data
-                .batch_decrypt(BatchDecryptRequest {
-                    items: vec![decrypt_request(blob); n],
-                })
-                .await
-                .is_ok_and(|r| {
-                    r.get_ref()
-                        .results
-                        .iter()
-                        .all(|x| matches!(x.result, Some(api::v1::decrypt_result::Result::Ok(_))))
-                }),
-        };
+        let outcome = clients.call(&job, batch).await;
         let micros = u64::try_from(now().duration_since(t0).as_micros()).unwrap_or(u64::MAX);
         let _ = hist.record(micros.max(1));
-        if ok {
-            items += u64::from(batch);
-        } else {
-            errors += 1;
+        match outcome {
+            Ok(()) => items += u64::from(batch),
+            Err(e) => {
+                errors += 1;
+                first_error.get_or_insert(e);
+            }
         }
     }
     Ok(WorkerResult {
         hist,
         items,
         errors,
+        first_error,
     })
+}
+
+struct Clients {
+    data: api::v1::data_plane_client::DataPlaneClient<Channel>,
+    health: HealthClient<Channel>,
+}
+
+impl Clients {
+    /// One RPC; a batch counts as failed if any item failed.
+    async fn call(&mut self, job: &Job, batch: u32) -> Result<(), String> {
+        use api::v1::{decrypt_result, generate_data_key_result};
+        let n = usize::try_from(batch).unwrap_or(1);
+        let status = |s: tonic::Status| format!("{:?}: {}", s.code(), s.message());
+        match job {
+            Job::Health => self
+                .health
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .map(|_| ())
+                .map_err(status),
+            Job::Generate(key) if batch == 1 => self
+                .data
+                .generate_data_key(gdk_request(key))
+                .await
+                .map(|_| ())
+                .map_err(status),
+            Job::Generate(key) => {
+                let items = vec![gdk_request(key); n];
+                let request = BatchGenerateDataKeyRequest {
+                    items,
+                    without_plaintext: false,
+                };
+                let r = self
+                    .data
+                    .batch_generate_data_key(request)
+                    .await
+                    .map_err(status)?;
+                match r.get_ref().results.iter().find_map(|x| match &x.result {
+                    Some(generate_data_key_result::Result::Ok(_)) => None,
+                    Some(generate_data_key_result::Result::Error(e)) => Some(e.message.clone()),
+                    None => Some("empty batch item".to_owned()),
+                }) {
+                    Some(e) => Err(e),
+                    None => Ok(()),
+                }
+            }
+            Job::Decrypt(blob) if batch == 1 => self
+                .data
+                .decrypt(decrypt_request(blob))
+                .await
+                .map(|_| ())
+                .map_err(status),
+            Job::Decrypt(blob) => {
+                let items = vec![decrypt_request(blob); n];
+                let r = self
+                    .data
+                    .batch_decrypt(BatchDecryptRequest { items })
+                    .await
+                    .map_err(status)?;
+                match r.get_ref().results.iter().find_map(|x| match &x.result {
+                    Some(decrypt_result::Result::Ok(_)) => None,
+                    Some(decrypt_result::Result::Error(e)) => Some(e.message.clone()),
+                    None => Some("empty batch item".to_owned()),
+                }) {
+                    Some(e) => Err(e),
+                    None => Ok(()),
+                }
+            }
+        }
+    }
 }
 
 fn decrypt_request(blob: &[u8]) -> DecryptRequest {
