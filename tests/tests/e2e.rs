@@ -368,3 +368,41 @@ fn batch_calls_return_per_item_results() {
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
     });
 }
+
+#[test]
+fn reflection_lists_each_planes_services() {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(KMS, dir.path());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        for (who, addr, service) in [
+            ("workload", &server.data, "kms.v1.DataPlane"),
+            ("operator", &server.admin, "kms.v1.Admin"),
+        ] {
+            let channel = server.client_tls(who).channel(addr).await.unwrap();
+            let mut client = ServerReflectionClient::new(channel);
+            let request = ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(MessageRequest::ListServices(String::new())),
+            };
+            let mut responses = client
+                .server_reflection_info(tokio_stream::once(request))
+                .await
+                .unwrap()
+                .into_inner();
+            let response = responses.message().await.unwrap().unwrap();
+            let Some(MessageResponse::ListServicesResponse(list)) = response.message_response
+            else {
+                panic!("unexpected reflection response");
+            };
+            let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
+            assert!(names.contains(&service), "{names:?}");
+            assert!(names.contains(&"grpc.health.v1.Health"), "{names:?}");
+        }
+    });
+}
