@@ -27,3 +27,76 @@ pub mod v1 {
 
 /// The encoded file descriptor set, for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("kms_descriptor");
+
+/// Plaintext-carrying messages print field lengths, never bytes.
+mod redacted_debug {
+    use std::fmt;
+
+    use crate::v1::{DecryptResponse, EncryptRequest, GenerateDataKeyResponse};
+
+    impl fmt::Debug for GenerateDataKeyResponse {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.debug_struct("GenerateDataKeyResponse")
+                .field("key_id", &self.key_id)
+                .field("key_version", &self.key_version)
+                .field("plaintext_len", &self.plaintext.len())
+                .field("ciphertext_len", &self.ciphertext.len())
+                .finish()
+        }
+    }
+
+    impl fmt::Debug for DecryptResponse {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.debug_struct("DecryptResponse")
+                .field("key_id", &self.key_id)
+                .field("key_version", &self.key_version)
+                .field("plaintext_len", &self.plaintext.len())
+                .finish()
+        }
+    }
+
+    impl fmt::Debug for EncryptRequest {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.debug_struct("EncryptRequest")
+                .field("key", &self.key)
+                .field("plaintext_len", &self.plaintext.len())
+                .field("context_entries", &self.encryption_context.len())
+                .finish()
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn debug_never_prints_plaintext() {
+            let canary = b"CANARY-PLAINTEXT-7f3a".to_vec();
+            let gdk = GenerateDataKeyResponse {
+                plaintext: canary.clone(),
+                ..Default::default()
+            };
+            let dec = DecryptResponse {
+                plaintext: canary.clone(),
+                ..Default::default()
+            };
+            let enc = EncryptRequest {
+                plaintext: canary.clone(),
+                ..Default::default()
+            };
+            let batch = crate::v1::GenerateDataKeyResult {
+                result: Some(crate::v1::generate_data_key_result::Result::Ok(gdk.clone())),
+            };
+            for text in [
+                format!("{gdk:?}"),
+                format!("{dec:?}"),
+                format!("{enc:?}"),
+                format!("{batch:?}"),
+            ] {
+                assert!(!text.contains("CANARY"), "{text}");
+                assert!(!text.contains("67, 65, 78"), "{text}"); // the bytes of "CAN"
+                assert!(text.contains("plaintext_len: 21"), "{text}");
+            }
+        }
+    }
+}
