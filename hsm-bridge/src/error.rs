@@ -60,6 +60,9 @@ pub enum Error {
     /// Authenticated decryption failed. Opaque by design: no reason, no key identity.
     #[error("decryption failed")]
     DecryptFailed,
+    /// A state the code rules out was reached (or the token broke its contract).
+    #[error("internal error: {0}")]
+    Internal(&'static str),
     /// An argument is outside what the bridge accepts (nonce length, empty label).
     #[error("invalid argument: {what}")]
     InvalidArgument {

@@ -102,9 +102,9 @@ impl Pkcs11Hsm {
 
     fn run_once<T>(&self, op: &impl Fn(&Session) -> cryptoki::error::Result<T>) -> Result<T> {
         let mut guard = self.pool.take(&self.ctx, self.slot)?;
-        let session = guard.session().ok_or(Error::InvalidArgument {
-            what: "pool guard without session",
-        })?;
+        let session = guard
+            .session()
+            .ok_or(Error::Internal("pool guard without session"))?;
         match op(session) {
             Ok(v) => Ok(v),
             Err(e) => {
@@ -124,14 +124,13 @@ impl Pkcs11Hsm {
 impl Hsm for Pkcs11Hsm {
     fn random(&self, out: &mut [u8]) -> Result<()> {
         // The session writes into a private buffer so a retried call never leaves half output.
-        let bytes =
+        let mut bytes =
             self.run(|s| s.generate_random_vec(u32::try_from(out.len()).unwrap_or(u32::MAX)))?;
-        let mut bytes = bytes;
         if bytes.len() != out.len() {
             bytes.zeroize();
-            return Err(Error::InvalidArgument {
-                what: "random length",
-            });
+            return Err(Error::Internal(
+                "token returned the wrong number of random bytes",
+            ));
         }
         out.copy_from_slice(&bytes);
         bytes.zeroize();
@@ -154,7 +153,7 @@ impl Hsm for Pkcs11Hsm {
     }
 
     fn find_aes_key(&self, label: &str) -> Result<TokenKey> {
-        self.run(|s| find_key(s, label).map_err(into_cryptoki))?
+        self.run(|s| find_key(s, label))?
             .map(TokenKey)
             .ok_or_else(|| Error::KeyNotFound {
                 label: label.to_owned(),
@@ -277,7 +276,7 @@ fn find_slot(ctx: &Pkcs11, label: &str, module: &std::path::Path) -> Result<Slot
     })
 }
 
-fn find_key(session: &Session, label: &str) -> Result<Option<ObjectHandle>> {
+fn find_key(session: &Session, label: &str) -> cryptoki::error::Result<Option<ObjectHandle>> {
     let template = [
         Attribute::Class(ObjectClass::SECRET_KEY),
         Attribute::KeyType(KeyType::AES),
@@ -285,15 +284,6 @@ fn find_key(session: &Session, label: &str) -> Result<Option<ObjectHandle>> {
     ];
     let found = session.find_objects(&template)?;
     Ok(found.into_iter().next())
-}
-
-/// Carries our error back through an `op` closure that must return cryptoki's error type.
-fn into_cryptoki(e: Error) -> cryptoki::error::Error {
-    match e {
-        Error::Pkcs11 { func, rv } => cryptoki::error::Error::Pkcs11(rv, func),
-        Error::Cryptoki(inner) => inner,
-        _ => cryptoki::error::Error::NotSupported,
-    }
 }
 
 /// An AES-256 token key that never leaves the HSM.
