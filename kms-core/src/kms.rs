@@ -74,6 +74,17 @@ pub struct Sealed {
     pub ciphertext: Vec<u8>,
 }
 
+/// A blob sealed again by [`Kms::re_encrypt`], and the key version that had sealed it.
+#[derive(Debug)]
+pub struct ReEncrypted {
+    /// The key that had sealed the source blob.
+    pub source_key_id: KeyId,
+    /// The version that had sealed the source blob.
+    pub source_key_version: KeyVersion,
+    /// The new blob.
+    pub sealed: Sealed,
+}
+
 /// An opened blob.
 #[derive(Debug)]
 pub struct Opened {
@@ -252,6 +263,7 @@ impl Kms {
         self.deps.store.write(changes)?;
         let record = updated.record.clone();
         self.install(updated, old);
+        tracing::info!(key_id = %record.id, %alias, "alias set");
         Ok(record)
     }
 
@@ -322,19 +334,24 @@ impl Kms {
         source_context: &EncryptionContext,
         destination: &KeyRef,
         destination_context: &EncryptionContext,
-    ) -> Result<Sealed, Error> {
+    ) -> Result<ReEncrypted, Error> {
         let blob = Blob::parse(ciphertext)?;
         let source = self.entry(&KeyRef::Id(blob.header.key_id))?;
         let dest = self.entry(destination)?;
         let open_ok = self.permit(caller, &source, Op::Decrypt, source_context)?;
         let seal_ok = self.permit(caller, &dest, Op::ReEncrypt, destination_context)?;
         let plaintext = self.open_blob(&source, &blob, source_context, &open_ok)?;
-        self.seal(
+        let sealed = self.seal(
             &dest,
             plaintext.expose_secret(),
             destination_context,
             &seal_ok,
-        )
+        )?;
+        Ok(ReEncrypted {
+            source_key_id: blob.header.key_id,
+            source_key_version: blob.header.key_version,
+            sealed,
+        })
     }
 
     /// True when operations under this key run in the HSM and so block on it; async callers

@@ -44,6 +44,6 @@ pub use ids::{Alias, KeyId, KeyRef, KeyVersion, PrincipalId};
 pub use key::{
     kek_wrap_aad, KeyRecord, KeyState, Labels, Protection, StoredMaterial, VersionRecord,
 };
-pub use kms::{DataKey, Deps, Kms, NewKey, Opened, Sealed};
+pub use kms::{DataKey, Deps, Kms, NewKey, Opened, ReEncrypted, Sealed};
 pub use secret::{Dek, Kek, Plaintext, DEK_LEN, KEK_LEN};
 pub use store::{RocksStore, Store};

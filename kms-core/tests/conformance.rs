@@ -319,10 +319,17 @@ macro_rules! conformance {
                     .kms()
                     .re_encrypt(&caller(), &sealed.ciphertext, &c, &b, &c2)
                     .unwrap();
-                assert_eq!(KeyRef::Id(moved.key_id), b);
-                let opened = h.kms().decrypt(&caller(), &moved.ciphertext, &c2).unwrap();
+                assert_eq!(KeyRef::Id(moved.sealed.key_id), b);
+                assert_eq!(KeyRef::Id(moved.source_key_id), a);
+                let opened = h
+                    .kms()
+                    .decrypt(&caller(), &moved.sealed.ciphertext, &c2)
+                    .unwrap();
                 assert_eq!(opened.plaintext.expose_secret(), secret.expose_secret());
-                assert!(h.kms().decrypt(&caller(), &moved.ciphertext, &c).is_err());
+                assert!(h
+                    .kms()
+                    .decrypt(&caller(), &moved.sealed.ciphertext, &c)
+                    .is_err());
 
                 let big = Plaintext::from_slice(&[0u8; 4097]);
                 assert!(matches!(

@@ -70,21 +70,8 @@ pub(crate) fn to_status(e: &Error) -> Status {
         Error::Hsm(h) if h.is_retryable() => {
             Status::unavailable("hsm temporarily unavailable; retry")
         }
-        Error::Blob(_)
-        | Error::DecryptFailed
-        | Error::Denied
-        | Error::Hsm(_)
-        | Error::Internal(_)
-        | Error::Record { .. }
-        | Error::Rng
-        | Error::Store { .. }
-        | Error::TooLarge { .. }
-        | Error::VersionNotFound { .. } => {
-            tracing::error!(error = %e, source = ?std::error::Error::source(e), "admin request failed");
-            Status::internal("internal error")
-        }
         _ => {
-            tracing::error!(error = %e, "admin request failed");
+            tracing::error!(error = %e, source = ?std::error::Error::source(e), "admin request failed");
             Status::internal("internal error")
         }
     }

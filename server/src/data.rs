@@ -64,8 +64,9 @@ impl DataService {
     }
 }
 
-/// Maps a core error to the data plane's status. Exhaustive on purpose: a new error kind must
-/// be placed here consciously.
+/// Maps a core error to the data plane's status: the one place where the data plane decides
+/// what a caller may learn. Anything not named here is an internal error, logged in full and
+/// shown to the caller as "internal error".
 pub(crate) fn to_status(e: &Error) -> Status {
     match e {
         Error::KeyNotFound { .. } | Error::Denied => Status::permission_denied(NOT_FOUND_OR_DENIED),
@@ -84,17 +85,8 @@ pub(crate) fn to_status(e: &Error) -> Status {
             tracing::warn!(error = %h, "hsm unavailable");
             Status::unavailable("hsm temporarily unavailable; retry")
         }
-        Error::AliasTaken { .. }
-        | Error::Hsm(_)
-        | Error::Internal(_)
-        | Error::Record { .. }
-        | Error::Rng
-        | Error::Store { .. } => {
-            tracing::error!(error = %e, source = ?std::error::Error::source(e), "data plane request failed");
-            Status::internal("internal error")
-        }
         _ => {
-            tracing::error!(error = %e, "data plane request failed");
+            tracing::error!(error = %e, source = ?std::error::Error::source(e), "data plane request failed");
             Status::internal("internal error")
         }
     }
@@ -230,11 +222,12 @@ impl DataPlane for DataService {
         let req = request.into_inner();
         let in_hsm = self.key_in_hsm(&req.key);
         self.call(in_hsm, move |kms| {
-            let key = key_ref(&req.key)?;
-            let ctx = context(req.encryption_context)?;
+            // Into a secret and wiped first, so that no error path below leaves it behind.
             let mut raw = req.plaintext;
             let plaintext = Plaintext::from_slice(&raw);
-            zeroize_vec(&mut raw);
+            zeroize::Zeroize::zeroize(&mut raw);
+            let key = key_ref(&req.key)?;
+            let ctx = context(req.encryption_context)?;
             let sealed = kms
                 .encrypt(&caller, &key, &plaintext, &ctx)
                 .map_err(|e| to_status(&e))?;
@@ -263,18 +256,15 @@ impl DataPlane for DataService {
                 source_ctx.clone()
             };
             let dest = key_ref(&req.destination_key)?;
-            let source = kms_core::blob::Blob::parse(&req.ciphertext)
-                .map_err(|e| to_status(&Error::Blob(e)))?
-                .header;
-            let sealed = kms
+            let done = kms
                 .re_encrypt(&caller, &req.ciphertext, &source_ctx, &dest, &dest_ctx)
                 .map_err(|e| to_status(&e))?;
             Ok(ReEncryptResponse {
-                source_key_id: source.key_id.to_string(),
-                source_key_version: source.key_version.get(),
-                key_id: sealed.key_id.to_string(),
-                key_version: sealed.key_version.get(),
-                ciphertext: sealed.ciphertext,
+                source_key_id: done.source_key_id.to_string(),
+                source_key_version: done.source_key_version.get(),
+                key_id: done.sealed.key_id.to_string(),
+                key_version: done.sealed.key_version.get(),
+                ciphertext: done.sealed.ciphertext,
             })
         })
         .await
@@ -330,10 +320,4 @@ impl DataPlane for DataService {
         .await
         .map(Response::new)
     }
-}
-
-/// Wipes a plaintext buffer that arrived off the wire once it has been copied into a secret.
-fn zeroize_vec(v: &mut Vec<u8>) {
-    use zeroize::Zeroize;
-    v.zeroize();
 }

@@ -81,6 +81,35 @@ fn create_generate_decrypt_through_the_cli() {
         assert_eq!(opened["key_id"], key_id.as_str());
         assert_eq!(opened["plaintext"], plaintext);
 
+        server.kms_json(&["key", "rotate", &alias]);
+        let moved = server.kms_json(&[
+            "data",
+            "re-encrypt",
+            "--ciphertext",
+            ciphertext,
+            "--context",
+            "tenant=acme",
+            "--context",
+            "app=chat",
+            "--destination-key",
+            &alias,
+        ]);
+        assert_eq!(moved["source_key_id"], key_id.as_str());
+        assert_eq!(moved["source_key_version"], 1);
+        assert_eq!(moved["key_id"], key_id.as_str());
+        assert_eq!(moved["key_version"], 2);
+        let reopened = server.kms_json(&[
+            "data",
+            "decrypt",
+            "--ciphertext",
+            moved["ciphertext"].as_str().unwrap(),
+            "--context",
+            "tenant=acme",
+            "--context",
+            "app=chat",
+        ]);
+        assert_eq!(reopened["plaintext"], plaintext);
+
         let described = server.kms_json(&["key", "describe", &key_id]);
         assert_eq!(described["alias"], alias.as_str());
         assert_eq!(described["state"], "enabled");
