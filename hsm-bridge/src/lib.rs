@@ -51,6 +51,26 @@ pub const GCM_TAG_LEN: usize = 16;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TokenKey(cryptoki::object::ObjectHandle);
 
+/// Length of an ECDSA P-256 signature as the fixed-width pair r ‖ s.
+pub const ECDSA_P256_SIG_LEN: usize = 64;
+/// Length of an uncompressed SEC1 P-256 public point (0x04 ‖ x ‖ y).
+pub const P256_POINT_LEN: usize = 65;
+
+/// An ECDSA P-256 key pair on the token: a sensitive, non-extractable private key that only
+/// signs, and its public point.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SigningKey {
+    private: cryptoki::object::ObjectHandle,
+    public_point: [u8; P256_POINT_LEN],
+}
+
+impl SigningKey {
+    /// The public key as an uncompressed SEC1 point, for export and verification.
+    pub fn public_point(&self) -> &[u8; P256_POINT_LEN] {
+        &self.public_point
+    }
+}
+
 /// Security attributes read back from a token key.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -102,4 +122,11 @@ pub trait Hsm: Send + Sync {
 
     /// Reads back a key's security attributes.
     fn key_attributes(&self, key: TokenKey) -> Result<KeyAttributes>;
+
+    /// Finds the ECDSA P-256 key pair labelled `label`, generating it in the token on first
+    /// use (private key sensitive, non-extractable, sign only).
+    fn p256_signing_key(&self, label: &str) -> Result<SigningKey>;
+
+    /// Signs a SHA-256 digest with ECDSA inside the token; returns r ‖ s (64 bytes).
+    fn ecdsa_sign_digest(&self, key: &SigningKey, digest: &[u8; 32]) -> Result<Vec<u8>>;
 }

@@ -17,12 +17,17 @@ use zeroize::Zeroize;
 use crate::config::HsmConfig;
 use crate::error::{rv_is_device_fault, Error, Result};
 use crate::pool::SessionPool;
-use crate::{Hsm, KeyAttributes, TokenKey, GCM_NONCE_LEN, GCM_TAG_LEN};
+use crate::{
+    Hsm, KeyAttributes, SigningKey, TokenKey, ECDSA_P256_SIG_LEN, GCM_NONCE_LEN, GCM_TAG_LEN,
+    P256_POINT_LEN,
+};
 
 /// AES-256 key length in bytes.
 const AES_256_LEN: u64 = 32;
 /// GCM tag length in bits, as PKCS#11 wants it.
 const GCM_TAG_BITS: u64 = 128;
+/// DER of the named curve P-256 (OID 1.2.840.10045.3.1.7), as `CKA_EC_PARAMS` wants it.
+const P256_EC_PARAMS: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
 
 /// A logged-in PKCS#11 token holding the root wrapping key.
 pub struct Pkcs11Hsm {
@@ -225,6 +230,54 @@ impl Hsm for Pkcs11Hsm {
         }
         Ok(out)
     }
+
+    fn p256_signing_key(&self, label: &str) -> Result<SigningKey> {
+        if label.is_empty() {
+            return Err(Error::InvalidArgument {
+                what: "empty key label",
+            });
+        }
+        let found = self.run(|s| {
+            let private = find_object(s, ObjectClass::PRIVATE_KEY, KeyType::EC, label)?;
+            let public = find_object(s, ObjectClass::PUBLIC_KEY, KeyType::EC, label)?;
+            Ok(private.zip(public))
+        })?;
+        let (private, public) = match found {
+            Some(pair) => pair,
+            None => {
+                tracing::info!(%label, "creating ECDSA P-256 signing key in the token");
+                let (public_template, private_template) = p256_templates(label);
+                let (public, private) = self.run(|s| {
+                    s.generate_key_pair(
+                        &Mechanism::EccKeyPairGen,
+                        &public_template,
+                        &private_template,
+                    )
+                })?;
+                (private, public)
+            }
+        };
+        let attrs = self.run(|s| s.get_attributes(public, &[AttributeType::EcPoint]))?;
+        let point = attrs
+            .into_iter()
+            .find_map(|a| match a {
+                Attribute::EcPoint(p) => Some(p),
+                _ => None,
+            })
+            .ok_or(Error::Internal("public key without CKA_EC_POINT"))?;
+        Ok(SigningKey {
+            private,
+            public_point: uncompressed_point(&point)?,
+        })
+    }
+
+    fn ecdsa_sign_digest(&self, key: &SigningKey, digest: &[u8; 32]) -> Result<Vec<u8>> {
+        let signature = self.run(|s| s.sign(&Mechanism::Ecdsa, key.private, digest))?;
+        if signature.len() != ECDSA_P256_SIG_LEN {
+            return Err(Error::Internal("ECDSA signature is not 64 bytes"));
+        }
+        Ok(signature)
+    }
 }
 
 impl Pkcs11Hsm {
@@ -284,6 +337,57 @@ fn find_key(session: &Session, label: &str) -> cryptoki::error::Result<Option<Ob
     ];
     let found = session.find_objects(&template)?;
     Ok(found.into_iter().next())
+}
+
+fn find_object(
+    session: &Session,
+    class: ObjectClass,
+    key_type: KeyType,
+    label: &str,
+) -> cryptoki::error::Result<Option<ObjectHandle>> {
+    let template = [
+        Attribute::Class(class),
+        Attribute::KeyType(key_type),
+        Attribute::Label(label.as_bytes().to_vec()),
+    ];
+    Ok(session.find_objects(&template)?.into_iter().next())
+}
+
+/// Templates for a P-256 key pair: (public, private). The private key signs and does nothing
+/// else, and never leaves the token.
+fn p256_templates(label: &str) -> (Vec<Attribute>, Vec<Attribute>) {
+    let public = vec![
+        Attribute::Token(true),
+        Attribute::Private(false),
+        Attribute::Verify(true),
+        Attribute::EcParams(P256_EC_PARAMS.to_vec()),
+        Attribute::Label(label.as_bytes().to_vec()),
+    ];
+    let private = vec![
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Sign(true),
+        Attribute::Decrypt(false),
+        Attribute::Unwrap(false),
+        Attribute::Derive(false),
+        Attribute::Label(label.as_bytes().to_vec()),
+    ];
+    (public, private)
+}
+
+/// `CKA_EC_POINT` is a DER OCTET STRING around the SEC1 point (PKCS#11 v2.40 §2.3.3); some
+/// tokens return the bare point. Accepts both, for an uncompressed P-256 point only.
+fn uncompressed_point(raw: &[u8]) -> Result<[u8; P256_POINT_LEN]> {
+    let bare = match raw {
+        [0x04, 0x41, rest @ ..] if rest.len() == P256_POINT_LEN => rest,
+        _ => raw,
+    };
+    match <[u8; P256_POINT_LEN]>::try_from(bare) {
+        Ok(point) if point.first() == Some(&0x04) => Ok(point),
+        _ => Err(Error::Internal("CKA_EC_POINT is not an uncompressed P-256 point")),
+    }
 }
 
 /// An AES-256 token key that never leaves the HSM.

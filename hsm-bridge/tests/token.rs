@@ -193,3 +193,59 @@ fn pool_serves_concurrent_callers_one_session_each() {
         th.join().unwrap();
     }
 }
+
+#[test]
+fn signing_key_is_made_once_signs_and_never_leaves_the_token() {
+    use cryptoki::object::{AttributeType, KeyType};
+    let t = token();
+    let config = t.config().unwrap();
+    let hsm = Pkcs11Hsm::open(&config).unwrap();
+    let key = hsm.p256_signing_key("audit-test").unwrap();
+    let again = hsm.p256_signing_key("audit-test").unwrap();
+    assert_eq!(key, again, "a second call finds the same pair");
+
+    let message = b"checkpoint 42";
+    let digest = ring::digest::digest(&ring::digest::SHA256, message);
+    let signature = hsm
+        .ecdsa_sign_digest(&key, digest.as_ref().try_into().unwrap())
+        .unwrap();
+    let public = ring::signature::UnparsedPublicKey::new(
+        &ring::signature::ECDSA_P256_SHA256_FIXED,
+        key.public_point().as_slice(),
+    );
+    public.verify(message, &signature).unwrap();
+    assert!(public.verify(b"checkpoint 43", &signature).is_err());
+
+    // The private half, read through cryptoki directly: sensitive and never extractable.
+    let ctx = Pkcs11::new(&config.module).unwrap();
+    let _ = ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK));
+    let slot = ctx
+        .get_slots_with_token()
+        .unwrap()
+        .into_iter()
+        .find(|s| ctx.get_token_info(*s).unwrap().label() == config.token_label)
+        .unwrap();
+    let session = ctx.open_ro_session(slot).unwrap();
+    let _ = session.login(UserType::User, Some(&config.user_pin));
+    let private = session
+        .find_objects(&[
+            Attribute::Class(ObjectClass::PRIVATE_KEY),
+            Attribute::KeyType(KeyType::EC),
+            Attribute::Label(b"audit-test".to_vec()),
+        ])
+        .unwrap();
+    assert_eq!(private.len(), 1, "exactly one private key");
+    let attrs = session
+        .get_attributes(
+            private[0],
+            &[
+                AttributeType::Sensitive,
+                AttributeType::Extractable,
+                AttributeType::Token,
+            ],
+        )
+        .unwrap();
+    assert!(attrs.contains(&Attribute::Sensitive(true)));
+    assert!(attrs.contains(&Attribute::Extractable(false)));
+    assert!(attrs.contains(&Attribute::Token(true)));
+}
