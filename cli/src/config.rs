@@ -18,6 +18,11 @@
 //! server_key = "server.key"
 //! data_client_ca = "workload-ca.pem"
 //! admin_client_ca = "operator-ca.pem"
+//!
+//! [audit]                                    # optional; these are the defaults
+//! checkpoint_every = 10000                   # sign a checkpoint after this many records
+//! checkpoint_interval_secs = 60              # ... and at least this often
+//! # retention_days = 400                     # prune older records (default: keep all)
 //! ```
 //!
 //! Relative paths are relative to the config file's directory.
@@ -39,6 +44,48 @@ pub(crate) struct Config {
     #[serde(default)]
     pub(crate) listen: ListenSection,
     pub(crate) tls: TlsSection,
+    #[serde(default)]
+    pub(crate) audit: AuditSection,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AuditSection {
+    #[serde(default = "default_checkpoint_every")]
+    pub(crate) checkpoint_every: u64,
+    #[serde(default = "default_checkpoint_interval")]
+    pub(crate) checkpoint_interval_secs: u64,
+    pub(crate) retention_days: Option<u64>,
+}
+
+impl Default for AuditSection {
+    fn default() -> Self {
+        Self {
+            checkpoint_every: default_checkpoint_every(),
+            checkpoint_interval_secs: default_checkpoint_interval(),
+            retention_days: None,
+        }
+    }
+}
+
+impl AuditSection {
+    /// The audit log's settings.
+    pub(crate) fn settings(&self) -> kms_core::audit::AuditConfig {
+        kms_core::audit::AuditConfig::new(
+            self.checkpoint_every,
+            std::time::Duration::from_secs(self.checkpoint_interval_secs),
+            self.retention_days
+                .map(|d| std::time::Duration::from_secs(d.saturating_mul(86_400))),
+        )
+    }
+}
+
+fn default_checkpoint_every() -> u64 {
+    10_000
+}
+
+fn default_checkpoint_interval() -> u64 {
+    60
 }
 
 #[derive(Debug, Deserialize)]

@@ -7,8 +7,9 @@ use std::sync::Arc;
 
 use clap::Args;
 use hsm_bridge::{find_softhsm2_module, HsmConfig, Pkcs11Hsm};
-use kms_core::{AllowAuthenticated, Deps, Kms, RocksStore, SystemClock, SystemRng};
-use server::{Bound, ListenConfig};
+use kms_core::audit::{AuditEvent, AuditLog};
+use kms_core::{AllowAuthenticated, Deps, Kms, RocksStore, Rng, SystemClock, SystemRng};
+use server::{Audit, Bound, ListenConfig, Services};
 
 use crate::config::Config;
 use crate::dev::{self, DevLayout};
@@ -30,11 +31,18 @@ pub(crate) struct ServeArgs {
     /// Admin-plane address, overriding the config (port 0 picks a free port).
     #[arg(long)]
     admin_addr: Option<SocketAddr>,
+    /// Serve without recording requests in the audit log, to measure what auditing costs.
+    /// Development instances only.
+    #[arg(long, requires = "dev", hide = true)]
+    unaudited: bool,
 }
 
 /// Everything opened before the async runtime starts.
 pub(crate) struct Prepared {
     kms: Arc<Kms>,
+    audit_log: Arc<AuditLog>,
+    store: Arc<RocksStore>,
+    unaudited: bool,
     listen: ListenConfig,
     endpoints: PathBuf,
     dev: bool,
@@ -68,18 +76,42 @@ pub(crate) fn prepare(args: &ServeArgs, data_dir: &Path) -> Result<Prepared, Err
     if let Some(n) = config.hsm.max_sessions {
         hsm_config.max_sessions = n;
     }
-    let hsm = Pkcs11Hsm::open(&hsm_config)?;
+    // The store and the audit log open first, so that a failure to open the HSM is on record.
+    let store = Arc::new(RocksStore::open(&config.data_dir.join("store"))?);
+    let clock = Arc::new(SystemClock);
+    let audit_log = Arc::new(AuditLog::open(
+        store.clone(),
+        clock.clone(),
+        config.audit.settings(),
+    )?);
+    let hsm = match Pkcs11Hsm::open(&hsm_config) {
+        Ok(hsm) => Arc::new(hsm),
+        Err(e) => {
+            let mut event = AuditEvent::new("hsm.open_failed", "error");
+            event.reason = Some(e.to_string());
+            event.detail.insert("token".into(), hsm_config.token_label.clone());
+            let _ = audit_log.submit(event).wait_blocking();
+            audit_log.close();
+            return Err(e.into());
+        }
+    };
     tracing::info!(token = %hsm.token_label(), module = %hsm.module().display(), "hsm ready");
-    let store = RocksStore::open(&config.data_dir.join("store"))?;
+    audit_log.attach_hsm(hsm.clone())?;
     let kms = Kms::open(Deps {
-        hsm: Arc::new(hsm),
-        store: Arc::new(store),
-        clock: Arc::new(SystemClock),
+        hsm,
+        store: store.clone(),
+        clock,
         rng: Arc::new(SystemRng::new()),
         authorizer: Arc::new(AllowAuthenticated),
     })?;
+    if args.unaudited {
+        tracing::warn!("--unaudited: requests are NOT recorded in the audit log (measurement only)");
+    }
     Ok(Prepared {
         kms: Arc::new(kms),
+        audit_log,
+        store,
+        unaudited: args.unaudited,
         listen: ListenConfig {
             data_addr: args.data_addr.unwrap_or(config.listen.data),
             admin_addr: args.admin_addr.unwrap_or(config.listen.admin),
@@ -116,10 +148,49 @@ pub(crate) async fn run(prepared: Prepared) -> Result<(), Error> {
             "try: kms key create --alias demo && kms data generate-key --key demo --context app=demo"
         );
     }
-    let result = bound.serve(prepared.kms, shutdown_signal()).await;
+    let boot = boot_id();
+    let audit = if prepared.unaudited {
+        Audit::disabled(boot.clone())
+    } else {
+        Audit::new(prepared.audit_log.clone(), boot.clone())
+    };
+    let mut start = AuditEvent::new("server.start", "ok");
+    start.detail.insert("version".into(), env!("CARGO_PKG_VERSION").into());
+    start.detail.insert("boot".into(), boot.clone());
+    start.detail.insert("data".into(), data.to_string());
+    start.detail.insert("admin".into(), admin.to_string());
+    prepared
+        .audit_log
+        .submit(start)
+        .wait()
+        .await
+        .map_err(|e| Error::Usage(format!("cannot start: {e}")))?;
+    let services = Services {
+        kms: prepared.kms,
+        audit,
+        store: prepared.store,
+    };
+    let result = bound.serve(services, shutdown_signal()).await;
     let _ = std::fs::remove_file(&prepared.endpoints);
+    let mut stop = AuditEvent::new("server.stop", if result.is_ok() { "ok" } else { "error" });
+    stop.detail.insert("boot".into(), boot);
+    if prepared.audit_log.submit(stop).wait().await.is_err() {
+        tracing::error!("the server stop could not be audited");
+    }
+    // Signs the final checkpoint; blocking, so off the async workers.
+    let log = prepared.audit_log;
+    let _ = tokio::task::spawn_blocking(move || log.close()).await;
     tracing::info!("stopped");
     Ok(result?)
+}
+
+/// A short random id for this run of the server; request ids it assigns start with it.
+fn boot_id() -> String {
+    let mut bytes = [0u8; 6];
+    match SystemRng::new().fill(&mut bytes) {
+        Ok(()) => bytes.iter().map(|b| format!("{b:02x}")).collect(),
+        Err(_) => "boot".into(),
+    }
 }
 
 async fn shutdown_signal() {

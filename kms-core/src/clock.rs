@@ -11,6 +11,11 @@ use crate::error::Error;
 pub trait Clock: Send + Sync {
     /// Seconds since the Unix epoch.
     fn now_unix(&self) -> u64;
+
+    /// Milliseconds since the Unix epoch.
+    fn now_unix_ms(&self) -> u64 {
+        self.now_unix().saturating_mul(1000)
+    }
 }
 
 /// Cryptographically secure random bytes.
@@ -29,6 +34,14 @@ impl Clock for SystemClock {
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
+            .unwrap_or(0)
+    }
+
+    #[expect(clippy::disallowed_methods, reason = "this is the clock adapter")]
+    fn now_unix_ms(&self) -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
             .unwrap_or(0)
     }
 }

@@ -48,6 +48,12 @@ pub enum Error {
         /// What was attempted.
         op: Op,
     },
+    /// The audit log's stored chain is damaged at this sequence number.
+    #[error("audit log is damaged at record {seq}; run `kms audit verify`")]
+    AuditCorrupt {
+        /// Where.
+        seq: u64,
+    },
     /// A stored record could not be decoded.
     #[error("stored {table} record is corrupt")]
     Record {

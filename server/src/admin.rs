@@ -5,11 +5,16 @@ use std::sync::Arc;
 use api::v1::admin_server::Admin;
 use api::v1::{
     CreateAliasRequest, CreateKeyRequest, KeyMetadata, KeyRequest, ListKeysRequest,
-    ListKeysResponse,
+    ListKeysResponse, QueryAuditRequest, QueryAuditResponse,
 };
-use kms_core::{Alias, Error, KeyId, KeyRecord, KeyState, Kms, Labels, NewKey, Protection};
+use kms_core::audit::{object_hash, AuditEvent};
+use kms_core::{
+    Alias, Error, KeyId, KeyRecord, KeyRef, KeyState, Kms, Labels, NewKey, Protection, Store,
+};
 use tonic::{Request, Response, Status};
 
+use crate::audit::{status_word, tag, Audit};
+use crate::audit_query::query_audit;
 use crate::data::{key_ref, state_word};
 use crate::identity::principal;
 
@@ -19,39 +24,87 @@ const MAX_PAGE: usize = 1000;
 const DEFAULT_PAGE: usize = 100;
 
 /// The `Admin` gRPC service.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct AdminService {
     kms: Arc<Kms>,
+    audit: Audit,
+    store: Arc<dyn Store>,
+}
+
+impl std::fmt::Debug for AdminService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminService")
+            .field("kms", &self.kms)
+            .finish_non_exhaustive()
+    }
 }
 
 impl AdminService {
-    /// A service over `kms`.
-    pub fn new(kms: Arc<Kms>) -> Self {
-        Self { kms }
+    /// A service over `kms`, recording every change in `audit`, and reading the audit log
+    /// from `store`.
+    pub fn new(kms: Arc<Kms>, audit: Audit, store: Arc<dyn Store>) -> Self {
+        Self { kms, audit, store }
     }
 
-    /// Runs a blocking core call off the async workers, recording the operator who asked.
-    async fn run<T, F>(
-        &self,
-        request_op: &'static str,
-        operator: String,
-        f: F,
-    ) -> Result<Response<T>, Status>
+    /// Runs a read-only core call off the async workers.
+    async fn read<T, F>(&self, f: F) -> Result<Response<T>, Status>
     where
         T: Send + 'static,
         F: FnOnce(&Kms) -> Result<T, Status> + Send + 'static,
     {
         let kms = self.kms.clone();
-        let result = tokio::task::spawn_blocking(move || f(&kms))
+        tokio::task::spawn_blocking(move || f(&kms))
             .await
-            .map_err(|_| Status::internal("internal error"))?;
-        match &result {
-            Ok(_) => tracing::info!(op = request_op, %operator, "admin request done"),
-            Err(s) => {
-                tracing::info!(op = request_op, %operator, code = ?s.code(), "admin request refused")
-            }
+            .map_err(|_| Status::internal("internal error"))?
+            .map(Response::new)
+    }
+
+    /// Runs a key change. The request is recorded before anything changes (and refused if
+    /// that record cannot be written); the outcome is recorded after, with SHA-256 hashes of
+    /// the key record before and after.
+    async fn change<T, F>(
+        &self,
+        action: &'static str,
+        request: &Request<T>,
+        key: Option<KeyRef>,
+        f: F,
+    ) -> Result<Response<KeyMetadata>, Status>
+    where
+        F: FnOnce(&Kms) -> Result<KeyRecord, Status> + Send + 'static,
+    {
+        let operator = principal(request)?.to_string();
+        let request_id = self.audit.request_id(request.metadata());
+        let mut intent = AuditEvent::new(action, "requested");
+        intent.principal = Some(operator.clone());
+        intent.auth = Some("mtls".into());
+        intent.key = key.as_ref().map(ToString::to_string);
+        intent.request_id = Some(request_id.clone());
+        self.audit.record(intent.clone()).await?;
+
+        let kms = self.kms.clone();
+        let (before, result) = tokio::task::spawn_blocking(move || {
+            let before = key.and_then(|k| kms.describe_key(&k).ok());
+            (before, f(&kms))
+        })
+        .await
+        .map_err(|_| Status::internal("internal error"))?;
+
+        let mut done = intent;
+        done.status = status_word(result.as_ref().err());
+        done.before = before.as_ref().and_then(object_hash);
+        if let Ok(after) = &result {
+            done.key = Some(after.id.to_string());
+            done.after = object_hash(after);
         }
-        result.map(Response::new)
+        match &result {
+            Ok(_) => tracing::info!(op = action, %operator, "admin change done"),
+            Err(s) => tracing::info!(op = action, %operator, code = ?s.code(), "admin change refused"),
+        }
+        if self.audit.record(done).await.is_err() {
+            // The change is made and its request is on record; only the outcome is missing.
+            tracing::error!(op = action, %operator, "admin change outcome could not be audited");
+        }
+        result.map(|r| tag(Response::new(metadata(&r)), &request_id))
     }
 }
 
@@ -116,8 +169,8 @@ impl Admin for AdminService {
         &self,
         request: Request<CreateKeyRequest>,
     ) -> Result<Response<KeyMetadata>, Status> {
-        let operator = principal(&request)?.to_string();
-        let req = request.into_inner();
+        principal(&request)?;
+        let req = request.get_ref().clone();
         let protection = match api::v1::Protection::try_from(req.protection) {
             Ok(api::v1::Protection::Hsm) => Protection::Hsm,
             Ok(api::v1::Protection::Software | api::v1::Protection::Unspecified) => {
@@ -133,8 +186,8 @@ impl Admin for AdminService {
             labels: core(Labels::from_pairs(req.labels))?,
             protection,
         };
-        self.run("CreateKey", operator, move |kms| {
-            core(kms.create_key(spec)).map(|r| metadata(&r))
+        self.change("admin.CreateKey", &request, None, move |kms| {
+            core(kms.create_key(spec))
         })
         .await
     }
@@ -144,18 +197,16 @@ impl Admin for AdminService {
         request: Request<KeyRequest>,
     ) -> Result<Response<KeyMetadata>, Status> {
         let key = key_ref(&request.get_ref().key)?;
-        let operator = principal(&request)?.to_string();
-        self.run("DescribeKey", operator, move |kms| {
-            core(kms.describe_key(&key)).map(|r| metadata(&r))
-        })
-        .await
+        principal(&request)?;
+        self.read(move |kms| core(kms.describe_key(&key)).map(|r| metadata(&r)))
+            .await
     }
 
     async fn list_keys(
         &self,
         request: Request<ListKeysRequest>,
     ) -> Result<Response<ListKeysResponse>, Status> {
-        let operator = principal(&request)?.to_string();
+        principal(&request)?;
         let req = request.into_inner();
         let limit = match usize::try_from(req.page_size).unwrap_or(MAX_PAGE) {
             0 => DEFAULT_PAGE,
@@ -169,7 +220,7 @@ impl Admin for AdminService {
                     .map_err(|_| Status::invalid_argument("invalid page token"))?,
             ),
         };
-        self.run("ListKeys", operator, move |kms| {
+        self.read(move |kms| {
             let (page, next) = kms.list_keys(after, limit);
             Ok(ListKeysResponse {
                 keys: page.iter().map(metadata).collect(),
@@ -184,11 +235,9 @@ impl Admin for AdminService {
         request: Request<KeyRequest>,
     ) -> Result<Response<KeyMetadata>, Status> {
         let key = key_ref(&request.get_ref().key)?;
-        let operator = principal(&request)?.to_string();
-        self.run("RotateKey", operator, move |kms| {
-            core(kms.rotate_key(&key)).map(|r| metadata(&r))
-        })
-        .await
+        let k = key.clone();
+        self.change("admin.RotateKey", &request, Some(key), move |kms| core(kms.rotate_key(&k)))
+            .await
     }
 
     async fn disable_key(
@@ -196,11 +245,9 @@ impl Admin for AdminService {
         request: Request<KeyRequest>,
     ) -> Result<Response<KeyMetadata>, Status> {
         let key = key_ref(&request.get_ref().key)?;
-        let operator = principal(&request)?.to_string();
-        self.run("DisableKey", operator, move |kms| {
-            core(kms.set_key_state(&key, KeyState::Disabled)).map(|r| metadata(&r))
-        })
-        .await
+        let k = key.clone();
+        self.change("admin.DisableKey", &request, Some(key), move |kms| core(kms.set_key_state(&k, KeyState::Disabled)))
+            .await
     }
 
     async fn enable_key(
@@ -208,24 +255,34 @@ impl Admin for AdminService {
         request: Request<KeyRequest>,
     ) -> Result<Response<KeyMetadata>, Status> {
         let key = key_ref(&request.get_ref().key)?;
-        let operator = principal(&request)?.to_string();
-        self.run("EnableKey", operator, move |kms| {
-            core(kms.set_key_state(&key, KeyState::Enabled)).map(|r| metadata(&r))
-        })
-        .await
+        let k = key.clone();
+        self.change("admin.EnableKey", &request, Some(key), move |kms| core(kms.set_key_state(&k, KeyState::Enabled)))
+            .await
     }
 
     async fn create_alias(
         &self,
         request: Request<CreateAliasRequest>,
     ) -> Result<Response<KeyMetadata>, Status> {
-        let operator = principal(&request)?.to_string();
-        let req = request.into_inner();
-        let key = key_ref(&req.key)?;
-        let new_alias = alias(req.alias)?;
-        self.run("CreateAlias", operator, move |kms| {
-            core(kms.set_alias(new_alias, &key)).map(|r| metadata(&r))
+        let key = key_ref(&request.get_ref().key)?;
+        let new_alias = alias(request.get_ref().alias.clone())?;
+        let k = key.clone();
+        self.change("admin.CreateAlias", &request, Some(key), move |kms| {
+            core(kms.set_alias(new_alias, &k))
         })
         .await
+    }
+
+    async fn query_audit(
+        &self,
+        request: Request<QueryAuditRequest>,
+    ) -> Result<Response<QueryAuditResponse>, Status> {
+        principal(&request)?;
+        let req = request.into_inner();
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || query_audit(store.as_ref(), &req))
+            .await
+            .map_err(|_| Status::internal("internal error"))?
+            .map(Response::new)
     }
 }

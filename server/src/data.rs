@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use api::v1::data_plane_server::DataPlane;
 use api::v1::{
@@ -14,6 +15,7 @@ use api::v1::{
 use kms_core::{EncryptionContext, Error, KeyRef, Kms, Plaintext, PrincipalId};
 use tonic::{Request, Response, Status};
 
+use crate::audit::{data_event, settle, tag, Audit, Facts};
 use crate::identity::principal;
 
 /// Most items one batch call may carry.
@@ -27,12 +29,71 @@ const NOT_FOUND_OR_DENIED: &str = "key not found or access denied";
 #[derive(Clone, Debug)]
 pub struct DataService {
     kms: Arc<Kms>,
+    audit: Audit,
 }
 
 impl DataService {
-    /// A service over `kms`.
-    pub fn new(kms: Arc<Kms>) -> Self {
-        Self { kms }
+    /// A service over `kms` that records every request in `audit`.
+    pub fn new(kms: Arc<Kms>, audit: Audit) -> Self {
+        Self { kms, audit }
+    }
+
+    /// The authenticated caller and the request's id.
+    fn caller<T>(&self, request: &Request<T>) -> Result<(PrincipalId, String), Status> {
+        Ok((principal(request)?, self.audit.request_id(request.metadata())))
+    }
+
+    /// Records the request and then answers it; if the record cannot be written the caller
+    /// gets the audit status instead, and whatever the request produced is dropped.
+    async fn answer<T>(
+        &self,
+        action: &'static str,
+        caller: &PrincipalId,
+        request_id: String,
+        started: Instant,
+        facts: Facts,
+        result: Result<T, Status>,
+    ) -> Result<Response<T>, Status> {
+        let event = data_event(
+            action,
+            caller,
+            request_id.clone(),
+            started,
+            facts,
+            result.as_ref().err(),
+        );
+        self.audit.record(event).await?;
+        result.map(|r| tag(Response::new(r), &request_id))
+    }
+
+    /// Records every item of a batch (one group-committed write for all of them), then
+    /// answers; if any record cannot be written, the whole batch is refused.
+    async fn answer_batch<T>(
+        &self,
+        action: &'static str,
+        caller: &PrincipalId,
+        request_id: &str,
+        started: Instant,
+        items: Vec<(Result<T, Status>, Facts)>,
+    ) -> Result<Vec<Result<T, Status>>, Status> {
+        let mut pending = Vec::with_capacity(items.len());
+        let mut results = Vec::with_capacity(items.len());
+        for (i, (result, facts)) in items.into_iter().enumerate() {
+            let event = data_event(
+                action,
+                caller,
+                format!("{request_id}/{i}"),
+                started,
+                facts,
+                result.as_ref().err(),
+            );
+            pending.extend(self.audit.submit(event));
+            results.push(result);
+        }
+        for p in pending {
+            settle(p.wait().await)?;
+        }
+        Ok(results)
     }
 
     /// Runs a core call. Calls that reach the HSM block, so they run on the blocking pool;
@@ -40,15 +101,15 @@ impl DataService {
     async fn call<T, F>(&self, in_hsm: bool, f: F) -> Result<T, Status>
     where
         T: Send + 'static,
-        F: FnOnce(&Kms) -> Result<T, Status> + Send + 'static,
+        F: FnOnce(&Kms) -> T + Send + 'static,
     {
         if !in_hsm {
-            return f(&self.kms);
+            return Ok(f(&self.kms));
         }
         let kms = self.kms.clone();
         tokio::task::spawn_blocking(move || f(&kms))
             .await
-            .map_err(|_| Status::internal("internal error"))?
+            .map_err(|_| Status::internal("internal error"))
     }
 
     /// Whether a call naming `key` reaches the HSM.
@@ -117,16 +178,22 @@ fn check_spec(spec: i32) -> Result<(), Status> {
 
 fn generate_one(
     kms: &Kms,
+    audit: &Audit,
     caller: &PrincipalId,
     req: GenerateDataKeyRequest,
     with_plaintext: bool,
+    facts: &mut Facts,
 ) -> Result<GenerateDataKeyResponse, Status> {
+    facts.key = Some(req.key.clone());
     check_spec(req.spec)?;
     let key = key_ref(&req.key)?;
     let ctx = context(req.encryption_context)?;
-    let dk = kms
-        .generate_data_key(caller, &key, &ctx)
-        .map_err(|e| to_status(&e))?;
+    facts.context(audit, &ctx);
+    let dk = kms.generate_data_key(caller, &key, &ctx).map_err(|e| {
+        facts.failed(&e);
+        to_status(&e)
+    })?;
+    facts.allowed(dk.key_id.to_string(), dk.key_version.get());
     Ok(GenerateDataKeyResponse {
         key_id: dk.key_id.to_string(),
         key_version: dk.key_version.get(),
@@ -141,13 +208,22 @@ fn generate_one(
 
 fn decrypt_one(
     kms: &Kms,
+    audit: &Audit,
     caller: &PrincipalId,
     req: DecryptRequest,
+    facts: &mut Facts,
 ) -> Result<DecryptResponse, Status> {
+    if let Ok(blob) = kms_core::blob::Blob::parse(&req.ciphertext) {
+        facts.key = Some(blob.header.key_id.to_string());
+        facts.key_version = Some(blob.header.key_version.get());
+    }
     let ctx = context(req.encryption_context)?;
-    let opened = kms
-        .decrypt(caller, &req.ciphertext, &ctx)
-        .map_err(|e| to_status(&e))?;
+    facts.context(audit, &ctx);
+    let opened = kms.decrypt(caller, &req.ciphertext, &ctx).map_err(|e| {
+        facts.failed(&e);
+        to_status(&e)
+    })?;
+    facts.allowed(opened.key_id.to_string(), opened.key_version.get());
     Ok(DecryptResponse {
         key_id: opened.key_id.to_string(),
         key_version: opened.key_version.get(),
@@ -177,147 +253,264 @@ impl DataPlane for DataService {
         &self,
         request: Request<GenerateDataKeyRequest>,
     ) -> Result<Response<GenerateDataKeyResponse>, Status> {
-        let caller = principal(&request)?;
+        let started = Instant::now();
+        let (caller, request_id) = self.caller(&request)?;
         let req = request.into_inner();
         let in_hsm = self.key_in_hsm(&req.key);
-        self.call(in_hsm, move |kms| generate_one(kms, &caller, req, true))
+        let audit = self.audit.clone();
+        let who = caller.clone();
+        let (result, facts) = self
+            .call(in_hsm, move |kms| {
+                let mut facts = Facts::default();
+                let r = generate_one(kms, &audit, &who, req, true, &mut facts);
+                (r, facts)
+            })
+            .await?;
+        self.answer("data.GenerateDataKey", &caller, request_id, started, facts, result)
             .await
-            .map(Response::new)
     }
 
     async fn generate_data_key_without_plaintext(
         &self,
         request: Request<GenerateDataKeyRequest>,
     ) -> Result<Response<GenerateDataKeyWithoutPlaintextResponse>, Status> {
-        let caller = principal(&request)?;
+        let started = Instant::now();
+        let (caller, request_id) = self.caller(&request)?;
         let req = request.into_inner();
         let in_hsm = self.key_in_hsm(&req.key);
-        let resp = self
-            .call(in_hsm, move |kms| generate_one(kms, &caller, req, false))
+        let audit = self.audit.clone();
+        let who = caller.clone();
+        let (result, facts) = self
+            .call(in_hsm, move |kms| {
+                let mut facts = Facts::default();
+                let r = generate_one(kms, &audit, &who, req, false, &mut facts).map(|resp| {
+                    GenerateDataKeyWithoutPlaintextResponse {
+                        key_id: resp.key_id,
+                        key_version: resp.key_version,
+                        ciphertext: resp.ciphertext,
+                    }
+                });
+                (r, facts)
+            })
             .await?;
-        Ok(Response::new(GenerateDataKeyWithoutPlaintextResponse {
-            key_id: resp.key_id,
-            key_version: resp.key_version,
-            ciphertext: resp.ciphertext,
-        }))
+        self.answer(
+            "data.GenerateDataKeyWithoutPlaintext",
+            &caller,
+            request_id,
+            started,
+            facts,
+            result,
+        )
+        .await
     }
 
     async fn decrypt(
         &self,
         request: Request<DecryptRequest>,
     ) -> Result<Response<DecryptResponse>, Status> {
-        let caller = principal(&request)?;
+        let started = Instant::now();
+        let (caller, request_id) = self.caller(&request)?;
         let req = request.into_inner();
         let in_hsm = self.blob_in_hsm(&req.ciphertext);
-        self.call(in_hsm, move |kms| decrypt_one(kms, &caller, req))
+        let audit = self.audit.clone();
+        let who = caller.clone();
+        let (result, facts) = self
+            .call(in_hsm, move |kms| {
+                let mut facts = Facts::default();
+                let r = decrypt_one(kms, &audit, &who, req, &mut facts);
+                (r, facts)
+            })
+            .await?;
+        self.answer("data.Decrypt", &caller, request_id, started, facts, result)
             .await
-            .map(Response::new)
     }
 
     async fn encrypt(
         &self,
         request: Request<EncryptRequest>,
     ) -> Result<Response<EncryptResponse>, Status> {
-        let caller = principal(&request)?;
+        let started = Instant::now();
+        let (caller, request_id) = self.caller(&request)?;
         let req = request.into_inner();
         let in_hsm = self.key_in_hsm(&req.key);
-        self.call(in_hsm, move |kms| {
-            // Into a secret and wiped first, so that no error path below leaves it behind.
-            let mut raw = req.plaintext;
-            let plaintext = Plaintext::from_slice(&raw);
-            zeroize::Zeroize::zeroize(&mut raw);
-            let key = key_ref(&req.key)?;
-            let ctx = context(req.encryption_context)?;
-            let sealed = kms
-                .encrypt(&caller, &key, &plaintext, &ctx)
-                .map_err(|e| to_status(&e))?;
-            Ok(EncryptResponse {
-                key_id: sealed.key_id.to_string(),
-                key_version: sealed.key_version.get(),
-                ciphertext: sealed.ciphertext,
+        let audit = self.audit.clone();
+        let who = caller.clone();
+        let (result, facts) = self
+            .call(in_hsm, move |kms| {
+                let mut facts = Facts::default();
+                let r = encrypt_one(kms, &audit, &who, req, &mut facts);
+                (r, facts)
             })
-        })
-        .await
-        .map(Response::new)
+            .await?;
+        self.answer("data.Encrypt", &caller, request_id, started, facts, result)
+            .await
     }
 
     async fn re_encrypt(
         &self,
         request: Request<ReEncryptRequest>,
     ) -> Result<Response<ReEncryptResponse>, Status> {
-        let caller = principal(&request)?;
+        let started = Instant::now();
+        let (caller, request_id) = self.caller(&request)?;
         let req = request.into_inner();
         let in_hsm = self.blob_in_hsm(&req.ciphertext) || self.key_in_hsm(&req.destination_key);
-        self.call(in_hsm, move |kms| {
-            let source_ctx = context(req.source_encryption_context)?;
-            let dest_ctx = if req.destination_context_set {
-                context(req.destination_encryption_context)?
-            } else {
-                source_ctx.clone()
-            };
-            let dest = key_ref(&req.destination_key)?;
-            let done = kms
-                .re_encrypt(&caller, &req.ciphertext, &source_ctx, &dest, &dest_ctx)
-                .map_err(|e| to_status(&e))?;
-            Ok(ReEncryptResponse {
-                source_key_id: done.source_key_id.to_string(),
-                source_key_version: done.source_key_version.get(),
-                key_id: done.sealed.key_id.to_string(),
-                key_version: done.sealed.key_version.get(),
-                ciphertext: done.sealed.ciphertext,
+        let audit = self.audit.clone();
+        let who = caller.clone();
+        let (result, facts) = self
+            .call(in_hsm, move |kms| {
+                let mut facts = Facts::default();
+                let r = re_encrypt_one(kms, &audit, &who, req, &mut facts);
+                (r, facts)
             })
-        })
-        .await
-        .map(Response::new)
+            .await?;
+        self.answer("data.ReEncrypt", &caller, request_id, started, facts, result)
+            .await
     }
 
     async fn batch_generate_data_key(
         &self,
         request: Request<BatchGenerateDataKeyRequest>,
     ) -> Result<Response<BatchGenerateDataKeyResponse>, Status> {
-        let caller = principal(&request)?;
+        let started = Instant::now();
+        let (caller, request_id) = self.caller(&request)?;
         let req = request.into_inner();
         check_batch(req.items.len())?;
         let with_plaintext = !req.without_plaintext;
+        let audit = self.audit.clone();
+        let who = caller.clone();
         // A batch holds a worker for up to 1000 operations: always the blocking pool.
-        self.call(true, move |kms| {
-            let results = req
-                .items
-                .into_iter()
-                .map(|item| GenerateDataKeyResult {
-                    result: Some(match generate_one(kms, &caller, item, with_plaintext) {
-                        Ok(ok) => generate_data_key_result::Result::Ok(ok),
-                        Err(s) => generate_data_key_result::Result::Error(item_error(&s)),
-                    }),
-                })
-                .collect();
-            Ok(BatchGenerateDataKeyResponse { results })
-        })
-        .await
-        .map(Response::new)
+        let items = self
+            .call(true, move |kms| {
+                req.items
+                    .into_iter()
+                    .map(|item| {
+                        let mut facts = Facts::default();
+                        let r = generate_one(kms, &audit, &who, item, with_plaintext, &mut facts);
+                        (r, facts)
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .await?;
+        let results = self
+            .answer_batch(
+                "data.BatchGenerateDataKey",
+                &caller,
+                &request_id,
+                started,
+                items,
+            )
+            .await?
+            .into_iter()
+            .map(|r| GenerateDataKeyResult {
+                result: Some(match r {
+                    Ok(ok) => generate_data_key_result::Result::Ok(ok),
+                    Err(s) => generate_data_key_result::Result::Error(item_error(&s)),
+                }),
+            })
+            .collect();
+        Ok(tag(
+            Response::new(BatchGenerateDataKeyResponse { results }),
+            &request_id,
+        ))
     }
 
     async fn batch_decrypt(
         &self,
         request: Request<BatchDecryptRequest>,
     ) -> Result<Response<BatchDecryptResponse>, Status> {
-        let caller = principal(&request)?;
+        let started = Instant::now();
+        let (caller, request_id) = self.caller(&request)?;
         let req = request.into_inner();
         check_batch(req.items.len())?;
-        self.call(true, move |kms| {
-            let results = req
-                .items
-                .into_iter()
-                .map(|item| DecryptResult {
-                    result: Some(match decrypt_one(kms, &caller, item) {
-                        Ok(ok) => decrypt_result::Result::Ok(ok),
-                        Err(s) => decrypt_result::Result::Error(item_error(&s)),
-                    }),
-                })
-                .collect();
-            Ok(BatchDecryptResponse { results })
-        })
-        .await
-        .map(Response::new)
+        let audit = self.audit.clone();
+        let who = caller.clone();
+        let items = self
+            .call(true, move |kms| {
+                req.items
+                    .into_iter()
+                    .map(|item| {
+                        let mut facts = Facts::default();
+                        let r = decrypt_one(kms, &audit, &who, item, &mut facts);
+                        (r, facts)
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .await?;
+        let results = self
+            .answer_batch("data.BatchDecrypt", &caller, &request_id, started, items)
+            .await?
+            .into_iter()
+            .map(|r| DecryptResult {
+                result: Some(match r {
+                    Ok(ok) => decrypt_result::Result::Ok(ok),
+                    Err(s) => decrypt_result::Result::Error(item_error(&s)),
+                }),
+            })
+            .collect();
+        Ok(tag(
+            Response::new(BatchDecryptResponse { results }),
+            &request_id,
+        ))
     }
+}
+
+fn encrypt_one(
+    kms: &Kms,
+    audit: &Audit,
+    caller: &PrincipalId,
+    req: EncryptRequest,
+    facts: &mut Facts,
+) -> Result<EncryptResponse, Status> {
+    // Into a secret and wiped first, so that no error path below leaves it behind.
+    let mut raw = req.plaintext;
+    let plaintext = Plaintext::from_slice(&raw);
+    zeroize::Zeroize::zeroize(&mut raw);
+    facts.key = Some(req.key.clone());
+    let key = key_ref(&req.key)?;
+    let ctx = context(req.encryption_context)?;
+    facts.context(audit, &ctx);
+    let sealed = kms.encrypt(caller, &key, &plaintext, &ctx).map_err(|e| {
+        facts.failed(&e);
+        to_status(&e)
+    })?;
+    facts.allowed(sealed.key_id.to_string(), sealed.key_version.get());
+    Ok(EncryptResponse {
+        key_id: sealed.key_id.to_string(),
+        key_version: sealed.key_version.get(),
+        ciphertext: sealed.ciphertext,
+    })
+}
+
+/// One record for a re-encryption: the destination key and version, with the source key and
+/// version in its details.
+fn re_encrypt_one(
+    kms: &Kms,
+    audit: &Audit,
+    caller: &PrincipalId,
+    req: ReEncryptRequest,
+    facts: &mut Facts,
+) -> Result<ReEncryptResponse, Status> {
+    facts.key = Some(req.destination_key.clone());
+    let source_ctx = context(req.source_encryption_context)?;
+    let dest_ctx = if req.destination_context_set {
+        context(req.destination_encryption_context)?
+    } else {
+        source_ctx.clone()
+    };
+    facts.context(audit, &dest_ctx);
+    let dest = key_ref(&req.destination_key)?;
+    let done = kms
+        .re_encrypt(caller, &req.ciphertext, &source_ctx, &dest, &dest_ctx)
+        .map_err(|e| {
+            facts.failed(&e);
+            to_status(&e)
+        })?;
+    facts.allowed(done.sealed.key_id.to_string(), done.sealed.key_version.get());
+    Ok(ReEncryptResponse {
+        source_key_id: done.source_key_id.to_string(),
+        source_key_version: done.source_key_version.get(),
+        key_id: done.sealed.key_id.to_string(),
+        key_version: done.sealed.key_version.get(),
+        ciphertext: done.sealed.ciphertext,
+    })
 }

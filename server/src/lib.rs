@@ -17,6 +17,8 @@
 //! kms-core. It runs every core call under `spawn_blocking`, since those may call the HSM.
 
 mod admin;
+mod audit;
+mod audit_query;
 mod data;
 mod error;
 mod identity;
@@ -29,11 +31,12 @@ use std::sync::Arc;
 
 use api::v1::admin_server::AdminServer;
 use api::v1::data_plane_server::DataPlaneServer;
-use kms_core::Kms;
+use kms_core::{Kms, Store};
 use tokio::net::TcpListener;
 use tonic::transport::Server;
 
 pub use admin::AdminService;
+pub use audit::{Audit, AUDIT_UNAVAILABLE, REQUEST_ID};
 pub use data::{DataService, MAX_BATCH};
 pub use error::Error;
 
@@ -52,6 +55,26 @@ pub struct ListenConfig {
     pub data_client_ca: PathBuf,
     /// CA(s) whose client certificates the admin plane accepts.
     pub admin_client_ca: PathBuf,
+}
+
+/// What the two planes serve.
+#[derive(Clone)]
+pub struct Services {
+    /// The key service.
+    pub kms: Arc<Kms>,
+    /// Where every request is recorded before it is answered.
+    pub audit: Audit,
+    /// The store, for reading the audit log.
+    pub store: Arc<dyn Store>,
+}
+
+impl std::fmt::Debug for Services {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Services")
+            .field("kms", &self.kms)
+            .field("audit", &self.audit)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Both planes, bound and ready to serve.
@@ -109,7 +132,7 @@ impl Bound {
     /// Serves both planes until `shutdown` resolves, then drains in-flight requests.
     pub async fn serve(
         self,
-        kms: Arc<Kms>,
+        services: Services,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), Error> {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -135,7 +158,10 @@ impl Bound {
         let data = Server::builder()
             .add_service(data_health_svc)
             .add_service(reflection()?)
-            .add_service(DataPlaneServer::new(DataService::new(kms.clone())))
+            .add_service(DataPlaneServer::new(DataService::new(
+                services.kms.clone(),
+                services.audit.clone(),
+            )))
             .serve_with_incoming_shutdown(
                 tls::incoming("data", self.data, self.data_tls),
                 stopped(stop_rx.clone()),
@@ -148,7 +174,11 @@ impl Bound {
         let admin = Server::builder()
             .add_service(admin_health_svc)
             .add_service(reflection()?)
-            .add_service(AdminServer::new(AdminService::new(kms)))
+            .add_service(AdminServer::new(AdminService::new(
+                services.kms,
+                services.audit,
+                services.store,
+            )))
             .serve_with_incoming_shutdown(
                 tls::incoming("admin", self.admin, self.admin_tls),
                 stopped(stop_rx),

@@ -18,11 +18,24 @@ pub enum Table {
     Keys,
     /// Key id ‖ version (big-endian) → version record.
     Versions,
+    /// Audit sequence number (big-endian) → record hash ‖ record body.
+    AuditRecords,
+    /// Audit sequence number (big-endian) → signed checkpoint.
+    AuditCheckpoints,
+    /// Audit log settings: public keys of the checkpoint signers, the wrapped context key.
+    AuditMeta,
 }
 
 impl Table {
     /// Every table, for opening.
-    pub const ALL: [Table; 3] = [Table::Aliases, Table::Keys, Table::Versions];
+    pub const ALL: [Table; 6] = [
+        Table::Aliases,
+        Table::Keys,
+        Table::Versions,
+        Table::AuditRecords,
+        Table::AuditCheckpoints,
+        Table::AuditMeta,
+    ];
 
     /// Column family name.
     pub fn name(self) -> &'static str {
@@ -30,6 +43,9 @@ impl Table {
             Table::Aliases => "aliases",
             Table::Keys => "keys",
             Table::Versions => "versions",
+            Table::AuditRecords => "audit_records",
+            Table::AuditCheckpoints => "audit_checkpoints",
+            Table::AuditMeta => "audit_meta",
         }
     }
 }
@@ -44,6 +60,15 @@ pub enum Change {
         table: Table,
         /// The key.
         key: Vec<u8>,
+    },
+    /// Remove every key in `from..to` (`to` excluded).
+    DeleteRange {
+        /// The table.
+        table: Table,
+        /// First key removed.
+        from: Vec<u8>,
+        /// First key kept.
+        to: Vec<u8>,
     },
     /// Insert or replace a value.
     Put {
@@ -72,4 +97,13 @@ pub trait Store: Send + Sync {
 
     /// Every entry of a table, in key order.
     fn scan(&self, table: Table) -> Result<Vec<Row>, Error>;
+
+    /// Up to `limit` entries from `from` on (included), in key order.
+    fn scan_from(&self, table: Table, from: &[u8], limit: usize) -> Result<Vec<Row>, Error>;
+
+    /// The entry with the greatest key.
+    fn last(&self, table: Table) -> Result<Option<Row>, Error>;
+
+    /// One value.
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, Error>;
 }

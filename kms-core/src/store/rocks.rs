@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use rocksdb::{
-    ColumnFamilyDescriptor, DBCompressionType, IteratorMode, Options, WriteBatch, WriteOptions, DB,
+    ColumnFamilyDescriptor, DBCompressionType, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB,
 };
 
 use super::{Change, Row, Store, Table};
@@ -35,6 +35,19 @@ impl RocksStore {
         })
     }
 
+    /// Opens an existing store for reading only, beside a running server or on a stopped
+    /// server's directory. Tables that do not exist yet read as empty.
+    pub fn open_read_only(path: &Path) -> Result<Self, Error> {
+        let opts = Options::default();
+        let existing = DB::list_cf(&opts, path).map_err(|e| store("open", e))?;
+        let db = DB::open_cf_for_read_only(&opts, path, existing, false)
+            .map_err(|e| store("open", e))?;
+        Ok(Self {
+            db,
+            path: path.to_path_buf(),
+        })
+    }
+
     /// The data directory.
     pub fn path(&self) -> &Path {
         &self.path
@@ -54,6 +67,9 @@ impl Store for RocksStore {
             match change {
                 Change::Put { table, key, value } => batch.put_cf(self.cf(table)?, key, value),
                 Change::Delete { table, key } => batch.delete_cf(self.cf(table)?, key),
+                Change::DeleteRange { table, from, to } => {
+                    batch.delete_range_cf(self.cf(table)?, from, to)
+                }
             }
         }
         let mut opts = WriteOptions::default();
@@ -64,16 +80,38 @@ impl Store for RocksStore {
     }
 
     fn scan(&self, table: Table) -> Result<Vec<Row>, Error> {
+        let Some(cf) = self.db.cf_handle(table.name()) else {
+            return Ok(Vec::new());
+        };
         self.db
-            .iterator_cf(self.cf(table)?, IteratorMode::Start)
-            .map(|item| {
-                item.map(|(k, v)| Row {
-                    key: k.into_vec(),
-                    value: v.into_vec(),
-                })
-                .map_err(|e| store("scan", e))
-            })
+            .iterator_cf(cf, IteratorMode::Start)
+            .map(row)
             .collect()
+    }
+
+    fn scan_from(&self, table: Table, from: &[u8], limit: usize) -> Result<Vec<Row>, Error> {
+        let Some(cf) = self.db.cf_handle(table.name()) else {
+            return Ok(Vec::new());
+        };
+        self.db
+            .iterator_cf(cf, IteratorMode::From(from, Direction::Forward))
+            .take(limit)
+            .map(row)
+            .collect()
+    }
+
+    fn last(&self, table: Table) -> Result<Option<Row>, Error> {
+        let Some(cf) = self.db.cf_handle(table.name()) else {
+            return Ok(None);
+        };
+        self.db.iterator_cf(cf, IteratorMode::End).next().map(row).transpose()
+    }
+
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
+        let Some(cf) = self.db.cf_handle(table.name()) else {
+            return Ok(None);
+        };
+        self.db.get_cf(cf, key).map_err(|e| store("get", e))
     }
 }
 
@@ -83,6 +121,16 @@ impl std::fmt::Debug for RocksStore {
             .field("path", &self.path)
             .finish()
     }
+}
+
+type RawItem = Result<(Box<[u8]>, Box<[u8]>), rocksdb::Error>;
+
+fn row(item: RawItem) -> Result<Row, Error> {
+    item.map(|(k, v)| Row {
+        key: k.into_vec(),
+        value: v.into_vec(),
+    })
+    .map_err(|e| store("scan", e))
 }
 
 fn store(op: &'static str, e: rocksdb::Error) -> Error {

@@ -1,0 +1,187 @@
+//! The server's side of the audit log: request ids, the record of each request, and failing
+//! closed when the record cannot be written.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use kms_core::audit::{AuditError, AuditEvent, AuditLog, Pending};
+use kms_core::{EncryptionContext, Error, PrincipalId};
+use tonic::metadata::{AsciiMetadataValue, MetadataMap};
+use tonic::Status;
+
+/// The request-id header, read from the caller and echoed on the response.
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// What a caller is told when its request could not be audited (documented in SECURITY.md).
+pub const AUDIT_UNAVAILABLE: &str = "audit log unavailable; the request was refused";
+
+/// The audit log as the services use it.
+#[derive(Clone, Debug)]
+pub struct Audit {
+    log: Option<Arc<AuditLog>>,
+    ids: Arc<RequestIds>,
+}
+
+#[derive(Debug)]
+struct RequestIds {
+    boot: String,
+    next: AtomicU64,
+}
+
+impl Audit {
+    /// Every request is recorded in `log` before it is answered.
+    pub fn new(log: Arc<AuditLog>, boot_id: String) -> Self {
+        Self {
+            log: Some(log),
+            ids: Arc::new(RequestIds {
+                boot: boot_id,
+                next: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    /// Nothing is recorded. Only for measuring what auditing costs (`kms serve --dev
+    /// --unaudited`); never in production.
+    pub fn disabled(boot_id: String) -> Self {
+        Self {
+            log: None,
+            ids: Arc::new(RequestIds {
+                boot: boot_id,
+                next: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    /// The caller's request id when it is a sane token (1-64 of `A-Z a-z 0-9 . _ -`),
+    /// otherwise a fresh one.
+    pub(crate) fn request_id(&self, metadata: &MetadataMap) -> String {
+        let given = metadata
+            .get(REQUEST_ID)
+            .and_then(|v| v.to_str().ok())
+            .filter(|s| {
+                !s.is_empty()
+                    && s.len() <= 64
+                    && s.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+            });
+        match given {
+            Some(id) => id.to_owned(),
+            None => format!(
+                "{}-{}",
+                self.ids.boot,
+                self.ids.next.fetch_add(1, Ordering::Relaxed)
+            ),
+        }
+    }
+
+    /// The keyed digest of a context.
+    pub(crate) fn context_digest(&self, context: &EncryptionContext) -> Option<String> {
+        self.log.as_ref()?.context_digest(context)
+    }
+
+    /// Queues a record; the returned wait must finish before the request is answered.
+    pub(crate) fn submit(&self, event: AuditEvent) -> Option<Pending> {
+        self.log.as_ref().map(|log| log.submit(event))
+    }
+
+    /// Records `event` durably, or refuses with the documented status.
+    pub(crate) async fn record(&self, event: AuditEvent) -> Result<(), Status> {
+        match self.submit(event) {
+            Some(pending) => settle(pending.wait().await),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Turns an audit outcome into the caller's status.
+pub(crate) fn settle(outcome: Result<u64, AuditError>) -> Result<(), Status> {
+    outcome
+        .map(|_| ())
+        .map_err(|_| Status::unavailable(AUDIT_UNAVAILABLE))
+}
+
+/// What one data-plane request (or batch item) did, gathered as it runs.
+#[derive(Debug, Default)]
+pub(crate) struct Facts {
+    pub(crate) key: Option<String>,
+    pub(crate) key_version: Option<u32>,
+    pub(crate) context_keys: Vec<String>,
+    pub(crate) context_digest: Option<String>,
+    pub(crate) decision: Option<&'static str>,
+    pub(crate) reason: Option<&'static str>,
+}
+
+impl Facts {
+    /// Notes the context's keys and digest (never its values).
+    pub(crate) fn context(&mut self, audit: &Audit, context: &EncryptionContext) {
+        self.context_keys = context.entries().map(|(k, _)| k.to_owned()).collect();
+        self.context_digest = audit.context_digest(context);
+    }
+
+    /// Notes an allowed request on `key`, version `version`.
+    pub(crate) fn allowed(&mut self, key: String, version: u32) {
+        self.key = Some(key);
+        self.key_version = Some(version);
+        self.decision = Some("allow");
+    }
+
+    /// Notes what a core error says about the decision: unknown keys and denials were
+    /// refused by authorisation, malformed input never reached it, anything else failed after
+    /// it allowed the request.
+    pub(crate) fn failed(&mut self, e: &Error) {
+        let (decision, reason) = match e {
+            Error::Denied => (Some("deny"), "denied by policy"),
+            Error::KeyNotFound { .. } => (Some("deny"), "no such key"),
+            Error::Blob(_) => (None, "malformed ciphertext"),
+            Error::Invalid(_) | Error::TooLarge { .. } => (None, "invalid request"),
+            Error::KeyState { .. } => (Some("allow"), "key not enabled"),
+            Error::DecryptFailed | Error::VersionNotFound { .. } => {
+                (Some("allow"), "ciphertext or context does not match")
+            }
+            Error::Hsm(_) => (Some("allow"), "hsm failure"),
+            _ => (Some("allow"), "internal error"),
+        };
+        self.decision = decision;
+        self.reason = Some(reason);
+    }
+}
+
+/// The record of one data-plane request.
+pub(crate) fn data_event(
+    action: &'static str,
+    caller: &PrincipalId,
+    request_id: String,
+    started: Instant,
+    facts: Facts,
+    status: Option<&Status>,
+) -> AuditEvent {
+    let mut event = AuditEvent::new(action, status_word(status));
+    event.principal = Some(caller.to_string());
+    event.auth = Some("mtls".into());
+    event.decision = facts.decision.map(str::to_owned);
+    event.reason = facts.reason.map(str::to_owned);
+    event.key = facts.key;
+    event.key_version = facts.key_version;
+    event.context_keys = facts.context_keys;
+    event.context_digest = facts.context_digest;
+    event.request_id = Some(request_id);
+    event.latency_us = Some(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
+    event
+}
+
+/// `ok`, or the status code's name.
+pub(crate) fn status_word(status: Option<&Status>) -> String {
+    match status {
+        None => "ok".into(),
+        Some(s) => format!("{:?}", s.code()),
+    }
+}
+
+/// Sets the request-id header on a response.
+pub(crate) fn tag<T>(mut response: tonic::Response<T>, request_id: &str) -> tonic::Response<T> {
+    if let Ok(v) = AsciiMetadataValue::try_from(request_id) {
+        response.metadata_mut().insert(REQUEST_ID, v);
+    }
+    response
+}
