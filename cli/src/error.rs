@@ -46,6 +46,14 @@ pub(crate) enum Error {
     /// Caller input is unusable.
     #[error("{0}")]
     Usage(String),
+    /// `kms audit verify` found the log broken.
+    #[error("audit log broken at record {seq}: {problem}")]
+    AuditBroken {
+        /// The first broken sequence number.
+        seq: u64,
+        /// What is wrong there.
+        problem: String,
+    },
     /// The development PKI could not be generated.
     #[error("development pki")]
     Pki(#[from] rcgen::Error),

@@ -10,6 +10,7 @@
 //!                └▶ key / data / bench ─▶ api client ─▶ gRPC over mTLS
 //! ```
 
+mod audit;
 mod bench;
 mod commands;
 mod config;
@@ -50,6 +51,9 @@ enum Command {
     /// Envelope encryption on the data plane.
     #[command(subcommand)]
     Data(commands::DataCommand),
+    /// The tamper-evident audit log: verify, export, signer keys.
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
     /// Load-test a running server and report throughput and latency.
     Bench(bench::BenchArgs),
 }
@@ -93,6 +97,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             (Command::Serve(_), Some(p)) => serve::run(p).await,
             (Command::Key(cmd), _) => commands::key(cmd, &cli.connect, cli.json).await,
             (Command::Data(cmd), _) => commands::data(cmd, &cli.connect, cli.json).await,
+            (Command::Audit(cmd), _) => audit::run(cmd, &cli.connect, cli.json).await,
             (Command::Bench(args), _) => bench::run(args, &cli.connect, cli.json).await,
             (Command::Serve(_), None) => Err(Error::Usage("internal: serve not prepared".into())),
         }

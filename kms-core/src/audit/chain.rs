@@ -128,6 +128,19 @@ pub struct Checkpoint {
     pub signature: String,
 }
 
+impl Checkpoint {
+    /// A checkpoint as read from elsewhere (an export, an RPC).
+    pub fn new(seq: u64, head: String, time_ms: u64, key_id: String, signature: String) -> Self {
+        Self {
+            seq,
+            head,
+            time_ms,
+            key_id,
+            signature,
+        }
+    }
+}
+
 /// The hash of a record body.
 pub fn record_hash(body: &[u8]) -> Hash {
     let mut ctx = Context::new(&SHA256);

@@ -1,0 +1,473 @@
+//! `kms audit`: verify, export and read the signer keys of the tamper-evident audit log.
+//!
+//! `verify` and `public-key` work offline, on a stopped (or running) server's data directory
+//! or on an exported file. `export` reads the data directory, or asks a running server
+//! (`--server`, or `--follow`) through `QueryAudit`.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use api::v1::QueryAuditRequest;
+use clap::{Args, Subcommand};
+use kms_core::audit::{
+    key_seq, public_key_from_pem, seq_key, signer_id, split_record, stored_checkpoints,
+    stored_signers, verify_store, Checkpoint, ExportLine, RecordBody, Report, Signers, Verifier,
+};
+use kms_core::store::{Store, Table};
+use kms_core::RocksStore;
+
+use crate::connect::{ConnectArgs, Plane};
+use crate::error::{read, Error};
+use crate::output::emit;
+
+/// `kms audit ...`
+#[derive(Subcommand, Debug)]
+pub(crate) enum AuditCommand {
+    /// Check every record's hash, the chain, sequence numbers and checkpoint signatures.
+    /// Exits 0 when the log is intact, 1 when it is not (naming the first broken record).
+    Verify(VerifyArgs),
+    /// Write the log as JSON Lines (signer keys, records, checkpoints) for a SIEM or for
+    /// `kms audit verify --file`.
+    Export(ExportArgs),
+    /// Print the checkpoint signers' public keys (PEM). Keep a copy away from the server and
+    /// pass it to `verify --public-key`.
+    PublicKey(PublicKeyArgs),
+}
+
+/// Options of `kms audit verify`.
+#[derive(Args, Debug)]
+pub(crate) struct VerifyArgs {
+    /// Verify an exported file instead of --data-dir.
+    #[arg(long)]
+    file: Option<PathBuf>,
+    /// Trust only the public key(s) in this PEM file (from `kms audit public-key`), not the
+    /// ones recorded in the log itself.
+    #[arg(long)]
+    public_key: Option<PathBuf>,
+    /// Start at this sequence number (records before it are not checked).
+    #[arg(long)]
+    from: Option<u64>,
+}
+
+/// Options of `kms audit export`.
+#[derive(Args, Debug)]
+pub(crate) struct ExportArgs {
+    /// First record: a sequence number, or a time (RFC 3339, e.g. 2026-11-22T10:00:00Z).
+    #[arg(long, default_value = "1")]
+    since: String,
+    /// Output file (default: standard output).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Keep running and write new records as they are made (asks the running server).
+    #[arg(long)]
+    follow: bool,
+}
+
+/// Options of `kms audit public-key`.
+#[derive(Args, Debug)]
+pub(crate) struct PublicKeyArgs {
+    /// Write to this file instead of standard output.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+/// Runs one `kms audit` command.
+pub(crate) async fn run(cmd: AuditCommand, conn: &ConnectArgs, as_json: bool) -> Result<(), Error> {
+    match cmd {
+        AuditCommand::Verify(args) => verify(&args, conn, as_json),
+        AuditCommand::Export(args) => {
+            if conn.server.is_some() || args.follow {
+                export_remote(&args, conn).await
+            } else {
+                export_local(&args, &conn.data_dir)
+            }
+        }
+        AuditCommand::PublicKey(args) => {
+            let store = open_store(&conn.data_dir)?;
+            let signers = stored_signers(&store)?;
+            if signers.is_empty() {
+                return Err(Error::Usage(format!(
+                    "no audit signing key recorded in {} (has the server started once?)",
+                    conn.data_dir.display()
+                )));
+            }
+            let pem: String = signers
+                .values()
+                .map(|p| kms_core::audit::public_key_pem(p))
+                .collect();
+            let mut out = Output::open(args.out.as_deref())?;
+            out.write(pem.as_bytes())?;
+            out.finish()
+        }
+    }
+}
+
+/// The RocksDB store under a data directory (`DIR/store`), or `DIR` itself if it is one.
+fn open_store(data_dir: &Path) -> Result<RocksStore, Error> {
+    let nested = data_dir.join("store");
+    let path = if nested.join("CURRENT").exists() {
+        nested
+    } else if data_dir.join("CURRENT").exists() {
+        data_dir.to_path_buf()
+    } else {
+        return Err(Error::Usage(format!(
+            "no store found in {} (expected {}/store)",
+            data_dir.display(),
+            data_dir.display()
+        )));
+    };
+    Ok(RocksStore::open_read_only(&path)?)
+}
+
+fn trusted_keys(path: &Path) -> Result<Signers, Error> {
+    let text = String::from_utf8_lossy(&read(path)?).into_owned();
+    let mut keys = Signers::new();
+    for block in text.split_inclusive("-----END PUBLIC KEY-----") {
+        if let Some(point) = public_key_from_pem(block) {
+            keys.insert(signer_id(&point), point);
+        }
+    }
+    if keys.is_empty() {
+        return Err(Error::Usage(format!(
+            "{}: no P-256 public key (PEM) found",
+            path.display()
+        )));
+    }
+    Ok(keys)
+}
+
+fn verify(args: &VerifyArgs, conn: &ConnectArgs, as_json: bool) -> Result<(), Error> {
+    let trusted = args.public_key.as_deref().map(trusted_keys).transpose()?;
+    let report = match &args.file {
+        Some(file) => verify_file(file, trusted.as_ref(), args.from)?,
+        None => {
+            let store = open_store(&conn.data_dir)?;
+            verify_store(&store, trusted.as_ref(), args.from)?
+        }
+    };
+    if trusted.is_none() {
+        eprintln_note(
+            "checkpoint signatures were checked against the public key recorded in the log \
+             itself; pass --public-key with a copy kept elsewhere to rule out a replaced key",
+        );
+    }
+    print_report(&report, as_json)?;
+    match report.first_bad_seq {
+        None => Ok(()),
+        Some(seq) => Err(Error::AuditBroken {
+            seq,
+            problem: report.problem.unwrap_or_default(),
+        }),
+    }
+}
+
+fn eprintln_note(note: &str) {
+    let _ = writeln!(std::io::stderr().lock(), "note: {note}");
+}
+
+fn print_report(report: &Report, as_json: bool) -> Result<(), Error> {
+    if as_json {
+        let value = serde_json::to_value(report).map_err(|e| Error::Usage(e.to_string()))?;
+        return emit(true, &value);
+    }
+    let range = match (report.first_seq, report.last_seq) {
+        (Some(a), Some(b)) => format!(" (records {a}..{b})"),
+        _ => String::new(),
+    };
+    let mut text = match report.ok {
+        true => format!(
+            "audit log intact: {} records{range}, {} checkpoints verified",
+            report.records, report.checkpoints
+        ),
+        false => format!(
+            "audit log BROKEN at record {}: {}",
+            report.first_bad_seq.unwrap_or_default(),
+            report.problem.as_deref().unwrap_or("unknown")
+        ),
+    };
+    if report.ok && report.unanchored > 0 {
+        text.push_str(&format!(
+            "; the last {} records are not yet covered by a signed checkpoint",
+            report.unanchored
+        ));
+    }
+    text.push('\n');
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .map_err(|source| Error::File {
+            what: "cannot write to",
+            path: "stdout".into(),
+            source,
+        })
+}
+
+/// Two passes: signers and checkpoints first, then the records in file order.
+fn verify_file(path: &Path, trusted: Option<&Signers>, from: Option<u64>) -> Result<Report, Error> {
+    let mut signers = Signers::new();
+    let mut checkpoints = Vec::new();
+    let mut first_record = None;
+    for_each_line(path, |n, line| {
+        match line.kind.as_str() {
+            "signer" => {
+                let (id, point) = line.as_signer().ok_or_else(|| bad_line(path, n))?;
+                signers.insert(id, point);
+            }
+            "checkpoint" => checkpoints.push(line.as_checkpoint().ok_or_else(|| bad_line(path, n))?),
+            "record" => {
+                first_record.get_or_insert(line.seq.unwrap_or(0));
+            }
+            _ => return Err(bad_line(path, n)),
+        }
+        Ok(())
+    })?;
+    // An export may start anywhere; it is checked from its first record.
+    let from = from.or(first_record.filter(|&s| s > 1));
+    let keys = trusted.unwrap_or(&signers);
+    let mut verifier = Verifier::new(keys, checkpoints, from);
+    for_each_line(path, |n, line| {
+        if line.kind == "record" {
+            match line.as_record() {
+                Some((seq, value)) => verifier.record(seq, &value),
+                None => return Err(bad_line(path, n)),
+            }
+        }
+        Ok(())
+    })?;
+    Ok(verifier.finish())
+}
+
+fn bad_line(path: &Path, n: usize) -> Error {
+    Error::Usage(format!("{}:{n}: not an audit export line", path.display()))
+}
+
+fn for_each_line(
+    path: &Path,
+    mut f: impl FnMut(usize, ExportLine) -> Result<(), Error>,
+) -> Result<(), Error> {
+    let file = std::fs::File::open(path).map_err(|source| Error::File {
+        what: "cannot read",
+        path: path.to_path_buf(),
+        source,
+    })?;
+    for (i, line) in BufReader::new(file).lines().enumerate() {
+        let n = i.saturating_add(1);
+        let line = line.map_err(|source| Error::File {
+            what: "cannot read",
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let parsed: ExportLine = serde_json::from_str(&line).map_err(|_| bad_line(path, n))?;
+        f(n, parsed)?;
+    }
+    Ok(())
+}
+
+/// Where `--since` starts: a sequence number, or a time in ms since the epoch.
+enum Since {
+    Seq(u64),
+    TimeMs(u64),
+}
+
+fn parse_since(s: &str) -> Result<Since, Error> {
+    if let Ok(seq) = s.parse::<u64>() {
+        return Ok(Since::Seq(seq.max(1)));
+    }
+    let t = humantime::parse_rfc3339_weak(s).map_err(|_| {
+        Error::Usage(format!(
+            "--since {s}: expected a sequence number or an RFC 3339 time (2026-11-22T10:00:00Z)"
+        ))
+    })?;
+    let ms = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0);
+    Ok(Since::TimeMs(ms))
+}
+
+/// Standard output or a file, line-buffered.
+struct Output {
+    out: Box<dyn Write>,
+    path: PathBuf,
+}
+
+impl Output {
+    fn open(path: Option<&Path>) -> Result<Self, Error> {
+        Ok(match path {
+            Some(p) => Self {
+                out: Box::new(std::io::BufWriter::new(std::fs::File::create(p).map_err(
+                    |source| Error::File {
+                        what: "cannot write",
+                        path: p.to_path_buf(),
+                        source,
+                    },
+                )?)),
+                path: p.to_path_buf(),
+            },
+            None => Self {
+                out: Box::new(std::io::stdout()),
+                path: "stdout".into(),
+            },
+        })
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> Result<(), Error> {
+        self.out.write_all(bytes).map_err(|source| Error::File {
+            what: "cannot write",
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    fn line(&mut self, line: &ExportLine) -> Result<(), Error> {
+        let mut text = serde_json::to_string(line).map_err(|e| Error::Usage(e.to_string()))?;
+        text.push('\n');
+        self.write(text.as_bytes())
+    }
+
+    fn finish(mut self) -> Result<(), Error> {
+        self.out.flush().map_err(|source| Error::File {
+            what: "cannot write",
+            path: self.path.clone(),
+            source,
+        })
+    }
+}
+
+fn export_local(args: &ExportArgs, data_dir: &Path) -> Result<(), Error> {
+    let since = parse_since(&args.since)?;
+    let store = open_store(data_dir)?;
+    let mut out = Output::open(args.out.as_deref())?;
+    for (id, point) in stored_signers(&store)? {
+        out.line(&ExportLine::signer(&id, &point))?;
+    }
+    let checkpoints: BTreeMap<u64, Checkpoint> = stored_checkpoints(&store)?
+        .into_iter()
+        .filter_map(Result::ok)
+        .map(|c| (c.seq, c))
+        .collect();
+    let mut next = seq_key(match since {
+        Since::Seq(s) => s,
+        Since::TimeMs(_) => 1,
+    })
+    .to_vec();
+    let mut started = false;
+    loop {
+        let page = store.scan_from(Table::AuditRecords, &next, 4096)?;
+        let Some(last) = page.last() else { break };
+        next = last.key.clone();
+        next.push(0);
+        for row in &page {
+            let Some(seq) = key_seq(&row.key) else { continue };
+            if !started {
+                if let Since::TimeMs(ms) = since {
+                    let time = split_record(&row.value)
+                        .and_then(|(_, b)| serde_json::from_slice::<RecordBody>(b).ok())
+                        .map(|b| b.time_ms);
+                    if time.is_some_and(|t| t < ms) {
+                        continue;
+                    }
+                }
+                started = true;
+            }
+            if let Some(line) = ExportLine::record(seq, &row.value) {
+                out.line(&line)?;
+            }
+            if let Some(cp) = checkpoints.get(&seq) {
+                out.line(&ExportLine::checkpoint(cp))?;
+            }
+        }
+    }
+    out.finish()
+}
+
+async fn export_remote(args: &ExportArgs, conn: &ConnectArgs) -> Result<(), Error> {
+    let since = parse_since(&args.since)?;
+    let (addr, tls) = conn.resolve(Plane::Admin)?;
+    let mut client = tls.admin(&addr).await?;
+    let mut out = Output::open(args.out.as_deref())?;
+    let mut after = match since {
+        Since::Seq(s) => s.saturating_sub(1),
+        Since::TimeMs(_) => 0,
+    };
+    let since_ms = match since {
+        Since::TimeMs(ms) => ms,
+        Since::Seq(_) => 0,
+    };
+    let mut signers_written = std::collections::BTreeSet::new();
+    loop {
+        let page = client
+            .query_audit(QueryAuditRequest {
+                after_seq: after,
+                page_size: 1000,
+                since_ms,
+                ..QueryAuditRequest::default()
+            })
+            .await?
+            .into_inner();
+        for s in &page.signers {
+            if signers_written.insert(s.key_id.clone()) {
+                if let Some(point) = public_key_from_pem(&s.public_key_pem) {
+                    out.line(&ExportLine::signer(&s.key_id, &point))?;
+                }
+            }
+        }
+        let mut checkpoints = page.checkpoints.into_iter().peekable();
+        for r in &page.records {
+            let mut value = hex::decode(&r.hash).unwrap_or_default();
+            value.extend_from_slice(r.record_json.as_bytes());
+            if let Some(line) = ExportLine::record(r.seq, &value) {
+                out.line(&line)?;
+            }
+            while let Some(cp) = checkpoints.next_if(|c| c.seq <= r.seq) {
+                out.line(&checkpoint_line(cp))?;
+            }
+        }
+        for cp in checkpoints {
+            out.line(&checkpoint_line(cp))?;
+        }
+        after = page.next_after_seq.max(after);
+        if !page.more {
+            if !args.follow {
+                break;
+            }
+            out.out.flush().map_err(|source| Error::File {
+                what: "cannot write",
+                path: out.path.clone(),
+                source,
+            })?;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+    out.finish()
+}
+
+fn checkpoint_line(cp: api::v1::AuditCheckpoint) -> ExportLine {
+    ExportLine::checkpoint(&Checkpoint::new(
+        cp.seq,
+        cp.head,
+        cp.time_ms,
+        cp.key_id,
+        cp.signature,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn since_takes_a_sequence_number_or_a_time() {
+        assert!(matches!(parse_since("42"), Ok(Since::Seq(42))));
+        assert!(matches!(parse_since("0"), Ok(Since::Seq(1))));
+        assert!(matches!(
+            parse_since("2026-11-22T10:00:00Z"),
+            Ok(Since::TimeMs(1_795_341_600_000))
+        ));
+        assert!(parse_since("yesterday").is_err());
+    }
+}
