@@ -27,12 +27,18 @@ pub struct Server {
     pub data: String,
     /// Bound admin-plane address.
     pub admin: String,
+    log: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
 impl Server {
     /// Starts `bin serve --dev` in `dir` on ephemeral ports and waits until it listens.
     /// `$KMS_BIN`, when set, replaces `bin` (to test an installed build).
     pub fn start(bin: &str, dir: &Path) -> Server {
+        Self::start_with(bin, dir, "info")
+    }
+
+    /// The same, with `RUST_LOG` set to `log_filter`.
+    pub fn start_with(bin: &str, dir: &Path, log_filter: &str) -> Server {
         let bin = std::env::var_os("KMS_BIN").map_or_else(|| PathBuf::from(bin), PathBuf::from);
         let mut child = Command::new(&bin)
             .current_dir(dir)
@@ -44,17 +50,22 @@ impl Server {
                 "--admin-addr",
                 "127.0.0.1:0",
             ])
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", log_filter)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn kms serve");
         let stdout = child.stdout.take().expect("stdout");
         let stderr = child.stderr.take().expect("stderr");
-        // Forward the server's log to the test's stderr so failures show it.
+        // Keep the server's log, and forward it to the test's stderr so failures show it.
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let kept = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 eprintln!("[kms serve] {line}");
+                let mut all = kept.lock().unwrap();
+                all.push_str(&line);
+                all.push('\n');
             }
         });
         let (tx, rx) = std::sync::mpsc::channel();
@@ -76,7 +87,24 @@ impl Server {
             dir: dir.to_path_buf(),
             data: v["data"].as_str().unwrap_or_default().to_owned(),
             admin: v["admin"].as_str().unwrap_or_default().to_owned(),
+            log,
         }
+    }
+
+    /// Everything the server has written to stderr so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// SIGTERM and wait; returns the server's whole log.
+    pub fn stop(self) -> String {
+        let log = self.log.clone();
+        let status = self.terminate();
+        assert!(status.success(), "kms serve exited with {status}");
+        // The reader thread may still be draining the pipe.
+        std::thread::sleep(Duration::from_millis(200));
+        let all = log.lock().unwrap().clone();
+        all
     }
 
     /// SIGKILL: no shutdown path runs.

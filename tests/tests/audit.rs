@@ -1,0 +1,572 @@
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::as_conversions,
+    reason = "test code: a failed step is a failed test"
+)]
+//! The audit log end to end: tampering found and named by `kms audit verify`, nothing secret
+//! in logs or records, nothing acknowledged lost to SIGKILL, and refusal when the log cannot
+//! be written. Real binary, real SoftHSM2 token, real RocksDB, loopback gRPC.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use api::v1::{
+    BatchGenerateDataKeyRequest, DecryptRequest, EncryptRequest, GenerateDataKeyRequest,
+    ReEncryptRequest,
+};
+use base64::Engine as _;
+use kms_core::store::{Change, Store, Table};
+use kms_core::RocksStore;
+use kms_tests::Server;
+use serde_json::Value;
+
+/// The CLI built for this test run from the current code.
+const KMS: &str = env!("CARGO_BIN_EXE_kms-under-test");
+
+fn kms(dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(KMS)
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("run kms")
+}
+
+/// `kms audit verify --json` on a data directory or file: (exit code, report).
+fn verify(dir: &Path, args: &[&str]) -> (i32, Value) {
+    let mut all = vec!["audit", "verify", "--json"];
+    all.extend_from_slice(args);
+    let out = kms(dir, &all);
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+        panic!(
+            "verify printed no JSON: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.code().unwrap(), report)
+}
+
+fn seq_key(seq: u64) -> Vec<u8> {
+    seq.to_be_bytes().to_vec()
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// A stopped dev server's directory holding a few dozen audit records.
+fn stopped_server_with_history() -> (tempfile::TempDir, u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(KMS, dir.path());
+    server.kms_json(&["key", "create", "--alias", "t"]);
+    for i in 0..12 {
+        server.kms_json(&[
+            "data",
+            "generate-key",
+            "--key",
+            "t",
+            "--context",
+            &format!("n={i}"),
+        ]);
+    }
+    server.stop();
+    let (code, report) = verify(dir.path(), &[]);
+    assert_eq!(code, 0, "untampered log must verify: {report}");
+    assert_eq!(report["ok"], true);
+    let records = report["records"].as_u64().unwrap();
+    assert!(records >= 16, "{report}");
+    assert_eq!(report["first_bad_seq"], Value::Null);
+    assert_eq!(report["anchored_to"].as_u64(), Some(records));
+    (dir, records)
+}
+
+/// Copies the stopped server's `.kms`, tampers with its store, and verifies the copy.
+fn tamper_and_verify(src: &Path, tamper: impl FnOnce(&RocksStore)) -> (i32, Value) {
+    let work = tempfile::tempdir().unwrap();
+    let copy = work.path().join("copy");
+    copy_dir(&src.join(".kms"), &copy);
+    {
+        let store = RocksStore::open(&copy.join("store")).unwrap();
+        tamper(&store);
+    }
+    verify(work.path(), &["--data-dir", copy.to_str().unwrap()])
+}
+
+fn value(store: &RocksStore, seq: u64) -> Vec<u8> {
+    store.get(Table::AuditRecords, &seq_key(seq)).unwrap().unwrap()
+}
+
+fn put(store: &RocksStore, seq: u64, value: Vec<u8>) {
+    store
+        .write(vec![Change::Put {
+            table: Table::AuditRecords,
+            key: seq_key(seq),
+            value,
+        }])
+        .unwrap();
+}
+
+#[test]
+fn verify_names_the_first_edited_deleted_swapped_or_truncated_record() {
+    let (dir, records) = stopped_server_with_history();
+
+    // One byte flipped inside record 5's body.
+    let (code, report) = tamper_and_verify(dir.path(), |s| {
+        let mut v = value(s, 5);
+        v[40] ^= 0x01;
+        put(s, 5, v);
+    });
+    assert_eq!((code, report["ok"].clone()), (1, Value::Bool(false)), "{report}");
+    assert_eq!(report["first_bad_seq"], 5, "{report}");
+
+    // Record 7 deleted.
+    let (code, report) = tamper_and_verify(dir.path(), |s| {
+        s.write(vec![Change::Delete {
+            table: Table::AuditRecords,
+            key: seq_key(7),
+        }])
+        .unwrap();
+    });
+    assert_eq!(code, 1, "{report}");
+    assert_eq!(report["first_bad_seq"], 7, "{report}");
+
+    // Records 8 and 9 swapped.
+    let (code, report) = tamper_and_verify(dir.path(), |s| {
+        let (a, b) = (value(s, 8), value(s, 9));
+        put(s, 8, b);
+        put(s, 9, a);
+    });
+    assert_eq!(code, 1, "{report}");
+    assert_eq!(report["first_bad_seq"], 8, "{report}");
+
+    // The last three records dropped: the shutdown checkpoint still names them.
+    let cut = records - 2;
+    let (code, report) = tamper_and_verify(dir.path(), |s| {
+        s.write(vec![Change::DeleteRange {
+            table: Table::AuditRecords,
+            from: seq_key(cut),
+            to: seq_key(u64::MAX),
+        }])
+        .unwrap();
+    });
+    assert_eq!(code, 1, "{report}");
+    assert_eq!(report["first_bad_seq"], cut, "{report}");
+
+    // A record rewritten with a consistent hash of its own: the chain still names it.
+    let (code, report) = tamper_and_verify(dir.path(), |s| {
+        let v = value(s, 6);
+        let body = String::from_utf8(v[32..].to_vec()).unwrap();
+        let forged = body.replace("\"status\":\"ok\"", "\"status\":\"PermissionDenied\"");
+        assert_ne!(forged, body, "record 6 is a successful request");
+        let hash = kms_core::audit::record_hash(forged.as_bytes());
+        let mut v = hash.to_vec();
+        v.extend_from_slice(forged.as_bytes());
+        put(s, 6, v);
+    });
+    assert_eq!(code, 1, "{report}");
+    assert_eq!(report["first_bad_seq"], 6, "{report}");
+}
+
+#[test]
+fn exported_log_verifies_offline_and_tampering_in_the_file_is_found() {
+    let (dir, records) = stopped_server_with_history();
+    let out = kms(dir.path(), &["audit", "public-key", "--out", "signer.pem"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = kms(dir.path(), &["audit", "export", "--since", "1", "--out", "log.jsonl"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let (code, report) = verify(
+        dir.path(),
+        &["--file", "log.jsonl", "--public-key", "signer.pem"],
+    );
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(report["records"].as_u64(), Some(records));
+    assert!(report["checkpoints"].as_u64().unwrap() >= 1);
+
+    // A line a SIEM can read: every record line is JSON with its body as an object.
+    let text = std::fs::read_to_string(dir.path().join("log.jsonl")).unwrap();
+    let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines[0]["type"], "signer");
+    assert!(lines
+        .iter()
+        .any(|l| l["type"] == "record" && l["record"]["event"]["action"] == "data.GenerateDataKey"));
+
+    // Edit record 4 inside the file.
+    let edited: String = text
+        .lines()
+        .map(|l| {
+            if l.contains("\"type\":\"record\",\"seq\":4,") {
+                l.replacen("\"time_ms\":", "\"time_ms\":1", 1)
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(dir.path().join("edited.jsonl"), edited).unwrap();
+    let (code, report) = verify(
+        dir.path(),
+        &["--file", "edited.jsonl", "--public-key", "signer.pem"],
+    );
+    assert_eq!(code, 1, "{report}");
+    assert_eq!(report["first_bad_seq"], 4, "{report}");
+
+    // A key that did not sign the checkpoints is not trusted.
+    let other = "-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEht7WecW0vtR8VwMk9TQkuAMNoivW\nHyTZPJuKrTWAwnVYJwTAIZeSCW8cGDNmXY4IMMfQYZ4cy5sJ/7ZihBx4QQ==\n-----END PUBLIC KEY-----\n";
+    std::fs::write(dir.path().join("other.pem"), other).unwrap();
+    let (code, report) = verify(dir.path(), &["--public-key", "other.pem"]);
+    assert_eq!(code, 1, "{report}");
+    assert!(
+        report["problem"].as_str().unwrap().contains("unknown key"),
+        "{report}"
+    );
+}
+
+/// Every spelling of `secret` that a leak could take: raw, hex, base64 at each alignment.
+fn spellings(secret: &[u8]) -> Vec<String> {
+    let mut out = vec![
+        String::from_utf8_lossy(secret).into_owned(),
+        hex(secret),
+        hex(secret).to_uppercase(),
+    ];
+    for shift in 0..3 {
+        let mut shifted = vec![0u8; shift];
+        shifted.extend_from_slice(secret);
+        for engine in [
+            base64::engine::general_purpose::STANDARD,
+            base64::engine::general_purpose::URL_SAFE,
+        ] {
+            let enc = engine.encode(&shifted);
+            // The characters that depend only on `secret`'s bytes.
+            out.push(enc[4..enc.len() - 4].to_owned());
+        }
+    }
+    out.retain(|s| s.len() >= 8);
+    out
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn assert_absent(haystack: &str, what: &str, secret: &[u8]) {
+    for s in spellings(secret) {
+        assert!(
+            !haystack.contains(&s),
+            "{what} leaked as {s:?} into logs or the audit export"
+        );
+    }
+}
+
+#[test]
+fn no_secret_reaches_the_logs_or_the_audit_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(KMS, dir.path(), "trace");
+    let plaintext = b"CANARY-PLAINTEXT-5b9e1c7a40d2";
+    let context_value = "canary-context-value-d41d8cd98f";
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut deks: Vec<Vec<u8>> = Vec::new();
+
+    // Every admin operation.
+    server.kms_json(&["key", "create", "--alias", "soft", "--label", "team=canary"]);
+    server.kms_json(&["key", "create", "--alias", "hard", "--protection", "hsm"]);
+    server.kms_json(&["key", "rotate", "soft"]);
+    server.kms_json(&["key", "disable", "hard"]);
+    server.kms_json(&["key", "enable", "hard"]);
+    let k = server.kms_json(&["key", "create"]);
+    server.kms_json(&["key", "alias", "third", k["key_id"].as_str().unwrap()]);
+    server.kms_json(&["key", "describe", "soft"]);
+    server.kms_json(&["key", "list"]);
+
+    // Every data-plane operation, on both protection levels, with the canary context.
+    rt.block_on(async {
+        let mut data = server.client_tls("workload").data(&server.data).await.unwrap();
+        let ctx = || [("tenant".to_owned(), context_value.to_owned())].into();
+        for key in ["soft", "hard"] {
+            let g = data
+                .generate_data_key(GenerateDataKeyRequest {
+                    key: key.into(),
+                    encryption_context: ctx(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            deks.push(g.plaintext.clone());
+            let d = data
+                .decrypt(DecryptRequest {
+                    ciphertext: g.ciphertext.clone(),
+                    encryption_context: ctx(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(d.plaintext, g.plaintext);
+            data.generate_data_key_without_plaintext(GenerateDataKeyRequest {
+                key: key.into(),
+                encryption_context: ctx(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+            let e = data
+                .encrypt(EncryptRequest {
+                    key: key.into(),
+                    plaintext: plaintext.to_vec(),
+                    encryption_context: ctx(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let r = data
+                .re_encrypt(ReEncryptRequest {
+                    ciphertext: e.ciphertext.clone(),
+                    source_encryption_context: ctx(),
+                    destination_key: "soft".into(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let back = data
+                .decrypt(DecryptRequest {
+                    ciphertext: r.ciphertext,
+                    encryption_context: ctx(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(back.plaintext, plaintext);
+            let batch = data
+                .batch_generate_data_key(BatchGenerateDataKeyRequest {
+                    items: vec![
+                        GenerateDataKeyRequest {
+                            key: key.into(),
+                            encryption_context: ctx(),
+                            ..Default::default()
+                        };
+                        3
+                    ],
+                    without_plaintext: false,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            for item in batch.results {
+                if let Some(api::v1::generate_data_key_result::Result::Ok(ok)) = item.result {
+                    deks.push(ok.plaintext);
+                }
+            }
+            // Refused requests are recorded too: wrong context, unknown key.
+            assert!(data
+                .decrypt(DecryptRequest {
+                    ciphertext: g.ciphertext,
+                    encryption_context: [("tenant".to_owned(), "other".to_owned())].into(),
+                })
+                .await
+                .is_err());
+        }
+        assert!(data
+            .generate_data_key(GenerateDataKeyRequest {
+                key: "no-such-key".into(),
+                encryption_context: ctx(),
+                ..Default::default()
+            })
+            .await
+            .is_err());
+    });
+    assert_eq!(deks.len(), 8);
+    let remote = kms(dir.path(), &["audit", "export", "--server", &server.admin, "--since", "1"]);
+    assert!(remote.status.success(), "{}", String::from_utf8_lossy(&remote.stderr));
+    let log = server.stop();
+    let out = kms(dir.path(), &["audit", "export", "--since", "1", "--out", "all.jsonl"]);
+    assert!(out.status.success());
+    let export = std::fs::read_to_string(dir.path().join("all.jsonl")).unwrap();
+    assert!(export.contains("data.ReEncrypt") && export.contains("admin.CreateAlias"));
+    assert!(export.contains("\"context_keys\":[\"tenant\"]"));
+    assert!(log.contains("TRACE"), "the server logged at TRACE");
+
+    let pin = std::fs::read(dir.path().join(".kms/secrets/user.pin")).unwrap();
+    let pin = String::from_utf8(pin).unwrap();
+    let everything = format!("{log}\n{export}\n{}", String::from_utf8_lossy(&remote.stdout));
+    assert_absent(&everything, "plaintext", plaintext);
+    assert_absent(&everything, "context value", context_value.as_bytes());
+    assert_absent(&everything, "HSM PIN", pin.trim().as_bytes());
+    for dek in &deks {
+        assert_absent(&everything, "data key", dek);
+    }
+}
+
+#[test]
+fn sigkill_under_load_loses_no_acknowledged_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(KMS, dir.path());
+    server.kms_json(&["key", "create", "--alias", "load"]);
+    let acknowledged = Arc::new(Mutex::new(Vec::<String>::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut clients = Vec::new();
+    for c in 0..20 {
+        let tls = server.client_tls("workload");
+        let addr = server.data.clone();
+        let acknowledged = acknowledged.clone();
+        let stop = stop.clone();
+        clients.push(rt.spawn(async move {
+            let mut data = tls.data(&addr).await.unwrap();
+            // Bounded: at most 5000 requests per client, and it stops at the first failure.
+            for i in 0..5000 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let id = format!("c{c}-{i}");
+                let mut req = tonic::Request::new(GenerateDataKeyRequest {
+                    key: "load".into(),
+                    ..Default::default()
+                });
+                req.metadata_mut()
+                    .insert(server::REQUEST_ID, id.parse().unwrap());
+                match data.generate_data_key(req).await {
+                    Ok(resp) => {
+                        assert_eq!(
+                            resp.metadata().get(server::REQUEST_ID).unwrap(),
+                            id.as_str()
+                        );
+                        acknowledged.lock().unwrap().push(id);
+                    }
+                    Err(_) => break,
+                }
+            }
+        }));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let before_kill = acknowledged.lock().unwrap().len();
+    server.kill9();
+    stop.store(true, Ordering::Relaxed);
+    rt.block_on(async {
+        for c in clients {
+            c.await.unwrap();
+        }
+    });
+    let acknowledged: Vec<String> = acknowledged.lock().unwrap().clone();
+    assert!(before_kill >= 100, "the load ran ({before_kill} requests before the kill)");
+
+    // Straight after the kill, on the stopped server's directory.
+    let (code, report) = verify(dir.path(), &[]);
+    assert_eq!(code, 0, "{report}");
+    let last_before = report["last_seq"].as_u64().unwrap();
+    let out = kms(dir.path(), &["audit", "export", "--since", "1", "--out", "killed.jsonl"]);
+    assert!(out.status.success());
+    let recorded: HashSet<String> = std::fs::read_to_string(dir.path().join("killed.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|l| l["record"]["event"]["request_id"].as_str().map(str::to_owned))
+        .collect();
+    let missing: Vec<&String> = acknowledged.iter().filter(|id| !recorded.contains(*id)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} acknowledged requests have no audit record, e.g. {:?}",
+        missing.len(),
+        acknowledged.len(),
+        missing.first()
+    );
+
+    // Restarted: the chain continues without a gap and verifies, anchored again.
+    let server = Server::start(KMS, dir.path());
+    server.kms_json(&["data", "generate-key", "--key", "load"]);
+    server.stop();
+    let (code, report) = verify(dir.path(), &[]);
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(report["unanchored"], 0, "{report}");
+    assert!(report["last_seq"].as_u64().unwrap() >= last_before + 3, "{report}");
+    let export = kms(dir.path(), &["audit", "export", "--since", &(last_before + 1).to_string()]);
+    let first: Value =
+        serde_json::from_str(String::from_utf8_lossy(&export.stdout).lines().nth(1).unwrap())
+            .unwrap();
+    assert_eq!(first["seq"].as_u64(), Some(last_before + 1));
+    assert_eq!(first["record"]["event"]["action"], "server.start");
+}
+
+/// A tmpfs mounted for one test, unmounted when dropped.
+struct SmallVolume(PathBuf);
+
+impl SmallVolume {
+    fn mount(at: PathBuf, size: &str) -> Self {
+        std::fs::create_dir_all(&at).unwrap();
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&at)
+            .status()
+            .expect("run mount");
+        assert!(
+            status.success(),
+            "this test mounts a small tmpfs to fill it, and needs root (CI runs as root)"
+        );
+        Self(at)
+    }
+}
+
+impl Drop for SmallVolume {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Writes zeros into `path` until the volume is full.
+fn fill(path: &Path) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).unwrap();
+    let block = vec![0u8; 64 * 1024];
+    while f.write_all(&block).is_ok() {}
+    let _ = f.sync_all();
+}
+
+#[test]
+fn full_audit_volume_fails_requests_closed() {
+    let work = tempfile::tempdir().unwrap();
+    let volume = SmallVolume::mount(work.path().join("vol"), "32m");
+    let server = Server::start(KMS, &volume.0);
+    server.kms_json(&["key", "create", "--alias", "full"]);
+    server.kms_json(&["data", "generate-key", "--key", "full"]);
+
+    fill(&volume.0.join("ballast"));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let status = rt.block_on(async {
+        let mut data = server.client_tls("workload").data(&server.data).await.unwrap();
+        // Enough records to need new space however RocksDB had preallocated its log.
+        let mut last = None;
+        for _ in 0..200 {
+            match data
+                .generate_data_key(GenerateDataKeyRequest {
+                    key: "full".into(),
+                    ..Default::default()
+                })
+                .await
+            {
+                Ok(_) => {}
+                Err(s) => {
+                    last = Some(s);
+                    break;
+                }
+            }
+        }
+        last
+    });
+    let status = status.expect("requests must be refused once the audit log cannot be written");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert_eq!(status.message(), server::AUDIT_UNAVAILABLE);
+    assert!(server.log().contains("audit log write failed"));
+    drop(server);
+}
