@@ -96,6 +96,20 @@ impl Server {
         self.log.lock().unwrap().clone()
     }
 
+    /// Waits up to `timeout` for `needle` to appear in the server's log.
+    pub fn log_shows(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if self.log().contains(needle) {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// SIGTERM and wait; returns the server's whole log.
     pub fn stop(self) -> String {
         let log = self.log.clone();
