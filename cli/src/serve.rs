@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use clap::Args;
-use hsm_bridge::{find_softhsm2_module, HsmConfig, Pkcs11Hsm};
+use hsm_bridge::{find_softhsm2_module, HsmConfig, HsmEvent, Pkcs11Hsm};
 use kms_core::audit::{AuditEvent, AuditLog};
 use kms_core::{AllowAuthenticated, Deps, Kms, RocksStore, Rng, SystemClock, SystemRng};
 use server::{Audit, Bound, ListenConfig, Services};
@@ -97,6 +97,18 @@ pub(crate) fn prepare(args: &ServeArgs, data_dir: &Path) -> Result<Prepared, Err
     };
     tracing::info!(token = %hsm.token_label(), module = %hsm.module().display(), "hsm ready");
     audit_log.attach_hsm(hsm.clone())?;
+    let observer_log = Arc::downgrade(&audit_log);
+    hsm.set_observer(Box::new(move |event| {
+        let HsmEvent::Retry { error } = event else {
+            return;
+        };
+        if let Some(log) = observer_log.upgrade() {
+            let mut record = AuditEvent::new("hsm.retry", "retrying");
+            record.reason = Some(error.clone());
+            // Not awaited: the operation that met the failure is itself audited.
+            drop(log.submit(record));
+        }
+    }));
     let kms = Kms::open(Deps {
         hsm,
         store: store.clone(),

@@ -71,6 +71,18 @@ impl SigningKey {
     }
 }
 
+/// Something the audit log should know about the token's health.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum HsmEvent {
+    /// A session was lost or the device failed; the operation is retried once on a fresh
+    /// session.
+    Retry {
+        /// What failed.
+        error: String,
+    },
+}
+
 /// Security attributes read back from a token key.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]

@@ -18,7 +18,7 @@ use crate::config::HsmConfig;
 use crate::error::{rv_is_device_fault, Error, Result};
 use crate::pool::SessionPool;
 use crate::{
-    Hsm, KeyAttributes, SigningKey, TokenKey, ECDSA_P256_SIG_LEN, GCM_NONCE_LEN, GCM_TAG_LEN,
+    Hsm, HsmEvent, KeyAttributes, SigningKey, TokenKey, ECDSA_P256_SIG_LEN, GCM_NONCE_LEN, GCM_TAG_LEN,
     P256_POINT_LEN,
 };
 
@@ -39,6 +39,7 @@ pub struct Pkcs11Hsm {
     _login: Mutex<Session>,
     module: PathBuf,
     label: String,
+    observer: std::sync::OnceLock<Box<dyn Fn(&HsmEvent) + Send + Sync>>,
 }
 
 impl Pkcs11Hsm {
@@ -90,7 +91,24 @@ impl Pkcs11Hsm {
             _login: Mutex::new(login),
             module,
             label: config.token_label.clone(),
+            observer: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Logs a retry and tells the observer, if one is set.
+    fn retrying(&self, e: &Error) {
+        tracing::warn!(error = %e, token = %self.label, "hsm session lost; retrying once");
+        if let Some(observer) = self.observer.get() {
+            observer(&HsmEvent::Retry {
+                error: e.to_string(),
+            });
+        }
+    }
+
+    /// Sets the function told about session losses and device errors (for the audit log).
+    /// Only the first call has an effect.
+    pub fn set_observer(&self, observer: Box<dyn Fn(&HsmEvent) + Send + Sync>) {
+        let _ = self.observer.set(observer);
     }
 
     /// Runs `op` on a pooled session; a session-loss or device error drops the session (and
@@ -98,7 +116,7 @@ impl Pkcs11Hsm {
     fn run<T>(&self, op: impl Fn(&Session) -> cryptoki::error::Result<T>) -> Result<T> {
         match self.run_once(&op) {
             Err(e) if e.is_retryable() => {
-                tracing::warn!(error = %e, token = %self.label, "hsm session lost; retrying once");
+                self.retrying(&e);
                 self.run_once(&op)
             }
             other => other,
@@ -196,7 +214,7 @@ impl Hsm for Pkcs11Hsm {
         };
         let result = match self.run_once(&op) {
             Err(e) if e.is_retryable() && !is_bad_ciphertext(&e) => {
-                tracing::warn!(error = %e, token = %self.label, "hsm session lost; retrying once");
+                self.retrying(&e);
                 self.run_once(&op)
             }
             other => other,
