@@ -151,16 +151,18 @@ pub fn record_hash(body: &[u8]) -> Hash {
     out
 }
 
-/// Encodes a record for the store: its hash and `hash ‖ body`.
+/// Encodes a record for the store: its hash and `hash ‖ body`, in one buffer.
 pub(super) fn encode_record(body: &RecordBody) -> Result<(Hash, Vec<u8>), Error> {
-    let json = serde_json::to_vec(body).map_err(|source| Error::Record {
+    let mut value = Vec::with_capacity(512);
+    value.extend_from_slice(&GENESIS);
+    serde_json::to_writer(&mut value, body).map_err(|source| Error::Record {
         table: "audit_records",
         source,
     })?;
-    let hash = record_hash(&json);
-    let mut value = Vec::with_capacity(HASH_LEN + json.len());
-    value.extend_from_slice(&hash);
-    value.extend_from_slice(&json);
+    let hash = record_hash(value.get(HASH_LEN..).unwrap_or_default());
+    if let Some(slot) = value.get_mut(..HASH_LEN) {
+        slot.copy_from_slice(&hash);
+    }
     Ok((hash, value))
 }
 
