@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What auditing costs: the same cells against a server that records every request in the audit
-# log (the default) and one started with the dev-only `--unaudited`, alternating twice, each on
+# log (the default) and one started with the dev-only `--unaudited`, alternating three times, each on
 # a fresh dev directory. Usage: bench/audit.sh [path/to/kms] [seconds per cell]
 set -euo pipefail
 
@@ -28,7 +28,7 @@ cells() {
   done
 }
 
-for mode in on off on off; do
+for mode in on off on off on off; do
   work="$(mktemp -d)"
   cd "$work"
   flags=()

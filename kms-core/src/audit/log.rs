@@ -18,7 +18,7 @@ use tokio::sync::oneshot;
 use zeroize::Zeroizing;
 
 use super::chain::{
-    checkpoint_message, encode_record, key_seq, record_hash, seq_key, signer_id, split_record,
+    checkpoint_message, encode_chained, encode_record, key_seq, record_hash, seq_key, signer_id, split_record,
     AuditEvent, Checkpoint, Hash, RecordBody, GENESIS, PRUNED_ACTION,
 };
 use crate::clock::Clock;
@@ -98,7 +98,8 @@ impl Pending {
 }
 
 enum Msg {
-    Append(AuditEvent, oneshot::Sender<Result<u64, AuditError>>),
+    /// An event, already serialised to JSON.
+    Append(Vec<u8>, oneshot::Sender<Result<u64, AuditError>>),
     Signer(Signer),
     Close(oneshot::Sender<()>),
 }
@@ -226,9 +227,15 @@ impl AuditLog {
     /// Queues one record. Await the result before acting on the request it describes.
     pub fn submit(&self, event: AuditEvent) -> Pending {
         let (tx, rx) = oneshot::channel();
-        // If the writer is gone the sender is dropped with the message, and the wait says
-        // Closed.
-        let _ = self.tx.send(Msg::Append(event, tx));
+        match serde_json::to_vec(&event) {
+            // If the writer is gone the sender is dropped with the message, and the wait says
+            // Closed.
+            Ok(json) => drop(self.tx.send(Msg::Append(json, tx))),
+            Err(e) => {
+                tracing::error!(error = %e, "audit event could not be encoded");
+                let _ = tx.send(Err(AuditError::Unavailable));
+            }
+        }
         Pending(rx)
     }
 
@@ -340,7 +347,7 @@ impl Writer {
 
     fn write(
         &mut self,
-        appends: Vec<(AuditEvent, oneshot::Sender<Result<u64, AuditError>>)>,
+        appends: Vec<(Vec<u8>, oneshot::Sender<Result<u64, AuditError>>)>,
         closing: bool,
     ) {
         let now = self.clock.now_unix_ms();
@@ -349,28 +356,15 @@ impl Writer {
         let mut head = self.head;
         let mut replies = Vec::with_capacity(appends.len());
         for (event, reply) in appends {
-            let body = RecordBody {
-                seq,
-                prev: hex::encode(head),
-                time_ms: now,
-                event,
-            };
-            match encode_record(&body) {
-                Ok((hash, value)) => {
-                    changes.push(Change::Put {
-                        table: Table::AuditRecords,
-                        key: seq_key(seq).to_vec(),
-                        value,
-                    });
-                    replies.push((reply, seq));
-                    head = hash;
-                    seq = seq.saturating_add(1);
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "audit record could not be encoded");
-                    let _ = reply.send(Err(AuditError::Unavailable));
-                }
-            }
+            let (hash, value) = encode_chained(seq, &head, now, &event);
+            changes.push(Change::Put {
+                table: Table::AuditRecords,
+                key: seq_key(seq).to_vec(),
+                value,
+            });
+            replies.push((reply, seq));
+            head = hash;
+            seq = seq.saturating_add(1);
         }
         let written = u64::try_from(replies.len()).unwrap_or(u64::MAX);
         let unanchored = self.unanchored.saturating_add(written);

@@ -62,7 +62,15 @@ impl RocksStore {
 
 impl Store for RocksStore {
     fn write(&self, changes: Vec<Change>) -> Result<(), Error> {
-        let mut batch = WriteBatch::default();
+        let bytes = changes
+            .iter()
+            .map(|c| match c {
+                Change::Put { key, value, .. } => key.len().saturating_add(value.len()),
+                Change::Delete { key, .. } => key.len(),
+                Change::DeleteRange { from, to, .. } => from.len().saturating_add(to.len()),
+            })
+            .fold(0usize, |a, b| a.saturating_add(b.saturating_add(16)));
+        let mut batch = WriteBatch::with_capacity_bytes(bytes.saturating_add(64));
         for change in changes {
             match change {
                 Change::Put { table, key, value } => batch.put_cf(self.cf(table)?, key, value),
