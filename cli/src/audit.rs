@@ -214,7 +214,9 @@ fn verify_file(path: &Path, trusted: Option<&Signers>, from: Option<u64>) -> Res
                 let (id, point) = line.as_signer().ok_or_else(|| bad_line(path, n))?;
                 signers.insert(id, point);
             }
-            "checkpoint" => checkpoints.push(line.as_checkpoint().ok_or_else(|| bad_line(path, n))?),
+            "checkpoint" => {
+                checkpoints.push(line.as_checkpoint().ok_or_else(|| bad_line(path, n))?)
+            }
             "record" => {
                 first_record.get_or_insert(line.seq.unwrap_or(0));
             }
@@ -362,7 +364,9 @@ fn export_local(args: &ExportArgs, data_dir: &Path) -> Result<(), Error> {
         next = last.key.clone();
         next.push(0);
         for row in &page {
-            let Some(seq) = key_seq(&row.key) else { continue };
+            let Some(seq) = key_seq(&row.key) else {
+                continue;
+            };
             if !started {
                 if let Since::TimeMs(ms) = since {
                     let time = split_record(&row.value)

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use clap::Args;
 use hsm_bridge::{find_softhsm2_module, HsmConfig, HsmEvent, Pkcs11Hsm};
 use kms_core::audit::{AuditEvent, AuditLog};
-use kms_core::{AllowAuthenticated, Deps, Kms, RocksStore, Rng, SystemClock, SystemRng};
+use kms_core::{AllowAuthenticated, Deps, Kms, Rng, RocksStore, SystemClock, SystemRng};
 use server::{Audit, Bound, ListenConfig, Services};
 
 use crate::config::Config;
@@ -89,7 +89,9 @@ pub(crate) fn prepare(args: &ServeArgs, data_dir: &Path) -> Result<Prepared, Err
         Err(e) => {
             let mut event = AuditEvent::new("hsm.open_failed", "error");
             event.reason = Some(e.to_string());
-            event.detail.insert("token".into(), hsm_config.token_label.clone());
+            event
+                .detail
+                .insert("token".into(), hsm_config.token_label.clone());
             let _ = audit_log.submit(event).wait_blocking();
             audit_log.close();
             return Err(e.into());
@@ -117,7 +119,9 @@ pub(crate) fn prepare(args: &ServeArgs, data_dir: &Path) -> Result<Prepared, Err
         authorizer: Arc::new(AllowAuthenticated),
     })?;
     if args.unaudited {
-        tracing::warn!("--unaudited: requests are NOT recorded in the audit log (measurement only)");
+        tracing::warn!(
+            "--unaudited: requests are NOT recorded in the audit log (measurement only)"
+        );
     }
     Ok(Prepared {
         kms: Arc::new(kms),
@@ -167,7 +171,9 @@ pub(crate) async fn run(prepared: Prepared) -> Result<(), Error> {
         Audit::new(prepared.audit_log.clone(), boot.clone())
     };
     let mut start = AuditEvent::new("server.start", "ok");
-    start.detail.insert("version".into(), env!("CARGO_PKG_VERSION").into());
+    start
+        .detail
+        .insert("version".into(), env!("CARGO_PKG_VERSION").into());
     start.detail.insert("boot".into(), boot.clone());
     start.detail.insert("data".into(), data.to_string());
     start.detail.insert("admin".into(), admin.to_string());

@@ -83,6 +83,9 @@ pub enum HsmEvent {
     },
 }
 
+/// A function told about [`HsmEvent`]s (the server points it at the audit log).
+pub type HsmObserver = Box<dyn Fn(&HsmEvent) + Send + Sync>;
+
 /// Security attributes read back from a token key.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]

@@ -18,8 +18,8 @@ use crate::config::HsmConfig;
 use crate::error::{rv_is_device_fault, Error, Result};
 use crate::pool::SessionPool;
 use crate::{
-    Hsm, HsmEvent, KeyAttributes, SigningKey, TokenKey, ECDSA_P256_SIG_LEN, GCM_NONCE_LEN, GCM_TAG_LEN,
-    P256_POINT_LEN,
+    Hsm, HsmEvent, HsmObserver, KeyAttributes, SigningKey, TokenKey, ECDSA_P256_SIG_LEN,
+    GCM_NONCE_LEN, GCM_TAG_LEN, P256_POINT_LEN,
 };
 
 /// AES-256 key length in bytes.
@@ -39,7 +39,7 @@ pub struct Pkcs11Hsm {
     _login: Mutex<Session>,
     module: PathBuf,
     label: String,
-    observer: std::sync::OnceLock<Box<dyn Fn(&HsmEvent) + Send + Sync>>,
+    observer: std::sync::OnceLock<HsmObserver>,
 }
 
 impl Pkcs11Hsm {
@@ -107,7 +107,7 @@ impl Pkcs11Hsm {
 
     /// Sets the function told about session losses and device errors (for the audit log).
     /// Only the first call has an effect.
-    pub fn set_observer(&self, observer: Box<dyn Fn(&HsmEvent) + Send + Sync>) {
+    pub fn set_observer(&self, observer: HsmObserver) {
         let _ = self.observer.set(observer);
     }
 
@@ -404,7 +404,9 @@ fn uncompressed_point(raw: &[u8]) -> Result<[u8; P256_POINT_LEN]> {
     };
     match <[u8; P256_POINT_LEN]>::try_from(bare) {
         Ok(point) if point.first() == Some(&0x04) => Ok(point),
-        _ => Err(Error::Internal("CKA_EC_POINT is not an uncompressed P-256 point")),
+        _ => Err(Error::Internal(
+            "CKA_EC_POINT is not an uncompressed P-256 point",
+        )),
     }
 }
 

@@ -1,4 +1,5 @@
 #![allow(
+    clippy::disallowed_methods,
     clippy::unwrap_used,
     clippy::expect_used,
     clippy::panic,
@@ -96,14 +97,24 @@ fn records_chain_are_checkpointed_and_continue_after_reopen() {
         let pending: Vec<_> = (0..50)
             .map(|_| log.submit(AuditEvent::new("test.burst", "ok")))
             .collect();
-        let mut seqs: Vec<u64> = pending.into_iter().map(|p| p.wait_blocking().unwrap()).collect();
+        let mut seqs: Vec<u64> = pending
+            .into_iter()
+            .map(|p| p.wait_blocking().unwrap())
+            .collect();
         seqs.sort_unstable();
         assert_eq!(seqs, (13..=62).collect::<Vec<_>>());
         log.close();
-        assert!(log.submit(AuditEvent::new("late", "ok")).wait_blocking().is_err());
+        assert!(log
+            .submit(AuditEvent::new("late", "ok"))
+            .wait_blocking()
+            .is_err());
         let cps = checkpoint_seqs(&store);
         assert_eq!(cps.first(), Some(&5), "{cps:?}");
-        assert_eq!(cps.last(), Some(&62), "the close signs a final checkpoint: {cps:?}");
+        assert_eq!(
+            cps.last(),
+            Some(&62),
+            "the close signs a final checkpoint: {cps:?}"
+        );
         let report = verify_store(store.as_ref(), None, None).unwrap();
         assert!(report.ok, "{report:?}");
         assert_eq!((report.records, report.anchored_to), (62, Some(62)));
@@ -136,7 +147,11 @@ fn a_time_based_checkpoint_is_signed_while_records_wait() {
 #[test]
 fn retention_prunes_at_a_checkpoint_and_stays_verifiable() {
     let h = Harness::new();
-    let config = AuditConfig::new(3, Duration::from_secs(3600), Some(Duration::from_secs(86_400)));
+    let config = AuditConfig::new(
+        3,
+        Duration::from_secs(3600),
+        Some(Duration::from_secs(86_400)),
+    );
     let (store, log) = h.open(config);
     append(&log, 6); // checkpoints at 3 and 6
     h.advance(2 * DAY_MS);
@@ -146,7 +161,10 @@ fn retention_prunes_at_a_checkpoint_and_stays_verifiable() {
     assert!(report.ok, "{report:?}");
     assert_eq!(report.first_seq, Some(6), "{report:?}");
     assert_eq!(report.last_seq, Some(8), "{report:?}");
-    assert!(store.get(Table::AuditRecords, &5u64.to_be_bytes()).unwrap().is_none());
+    assert!(store
+        .get(Table::AuditRecords, &5u64.to_be_bytes())
+        .unwrap()
+        .is_none());
 
     // Deleting the first retained record as well is not mistaken for pruning.
     store
@@ -163,14 +181,18 @@ fn retention_prunes_at_a_checkpoint_and_stays_verifiable() {
 #[test]
 fn context_digests_are_keyed_stable_and_hide_values() {
     let h = Harness::new();
-    let ctx = |v: &str| EncryptionContext::from_pairs([("tenant".to_owned(), v.to_owned())]).unwrap();
+    let ctx =
+        |v: &str| EncryptionContext::from_pairs([("tenant".to_owned(), v.to_owned())]).unwrap();
     let (store, log) = h.open(AuditConfig::default());
     let a = log.context_digest(&ctx("acme")).unwrap();
     assert_eq!(log.context_digest(&ctx("acme")).unwrap(), a);
     assert_ne!(log.context_digest(&ctx("acme2")).unwrap(), a);
     assert!(log.context_digest(&EncryptionContext::empty()).is_none());
     // Not a plain hash: someone holding only the log cannot test guesses.
-    let plain = hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, b"acme"));
+    let plain = hex::encode(aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA256,
+        b"acme",
+    ));
     assert_ne!(a, plain);
     log.close();
     // The key survives a restart (wrapped under the root key in the store).

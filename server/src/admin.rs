@@ -98,7 +98,9 @@ impl AdminService {
         }
         match &result {
             Ok(_) => tracing::info!(op = action, %operator, "admin change done"),
-            Err(s) => tracing::info!(op = action, %operator, code = ?s.code(), "admin change refused"),
+            Err(s) => {
+                tracing::info!(op = action, %operator, code = ?s.code(), "admin change refused")
+            }
         }
         if self.audit.record(done).await.is_err() {
             // The change is made and its request is on record; only the outcome is missing.
@@ -236,8 +238,10 @@ impl Admin for AdminService {
     ) -> Result<Response<KeyMetadata>, Status> {
         let key = key_ref(&request.get_ref().key)?;
         let k = key.clone();
-        self.change("admin.RotateKey", &request, Some(key), move |kms| core(kms.rotate_key(&k)))
-            .await
+        self.change("admin.RotateKey", &request, Some(key), move |kms| {
+            core(kms.rotate_key(&k))
+        })
+        .await
     }
 
     async fn disable_key(
@@ -246,8 +250,10 @@ impl Admin for AdminService {
     ) -> Result<Response<KeyMetadata>, Status> {
         let key = key_ref(&request.get_ref().key)?;
         let k = key.clone();
-        self.change("admin.DisableKey", &request, Some(key), move |kms| core(kms.set_key_state(&k, KeyState::Disabled)))
-            .await
+        self.change("admin.DisableKey", &request, Some(key), move |kms| {
+            core(kms.set_key_state(&k, KeyState::Disabled))
+        })
+        .await
     }
 
     async fn enable_key(
@@ -256,8 +262,10 @@ impl Admin for AdminService {
     ) -> Result<Response<KeyMetadata>, Status> {
         let key = key_ref(&request.get_ref().key)?;
         let k = key.clone();
-        self.change("admin.EnableKey", &request, Some(key), move |kms| core(kms.set_key_state(&k, KeyState::Enabled)))
-            .await
+        self.change("admin.EnableKey", &request, Some(key), move |kms| {
+            core(kms.set_key_state(&k, KeyState::Enabled))
+        })
+        .await
     }
 
     async fn create_alias(

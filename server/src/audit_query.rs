@@ -1,11 +1,8 @@
 //! `QueryAudit`: filtered pages of the audit log, with what is needed to verify them.
 
-use api::v1::{
-    AuditCheckpoint, AuditRecord, AuditSigner, QueryAuditRequest, QueryAuditResponse,
-};
+use api::v1::{AuditCheckpoint, AuditRecord, AuditSigner, QueryAuditRequest, QueryAuditResponse};
 use kms_core::audit::{
-    key_seq, public_key_pem, seq_key, split_record, stored_checkpoints, stored_signers,
-    RecordBody,
+    key_seq, public_key_pem, seq_key, split_record, stored_checkpoints, stored_signers, RecordBody,
 };
 use kms_core::store::Table;
 use kms_core::Store;

@@ -18,6 +18,15 @@ use tonic::{Request, Response, Status};
 use crate::audit::{data_event, settle, tag, Audit, Facts};
 use crate::identity::principal;
 
+/// When a request started, for the latency in its audit record.
+#[expect(
+    clippy::disallowed_methods,
+    reason = "request latency is measured wall time"
+)]
+fn request_clock() -> Instant {
+    Instant::now()
+}
+
 /// Most items one batch call may carry.
 pub const MAX_BATCH: usize = 1000;
 
@@ -40,7 +49,10 @@ impl DataService {
 
     /// The authenticated caller and the request's id.
     fn caller<T>(&self, request: &Request<T>) -> Result<(PrincipalId, String), Status> {
-        Ok((principal(request)?, self.audit.request_id(request.metadata())))
+        Ok((
+            principal(request)?,
+            self.audit.request_id(request.metadata()),
+        ))
     }
 
     /// Records the request and then answers it; if the record cannot be written the caller
@@ -253,7 +265,7 @@ impl DataPlane for DataService {
         &self,
         request: Request<GenerateDataKeyRequest>,
     ) -> Result<Response<GenerateDataKeyResponse>, Status> {
-        let started = Instant::now();
+        let started = request_clock();
         let (caller, request_id) = self.caller(&request)?;
         let req = request.into_inner();
         let in_hsm = self.key_in_hsm(&req.key);
@@ -266,15 +278,22 @@ impl DataPlane for DataService {
                 (r, facts)
             })
             .await?;
-        self.answer("data.GenerateDataKey", &caller, request_id, started, facts, result)
-            .await
+        self.answer(
+            "data.GenerateDataKey",
+            &caller,
+            request_id,
+            started,
+            facts,
+            result,
+        )
+        .await
     }
 
     async fn generate_data_key_without_plaintext(
         &self,
         request: Request<GenerateDataKeyRequest>,
     ) -> Result<Response<GenerateDataKeyWithoutPlaintextResponse>, Status> {
-        let started = Instant::now();
+        let started = request_clock();
         let (caller, request_id) = self.caller(&request)?;
         let req = request.into_inner();
         let in_hsm = self.key_in_hsm(&req.key);
@@ -308,7 +327,7 @@ impl DataPlane for DataService {
         &self,
         request: Request<DecryptRequest>,
     ) -> Result<Response<DecryptResponse>, Status> {
-        let started = Instant::now();
+        let started = request_clock();
         let (caller, request_id) = self.caller(&request)?;
         let req = request.into_inner();
         let in_hsm = self.blob_in_hsm(&req.ciphertext);
@@ -329,7 +348,7 @@ impl DataPlane for DataService {
         &self,
         request: Request<EncryptRequest>,
     ) -> Result<Response<EncryptResponse>, Status> {
-        let started = Instant::now();
+        let started = request_clock();
         let (caller, request_id) = self.caller(&request)?;
         let req = request.into_inner();
         let in_hsm = self.key_in_hsm(&req.key);
@@ -350,7 +369,7 @@ impl DataPlane for DataService {
         &self,
         request: Request<ReEncryptRequest>,
     ) -> Result<Response<ReEncryptResponse>, Status> {
-        let started = Instant::now();
+        let started = request_clock();
         let (caller, request_id) = self.caller(&request)?;
         let req = request.into_inner();
         let in_hsm = self.blob_in_hsm(&req.ciphertext) || self.key_in_hsm(&req.destination_key);
@@ -363,15 +382,22 @@ impl DataPlane for DataService {
                 (r, facts)
             })
             .await?;
-        self.answer("data.ReEncrypt", &caller, request_id, started, facts, result)
-            .await
+        self.answer(
+            "data.ReEncrypt",
+            &caller,
+            request_id,
+            started,
+            facts,
+            result,
+        )
+        .await
     }
 
     async fn batch_generate_data_key(
         &self,
         request: Request<BatchGenerateDataKeyRequest>,
     ) -> Result<Response<BatchGenerateDataKeyResponse>, Status> {
-        let started = Instant::now();
+        let started = request_clock();
         let (caller, request_id) = self.caller(&request)?;
         let req = request.into_inner();
         check_batch(req.items.len())?;
@@ -418,7 +444,7 @@ impl DataPlane for DataService {
         &self,
         request: Request<BatchDecryptRequest>,
     ) -> Result<Response<BatchDecryptResponse>, Status> {
-        let started = Instant::now();
+        let started = request_clock();
         let (caller, request_id) = self.caller(&request)?;
         let req = request.into_inner();
         check_batch(req.items.len())?;
@@ -505,7 +531,10 @@ fn re_encrypt_one(
             facts.failed(&e);
             to_status(&e)
         })?;
-    facts.allowed(done.sealed.key_id.to_string(), done.sealed.key_version.get());
+    facts.allowed(
+        done.sealed.key_id.to_string(),
+        done.sealed.key_version.get(),
+    );
     Ok(ReEncryptResponse {
         source_key_id: done.source_key_id.to_string(),
         source_key_version: done.source_key_version.get(),

@@ -1,4 +1,5 @@
 #![allow(
+    clippy::disallowed_methods,
     clippy::expect_used,
     clippy::unwrap_used,
     clippy::panic,

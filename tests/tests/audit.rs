@@ -1,4 +1,5 @@
 #![allow(
+    clippy::disallowed_methods,
     clippy::unwrap_used,
     clippy::expect_used,
     clippy::panic,
@@ -105,7 +106,10 @@ fn tamper_and_verify(src: &Path, tamper: impl FnOnce(&RocksStore)) -> (i32, Valu
 }
 
 fn value(store: &RocksStore, seq: u64) -> Vec<u8> {
-    store.get(Table::AuditRecords, &seq_key(seq)).unwrap().unwrap()
+    store
+        .get(Table::AuditRecords, &seq_key(seq))
+        .unwrap()
+        .unwrap()
 }
 
 fn put(store: &RocksStore, seq: u64, value: Vec<u8>) {
@@ -128,7 +132,11 @@ fn verify_names_the_first_edited_deleted_swapped_or_truncated_record() {
         v[40] ^= 0x01;
         put(s, 5, v);
     });
-    assert_eq!((code, report["ok"].clone()), (1, Value::Bool(false)), "{report}");
+    assert_eq!(
+        (code, report["ok"].clone()),
+        (1, Value::Bool(false)),
+        "{report}"
+    );
     assert_eq!(report["first_bad_seq"], 5, "{report}");
 
     // Record 7 deleted.
@@ -183,9 +191,20 @@ fn verify_names_the_first_edited_deleted_swapped_or_truncated_record() {
 fn exported_log_verifies_offline_and_tampering_in_the_file_is_found() {
     let (dir, records) = stopped_server_with_history();
     let out = kms(dir.path(), &["audit", "public-key", "--out", "signer.pem"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let out = kms(dir.path(), &["audit", "export", "--since", "1", "--out", "log.jsonl"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = kms(
+        dir.path(),
+        &["audit", "export", "--since", "1", "--out", "log.jsonl"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let (code, report) = verify(
         dir.path(),
@@ -197,11 +216,17 @@ fn exported_log_verifies_offline_and_tampering_in_the_file_is_found() {
 
     // A line a SIEM can read: every record line is JSON with its body as an object.
     let text = std::fs::read_to_string(dir.path().join("log.jsonl")).unwrap();
-    let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines[0]["type"], "signer");
-    assert!(lines
-        .iter()
-        .any(|l| l["type"] == "record" && l["record"]["event"]["action"] == "data.GenerateDataKey"));
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["type"] == "record"
+                && l["record"]["event"]["action"] == "data.GenerateDataKey")
+    );
 
     // Edit record 4 inside the file.
     let edited: String = text
@@ -292,7 +317,11 @@ fn no_secret_reaches_the_logs_or_the_audit_log() {
 
     // Every data-plane operation, on both protection levels, with the canary context.
     rt.block_on(async {
-        let mut data = server.client_tls("workload").data(&server.data).await.unwrap();
+        let mut data = server
+            .client_tls("workload")
+            .data(&server.data)
+            .await
+            .unwrap();
         let ctx = || [("tenant".to_owned(), context_value.to_owned())].into();
         for key in ["soft", "hard"] {
             let g = data
@@ -388,10 +417,20 @@ fn no_secret_reaches_the_logs_or_the_audit_log() {
             .is_err());
     });
     assert_eq!(deks.len(), 8);
-    let remote = kms(dir.path(), &["audit", "export", "--server", &server.admin, "--since", "1"]);
-    assert!(remote.status.success(), "{}", String::from_utf8_lossy(&remote.stderr));
+    let remote = kms(
+        dir.path(),
+        &["audit", "export", "--server", &server.admin, "--since", "1"],
+    );
+    assert!(
+        remote.status.success(),
+        "{}",
+        String::from_utf8_lossy(&remote.stderr)
+    );
     let log = server.stop();
-    let out = kms(dir.path(), &["audit", "export", "--since", "1", "--out", "all.jsonl"]);
+    let out = kms(
+        dir.path(),
+        &["audit", "export", "--since", "1", "--out", "all.jsonl"],
+    );
     assert!(out.status.success());
     let export = std::fs::read_to_string(dir.path().join("all.jsonl")).unwrap();
     assert!(export.contains("data.ReEncrypt") && export.contains("admin.CreateAlias"));
@@ -400,7 +439,10 @@ fn no_secret_reaches_the_logs_or_the_audit_log() {
 
     let pin = std::fs::read(dir.path().join(".kms/secrets/user.pin")).unwrap();
     let pin = String::from_utf8(pin).unwrap();
-    let everything = format!("{log}\n{export}\n{}", String::from_utf8_lossy(&remote.stdout));
+    let everything = format!(
+        "{log}\n{export}\n{}",
+        String::from_utf8_lossy(&remote.stdout)
+    );
     assert_absent(&everything, "plaintext", plaintext);
     assert_absent(&everything, "context value", context_value.as_bytes());
     assert_absent(&everything, "HSM PIN", pin.trim().as_bytes());
@@ -459,7 +501,10 @@ fn load_then_kill(server: Server) -> Vec<String> {
             c.await.unwrap();
         }
     });
-    assert!(before_kill >= 100, "the load ran ({before_kill} requests before the kill)");
+    assert!(
+        before_kill >= 100,
+        "the load ran ({before_kill} requests before the kill)"
+    );
     let acknowledged = acknowledged.lock().unwrap().clone();
     acknowledged
 }
@@ -467,11 +512,19 @@ fn load_then_kill(server: Server) -> Vec<String> {
 /// Request ids in the audit log of a stopped server's directory.
 fn recorded_request_ids(dir: &Path) -> HashSet<String> {
     let out = kms(dir, &["audit", "export", "--since", "1"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter_map(|l| l["record"]["event"]["request_id"].as_str().map(str::to_owned))
+        .filter_map(|l| {
+            l["record"]["event"]["request_id"]
+                .as_str()
+                .map(str::to_owned)
+        })
         .collect()
 }
 
@@ -489,8 +542,10 @@ fn sigkill_under_load_loses_no_acknowledged_record() {
         let (code, report) = verify(dir.path(), &[]);
         assert_eq!(code, 0, "round {round}: {report}");
         let recorded = recorded_request_ids(dir.path());
-        let missing: Vec<&String> =
-            acknowledged.iter().filter(|id| !recorded.contains(*id)).collect();
+        let missing: Vec<&String> = acknowledged
+            .iter()
+            .filter(|id| !recorded.contains(*id))
+            .collect();
         assert!(
             missing.is_empty(),
             "round {round}: {} of {} acknowledged requests have no audit record, e.g. {:?}",
@@ -509,11 +564,21 @@ fn sigkill_under_load_loses_no_acknowledged_record() {
     let (code, report) = verify(dir.path(), &[]);
     assert_eq!(code, 0, "{report}");
     assert_eq!(report["unanchored"], 0, "{report}");
-    assert!(report["last_seq"].as_u64().unwrap() >= last_before + 3, "{report}");
-    let export = kms(dir.path(), &["audit", "export", "--since", &(last_before + 1).to_string()]);
-    let first: Value =
-        serde_json::from_str(String::from_utf8_lossy(&export.stdout).lines().nth(1).unwrap())
-            .unwrap();
+    assert!(
+        report["last_seq"].as_u64().unwrap() >= last_before + 3,
+        "{report}"
+    );
+    let export = kms(
+        dir.path(),
+        &["audit", "export", "--since", &(last_before + 1).to_string()],
+    );
+    let first: Value = serde_json::from_str(
+        String::from_utf8_lossy(&export.stdout)
+            .lines()
+            .nth(1)
+            .unwrap(),
+    )
+    .unwrap();
     assert_eq!(first["seq"].as_u64(), Some(last_before + 1));
     assert_eq!(first["record"]["event"]["action"], "server.start");
 }
@@ -563,7 +628,11 @@ fn full_audit_volume_fails_requests_closed() {
     fill(&volume.0.join("ballast"));
     let rt = tokio::runtime::Runtime::new().unwrap();
     let status = rt.block_on(async {
-        let mut data = server.client_tls("workload").data(&server.data).await.unwrap();
+        let mut data = server
+            .client_tls("workload")
+            .data(&server.data)
+            .await
+            .unwrap();
         // Enough records to need new space however RocksDB had preallocated its log.
         let mut last = None;
         for _ in 0..200 {

@@ -170,7 +170,12 @@ pub(super) fn encode_record(body: &RecordBody) -> Result<(Hash, Vec<u8>), Error>
 /// callers serialise in parallel; only the chaining is left to the single writer). The body
 /// is written field by field in `RecordBody`'s order; every field but the event is a number
 /// or hex, so nothing needs escaping.
-pub(super) fn encode_chained(seq: u64, prev: &Hash, time_ms: u64, event_json: &[u8]) -> (Hash, Vec<u8>) {
+pub(super) fn encode_chained(
+    seq: u64,
+    prev: &Hash,
+    time_ms: u64,
+    event_json: &[u8],
+) -> (Hash, Vec<u8>) {
     let mut prev_hex = [0u8; 2 * HASH_LEN];
     // Cannot fail: the output is exactly twice the input.
     let _ = hex::encode_to_slice(prev, &mut prev_hex);
@@ -262,9 +267,7 @@ pub fn public_key_from_pem(pem: &str) -> Option<Vec<u8>> {
         .filter(|l| !l.starts_with("-----"))
         .map(str::trim)
         .collect();
-    let der = base64::engine::general_purpose::STANDARD
-        .decode(b64)
-        .ok()?;
+    let der = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
     let point = der.strip_prefix(P256_SPKI_PREFIX.as_slice())?;
     (point.len() == hsm_bridge::P256_POINT_LEN && point.first() == Some(&0x04))
         .then(|| point.to_vec())

@@ -13,13 +13,12 @@ use std::time::Duration;
 use aws_lc_rs::hmac;
 use hsm_bridge::{Hsm, SigningKey, GCM_NONCE_LEN};
 use parking_lot::Mutex;
-use secrecy::ExposeSecret;
+use secrecy::{ExposeSecret, ExposeSecretMut, SecretBox};
 use tokio::sync::oneshot;
-use zeroize::Zeroizing;
 
 use super::chain::{
-    checkpoint_message, encode_chained, encode_record, key_seq, record_hash, seq_key, signer_id, split_record,
-    AuditEvent, Checkpoint, Hash, RecordBody, GENESIS, PRUNED_ACTION,
+    checkpoint_message, encode_chained, encode_record, key_seq, record_hash, seq_key, signer_id,
+    split_record, AuditEvent, Checkpoint, Hash, RecordBody, GENESIS, PRUNED_ACTION,
 };
 use crate::clock::Clock;
 use crate::context::EncryptionContext;
@@ -97,9 +96,12 @@ impl Pending {
     }
 }
 
+/// Where a record's sequence number (or the reason it has none) goes.
+type Reply = oneshot::Sender<Result<u64, AuditError>>;
+
 enum Msg {
     /// An event, already serialised to JSON.
-    Append(Vec<u8>, oneshot::Sender<Result<u64, AuditError>>),
+    Append(Vec<u8>, Reply),
     Signer(Signer),
     Close(oneshot::Sender<()>),
 }
@@ -210,18 +212,18 @@ impl AuditLog {
             let raw = hsm.aes_gcm_decrypt(root, nonce, CONTEXT_KEY_AAD, sealed)?;
             return Ok(hmac::Key::new(hmac::HMAC_SHA256, raw.expose_secret()));
         }
-        let mut raw = Zeroizing::new([0u8; CONTEXT_KEY_LEN]);
-        hsm.random(raw.as_mut_slice())?;
+        let mut raw = SecretBox::new(Box::new([0u8; CONTEXT_KEY_LEN]));
+        hsm.random(raw.expose_secret_mut())?;
         let mut nonce = [0u8; GCM_NONCE_LEN];
         hsm.random(&mut nonce)?;
         let mut wrapped = nonce.to_vec();
-        wrapped.extend(hsm.aes_gcm_encrypt(root, &nonce, CONTEXT_KEY_AAD, raw.as_slice())?);
+        wrapped.extend(hsm.aes_gcm_encrypt(root, &nonce, CONTEXT_KEY_AAD, raw.expose_secret())?);
         self.store.write(vec![Change::Put {
             table: Table::AuditMeta,
             key: CONTEXT_KEY.to_vec(),
             value: wrapped,
         }])?;
-        Ok(hmac::Key::new(hmac::HMAC_SHA256, raw.as_slice()))
+        Ok(hmac::Key::new(hmac::HMAC_SHA256, raw.expose_secret()))
     }
 
     /// Queues one record. Await the result before acting on the request it describes.
@@ -341,15 +343,14 @@ impl Writer {
             .clock
             .now_unix_ms()
             .saturating_sub(self.last_checkpoint_ms);
-        let interval = u64::try_from(self.config.checkpoint_interval.as_millis()).unwrap_or(u64::MAX);
-        Some(Duration::from_millis(interval.saturating_sub(elapsed).max(1)))
+        let interval =
+            u64::try_from(self.config.checkpoint_interval.as_millis()).unwrap_or(u64::MAX);
+        Some(Duration::from_millis(
+            interval.saturating_sub(elapsed).max(1),
+        ))
     }
 
-    fn write(
-        &mut self,
-        appends: Vec<(Vec<u8>, oneshot::Sender<Result<u64, AuditError>>)>,
-        closing: bool,
-    ) {
+    fn write(&mut self, appends: Vec<(Vec<u8>, Reply)>, closing: bool) {
         let now = self.clock.now_unix_ms();
         let mut changes = Vec::with_capacity(appends.len().saturating_add(1));
         let mut seq = self.next_seq;
@@ -368,7 +369,8 @@ impl Writer {
         }
         let written = u64::try_from(replies.len()).unwrap_or(u64::MAX);
         let unanchored = self.unanchored.saturating_add(written);
-        let interval = u64::try_from(self.config.checkpoint_interval.as_millis()).unwrap_or(u64::MAX);
+        let interval =
+            u64::try_from(self.config.checkpoint_interval.as_millis()).unwrap_or(u64::MAX);
         let due = unanchored > 0
             && (closing
                 || unanchored >= self.config.checkpoint_every
@@ -417,7 +419,9 @@ impl Writer {
         let signer = self.signer.as_ref()?;
         let message = checkpoint_message(seq, head, now);
         let mut digest = [0u8; 32];
-        digest.copy_from_slice(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &message).as_ref());
+        digest.copy_from_slice(
+            aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &message).as_ref(),
+        );
         match signer.hsm.ecdsa_sign_digest(&signer.key, &digest) {
             Ok(signature) => {
                 let checkpoint = Checkpoint {

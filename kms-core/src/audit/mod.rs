@@ -29,8 +29,8 @@ use serde_json::value::RawValue;
 
 pub use chain::{
     checkpoint_message, key_seq, object_hash, public_key_from_pem, public_key_pem, record_hash,
-    seq_key, signer_id, split_record, AuditEvent, Checkpoint, Hash, RecordBody, GENESIS,
-    HASH_LEN, PRUNED_ACTION,
+    seq_key, signer_id, split_record, AuditEvent, Checkpoint, Hash, RecordBody, GENESIS, HASH_LEN,
+    PRUNED_ACTION,
 };
 pub use log::{AuditConfig, AuditError, AuditLog, Pending, SIGNING_KEY_LABEL};
 pub use verify::{Report, Signers, Verifier};
@@ -56,9 +56,7 @@ pub fn stored_checkpoints(store: &dyn Store) -> Result<Vec<Result<Checkpoint, u6
     Ok(store
         .scan(Table::AuditCheckpoints)?
         .into_iter()
-        .map(|r| {
-            serde_json::from_slice(&r.value).map_err(|_| key_seq(&r.key).unwrap_or(0))
-        })
+        .map(|r| serde_json::from_slice(&r.value).map_err(|_| key_seq(&r.key).unwrap_or(0)))
         .collect())
 }
 

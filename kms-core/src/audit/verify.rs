@@ -7,8 +7,8 @@ use aws_lc_rs::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_FIXED};
 use serde::Serialize;
 
 use super::chain::{
-    checkpoint_message, record_hash, split_record, Checkpoint, Hash, RecordBody, GENESIS,
-    HASH_LEN, PRUNED_ACTION,
+    checkpoint_message, record_hash, split_record, Checkpoint, Hash, RecordBody, GENESIS, HASH_LEN,
+    PRUNED_ACTION,
 };
 
 /// Public points of the checkpoint signers, by signer id.
@@ -80,10 +80,12 @@ impl<'a> Verifier<'a> {
     }
 
     fn check_signature(&self, cp: &Checkpoint) -> Result<(), String> {
-        let point = self
-            .signers
-            .get(&cp.key_id)
-            .ok_or_else(|| format!("checkpoint {} is signed by unknown key {}", cp.seq, cp.key_id))?;
+        let point = self.signers.get(&cp.key_id).ok_or_else(|| {
+            format!(
+                "checkpoint {} is signed by unknown key {}",
+                cp.seq, cp.key_id
+            )
+        })?;
         let head: Hash = hex::decode(&cp.head)
             .ok()
             .and_then(|h| h.try_into().ok())
@@ -110,7 +112,9 @@ impl<'a> Verifier<'a> {
         self.report.records = self.report.records.saturating_add(1);
         self.report.first_seq.get_or_insert(seq);
         self.report.last_seq = Some(seq);
-        let prev = self.prev.replace((seq, record_hash(value.get(HASH_LEN..).unwrap_or_default())));
+        let prev = self
+            .prev
+            .replace((seq, record_hash(value.get(HASH_LEN..).unwrap_or_default())));
         if let Some((prev_seq, _)) = prev {
             let expected = prev_seq.saturating_add(1);
             if seq != expected {
@@ -126,7 +130,10 @@ impl<'a> Verifier<'a> {
         };
         let hash = record_hash(body_bytes);
         if hash != stored {
-            self.bad(seq, format!("record {seq} was edited: it does not match its hash"));
+            self.bad(
+                seq,
+                format!("record {seq} was edited: it does not match its hash"),
+            );
             return;
         }
         let Ok(body) = serde_json::from_slice::<RecordBody>(body_bytes) else {
@@ -141,13 +148,13 @@ impl<'a> Verifier<'a> {
             return;
         }
         match prev {
-            Some((prev_seq, prev_hash)) if prev_seq.saturating_add(1) == seq => {
-                if body.prev != hex::encode(prev_hash) {
-                    self.bad(
-                        prev_seq,
-                        format!("record {prev_seq} is not the record that record {seq} follows"),
-                    );
-                }
+            Some((prev_seq, prev_hash))
+                if prev_seq.saturating_add(1) == seq && body.prev != hex::encode(prev_hash) =>
+            {
+                self.bad(
+                    prev_seq,
+                    format!("record {prev_seq} is not the record that record {seq} follows"),
+                );
             }
             Some(_) => {}
             None if seq == 1 && self.from.is_none() && body.prev != hex::encode(GENESIS) => {
@@ -192,7 +199,10 @@ impl<'a> Verifier<'a> {
                 if first > expected {
                     self.bad(
                         expected,
-                        format!("records {expected}..{} are missing", first.saturating_sub(1)),
+                        format!(
+                            "records {expected}..{} are missing",
+                            first.saturating_sub(1)
+                        ),
                     );
                 } else if first > 1 && !self.checkpoints.contains_key(&first) {
                     self.bad(

@@ -4,7 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use rocksdb::{
-    ColumnFamilyDescriptor, DBCompressionType, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB,
+    ColumnFamilyDescriptor, DBCompressionType, Direction, IteratorMode, Options, WriteBatch,
+    WriteOptions, DB,
 };
 
 use super::{Change, Row, Store, Table};
@@ -112,7 +113,11 @@ impl Store for RocksStore {
         let Some(cf) = self.db.cf_handle(table.name()) else {
             return Ok(None);
         };
-        self.db.iterator_cf(cf, IteratorMode::End).next().map(row).transpose()
+        self.db
+            .iterator_cf(cf, IteratorMode::End)
+            .next()
+            .map(row)
+            .transpose()
     }
 
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
