@@ -143,6 +143,7 @@ pub(crate) fn prepare(args: &ServeArgs, data_dir: &Path) -> Result<Prepared, Err
 
 /// Binds, announces the bound addresses, and serves until a shutdown signal.
 pub(crate) async fn run(prepared: Prepared) -> Result<(), Error> {
+    let shutdown = shutdown_signal();
     let bound = Bound::bind(&prepared.listen).await?;
     let (data, admin) = bound.local_addrs()?;
     let announce = serde_json::json!({ "event": "listening", "data": data.to_string(), "admin": admin.to_string() });
@@ -188,7 +189,7 @@ pub(crate) async fn run(prepared: Prepared) -> Result<(), Error> {
         audit,
         store: prepared.store,
     };
-    let result = bound.serve(services, shutdown_signal()).await;
+    let result = bound.serve(services, shutdown).await;
     let _ = std::fs::remove_file(&prepared.endpoints);
     let mut stop = AuditEvent::new("server.stop", if result.is_ok() { "ok" } else { "error" });
     stop.detail.insert("boot".into(), boot);
@@ -211,15 +212,24 @@ fn boot_id() -> String {
     }
 }
 
-async fn shutdown_signal() {
+/// Installs the SIGTERM and SIGINT handlers at once (so that a signal arriving right after
+/// start-up is not fatal) and resolves when either arrives.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut term) = signal(SignalKind::terminate()) else {
-        tracing::error!("cannot install SIGTERM handler; stop with SIGINT");
-        let _ = tokio::signal::ctrl_c().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+                    _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+                }
+            }
+            _ => {
+                tracing::error!("cannot install signal handlers; stop with SIGINT");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
     }
 }

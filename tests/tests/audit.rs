@@ -666,3 +666,156 @@ fn full_audit_volume_fails_requests_closed() {
     let (code, report) = verify(&volume.0, &[]);
     assert_eq!(code, 0, "{report}");
 }
+
+#[test]
+fn query_audit_filters_and_pages_and_export_follows() {
+    use api::v1::QueryAuditRequest;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(KMS, dir.path());
+    let key = server.kms_json(&["key", "create", "--alias", "q"]);
+    let key_id = key["key_id"].as_str().unwrap().to_owned();
+    for i in 0..5 {
+        server.kms_json(&[
+            "data",
+            "generate-key",
+            "--key",
+            "q",
+            "--context",
+            &format!("i={i}"),
+        ]);
+    }
+    assert!(!server
+        .kms(&["data", "generate-key", "--key", "missing"])
+        .status
+        .success());
+
+    // --follow keeps writing new records as they are made.
+    let follow_out = dir.path().join("follow.jsonl");
+    let mut follow = Command::new(KMS)
+        .current_dir(dir.path())
+        .args(["audit", "export", "--follow", "--since", "1", "--out"])
+        .arg(&follow_out)
+        .spawn()
+        .unwrap();
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut admin = server
+            .client_tls("operator")
+            .admin(&server.admin)
+            .await
+            .unwrap();
+        let query = |r: QueryAuditRequest| {
+            let mut admin = admin.clone();
+            async move { admin.query_audit(r).await.unwrap().into_inner() }
+        };
+        let allowed = query(QueryAuditRequest {
+            action: "data.GenerateDataKey".into(),
+            decision: "allow".into(),
+            key: key_id.clone(),
+            ..Default::default()
+        })
+        .await;
+        assert_eq!(allowed.records.len(), 5);
+        assert!(!allowed.more);
+        let denied = query(QueryAuditRequest {
+            decision: "deny".into(),
+            ..Default::default()
+        })
+        .await;
+        assert_eq!(denied.records.len(), 1);
+        let body: Value = serde_json::from_str(&denied.records[0].record_json).unwrap();
+        assert_eq!(body["event"]["key"], "missing");
+        assert_eq!(body["event"]["reason"], "no such key");
+        let principal = body["event"]["principal"].as_str().unwrap().to_owned();
+        let by_principal = query(QueryAuditRequest {
+            principal: principal.clone(),
+            ..Default::default()
+        })
+        .await;
+        assert_eq!(by_principal.records.len(), 6, "five allowed and one denied");
+
+        // Pages of two, in sequence order, covering every record exactly once.
+        let mut seen = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = query(QueryAuditRequest {
+                after_seq: after,
+                page_size: 2,
+                ..Default::default()
+            })
+            .await;
+            assert!(page.records.len() <= 2);
+            seen.extend(page.records.iter().map(|r| r.seq));
+            after = page.next_after_seq;
+            if !page.more {
+                break;
+            }
+        }
+        assert_eq!(seen, (1..=seen.len() as u64).collect::<Vec<_>>());
+        assert!(seen.len() >= 9, "{seen:?}");
+        assert_eq!(
+            admin
+                .query_audit(QueryAuditRequest {
+                    decision: "maybe".into(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap_err()
+                .code(),
+            tonic::Code::InvalidArgument
+        );
+        // The data plane's certificate cannot read the audit log.
+        let as_workload = server.client_tls("workload").admin(&server.admin).await;
+        if let Ok(mut c) = as_workload {
+            assert!(c.query_audit(QueryAuditRequest::default()).await.is_err());
+        }
+    });
+
+    server.kms_json(&["data", "generate-key", "--key", "q", "--context", "late=1"]);
+    let mut followed = false;
+    for _ in 0..100 {
+        let text = std::fs::read_to_string(&follow_out).unwrap_or_default();
+        if text.contains("\"late\"") {
+            followed = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = follow.kill();
+    let _ = follow.wait();
+    assert!(
+        followed,
+        "export --follow wrote the record made after it started"
+    );
+}
+
+#[test]
+fn a_failed_hsm_login_is_on_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(KMS, dir.path());
+    server.stop();
+    let pin = dir.path().join(".kms/secrets/user.pin");
+    let good = std::fs::read(&pin).unwrap();
+    std::fs::write(&pin, b"wrong-pin-000000").unwrap();
+    let out = Command::new(KMS)
+        .current_dir(dir.path())
+        .args([
+            "serve",
+            "--dev",
+            "--data-addr",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    std::fs::write(&pin, good).unwrap();
+    let export = kms(dir.path(), &["audit", "export", "--since", "1"]);
+    let text = String::from_utf8_lossy(&export.stdout);
+    assert!(text.contains("\"action\":\"hsm.open_failed\""), "{text}");
+    assert!(!text.contains("wrong-pin-000000"));
+    let (code, report) = verify(dir.path(), &[]);
+    assert_eq!(code, 0, "{report}");
+}
