@@ -46,17 +46,34 @@ impl AdminService {
         Self { kms, audit, store }
     }
 
-    /// Runs a read-only core call off the async workers.
-    async fn read<T, F>(&self, f: F) -> Result<Response<T>, Status>
+    /// Runs a read off the async workers and records who read what; the answer is given only
+    /// once that record is durable.
+    async fn read<T, R, F>(
+        &self,
+        action: &'static str,
+        request: &Request<R>,
+        event: AuditEvent,
+        f: F,
+    ) -> Result<Response<T>, Status>
     where
         T: Send + 'static,
-        F: FnOnce(&Kms) -> Result<T, Status> + Send + 'static,
+        F: FnOnce(&Kms, &dyn Store) -> Result<T, Status> + Send + 'static,
     {
+        let operator = principal(request)?.to_string();
+        let request_id = self.audit.request_id(request.metadata());
         let kms = self.kms.clone();
-        tokio::task::spawn_blocking(move || f(&kms))
+        let store = self.store.clone();
+        let result = tokio::task::spawn_blocking(move || f(&kms, store.as_ref()))
             .await
-            .map_err(|_| Status::internal("internal error"))?
-            .map(Response::new)
+            .map_err(|_| Status::internal("internal error"))?;
+        let mut event = event;
+        event.action = action.into();
+        event.status = status_word(result.as_ref().err());
+        event.principal = Some(operator);
+        event.auth = Some("mtls".into());
+        event.request_id = Some(request_id.clone());
+        self.audit.record(event).await?;
+        result.map(|r| tag(Response::new(r), &request_id))
     }
 
     /// Runs a key change. The request is recorded before anything changes (and refused if
@@ -199,17 +216,19 @@ impl Admin for AdminService {
         request: Request<KeyRequest>,
     ) -> Result<Response<KeyMetadata>, Status> {
         let key = key_ref(&request.get_ref().key)?;
-        principal(&request)?;
-        self.read(move |kms| core(kms.describe_key(&key)).map(|r| metadata(&r)))
-            .await
+        let mut event = AuditEvent::default();
+        event.key = Some(key.to_string());
+        self.read("admin.DescribeKey", &request, event, move |kms, _| {
+            core(kms.describe_key(&key)).map(|r| metadata(&r))
+        })
+        .await
     }
 
     async fn list_keys(
         &self,
         request: Request<ListKeysRequest>,
     ) -> Result<Response<ListKeysResponse>, Status> {
-        principal(&request)?;
-        let req = request.into_inner();
+        let req = request.get_ref().clone();
         let limit = match usize::try_from(req.page_size).unwrap_or(MAX_PAGE) {
             0 => DEFAULT_PAGE,
             n => n.min(MAX_PAGE),
@@ -222,13 +241,18 @@ impl Admin for AdminService {
                     .map_err(|_| Status::invalid_argument("invalid page token"))?,
             ),
         };
-        self.read(move |kms| {
-            let (page, next) = kms.list_keys(after, limit);
-            Ok(ListKeysResponse {
-                keys: page.iter().map(metadata).collect(),
-                next_page_token: next.map(|id| id.to_string()).unwrap_or_default(),
-            })
-        })
+        self.read(
+            "admin.ListKeys",
+            &request,
+            AuditEvent::default(),
+            move |kms, _| {
+                let (page, next) = kms.list_keys(after, limit);
+                Ok(ListKeysResponse {
+                    keys: page.iter().map(metadata).collect(),
+                    next_page_token: next.map(|id| id.to_string()).unwrap_or_default(),
+                })
+            },
+        )
         .await
     }
 
@@ -285,12 +309,26 @@ impl Admin for AdminService {
         &self,
         request: Request<QueryAuditRequest>,
     ) -> Result<Response<QueryAuditResponse>, Status> {
-        principal(&request)?;
-        let req = request.into_inner();
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || query_audit(store.as_ref(), &req))
-            .await
-            .map_err(|_| Status::internal("internal error"))?
-            .map(Response::new)
+        let req = request.get_ref().clone();
+        // Who searched the audit log, and for what, is itself on record.
+        let mut event = AuditEvent::default();
+        let filters = [
+            ("after_seq", req.after_seq.to_string()),
+            ("principal", req.principal.clone()),
+            ("key", req.key.clone()),
+            ("action", req.action.clone()),
+            ("decision", req.decision.clone()),
+            ("since_ms", req.since_ms.to_string()),
+            ("until_ms", req.until_ms.to_string()),
+        ];
+        for (name, value) in filters {
+            if !value.is_empty() && value != "0" {
+                event.detail.insert(name.into(), value);
+            }
+        }
+        self.read("admin.QueryAudit", &request, event, move |_, store| {
+            query_audit(store, &req)
+        })
+        .await
     }
 }

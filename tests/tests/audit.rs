@@ -756,6 +756,7 @@ fn query_audit_filters_and_pages_and_export_follows() {
         assert!(seen.len() >= 9, "{seen:?}");
         assert_eq!(
             admin
+                .clone()
                 .query_audit(QueryAuditRequest {
                     decision: "maybe".into(),
                     ..Default::default()
@@ -765,6 +766,16 @@ fn query_audit_filters_and_pages_and_export_follows() {
                 .code(),
             tonic::Code::InvalidArgument
         );
+        // Searching the audit log is itself recorded, with the filters used.
+        let searches = query(QueryAuditRequest {
+            action: "admin.QueryAudit".into(),
+            ..Default::default()
+        })
+        .await;
+        assert!(searches
+            .records
+            .iter()
+            .any(|r| r.record_json.contains("\"detail\":{\"decision\":\"deny\"}")));
         // The data plane's certificate cannot read the audit log.
         let as_workload = server.client_tls("workload").admin(&server.admin).await;
         if let Ok(mut c) = as_workload {
