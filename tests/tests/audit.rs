@@ -700,7 +700,7 @@ fn query_audit_filters_and_pages_and_export_follows() {
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let mut admin = server
+        let admin = server
             .client_tls("operator")
             .admin(&server.admin)
             .await
