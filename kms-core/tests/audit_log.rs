@@ -128,6 +128,30 @@ fn records_chain_are_checkpointed_and_continue_after_reopen() {
 }
 
 #[test]
+fn records_left_unsigned_by_a_crash_are_anchored_when_the_hsm_is_attached() {
+    let h = Harness::new();
+    let config = AuditConfig::new(1_000, Duration::from_secs(3600), None);
+    {
+        let store = Arc::new(RocksStore::open(h.dir.path()).unwrap());
+        // No HSM attached: records are written, nothing signs them (as after a crash).
+        let log = AuditLog::open(store.clone(), h.clock.clone(), config).unwrap();
+        append(&log, 4);
+        assert!(checkpoint_seqs(&store).is_empty());
+        drop(log);
+        let report = verify_store(store.as_ref(), None, None).unwrap();
+        assert_eq!((report.ok, report.unanchored), (true, 4));
+    }
+    let (store, log) = h.open(config);
+    let mut waited = 0;
+    while checkpoint_seqs(&store).is_empty() && waited < 100 {
+        std::thread::sleep(Duration::from_millis(20));
+        waited += 1;
+    }
+    assert_eq!(checkpoint_seqs(&store), vec![4]);
+    log.close();
+}
+
+#[test]
 fn a_time_based_checkpoint_is_signed_while_records_wait() {
     let h = Harness::new();
     let (store, log) = h.open(AuditConfig::new(1_000_000, Duration::from_millis(50), None));

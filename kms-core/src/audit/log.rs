@@ -318,14 +318,19 @@ impl Writer {
             }
             let mut appends = Vec::with_capacity(msgs.len());
             let mut close = None;
+            // A new signer first anchors whatever it finds unsigned (after a crash, say).
+            let mut anchor = false;
             for m in msgs {
                 match m {
                     Msg::Append(event, reply) => appends.push((event, reply)),
-                    Msg::Signer(signer) => self.signer = Some(signer),
+                    Msg::Signer(signer) => {
+                        self.signer = Some(signer);
+                        anchor = self.unanchored > 0;
+                    }
                     Msg::Close(reply) => close = Some(reply),
                 }
             }
-            self.write(appends, close.is_some());
+            self.write(appends, close.is_some() || anchor);
             self.prune_if_due();
             if let Some(reply) = close {
                 let _ = reply.send(());
@@ -350,7 +355,8 @@ impl Writer {
         ))
     }
 
-    fn write(&mut self, appends: Vec<(Vec<u8>, Reply)>, closing: bool) {
+    /// Writes `appends`; `checkpoint_now` signs a checkpoint even if none is due.
+    fn write(&mut self, appends: Vec<(Vec<u8>, Reply)>, checkpoint_now: bool) {
         let now = self.clock.now_unix_ms();
         let mut changes = Vec::with_capacity(appends.len().saturating_add(1));
         let mut seq = self.next_seq;
@@ -372,7 +378,7 @@ impl Writer {
         let interval =
             u64::try_from(self.config.checkpoint_interval.as_millis()).unwrap_or(u64::MAX);
         let due = unanchored > 0
-            && (closing
+            && (checkpoint_now
                 || unanchored >= self.config.checkpoint_every
                 || now.saturating_sub(self.last_checkpoint_ms) >= interval);
         let checkpoint = if due {
