@@ -20,6 +20,8 @@ use crate::identity::principal;
 
 /// Largest ListKeys page.
 const MAX_PAGE: usize = 1000;
+/// Longest QueryAudit filter value.
+const MAX_FILTER: usize = 256;
 /// ListKeys page size when the caller gives none.
 const DEFAULT_PAGE: usize = 100;
 
@@ -310,6 +312,14 @@ impl Admin for AdminService {
         request: Request<QueryAuditRequest>,
     ) -> Result<Response<QueryAuditResponse>, Status> {
         let req = request.get_ref().clone();
+        if [&req.principal, &req.key, &req.action, &req.decision]
+            .iter()
+            .any(|f| f.len() > MAX_FILTER)
+        {
+            return Err(Status::invalid_argument(format!(
+                "audit filters are at most {MAX_FILTER} bytes"
+            )));
+        }
         // Who searched the audit log, and for what, is itself on record.
         let mut event = AuditEvent::default();
         let filters = [

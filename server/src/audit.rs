@@ -110,6 +110,8 @@ pub(crate) struct Facts {
     pub(crate) context_digest: Option<String>,
     pub(crate) decision: Option<&'static str>,
     pub(crate) reason: Option<&'static str>,
+    /// For a re-encryption: the key and version that had sealed the source blob.
+    pub(crate) source: Option<(String, u32)>,
 }
 
 impl Facts {
@@ -165,6 +167,12 @@ pub(crate) fn data_event(
     event.key_version = facts.key_version;
     event.context_keys = facts.context_keys;
     event.context_digest = facts.context_digest;
+    if let Some((key, version)) = facts.source {
+        event.detail.insert("source_key".into(), key);
+        event
+            .detail
+            .insert("source_key_version".into(), version.to_string());
+    }
     event.request_id = Some(request_id);
     event.latency_us = Some(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
     event

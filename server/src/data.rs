@@ -181,6 +181,21 @@ fn context(map: HashMap<String, String>) -> Result<EncryptionContext, Status> {
     EncryptionContext::from_pairs(map).map_err(|e| to_status(&e))
 }
 
+/// Parses the caller's key reference, noting it for the audit record only once it is known to
+/// be well formed (a malformed one may be anything the caller sent, of any length).
+fn parse_key(raw: &str, facts: &mut Facts) -> Result<KeyRef, Status> {
+    match key_ref(raw) {
+        Ok(key) => {
+            facts.key = Some(key.to_string());
+            Ok(key)
+        }
+        Err(status) => {
+            facts.reason = Some("invalid key reference");
+            Err(status)
+        }
+    }
+}
+
 fn check_spec(spec: i32) -> Result<(), Status> {
     match DataKeySpec::try_from(spec) {
         Ok(DataKeySpec::Unspecified | DataKeySpec::Aes256) => Ok(()),
@@ -196,9 +211,8 @@ fn generate_one(
     with_plaintext: bool,
     facts: &mut Facts,
 ) -> Result<GenerateDataKeyResponse, Status> {
-    facts.key = Some(req.key.clone());
     check_spec(req.spec)?;
-    let key = key_ref(&req.key)?;
+    let key = parse_key(&req.key, facts)?;
     let ctx = context(req.encryption_context)?;
     facts.context(audit, &ctx);
     let dk = kms.generate_data_key(caller, &key, &ctx).map_err(|e| {
@@ -491,8 +505,7 @@ fn encrypt_one(
     let mut raw = req.plaintext;
     let plaintext = Plaintext::from_slice(&raw);
     zeroize::Zeroize::zeroize(&mut raw);
-    facts.key = Some(req.key.clone());
-    let key = key_ref(&req.key)?;
+    let key = parse_key(&req.key, facts)?;
     let ctx = context(req.encryption_context)?;
     facts.context(audit, &ctx);
     let sealed = kms.encrypt(caller, &key, &plaintext, &ctx).map_err(|e| {
@@ -516,7 +529,13 @@ fn re_encrypt_one(
     req: ReEncryptRequest,
     facts: &mut Facts,
 ) -> Result<ReEncryptResponse, Status> {
-    facts.key = Some(req.destination_key.clone());
+    let dest = parse_key(&req.destination_key, facts)?;
+    if let Ok(blob) = kms_core::blob::Blob::parse(&req.ciphertext) {
+        facts.source = Some((
+            blob.header.key_id.to_string(),
+            blob.header.key_version.get(),
+        ));
+    }
     let source_ctx = context(req.source_encryption_context)?;
     let dest_ctx = if req.destination_context_set {
         context(req.destination_encryption_context)?
@@ -524,7 +543,6 @@ fn re_encrypt_one(
         source_ctx.clone()
     };
     facts.context(audit, &dest_ctx);
-    let dest = key_ref(&req.destination_key)?;
     let done = kms
         .re_encrypt(caller, &req.ciphertext, &source_ctx, &dest, &dest_ctx)
         .map_err(|e| {

@@ -407,6 +407,14 @@ fn no_secret_reaches_the_logs_or_the_audit_log() {
                 .await
                 .is_err());
         }
+        // A malformed key reference is refused and not copied into the log.
+        assert!(data
+            .generate_data_key(GenerateDataKeyRequest {
+                key: "z".repeat(5000),
+                ..Default::default()
+            })
+            .await
+            .is_err());
         assert!(data
             .generate_data_key(GenerateDataKeyRequest {
                 key: "no-such-key".into(),
@@ -435,6 +443,9 @@ fn no_secret_reaches_the_logs_or_the_audit_log() {
     let export = std::fs::read_to_string(dir.path().join("all.jsonl")).unwrap();
     assert!(export.contains("data.ReEncrypt") && export.contains("admin.CreateAlias"));
     assert!(export.contains("\"context_keys\":[\"tenant\"]"));
+    assert!(export.contains("\"source_key_version\":\"1\""));
+    assert!(export.contains("\"reason\":\"invalid key reference\""));
+    assert!(!export.contains(&"z".repeat(100)));
     assert!(log.contains("TRACE"), "the server logged at TRACE");
 
     let pin = std::fs::read(dir.path().join(".kms/secrets/user.pin")).unwrap();
