@@ -90,7 +90,7 @@ impl Pending {
         self.0.await.unwrap_or(Err(AuditError::Closed))
     }
 
-    /// The same, for threads that may block (never an async worker).
+    /// The same, for threads that may block (never an async worker, where it panics).
     pub fn wait_blocking(self) -> Result<u64, AuditError> {
         self.0.blocking_recv().unwrap_or(Err(AuditError::Closed))
     }
@@ -259,7 +259,8 @@ impl AuditLog {
     }
 
     /// Signs a final checkpoint over every record written and stops the writer. Records
-    /// submitted afterwards are refused with [`AuditError::Closed`].
+    /// submitted afterwards are refused with [`AuditError::Closed`]. Blocks: call it from a
+    /// thread that may block, never from an async worker.
     pub fn close(&self) {
         let (tx, rx) = oneshot::channel();
         if self.tx.send(Msg::Close(tx)).is_ok() {
