@@ -22,7 +22,54 @@ pub enum Error {
     DecryptFailed,
     /// The authorizer refused the request.
     #[error("request denied")]
-    Denied,
+    Denied {
+        /// The determining policies (empty: nothing allowed it).
+        policies: Vec<String>,
+    },
+    /// A presented grant does not cover this request.
+    #[error("grant refused: {reason}")]
+    GrantRefused {
+        /// Stable reason, e.g. `grant.context_mismatch`.
+        reason: &'static str,
+    },
+    /// A grant's time to live is zero or above the maximum.
+    #[error("grant ttl must be 1 to {max_secs} seconds")]
+    GrantTtl {
+        /// The maximum.
+        max_secs: u64,
+    },
+    /// A registration would outlive the configured maximum.
+    #[error("expiry is too far away: at most {max_secs} seconds from now")]
+    ExpiryTooFar {
+        /// The maximum lifetime.
+        max_secs: u64,
+    },
+    /// A policy text does not parse or does not validate against the schema.
+    #[error("policy {id} is invalid: {message}")]
+    PolicyInvalid {
+        /// The offending policy (or statement) id.
+        id: String,
+        /// What Cedar reported.
+        message: String,
+    },
+    /// No current policy with this id (or no such version).
+    #[error("policy {id} not found")]
+    PolicyNotFound {
+        /// The id.
+        id: String,
+    },
+    /// A workload with this selector is already registered.
+    #[error("workload {selector} is already registered")]
+    WorkloadExists {
+        /// The selector.
+        selector: String,
+    },
+    /// No workload with this selector is registered.
+    #[error("workload {selector} is not registered")]
+    WorkloadNotFound {
+        /// The selector.
+        selector: String,
+    },
     /// The HSM failed.
     #[error("hsm")]
     Hsm(#[source] hsm_bridge::Error),
@@ -117,6 +164,26 @@ pub enum InvalidInput {
     /// Paging token.
     #[error("page token")]
     PageToken,
+    /// Workload selector syntax.
+    #[error(
+        "workload selector (a SPIFFE ID, or a SPIFFE ID followed by /* for every ID under it)"
+    )]
+    Selector,
+    /// Owner or purpose text.
+    #[error("owner or purpose (1-512 characters, no control characters)")]
+    WorkloadText,
+    /// Grant parameters.
+    #[error("grant (at least one operation; max uses at least 1)")]
+    Grant,
+    /// Policy id syntax.
+    #[error("policy id (1-64 of a-z 0-9 _ -, starting with a letter or digit)")]
+    PolicyId,
+    /// Trust domain syntax.
+    #[error("trust domain (lower-case letters, digits, . - _)")]
+    TrustDomain,
+    /// An expiry in the past.
+    #[error("expiry (must be in the future)")]
+    Expiry,
 }
 
 /// Key operations, named in errors and decisions.
@@ -133,6 +200,8 @@ pub enum Op {
     ReEncrypt,
     /// Rotate a key.
     Rotate,
+    /// Mint a task grant on a key.
+    CreateGrant,
 }
 
 impl From<hsm_bridge::Error> for Error {

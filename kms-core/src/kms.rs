@@ -13,7 +13,7 @@ use parking_lot::{Mutex, RwLock};
 use secrecy::ExposeSecret;
 use zeroize::Zeroize;
 
-use crate::authz::{authorize, AccessRequest, Authorizer, PolicyDecision};
+use crate::authz::{authorize, AccessRequest, Authorizer, Caller, PolicyDecision};
 use crate::blob::{Algorithm, Blob, Header, MAX_PLAINTEXT_LEN, NONCE_LEN};
 use crate::clock::{Clock, Rng};
 use crate::context::EncryptionContext;
@@ -61,6 +61,8 @@ pub struct DataKey {
     pub plaintext: Dek,
     /// The blob to store beside the data.
     pub ciphertext: Vec<u8>,
+    /// The policies that allowed it.
+    pub policies: Vec<String>,
 }
 
 /// A blob and the key version that sealed it.
@@ -72,6 +74,8 @@ pub struct Sealed {
     pub key_version: KeyVersion,
     /// The blob.
     pub ciphertext: Vec<u8>,
+    /// The policies that allowed it.
+    pub policies: Vec<String>,
 }
 
 /// A blob sealed again by [`Kms::re_encrypt`], and the key version that had sealed it.
@@ -94,6 +98,8 @@ pub struct Opened {
     pub key_version: KeyVersion,
     /// The plaintext.
     pub plaintext: Plaintext,
+    /// The policies that allowed it.
+    pub policies: Vec<String>,
 }
 
 /// The key service.
@@ -270,7 +276,7 @@ impl Kms {
     /// A new data key under the key's current version.
     pub fn generate_data_key(
         &self,
-        caller: &PrincipalId,
+        caller: &Caller,
         key: &KeyRef,
         context: &EncryptionContext,
     ) -> Result<DataKey, Error> {
@@ -278,19 +284,20 @@ impl Kms {
         let ok = self.permit(caller, &entry, Op::GenerateDataKey, context)?;
         let rng = &self.deps.rng;
         let dek = Dek::init_with(|buf| rng.fill(buf))?;
-        let sealed = self.seal(&entry, dek.expose_secret(), context, &ok)?;
+        let sealed = self.seal(&entry, dek.expose_secret(), context, ok)?;
         Ok(DataKey {
             key_id: sealed.key_id,
             key_version: sealed.key_version,
             plaintext: dek,
             ciphertext: sealed.ciphertext,
+            policies: sealed.policies,
         })
     }
 
     /// Encrypts a small secret (at most 4096 bytes).
     pub fn encrypt(
         &self,
-        caller: &PrincipalId,
+        caller: &Caller,
         key: &KeyRef,
         plaintext: &Plaintext,
         context: &EncryptionContext,
@@ -304,13 +311,13 @@ impl Kms {
         }
         let entry = self.entry(key)?;
         let ok = self.permit(caller, &entry, Op::Encrypt, context)?;
-        self.seal(&entry, plaintext.expose_secret(), context, &ok)
+        self.seal(&entry, plaintext.expose_secret(), context, ok)
     }
 
     /// Opens a blob with the same encryption context it was sealed with.
     pub fn decrypt(
         &self,
-        caller: &PrincipalId,
+        caller: &Caller,
         ciphertext: &[u8],
         context: &EncryptionContext,
     ) -> Result<Opened, Error> {
@@ -322,6 +329,7 @@ impl Kms {
             key_id: blob.header.key_id,
             key_version: blob.header.key_version,
             plaintext,
+            policies: ok.into_policies(),
         })
     }
 
@@ -329,7 +337,7 @@ impl Kms {
     /// and `destination_context`, without returning the plaintext.
     pub fn re_encrypt(
         &self,
-        caller: &PrincipalId,
+        caller: &Caller,
         ciphertext: &[u8],
         source_context: &EncryptionContext,
         destination: &KeyRef,
@@ -341,12 +349,19 @@ impl Kms {
         let open_ok = self.permit(caller, &source, Op::Decrypt, source_context)?;
         let seal_ok = self.permit(caller, &dest, Op::ReEncrypt, destination_context)?;
         let plaintext = self.open_blob(&source, &blob, source_context, &open_ok)?;
-        let sealed = self.seal(
+        let mut sealed = self.seal(
             &dest,
             plaintext.expose_secret(),
             destination_context,
-            &seal_ok,
+            seal_ok,
         )?;
+        let mut policies = open_ok.into_policies();
+        for p in sealed.policies.drain(..) {
+            if !policies.contains(&p) {
+                policies.push(p);
+            }
+        }
+        sealed.policies = policies;
         Ok(ReEncrypted {
             source_key_id: blob.header.key_id,
             source_key_version: blob.header.key_version,
@@ -372,21 +387,58 @@ impl Kms {
     }
 
     /// Authorises first, then checks state: a caller who may not use a key learns nothing
-    /// of its state.
+    /// of its state. A caller presenting a grant needs the grant to cover the key, the
+    /// operation and the context, the grant's creator to be allowed the same request, and the
+    /// policies to allow the caller itself under the grant.
     fn permit(
         &self,
-        caller: &PrincipalId,
+        caller: &Caller,
         entry: &KeyEntry,
         op: Op,
         context: &EncryptionContext,
     ) -> Result<PolicyDecision, Error> {
+        let now_unix = self.deps.clock.now_unix();
+        let mut creator_policies = Vec::new();
+        if let Some(g) = &caller.grant {
+            let grant = &g.grant;
+            let refused = |reason| Err(Error::GrantRefused { reason });
+            if grant.key_id != entry.record.id {
+                return refused("grant.other_key");
+            }
+            if !grant.allows_op(op) {
+                return refused("grant.operation_not_granted");
+            }
+            if !grant.context_satisfied(context) {
+                return refused("grant.context_mismatch");
+            }
+            let creator = Caller {
+                id: PrincipalId::new(grant.creator.clone()),
+                method: caller.method,
+                workload: g.creator_workload.clone(),
+                purpose: caller.purpose.clone(),
+                grant: None,
+            };
+            let creator_request = AccessRequest {
+                caller: &creator,
+                op,
+                key: &entry.record,
+                context,
+                now_unix,
+            };
+            match authorize(self.deps.authorizer.as_ref(), &creator_request) {
+                Ok(d) => creator_policies = d.into_policies(),
+                Err(_) => return refused("grant.creator_not_allowed"),
+            }
+        }
         let request = AccessRequest {
-            principal: caller,
+            caller,
             op,
             key: &entry.record,
             context,
+            now_unix,
         };
-        let ok = authorize(self.deps.authorizer.as_ref(), &request)?;
+        let mut ok = authorize(self.deps.authorizer.as_ref(), &request)?;
+        ok.add_policies(creator_policies);
         if entry.record.state != KeyState::Enabled {
             return Err(Error::KeyState {
                 id: entry.record.id,
@@ -397,12 +449,33 @@ impl Kms {
         Ok(ok)
     }
 
+    /// Asks the authorizer whether `caller` may do `op` on `key` with `context`, doing
+    /// nothing else: for checking that a grant's creator may do what it delegates.
+    pub fn check_access(
+        &self,
+        caller: &Caller,
+        key: &KeyRef,
+        op: Op,
+        context: &EncryptionContext,
+    ) -> Result<(KeyRecord, Vec<String>), Error> {
+        let entry = self.entry(key)?;
+        let request = AccessRequest {
+            caller,
+            op,
+            key: &entry.record,
+            context,
+            now_unix: self.deps.clock.now_unix(),
+        };
+        let ok = authorize(self.deps.authorizer.as_ref(), &request)?;
+        Ok((entry.record.clone(), ok.into_policies()))
+    }
+
     fn seal(
         &self,
         entry: &KeyEntry,
         plaintext: &[u8],
         context: &EncryptionContext,
-        _ok: &PolicyDecision,
+        ok: PolicyDecision,
     ) -> Result<Sealed, Error> {
         let version = entry.record.current_version;
         let key = entry
@@ -429,6 +502,7 @@ impl Kms {
             key_id: entry.record.id,
             key_version: version,
             ciphertext: Blob::assemble(&header, &sealed),
+            policies: ok.into_policies(),
         })
     }
 

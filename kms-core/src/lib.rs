@@ -25,19 +25,28 @@
 //! ask the [`Authorizer`] (a denial and an unknown key are both refused before any HSM
 //! call) → check the key's state → seal or open with the version's key.
 
+pub mod approvals;
 pub mod audit;
 pub mod authz;
 pub mod blob;
 mod clock;
 pub mod context;
 mod error;
+pub mod grants;
 mod ids;
+pub mod inventory;
 mod key;
 mod kms;
+pub mod policy;
 mod secret;
+pub mod spiffe;
 pub mod store;
+pub mod trust;
 
-pub use authz::{AccessRequest, AllowAuthenticated, Authorizer, Decision, PolicyDecision};
+pub use authz::{
+    AccessRequest, AllowAuthenticated, AuthMethod, Authorizer, Caller, Decision, GrantFacts,
+    PolicyDecision, Verdict,
+};
 pub use clock::{Clock, Rng, SystemClock, SystemRng};
 pub use context::EncryptionContext;
 pub use error::{Error, InvalidInput, Op};

@@ -140,6 +140,18 @@ fn records_left_unsigned_by_a_crash_are_anchored_when_the_hsm_is_attached() {
         drop(log);
         let report = verify_store(store.as_ref(), None, None).unwrap();
         assert_eq!((report.ok, report.unanchored), (true, 4));
+        // The writer thread lets go of the store once it sees the log dropped; only then can
+        // the directory be opened again.
+        let mut waited = 0;
+        while Arc::strong_count(&store) > 1 && waited < 250 {
+            std::thread::sleep(Duration::from_millis(20));
+            waited += 1;
+        }
+        assert_eq!(
+            Arc::strong_count(&store),
+            1,
+            "the audit writer still holds the store"
+        );
     }
     let (store, log) = h.open(config);
     let mut waited = 0;

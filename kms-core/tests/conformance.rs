@@ -15,9 +15,9 @@ use hsm_bridge::test_support::TestToken;
 use hsm_bridge::{Hsm, Pkcs11Hsm};
 use kms_core::store::{Store, Table};
 use kms_core::{
-    AccessRequest, Alias, AllowAuthenticated, Authorizer, Clock, Decision, Deps, EncryptionContext,
-    Error, KeyRef, KeyState, Kms, Labels, NewKey, Plaintext, PrincipalId, Protection, Rng,
-    RocksStore, StoredMaterial, SystemRng, VersionRecord,
+    AccessRequest, Alias, AllowAuthenticated, AuthMethod, Authorizer, Caller, Clock, Deps,
+    EncryptionContext, Error, KeyRef, KeyState, Kms, Labels, NewKey, Plaintext, PrincipalId,
+    Protection, Rng, RocksStore, StoredMaterial, SystemRng, Verdict, VersionRecord,
 };
 use secrecy::ExposeSecret;
 
@@ -31,8 +31,8 @@ impl Clock for FixedClock {
 /// Denies everything: to check that refusals come before any key material is used.
 struct DenyAll;
 impl Authorizer for DenyAll {
-    fn decide(&self, _: &AccessRequest<'_>) -> Decision {
-        Decision::Deny
+    fn decide(&self, _: &AccessRequest<'_>) -> Verdict {
+        Verdict::deny(Vec::new())
     }
 }
 
@@ -118,8 +118,11 @@ impl Harness {
     }
 }
 
-fn caller() -> PrincipalId {
-    PrincipalId::new("x509-sha256:test".into())
+fn caller() -> Caller {
+    Caller::new(
+        PrincipalId::new("spiffe://test.example/svc".into()),
+        AuthMethod::Mtls,
+    )
 }
 
 fn ctx(pairs: &[(&str, &str)]) -> EncryptionContext {
@@ -351,11 +354,11 @@ macro_rules! conformance {
                 // Denied even though disabled: a refused caller learns nothing of the state.
                 assert!(matches!(
                     h.kms().generate_data_key(&caller(), &key, &c),
-                    Err(Error::Denied)
+                    Err(Error::Denied { .. })
                 ));
                 assert!(matches!(
                     h.kms().decrypt(&caller(), &dk.ciphertext, &c),
-                    Err(Error::Denied)
+                    Err(Error::Denied { .. })
                 ));
                 let unknown = KeyRef::Id("00000000-0000-4000-8000-000000000000".parse().unwrap());
                 assert!(matches!(

@@ -24,17 +24,32 @@ pub enum Table {
     AuditCheckpoints,
     /// Audit log settings: public keys of the checkpoint signers, the wrapped context key.
     AuditMeta,
+    /// Trust domain → its trust bundle.
+    TrustBundles,
+    /// Workload selector (a SPIFFE ID, or a prefix ending in `/*`) → registration.
+    Workloads,
+    /// Workload selector → last-seen time and call counts.
+    WorkloadUsage,
+    /// Policy id → its versions.
+    Policies,
+    /// `grant/<id>` → grant, `uses/<id>` → uses so far, and the wrapped token key.
+    Grants,
 }
 
 impl Table {
     /// Every table, for opening.
-    pub const ALL: [Table; 6] = [
+    pub const ALL: [Table; 11] = [
         Table::Aliases,
         Table::Keys,
         Table::Versions,
         Table::AuditRecords,
         Table::AuditCheckpoints,
         Table::AuditMeta,
+        Table::TrustBundles,
+        Table::Workloads,
+        Table::WorkloadUsage,
+        Table::Policies,
+        Table::Grants,
     ];
 
     /// Column family name.
@@ -46,6 +61,11 @@ impl Table {
             Table::AuditRecords => "audit_records",
             Table::AuditCheckpoints => "audit_checkpoints",
             Table::AuditMeta => "audit_meta",
+            Table::TrustBundles => "trust_bundles",
+            Table::Workloads => "workloads",
+            Table::WorkloadUsage => "workload_usage",
+            Table::Policies => "policies",
+            Table::Grants => "grants",
         }
     }
 }

@@ -1,0 +1,641 @@
+//! Policy-as-code: Cedar policies decide every data-plane request.
+//!
+//! Policies are stored by id, each id with its history of versions (a deletion is a version
+//! too, so the history says who removed what and when). A policy text may hold several Cedar
+//! statements; a text with one statement keeps its id, the statements of a longer text are
+//! named `id.1`, `id.2`, ... in order. Every text is validated against [`SCHEMA`] (strict mode)
+//! together with all other current policies before it is stored, so a stored set always
+//! validates.
+//!
+//! Evaluation is Cedar's: default deny, any `forbid` wins over every `permit`. The principal
+//! is the calling `Workload` (its registration's owner, purpose and labels as tags), the
+//! resource the `Key` (its labels as tags), and the context carries the encryption context
+//! (as the tags of an `EncryptionContext` entity, so policies can compare computed keys), the
+//! time of the request, the authentication method and the caller's declared purpose.
+
+use std::collections::{BTreeMap, HashMap};
+use std::str::FromStr;
+use std::sync::Arc;
+
+use cedar_policy::{
+    Context, Entities, Entity, EntityId, EntityTypeName, EntityUid, PolicySet, Request,
+    RestrictedExpression, Schema, ValidationMode, Validator,
+};
+use parking_lot::{Mutex, RwLock};
+use serde::{Deserialize, Serialize};
+
+use crate::authz::{AccessRequest, Authorizer, Verdict};
+use crate::clock::Clock;
+use crate::error::{Error, InvalidInput, Op};
+use crate::spiffe::SpiffeId;
+use crate::store::{Change, Row, Store, Table};
+
+/// The Cedar schema every policy is validated against.
+pub const SCHEMA: &str = r#"
+// A calling workload. Tags are the labels of its inventory registration.
+entity Workload = {
+  spiffe_id: String,
+  trust_domain: String,
+  owner: String,
+  purpose: String,
+} tags String;
+
+// A key. Tags are its labels (for example sensitivity, owner).
+entity Key = {
+  id: String,
+  alias: String,
+} tags String;
+
+// The request's encryption context; its entries are the tags.
+entity EncryptionContext tags String;
+
+type Time = {
+  // Seconds since the Unix epoch.
+  unix: Long,
+  // 0-23, 0-59, and 0 (Sunday) to 6, all UTC.
+  hour_utc: Long,
+  minute_utc: Long,
+  weekday_utc: Long,
+};
+
+type Grant = {
+  id: String,
+  creator: String,
+};
+
+type RequestContext = {
+  encryption_context: EncryptionContext,
+  time: Time,
+  // "mtls", "jwt" or "grant".
+  auth_method: String,
+  // The caller's declared reason for this request, when it gave one.
+  purpose?: String,
+  // The grant the caller presented, when it presented one.
+  grant?: Grant,
+};
+
+action GenerateDataKey, Decrypt, Encrypt, ReEncrypt, CreateGrant appliesTo {
+  principal: Workload,
+  resource: Key,
+  context: RequestContext,
+};
+"#;
+
+/// Longest policy text.
+pub const MAX_POLICY_TEXT: usize = 64 * 1024;
+
+/// One stored version of a policy.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct PolicyVersion {
+    /// 1, 2, ...
+    pub version: u32,
+    /// The Cedar text; empty for a deletion.
+    pub text: String,
+    /// True when this version removed the policy.
+    pub deleted: bool,
+    /// When it was stored, seconds since the epoch.
+    pub created_at: u64,
+    /// Who stored it.
+    pub created_by: String,
+}
+
+/// A policy id and every version it has had.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct PolicyHistory {
+    /// The id.
+    pub id: String,
+    /// Oldest first.
+    pub versions: Vec<PolicyVersion>,
+}
+
+impl PolicyHistory {
+    /// The newest version, if it is not a deletion.
+    pub fn current(&self) -> Option<&PolicyVersion> {
+        self.versions.last().filter(|v| !v.deleted)
+    }
+}
+
+/// Checks a policy id: 1-64 of `a-z 0-9 _ -`, starting with a letter or digit.
+fn check_id(id: &str) -> Result<(), Error> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-'))
+        && id.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric());
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Invalid(InvalidInput::PolicyId))
+    }
+}
+
+fn schema() -> Result<Schema, Error> {
+    Schema::from_cedarschema_str(SCHEMA)
+        .map(|(s, _)| s)
+        .map_err(|_| Error::Internal("built-in policy schema does not parse"))
+}
+
+/// The Cedar statements of one stored text, named by `id`.
+fn statements(id: &str, text: &str) -> Result<Vec<cedar_policy::Policy>, Error> {
+    let parsed = PolicySet::from_str(text).map_err(|e| Error::PolicyInvalid {
+        id: id.to_owned(),
+        message: format!("{e}"),
+    })?;
+    if parsed.templates().next().is_some() {
+        return Err(Error::PolicyInvalid {
+            id: id.to_owned(),
+            message: "templates are not supported".into(),
+        });
+    }
+    let all: Vec<_> = parsed.policies().cloned().collect();
+    if all.is_empty() {
+        return Err(Error::PolicyInvalid {
+            id: id.to_owned(),
+            message: "no policy statement".into(),
+        });
+    }
+    let n = all.len();
+    Ok(all
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let name = if n == 1 {
+                id.to_owned()
+            } else {
+                format!("{id}.{}", i + 1)
+            };
+            p.new_id(cedar_policy::PolicyId::new(name))
+        })
+        .collect())
+}
+
+/// Builds and validates the set of the given current texts.
+fn compile(schema: &Schema, texts: &BTreeMap<String, String>) -> Result<PolicySet, Error> {
+    let mut set = PolicySet::new();
+    for (id, text) in texts {
+        for statement in statements(id, text)? {
+            set.add(statement).map_err(|e| Error::PolicyInvalid {
+                id: id.clone(),
+                message: format!("{e}"),
+            })?;
+        }
+    }
+    let result = Validator::new(schema.clone()).validate(&set, ValidationMode::Strict);
+    if !result.validation_passed() {
+        let message = result
+            .validation_errors()
+            .map(|e| format!("{}: {e}", e.policy_id()))
+            .collect::<Vec<_>>()
+            .join("; ");
+        let id = result
+            .validation_errors()
+            .next()
+            .map(|e| e.policy_id().to_string())
+            .unwrap_or_default();
+        return Err(Error::PolicyInvalid { id, message });
+    }
+    Ok(set)
+}
+
+/// The current policies, sliced by principal: Cedar evaluates every policy in a set, so each
+/// caller is evaluated against only the policies that could apply to it (those whose scope
+/// names no principal, and those naming it with `principal == ...`). The decision is the one
+/// the whole set would give, since a policy scoped to another principal can never match.
+struct Compiled {
+    general: Arc<PolicySet>,
+    by_principal: HashMap<String, Arc<PolicySet>>,
+    statements: usize,
+}
+
+impl Compiled {
+    fn new(set: &PolicySet) -> Result<Self, Error> {
+        let slice_err = |e: cedar_policy::PolicySetError| Error::PolicyInvalid {
+            id: String::new(),
+            message: format!("{e}"),
+        };
+        let mut general = PolicySet::new();
+        let mut specific: HashMap<String, Vec<cedar_policy::Policy>> = HashMap::new();
+        let mut statements = 0;
+        for p in set.policies() {
+            statements += 1;
+            match p.principal_constraint() {
+                cedar_policy::PrincipalConstraint::Eq(uid) => specific
+                    .entry(uid.id().unescaped().to_owned())
+                    .or_default()
+                    .push(p.clone()),
+                _ => general.add(p.clone()).map_err(slice_err)?,
+            }
+        }
+        let mut by_principal = HashMap::with_capacity(specific.len());
+        for (principal, policies) in specific {
+            let mut s = general.clone();
+            for p in policies {
+                s.add(p).map_err(slice_err)?;
+            }
+            by_principal.insert(principal, Arc::new(s));
+        }
+        Ok(Self {
+            general: Arc::new(general),
+            by_principal,
+            statements,
+        })
+    }
+
+    fn for_principal(&self, principal: &str) -> Arc<PolicySet> {
+        self.by_principal
+            .get(principal)
+            .unwrap_or(&self.general)
+            .clone()
+    }
+}
+
+/// The stored policies and the compiled set evaluated on every request.
+pub struct Policies {
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    schema: Schema,
+    histories: RwLock<BTreeMap<String, PolicyHistory>>,
+    compiled: RwLock<Arc<Compiled>>,
+    timings: Mutex<Option<hdrhistogram::Histogram<u64>>>,
+}
+
+/// Evaluation times measured inside the server since start or the last reset.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EvalStats {
+    /// Evaluations measured.
+    pub count: u64,
+    /// Median, nanoseconds.
+    pub p50_ns: u64,
+    /// 99th percentile, nanoseconds.
+    pub p99_ns: u64,
+    /// 99.9th percentile, nanoseconds.
+    pub p999_ns: u64,
+    /// Slowest, nanoseconds.
+    pub max_ns: u64,
+}
+
+#[expect(
+    clippy::disallowed_methods,
+    reason = "policy evaluation time is measured wall time"
+)]
+fn eval_clock() -> std::time::Instant {
+    std::time::Instant::now()
+}
+
+/// 1 ns to 10 s at 3 significant digits (valid bounds: never `None` in practice).
+fn new_histogram() -> Option<hdrhistogram::Histogram<u64>> {
+    hdrhistogram::Histogram::new_with_bounds(1, 10_000_000_000, 3).ok()
+}
+
+impl std::fmt::Debug for Policies {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Policies")
+            .field("ids", &self.histories.read().len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Policies {
+    /// Loads and compiles the stored policies.
+    pub fn open(store: Arc<dyn Store>, clock: Arc<dyn Clock>) -> Result<Self, Error> {
+        let schema = schema()?;
+        let mut histories = BTreeMap::new();
+        for Row { value, .. } in store.scan(Table::Policies)? {
+            let h: PolicyHistory =
+                serde_json::from_slice(&value).map_err(|source| Error::Record {
+                    table: "policies",
+                    source,
+                })?;
+            histories.insert(h.id.clone(), h);
+        }
+        let compiled = Compiled::new(&compile(&schema, &current_texts(&histories))?)?;
+        Ok(Self {
+            store,
+            clock,
+            schema,
+            histories: RwLock::new(histories),
+            compiled: RwLock::new(Arc::new(compiled)),
+            timings: Mutex::new(new_histogram()),
+        })
+    }
+
+    /// Stores a new version of policy `id` (creating it if new), after validating it with
+    /// every other current policy. Returns the stored version and the one it replaced.
+    pub fn put(
+        &self,
+        id: &str,
+        text: &str,
+        by: &str,
+    ) -> Result<(PolicyVersion, Option<PolicyVersion>), Error> {
+        check_id(id)?;
+        if text.len() > MAX_POLICY_TEXT {
+            return Err(Error::TooLarge {
+                what: "policy text",
+                len: text.len(),
+                max: MAX_POLICY_TEXT,
+            });
+        }
+        let mut histories = self.histories.write();
+        let mut texts = current_texts(&histories);
+        texts.insert(id.to_owned(), text.to_owned());
+        let compiled = Compiled::new(&compile(&self.schema, &texts)?)?;
+        let mut history = histories.get(id).cloned().unwrap_or(PolicyHistory {
+            id: id.to_owned(),
+            versions: Vec::new(),
+        });
+        let before = history.current().cloned();
+        let version = PolicyVersion {
+            version: next_version(&history),
+            text: text.to_owned(),
+            deleted: false,
+            created_at: self.clock.now_unix(),
+            created_by: by.to_owned(),
+        };
+        history.versions.push(version.clone());
+        self.save(&history)?;
+        histories.insert(id.to_owned(), history);
+        *self.compiled.write() = Arc::new(compiled);
+        Ok((version, before))
+    }
+
+    /// Removes policy `id` from evaluation, keeping its history. Returns the removed version.
+    pub fn delete(&self, id: &str, by: &str) -> Result<PolicyVersion, Error> {
+        let mut histories = self.histories.write();
+        let mut history = histories
+            .get(id)
+            .filter(|h| h.current().is_some())
+            .cloned()
+            .ok_or_else(|| Error::PolicyNotFound { id: id.to_owned() })?;
+        let before = history.current().cloned();
+        let mut texts = current_texts(&histories);
+        texts.remove(id);
+        let compiled = Compiled::new(&compile(&self.schema, &texts)?)?;
+        history.versions.push(PolicyVersion {
+            version: next_version(&history),
+            text: String::new(),
+            deleted: true,
+            created_at: self.clock.now_unix(),
+            created_by: by.to_owned(),
+        });
+        self.save(&history)?;
+        histories.insert(id.to_owned(), history);
+        *self.compiled.write() = Arc::new(compiled);
+        before.ok_or(Error::Internal("deleted policy had no current version"))
+    }
+
+    /// Version `version` of policy `id`, or its current version when `version` is `None`.
+    pub fn get(&self, id: &str, version: Option<u32>) -> Result<PolicyVersion, Error> {
+        let histories = self.histories.read();
+        let history = histories
+            .get(id)
+            .ok_or_else(|| Error::PolicyNotFound { id: id.to_owned() })?;
+        let found = match version {
+            None => history.current(),
+            Some(v) => history.versions.iter().find(|p| p.version == v),
+        };
+        found
+            .cloned()
+            .ok_or_else(|| Error::PolicyNotFound { id: id.to_owned() })
+    }
+
+    /// Every policy id with its history, current and deleted, sorted by id.
+    pub fn list(&self) -> Vec<PolicyHistory> {
+        self.histories.read().values().cloned().collect()
+    }
+
+    /// Number of current Cedar statements.
+    pub fn statement_count(&self) -> usize {
+        self.compiled.read().statements
+    }
+
+    fn save(&self, history: &PolicyHistory) -> Result<(), Error> {
+        let value = serde_json::to_vec(history)
+            .map_err(|_| Error::Internal("policy history does not serialise"))?;
+        self.store.write(vec![Change::Put {
+            table: Table::Policies,
+            key: history.id.as_bytes().to_vec(),
+            value,
+        }])
+    }
+
+    /// Evaluation times so far; `reset` starts a new measurement.
+    pub fn eval_stats(&self, reset: bool) -> EvalStats {
+        let mut guard = self.timings.lock();
+        let Some(h) = guard.as_mut() else {
+            return EvalStats::default();
+        };
+        let stats = EvalStats {
+            count: h.len(),
+            p50_ns: h.value_at_quantile(0.5),
+            p99_ns: h.value_at_quantile(0.99),
+            p999_ns: h.value_at_quantile(0.999),
+            max_ns: h.max(),
+        };
+        if reset {
+            h.reset();
+        }
+        stats
+    }
+
+    /// Evaluates `request` against the current policies, timing it.
+    pub fn evaluate(&self, request: &AccessRequest<'_>) -> Verdict {
+        let started = eval_clock();
+        let verdict = self.evaluate_untimed(request);
+        let ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        if let Some(h) = self.timings.lock().as_mut() {
+            let _ = h.record(ns.max(1));
+        }
+        verdict
+    }
+
+    fn evaluate_untimed(&self, request: &AccessRequest<'_>) -> Verdict {
+        let set = self
+            .compiled
+            .read()
+            .for_principal(request.caller.id.as_str());
+        match cedar_request(request) {
+            Ok((req, entities)) => {
+                let response = cedar_policy::Authorizer::new().is_authorized(&req, &set, &entities);
+                let policies = response
+                    .diagnostics()
+                    .reason()
+                    .map(ToString::to_string)
+                    .collect();
+                for e in response.diagnostics().errors() {
+                    tracing::debug!(error = %e, "policy evaluation error");
+                }
+                match response.decision() {
+                    cedar_policy::Decision::Allow => Verdict::allow(policies),
+                    cedar_policy::Decision::Deny => Verdict::deny(policies),
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "policy request could not be built; denied");
+                Verdict::deny(Vec::new())
+            }
+        }
+    }
+}
+
+fn current_texts(histories: &BTreeMap<String, PolicyHistory>) -> BTreeMap<String, String> {
+    histories
+        .iter()
+        .filter_map(|(id, h)| h.current().map(|v| (id.clone(), v.text.clone())))
+        .collect()
+}
+
+fn next_version(history: &PolicyHistory) -> u32 {
+    history
+        .versions
+        .last()
+        .map_or(1, |v| v.version.saturating_add(1))
+}
+
+/// The Cedar action for a data-plane operation.
+pub fn action_name(op: Op) -> &'static str {
+    match op {
+        Op::Decrypt => "Decrypt",
+        Op::Encrypt => "Encrypt",
+        Op::GenerateDataKey => "GenerateDataKey",
+        Op::ReEncrypt => "ReEncrypt",
+        Op::CreateGrant => "CreateGrant",
+        _ => "None",
+    }
+}
+
+fn uid(type_name: &str, id: &str) -> Result<EntityUid, String> {
+    let t = EntityTypeName::from_str(type_name).map_err(|e| e.to_string())?;
+    Ok(EntityUid::from_type_name_and_id(t, EntityId::new(id)))
+}
+
+fn string(s: &str) -> RestrictedExpression {
+    RestrictedExpression::new_string(s.to_owned())
+}
+
+fn long(n: u64) -> RestrictedExpression {
+    RestrictedExpression::new_long(i64::try_from(n).unwrap_or(i64::MAX))
+}
+
+/// The Cedar request and entities for one access request.
+fn cedar_request(r: &AccessRequest<'_>) -> Result<(Request, Entities), String> {
+    let spiffe_id = r.caller.id.as_str();
+    let trust_domain = SpiffeId::from_str(spiffe_id)
+        .map(|id| id.trust_domain().to_owned())
+        .unwrap_or_default();
+    let workload = r.caller.workload.as_deref();
+    let principal = uid("Workload", spiffe_id)?;
+    let principal_entity = Entity::new_with_tags(
+        principal.clone(),
+        [
+            ("spiffe_id".to_owned(), string(spiffe_id)),
+            ("trust_domain".to_owned(), string(&trust_domain)),
+            (
+                "owner".to_owned(),
+                string(workload.map_or("", |w| w.owner.as_str())),
+            ),
+            (
+                "purpose".to_owned(),
+                string(workload.map_or("", |w| w.purpose.as_str())),
+            ),
+        ],
+        [],
+        workload
+            .into_iter()
+            .flat_map(|w| w.labels.entries())
+            .map(|(k, v)| (k.to_owned(), string(v))),
+    )
+    .map_err(|e| e.to_string())?;
+
+    let key_id = r.key.id.to_string();
+    let resource = uid("Key", &key_id)?;
+    let resource_entity = Entity::new_with_tags(
+        resource.clone(),
+        [
+            ("id".to_owned(), string(&key_id)),
+            (
+                "alias".to_owned(),
+                string(r.key.alias.as_ref().map_or("", |a| a.as_str())),
+            ),
+        ],
+        [],
+        r.key
+            .labels
+            .entries()
+            .map(|(k, v)| (k.to_owned(), string(v))),
+    )
+    .map_err(|e| e.to_string())?;
+
+    let ctx_uid = uid("EncryptionContext", "request")?;
+    let ctx_entity = Entity::new_with_tags(
+        ctx_uid.clone(),
+        [],
+        [],
+        r.context.entries().map(|(k, v)| (k.to_owned(), string(v))),
+    )
+    .map_err(|e| e.to_string())?;
+
+    let now = r.now_unix;
+    let day_secs = now % 86_400;
+    // 1970-01-01 was a Thursday (4).
+    let weekday = (now / 86_400 + 4) % 7;
+    let time = RestrictedExpression::new_record([
+        ("unix".to_owned(), long(now)),
+        ("hour_utc".to_owned(), long(day_secs / 3600)),
+        ("minute_utc".to_owned(), long(day_secs % 3600 / 60)),
+        ("weekday_utc".to_owned(), long(weekday)),
+    ])
+    .map_err(|e| e.to_string())?;
+    let mut pairs = vec![
+        (
+            "encryption_context".to_owned(),
+            RestrictedExpression::new_entity_uid(ctx_uid),
+        ),
+        ("time".to_owned(), time),
+        (
+            "auth_method".to_owned(),
+            string(if r.caller.grant.is_some() {
+                "grant"
+            } else {
+                r.caller.method.as_str()
+            }),
+        ),
+    ];
+    if let Some(purpose) = &r.caller.purpose {
+        pairs.push(("purpose".to_owned(), string(purpose)));
+    }
+    if let Some(grant) = &r.caller.grant {
+        let g = RestrictedExpression::new_record([
+            ("id".to_owned(), string(&grant.grant.id)),
+            ("creator".to_owned(), string(&grant.grant.creator)),
+        ])
+        .map_err(|e| e.to_string())?;
+        pairs.push(("grant".to_owned(), g));
+    }
+    let context = Context::from_pairs(pairs).map_err(|e| e.to_string())?;
+    let action = uid("Action", action_name(r.op))?;
+    let request =
+        Request::new(principal, action, resource, context, None).map_err(|e| e.to_string())?;
+    let entities = Entities::from_entities([principal_entity, resource_entity, ctx_entity], None)
+        .map_err(|e| e.to_string())?;
+    Ok((request, entities))
+}
+
+/// The data plane's [`Authorizer`]: the current Cedar policies.
+#[derive(Clone, Debug)]
+pub struct CedarAuthorizer {
+    policies: Arc<Policies>,
+}
+
+impl CedarAuthorizer {
+    /// An authorizer over `policies`; changes to them apply from the next request.
+    pub fn new(policies: Arc<Policies>) -> Self {
+        Self { policies }
+    }
+}
+
+impl Authorizer for CedarAuthorizer {
+    fn decide(&self, request: &AccessRequest<'_>) -> Verdict {
+        self.policies.evaluate(request)
+    }
+}
