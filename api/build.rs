@@ -4,11 +4,12 @@ use std::path::PathBuf;
 
 use protox::prost::Message;
 
-/// Messages with a plaintext field.
-const SECRET_MESSAGES: [&str; 3] = [
+/// Messages with a plaintext or token field.
+const SECRET_MESSAGES: [&str; 4] = [
     "GenerateDataKeyResponse",
     "DecryptResponse",
     "EncryptRequest",
+    "CreateGrantResponse",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -12,7 +12,8 @@ use crate::v1::data_plane_client::DataPlaneClient;
 pub struct ClientTls {
     /// CA certificate(s) that issued the server certificate.
     pub server_ca_pem: Vec<u8>,
-    /// The client's certificate chain.
+    /// The client's certificate chain; empty for none (a data-plane caller presenting a
+    /// JWT-SVID instead).
     pub cert_pem: Vec<u8>,
     /// The client's private key. Redacted from `Debug`.
     pub key_pem: Vec<u8>,
@@ -52,10 +53,13 @@ pub enum ConnectError {
 
 async fn channel(addr: &str, tls: &ClientTls) -> Result<Channel, ConnectError> {
     let uri = format!("https://{addr}");
-    let config = ClientTlsConfig::new()
+    let mut config = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(&tls.server_ca_pem))
-        .identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem))
         .domain_name(tls.server_name.clone());
+    // No certificate: a data-plane caller authenticating with a JWT-SVID instead.
+    if !tls.cert_pem.is_empty() {
+        config = config.identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem));
+    }
     let transport = |source| ConnectError::Transport {
         addr: addr.to_owned(),
         source,

@@ -32,7 +32,9 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("kms_
 mod redacted_debug {
     use std::fmt;
 
-    use crate::v1::{DecryptResponse, EncryptRequest, GenerateDataKeyResponse};
+    use crate::v1::{
+        CreateGrantResponse, DecryptResponse, EncryptRequest, GenerateDataKeyResponse,
+    };
 
     impl fmt::Debug for GenerateDataKeyResponse {
         fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -51,6 +53,17 @@ mod redacted_debug {
                 .field("key_id", &self.key_id)
                 .field("key_version", &self.key_version)
                 .field("plaintext_len", &self.plaintext.len())
+                .finish()
+        }
+    }
+
+    impl fmt::Debug for CreateGrantResponse {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.debug_struct("CreateGrantResponse")
+                .field("grant_id", &self.grant_id)
+                .field("token", &"<redacted>")
+                .field("expires_at", &self.expires_at)
+                .field("key_id", &self.key_id)
                 .finish()
         }
     }

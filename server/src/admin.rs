@@ -4,8 +4,12 @@ use std::sync::Arc;
 
 use api::v1::admin_server::Admin;
 use api::v1::{
-    CreateAliasRequest, CreateKeyRequest, KeyMetadata, KeyRequest, ListKeysRequest,
-    ListKeysResponse, QueryAuditRequest, QueryAuditResponse,
+    CreateAliasRequest, CreateKeyRequest, GetPolicyRequest, KeyMetadata, KeyRequest,
+    ListKeysRequest, ListKeysResponse, ListPoliciesRequest, ListPoliciesResponse,
+    ListTrustBundlesRequest, ListTrustBundlesResponse, ListWorkloadsRequest, ListWorkloadsResponse,
+    PolicyInfo, PolicyRequest, PutPolicyRequest, QueryAuditRequest, QueryAuditResponse,
+    RegisterWorkloadRequest, SetTrustBundleRequest, TestPolicyRequest, TestPolicyResponse,
+    TrustBundle, TrustDomainRequest, UpdateWorkloadRequest, WorkloadInfo, WorkloadRequest,
 };
 use kms_core::audit::{object_hash, AuditEvent};
 use kms_core::{
@@ -16,6 +20,7 @@ use tonic::{Request, Response, Status};
 use crate::audit::{status_word, tag, Audit};
 use crate::audit_query::query_audit;
 use crate::data::{key_ref, state_word};
+use crate::governance::Governance;
 use crate::identity::principal;
 
 /// Largest ListKeys page.
@@ -28,9 +33,10 @@ const DEFAULT_PAGE: usize = 100;
 /// The `Admin` gRPC service.
 #[derive(Clone)]
 pub struct AdminService {
-    kms: Arc<Kms>,
-    audit: Audit,
+    pub(crate) kms: Arc<Kms>,
+    pub(crate) audit: Audit,
     store: Arc<dyn Store>,
+    pub(crate) gov: Arc<Governance>,
 }
 
 impl std::fmt::Debug for AdminService {
@@ -42,15 +48,20 @@ impl std::fmt::Debug for AdminService {
 }
 
 impl AdminService {
-    /// A service over `kms`, recording every change in `audit`, and reading the audit log
-    /// from `store`.
-    pub fn new(kms: Arc<Kms>, audit: Audit, store: Arc<dyn Store>) -> Self {
-        Self { kms, audit, store }
+    /// A service over `kms` and `gov`, recording every change in `audit`, and reading the
+    /// audit log from `store`.
+    pub fn new(kms: Arc<Kms>, audit: Audit, store: Arc<dyn Store>, gov: Arc<Governance>) -> Self {
+        Self {
+            kms,
+            audit,
+            store,
+            gov,
+        }
     }
 
     /// Runs a read off the async workers and records who read what; the answer is given only
     /// once that record is durable.
-    async fn read<T, R, F>(
+    pub(crate) async fn read<T, R, F>(
         &self,
         action: &'static str,
         request: &Request<R>,
@@ -138,6 +149,16 @@ pub(crate) fn to_status(e: &Error) -> Status {
             Status::already_exists(format!("alias {alias} is already in use"))
         }
         Error::Invalid(what) => Status::invalid_argument(format!("invalid {what}")),
+        Error::WorkloadExists { .. } => Status::already_exists(e.to_string()),
+        Error::WorkloadNotFound { .. } | Error::PolicyNotFound { .. } => {
+            Status::not_found(e.to_string())
+        }
+        Error::PolicyInvalid { .. } | Error::ExpiryTooFar { .. } => {
+            Status::invalid_argument(e.to_string())
+        }
+        Error::TooLarge { what, len, max } => {
+            Status::invalid_argument(format!("{what} too large: {len} bytes, at most {max}"))
+        }
         Error::KeyState { id, state, .. } => {
             Status::failed_precondition(format!("key {id} is {}", state_word(*state)))
         }
@@ -340,5 +361,117 @@ impl Admin for AdminService {
             query_audit(store, &req)
         })
         .await
+    }
+
+    async fn set_trust_bundle(
+        &self,
+        request: Request<SetTrustBundleRequest>,
+    ) -> Result<Response<TrustBundle>, Status> {
+        self.set_trust_bundle_impl(request).await
+    }
+
+    async fn delete_trust_bundle(
+        &self,
+        request: Request<TrustDomainRequest>,
+    ) -> Result<Response<TrustBundle>, Status> {
+        self.delete_trust_bundle_impl(request).await
+    }
+
+    async fn list_trust_bundles(
+        &self,
+        request: Request<ListTrustBundlesRequest>,
+    ) -> Result<Response<ListTrustBundlesResponse>, Status> {
+        self.list_trust_bundles_impl(request).await
+    }
+
+    async fn register_workload(
+        &self,
+        request: Request<RegisterWorkloadRequest>,
+    ) -> Result<Response<WorkloadInfo>, Status> {
+        self.register_workload_impl(request).await
+    }
+
+    async fn update_workload(
+        &self,
+        request: Request<UpdateWorkloadRequest>,
+    ) -> Result<Response<WorkloadInfo>, Status> {
+        self.update_workload_impl(request).await
+    }
+
+    async fn deactivate_workload(
+        &self,
+        request: Request<WorkloadRequest>,
+    ) -> Result<Response<WorkloadInfo>, Status> {
+        self.deactivate_workload_impl(request).await
+    }
+
+    async fn describe_workload(
+        &self,
+        request: Request<WorkloadRequest>,
+    ) -> Result<Response<WorkloadInfo>, Status> {
+        self.describe_workload_impl(request).await
+    }
+
+    async fn list_workloads(
+        &self,
+        request: Request<ListWorkloadsRequest>,
+    ) -> Result<Response<ListWorkloadsResponse>, Status> {
+        self.list_workloads_impl(request).await
+    }
+
+    async fn put_policy(
+        &self,
+        request: Request<PutPolicyRequest>,
+    ) -> Result<Response<PolicyInfo>, Status> {
+        self.put_policy_impl(request).await
+    }
+
+    async fn get_policy(
+        &self,
+        request: Request<GetPolicyRequest>,
+    ) -> Result<Response<PolicyInfo>, Status> {
+        self.get_policy_impl(request).await
+    }
+
+    async fn list_policies(
+        &self,
+        request: Request<ListPoliciesRequest>,
+    ) -> Result<Response<ListPoliciesResponse>, Status> {
+        self.list_policies_impl(request).await
+    }
+
+    async fn delete_policy(
+        &self,
+        request: Request<PolicyRequest>,
+    ) -> Result<Response<PolicyInfo>, Status> {
+        self.delete_policy_impl(request).await
+    }
+
+    async fn test_policy(
+        &self,
+        request: Request<TestPolicyRequest>,
+    ) -> Result<Response<TestPolicyResponse>, Status> {
+        self.test_policy_impl(request).await
+    }
+
+    async fn list_grants(
+        &self,
+        request: Request<api::v1::ListGrantsRequest>,
+    ) -> Result<Response<api::v1::ListGrantsResponse>, Status> {
+        self.list_grants_impl(request).await
+    }
+
+    async fn revoke_grants(
+        &self,
+        request: Request<api::v1::RevokeGrantsRequest>,
+    ) -> Result<Response<api::v1::RevokeGrantsResponse>, Status> {
+        self.revoke_grants_impl(request).await
+    }
+
+    async fn policy_stats(
+        &self,
+        request: Request<api::v1::PolicyStatsRequest>,
+    ) -> Result<Response<api::v1::PolicyStatsResponse>, Status> {
+        self.policy_stats_impl(request).await
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use kms_core::audit::{AuditError, AuditEvent, AuditLog, Pending};
-use kms_core::{EncryptionContext, Error, PrincipalId};
+use kms_core::{Caller, EncryptionContext, Error};
 use tonic::metadata::{AsciiMetadataValue, MetadataMap};
 use tonic::Status;
 
@@ -110,6 +110,12 @@ pub(crate) struct Facts {
     pub(crate) context_digest: Option<String>,
     pub(crate) decision: Option<&'static str>,
     pub(crate) reason: Option<&'static str>,
+    /// The policies that determined the decision.
+    pub(crate) policies: Vec<String>,
+    /// A grant minted or revoked by the request.
+    pub(crate) grant_id: Option<String>,
+    /// More to record (never secrets).
+    pub(crate) detail: Vec<(&'static str, String)>,
     /// For a re-encryption: the key and version that had sealed the source blob.
     pub(crate) source: Option<(String, u32)>,
 }
@@ -122,10 +128,11 @@ impl Facts {
     }
 
     /// Notes an allowed request on `key`, version `version`.
-    pub(crate) fn allowed(&mut self, key: String, version: u32) {
+    pub(crate) fn allowed(&mut self, key: String, version: u32, policies: Vec<String>) {
         self.key = Some(key);
         self.key_version = Some(version);
         self.decision = Some("allow");
+        self.policies = policies;
     }
 
     /// Notes what a core error says about the decision: unknown keys and denials were
@@ -133,8 +140,19 @@ impl Facts {
     /// it allowed the request.
     pub(crate) fn failed(&mut self, e: &Error) {
         let (decision, reason) = match e {
-            Error::Denied => (Some("deny"), "denied by policy"),
+            Error::Denied { policies } => {
+                self.policies.clone_from(policies);
+                (
+                    Some("deny"),
+                    if policies.is_empty() {
+                        "no policy allows it"
+                    } else {
+                        "forbidden by policy"
+                    },
+                )
+            }
             Error::KeyNotFound { .. } => (Some("deny"), "no such key"),
+            Error::GrantRefused { reason } => (Some("deny"), *reason),
             Error::Blob(_) => (None, "malformed ciphertext"),
             Error::Invalid(_) | Error::TooLarge { .. } => (None, "invalid request"),
             Error::KeyState { .. } => (Some("allow"), "key not enabled"),
@@ -152,21 +170,31 @@ impl Facts {
 /// The record of one data-plane request.
 pub(crate) fn data_event(
     action: &'static str,
-    caller: &PrincipalId,
+    caller: &Caller,
     request_id: String,
     started: Instant,
     facts: Facts,
     status: Option<&Status>,
 ) -> AuditEvent {
     let mut event = AuditEvent::new(action, status_word(status));
-    event.principal = Some(caller.to_string());
-    event.auth = Some("mtls".into());
+    event.principal = Some(caller.id.to_string());
+    event.auth = Some(caller.method.as_str().into());
+    event.policy_ids = facts.policies;
+    event.grant_id = facts
+        .grant_id
+        .or_else(|| caller.grant.as_ref().map(|g| g.grant.id.clone()));
+    if let Some(purpose) = &caller.purpose {
+        event.detail.insert("purpose".into(), purpose.clone());
+    }
     event.decision = facts.decision.map(str::to_owned);
     event.reason = facts.reason.map(str::to_owned);
     event.key = facts.key;
     event.key_version = facts.key_version;
     event.context_keys = facts.context_keys;
     event.context_digest = facts.context_digest;
+    for (name, value) in facts.detail {
+        event.detail.insert(name.into(), value);
+    }
     if let Some((key, version)) = facts.source {
         event.detail.insert("source_key".into(), key);
         event

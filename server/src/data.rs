@@ -7,16 +7,21 @@ use std::time::Instant;
 use api::v1::data_plane_server::DataPlane;
 use api::v1::{
     decrypt_result, generate_data_key_result, BatchDecryptRequest, BatchDecryptResponse,
-    BatchGenerateDataKeyRequest, BatchGenerateDataKeyResponse, DataKeySpec, DecryptRequest,
-    DecryptResponse, DecryptResult, EncryptRequest, EncryptResponse, GenerateDataKeyRequest,
-    GenerateDataKeyResponse, GenerateDataKeyResult, GenerateDataKeyWithoutPlaintextResponse,
-    ItemError, ReEncryptRequest, ReEncryptResponse,
+    BatchGenerateDataKeyRequest, BatchGenerateDataKeyResponse, CreateGrantRequest,
+    CreateGrantResponse, DataKeySpec, DecryptRequest, DecryptResponse, DecryptResult,
+    EncryptRequest, EncryptResponse, GenerateDataKeyRequest, GenerateDataKeyResponse,
+    GenerateDataKeyResult, GenerateDataKeyWithoutPlaintextResponse, ItemError, ReEncryptRequest,
+    ReEncryptResponse, RevokeGrantRequest, RevokeGrantResponse,
 };
-use kms_core::{EncryptionContext, Error, KeyRef, Kms, Plaintext, PrincipalId};
+use kms_core::audit::AuditEvent;
+use kms_core::grants::NewGrant;
+use kms_core::Op;
+use kms_core::{Caller, EncryptionContext, Error, KeyRef, Kms, Plaintext};
+use secrecy::ExposeSecret;
 use tonic::{Request, Response, Status};
 
-use crate::audit::{data_event, settle, tag, Audit, Facts};
-use crate::identity::principal;
+use crate::audit::{data_event, settle, status_word, tag, Audit, Facts};
+use crate::governance::Governance;
 
 /// When a request started, for the latency in its audit record.
 #[expect(
@@ -39,20 +44,46 @@ const NOT_FOUND_OR_DENIED: &str = "key not found or access denied";
 pub struct DataService {
     kms: Arc<Kms>,
     audit: Audit,
+    gov: Arc<Governance>,
 }
 
 impl DataService {
-    /// A service over `kms` that records every request in `audit`.
-    pub fn new(kms: Arc<Kms>, audit: Audit) -> Self {
-        Self { kms, audit }
+    /// A service over `kms` that admits callers through `gov` and records every request in
+    /// `audit`.
+    pub fn new(kms: Arc<Kms>, audit: Audit, gov: Arc<Governance>) -> Self {
+        Self { kms, audit, gov }
     }
 
-    /// The authenticated caller and the request's id.
-    fn caller<T>(&self, request: &Request<T>) -> Result<(PrincipalId, String), Status> {
-        Ok((
-            principal(request)?,
-            self.audit.request_id(request.metadata()),
-        ))
+    /// The authenticated, admitted caller and the request's id. A refused caller's request is
+    /// recorded (with the reason) and answered here.
+    async fn admit<T>(
+        &self,
+        action: &'static str,
+        request: &Request<T>,
+        started: Instant,
+        uses: usize,
+    ) -> Result<(Caller, String), Status> {
+        let request_id = self.audit.request_id(request.metadata());
+        let certs = request.peer_certs();
+        match self.gov.identify(
+            certs.as_ref().map(|c| c.as_slice()),
+            request.metadata(),
+            u64::try_from(uses).unwrap_or(u64::MAX),
+        ) {
+            Ok(caller) => Ok((caller, request_id)),
+            Err(refusal) => {
+                let mut event = AuditEvent::new(action, status_word(Some(&refusal.status)));
+                event.principal = Some(refusal.principal);
+                event.auth = Some(refusal.auth.into());
+                event.decision = Some("deny".into());
+                event.reason = Some(refusal.reason.into());
+                event.request_id = Some(request_id);
+                event.latency_us =
+                    Some(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
+                self.audit.record(event).await?;
+                Err(refusal.status)
+            }
+        }
     }
 
     /// Records the request and then answers it; if the record cannot be written the caller
@@ -60,12 +91,16 @@ impl DataService {
     async fn answer<T>(
         &self,
         action: &'static str,
-        caller: &PrincipalId,
+        caller: &Caller,
         request_id: String,
         started: Instant,
         facts: Facts,
         result: Result<T, Status>,
     ) -> Result<Response<T>, Status> {
+        self.gov.note_call(caller, action);
+        if result.is_err() {
+            self.gov.release(caller, 1);
+        }
         let event = data_event(
             action,
             caller,
@@ -83,11 +118,15 @@ impl DataService {
     async fn answer_batch<T>(
         &self,
         action: &'static str,
-        caller: &PrincipalId,
+        caller: &Caller,
         request_id: &str,
         started: Instant,
         items: Vec<(Result<T, Status>, Facts)>,
     ) -> Result<Vec<Result<T, Status>>, Status> {
+        self.gov.note_call(caller, action);
+        let failed = items.iter().filter(|(r, _)| r.is_err()).count();
+        self.gov
+            .release(caller, u64::try_from(failed).unwrap_or(u64::MAX));
         let mut pending = Vec::with_capacity(items.len());
         let mut results = Vec::with_capacity(items.len());
         for (i, (result, facts)) in items.into_iter().enumerate() {
@@ -124,6 +163,117 @@ impl DataService {
             .map_err(|_| Status::internal("internal error"))
     }
 
+    /// Mints a grant for `caller` if it may do everything it delegates.
+    fn create_grant_for(
+        &self,
+        caller: &Caller,
+        req: CreateGrantRequest,
+        facts: &mut Facts,
+    ) -> Result<CreateGrantResponse, Status> {
+        if caller.grant.is_some() {
+            facts.reason = Some("grant.no_delegation");
+            return Err(Status::permission_denied(
+                "a grant cannot be used to create grants",
+            ));
+        }
+        let key = parse_key(&req.key, facts)?;
+        let grantee: kms_core::spiffe::SpiffeId = req
+            .grantee
+            .parse()
+            .map_err(|e| Status::invalid_argument(format!("invalid grantee: {e}")))?;
+        let mut operations = Vec::with_capacity(req.operations.len());
+        for name in &req.operations {
+            operations.push(match name.as_str() {
+                "GenerateDataKey" => Op::GenerateDataKey,
+                "Decrypt" => Op::Decrypt,
+                "Encrypt" => Op::Encrypt,
+                "ReEncrypt" => Op::ReEncrypt,
+                other => {
+                    return Err(Status::invalid_argument(format!(
+                    "unknown operation {other:?}: GenerateDataKey, Decrypt, Encrypt or ReEncrypt"
+                )))
+                }
+            });
+        }
+        if operations.is_empty() {
+            return Err(Status::invalid_argument(
+                "a grant needs at least one operation",
+            ));
+        }
+        let required = context(req.required_context.clone())?;
+        facts.context(&self.audit, &required);
+        // The creator must be allowed to delegate on this key, and to do each operation itself
+        // under the context the grant requires: a grant only narrows.
+        let (record, mut policies) = self
+            .kms
+            .check_access(caller, &key, Op::CreateGrant, &required)
+            .map_err(|e| {
+                facts.failed(&e);
+                to_status(&e)
+            })?;
+        facts.key = Some(record.id.to_string());
+        for op in &operations {
+            match self.kms.check_access(caller, &key, *op, &required) {
+                Ok((_, p)) => policies.extend(p),
+                Err(_) => {
+                    facts.decision = Some("deny");
+                    facts.reason = Some("grant.exceeds_creator");
+                    return Err(Status::permission_denied(format!(
+                        "the grant would allow more than you may do: {}",
+                        kms_core::policy::action_name(*op)
+                    )));
+                }
+            }
+        }
+        policies.sort();
+        policies.dedup();
+        let max_ttl = self.gov.grants.config().max_ttl_secs;
+        let ttl = match u64::from(req.ttl_seconds) {
+            0 => max_ttl,
+            n => n,
+        };
+        let (grant, token) = self
+            .gov
+            .grants
+            .create(
+                NewGrant {
+                    grantee: grantee.to_string(),
+                    key_id: record.id,
+                    operations,
+                    required_context: req.required_context.into_iter().collect(),
+                    ttl_secs: ttl,
+                    max_uses: (req.max_uses != 0).then_some(req.max_uses),
+                },
+                caller.id.as_str(),
+            )
+            .map_err(|e| match e {
+                Error::GrantTtl { max_secs } => {
+                    Status::invalid_argument(format!("ttl_seconds must be 1 to {max_secs}"))
+                }
+                Error::Invalid(what) => Status::invalid_argument(format!("invalid {what}")),
+                other => to_status(&other),
+            })?;
+        facts.decision = Some("allow");
+        facts.policies = policies;
+        facts.grant_id = Some(grant.id.clone());
+        facts.detail.push(("grantee", grant.grantee.clone()));
+        facts
+            .detail
+            .push(("operations", grant.operations.join(",")));
+        facts
+            .detail
+            .push(("expires_at", grant.expires_at.to_string()));
+        if let Some(max) = grant.max_uses {
+            facts.detail.push(("max_uses", max.to_string()));
+        }
+        Ok(CreateGrantResponse {
+            grant_id: grant.id.clone(),
+            token: token.expose_secret().to_owned(),
+            expires_at: grant.expires_at,
+            key_id: grant.key_id.to_string(),
+        })
+    }
+
     /// Whether a call naming `key` reaches the HSM.
     fn key_in_hsm(&self, key: &str) -> bool {
         key.parse::<KeyRef>()
@@ -142,7 +292,9 @@ impl DataService {
 /// shown to the caller as "internal error".
 pub(crate) fn to_status(e: &Error) -> Status {
     match e {
-        Error::KeyNotFound { .. } | Error::Denied => Status::permission_denied(NOT_FOUND_OR_DENIED),
+        Error::KeyNotFound { .. } | Error::Denied { .. } | Error::GrantRefused { .. } => {
+            Status::permission_denied(NOT_FOUND_OR_DENIED)
+        }
         Error::DecryptFailed | Error::VersionNotFound { .. } => Status::invalid_argument(
             "decryption failed: the ciphertext or encryption context does not match",
         ),
@@ -206,7 +358,7 @@ fn check_spec(spec: i32) -> Result<(), Status> {
 fn generate_one(
     kms: &Kms,
     audit: &Audit,
-    caller: &PrincipalId,
+    caller: &Caller,
     req: GenerateDataKeyRequest,
     with_plaintext: bool,
     facts: &mut Facts,
@@ -219,7 +371,7 @@ fn generate_one(
         facts.failed(&e);
         to_status(&e)
     })?;
-    facts.allowed(dk.key_id.to_string(), dk.key_version.get());
+    facts.allowed(dk.key_id.to_string(), dk.key_version.get(), dk.policies);
     Ok(GenerateDataKeyResponse {
         key_id: dk.key_id.to_string(),
         key_version: dk.key_version.get(),
@@ -235,7 +387,7 @@ fn generate_one(
 fn decrypt_one(
     kms: &Kms,
     audit: &Audit,
-    caller: &PrincipalId,
+    caller: &Caller,
     req: DecryptRequest,
     facts: &mut Facts,
 ) -> Result<DecryptResponse, Status> {
@@ -249,7 +401,11 @@ fn decrypt_one(
         facts.failed(&e);
         to_status(&e)
     })?;
-    facts.allowed(opened.key_id.to_string(), opened.key_version.get());
+    facts.allowed(
+        opened.key_id.to_string(),
+        opened.key_version.get(),
+        opened.policies,
+    );
     Ok(DecryptResponse {
         key_id: opened.key_id.to_string(),
         key_version: opened.key_version.get(),
@@ -280,7 +436,9 @@ impl DataPlane for DataService {
         request: Request<GenerateDataKeyRequest>,
     ) -> Result<Response<GenerateDataKeyResponse>, Status> {
         let started = request_clock();
-        let (caller, request_id) = self.caller(&request)?;
+        let (caller, request_id) = self
+            .admit("data.GenerateDataKey", &request, started, 1)
+            .await?;
         let req = request.into_inner();
         let in_hsm = self.key_in_hsm(&req.key);
         let audit = self.audit.clone();
@@ -308,7 +466,9 @@ impl DataPlane for DataService {
         request: Request<GenerateDataKeyRequest>,
     ) -> Result<Response<GenerateDataKeyWithoutPlaintextResponse>, Status> {
         let started = request_clock();
-        let (caller, request_id) = self.caller(&request)?;
+        let (caller, request_id) = self
+            .admit("data.GenerateDataKeyWithoutPlaintext", &request, started, 1)
+            .await?;
         let req = request.into_inner();
         let in_hsm = self.key_in_hsm(&req.key);
         let audit = self.audit.clone();
@@ -342,7 +502,7 @@ impl DataPlane for DataService {
         request: Request<DecryptRequest>,
     ) -> Result<Response<DecryptResponse>, Status> {
         let started = request_clock();
-        let (caller, request_id) = self.caller(&request)?;
+        let (caller, request_id) = self.admit("data.Decrypt", &request, started, 1).await?;
         let req = request.into_inner();
         let in_hsm = self.blob_in_hsm(&req.ciphertext);
         let audit = self.audit.clone();
@@ -363,7 +523,7 @@ impl DataPlane for DataService {
         request: Request<EncryptRequest>,
     ) -> Result<Response<EncryptResponse>, Status> {
         let started = request_clock();
-        let (caller, request_id) = self.caller(&request)?;
+        let (caller, request_id) = self.admit("data.Encrypt", &request, started, 1).await?;
         let req = request.into_inner();
         let in_hsm = self.key_in_hsm(&req.key);
         let audit = self.audit.clone();
@@ -384,7 +544,7 @@ impl DataPlane for DataService {
         request: Request<ReEncryptRequest>,
     ) -> Result<Response<ReEncryptResponse>, Status> {
         let started = request_clock();
-        let (caller, request_id) = self.caller(&request)?;
+        let (caller, request_id) = self.admit("data.ReEncrypt", &request, started, 1).await?;
         let req = request.into_inner();
         let in_hsm = self.blob_in_hsm(&req.ciphertext) || self.key_in_hsm(&req.destination_key);
         let audit = self.audit.clone();
@@ -412,9 +572,16 @@ impl DataPlane for DataService {
         request: Request<BatchGenerateDataKeyRequest>,
     ) -> Result<Response<BatchGenerateDataKeyResponse>, Status> {
         let started = request_clock();
-        let (caller, request_id) = self.caller(&request)?;
+        check_batch(request.get_ref().items.len())?;
+        let (caller, request_id) = self
+            .admit(
+                "data.BatchGenerateDataKey",
+                &request,
+                started,
+                request.get_ref().items.len().min(MAX_BATCH),
+            )
+            .await?;
         let req = request.into_inner();
-        check_batch(req.items.len())?;
         let with_plaintext = !req.without_plaintext;
         let audit = self.audit.clone();
         let who = caller.clone();
@@ -459,9 +626,16 @@ impl DataPlane for DataService {
         request: Request<BatchDecryptRequest>,
     ) -> Result<Response<BatchDecryptResponse>, Status> {
         let started = request_clock();
-        let (caller, request_id) = self.caller(&request)?;
+        check_batch(request.get_ref().items.len())?;
+        let (caller, request_id) = self
+            .admit(
+                "data.BatchDecrypt",
+                &request,
+                started,
+                request.get_ref().items.len().min(MAX_BATCH),
+            )
+            .await?;
         let req = request.into_inner();
-        check_batch(req.items.len())?;
         let audit = self.audit.clone();
         let who = caller.clone();
         let items = self
@@ -492,12 +666,80 @@ impl DataPlane for DataService {
             &request_id,
         ))
     }
+
+    async fn create_grant(
+        &self,
+        request: Request<CreateGrantRequest>,
+    ) -> Result<Response<CreateGrantResponse>, Status> {
+        let started = request_clock();
+        let (caller, request_id) = self.admit("data.CreateGrant", &request, started, 0).await?;
+        let req = request.into_inner();
+        let mut facts = Facts::default();
+        let result = self.create_grant_for(&caller, req, &mut facts);
+        self.answer(
+            "data.CreateGrant",
+            &caller,
+            request_id,
+            started,
+            facts,
+            result,
+        )
+        .await
+    }
+
+    async fn revoke_grant(
+        &self,
+        request: Request<RevokeGrantRequest>,
+    ) -> Result<Response<RevokeGrantResponse>, Status> {
+        let started = request_clock();
+        let (caller, request_id) = self.admit("data.RevokeGrant", &request, started, 0).await?;
+        let req = request.into_inner();
+        let mut facts = Facts::default();
+        let creator = caller.id.to_string();
+        let result = if caller.grant.is_some() {
+            Err(Status::permission_denied(
+                "a grant cannot be used to revoke grants",
+            ))
+        } else if req.all != req.grant_id.is_empty() {
+            Err(Status::invalid_argument("give a grant_id, or all"))
+        } else {
+            let id = req.grant_id.clone();
+            if !id.is_empty() {
+                facts.grant_id = Some(id.clone());
+            }
+            let by = creator.clone();
+            self.gov
+                .grants
+                .revoke_where(&by, |g| g.creator == creator && (req.all || g.id == id))
+                .map_err(|e| to_status(&e))
+                .and_then(|revoked| {
+                    if !req.all && revoked.is_empty() {
+                        Err(Status::not_found("no such live grant of yours"))
+                    } else {
+                        facts.detail.push(("revoked", revoked.len().to_string()));
+                        Ok(RevokeGrantResponse {
+                            revoked: revoked.iter().map(|g| g.id.clone()).collect(),
+                        })
+                    }
+                })
+        };
+        facts.decision = Some(if result.is_ok() { "allow" } else { "deny" });
+        self.answer(
+            "data.RevokeGrant",
+            &caller,
+            request_id,
+            started,
+            facts,
+            result,
+        )
+        .await
+    }
 }
 
 fn encrypt_one(
     kms: &Kms,
     audit: &Audit,
-    caller: &PrincipalId,
+    caller: &Caller,
     req: EncryptRequest,
     facts: &mut Facts,
 ) -> Result<EncryptResponse, Status> {
@@ -512,7 +754,11 @@ fn encrypt_one(
         facts.failed(&e);
         to_status(&e)
     })?;
-    facts.allowed(sealed.key_id.to_string(), sealed.key_version.get());
+    facts.allowed(
+        sealed.key_id.to_string(),
+        sealed.key_version.get(),
+        sealed.policies,
+    );
     Ok(EncryptResponse {
         key_id: sealed.key_id.to_string(),
         key_version: sealed.key_version.get(),
@@ -525,7 +771,7 @@ fn encrypt_one(
 fn re_encrypt_one(
     kms: &Kms,
     audit: &Audit,
-    caller: &PrincipalId,
+    caller: &Caller,
     req: ReEncryptRequest,
     facts: &mut Facts,
 ) -> Result<ReEncryptResponse, Status> {
@@ -552,6 +798,7 @@ fn re_encrypt_one(
     facts.allowed(
         done.sealed.key_id.to_string(),
         done.sealed.key_version.get(),
+        done.sealed.policies,
     );
     Ok(ReEncryptResponse {
         source_key_id: done.source_key_id.to_string(),

@@ -49,4 +49,10 @@ pub enum Error {
     /// gRPC reflection could not be built from the descriptor set.
     #[error("grpc reflection")]
     Reflection(#[source] tonic_reflection::server::Error),
+    /// The store could not be read at start.
+    #[error("reading the store")]
+    Core(#[source] kms_core::Error),
+    /// A stored trust bundle is unusable.
+    #[error("trust bundle: {0}")]
+    TrustBundle(String),
 }

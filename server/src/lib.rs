@@ -3,24 +3,29 @@
 //! `kms-server` runs the two gRPC planes of sovereign-kms over one [`kms_core::Kms`]:
 //!
 //! ```text
-//!  workload ──mTLS (workload CA)──▶ data listener  ──▶ DataService  ─┐
+//!  workload ──mTLS (X.509-SVID)───▶ data listener  ──▶ DataService  ─┐
 //!                                                                   ├─▶ Kms (kms-core) ─▶ HSM, store
 //!  operator ──mTLS (operator CA)──▶ admin listener ──▶ AdminService ─┘
 //! ```
 //!
-//! Each plane has its own listener, its own rustls configuration (TLS 1.3 only, client
-//! certificate required, its own client CA), its own service and its own status mapper; no
-//! authentication code is shared, so a certificate from one plane's CA is refused by the other.
+//! Each plane has its own listener, its own rustls configuration (TLS 1.3 only), its own
+//! service and its own status mapper. The admin plane requires a certificate from the operator
+//! CA in the handshake. The data plane verifies each request's X.509-SVID against the bundle of
+//! its trust domain, then admits it only if the inventory covers it ([`Governance`]), then
+//! asks the Cedar policies; operators' certificates are not in any workload trust domain.
 //! Both planes also serve gRPC health and reflection.
 //!
 //! It does not hold domain rules: validation, authorisation and key handling live in
 //! kms-core. It runs every core call under `spawn_blocking`, since those may call the HSM.
 
 mod admin;
+mod admin_gov;
 mod audit;
 mod audit_query;
+mod authn;
 mod data;
 mod error;
+mod governance;
 mod identity;
 mod tls;
 
@@ -37,8 +42,11 @@ use tonic::transport::Server;
 
 pub use admin::AdminService;
 pub use audit::{Audit, AUDIT_UNAVAILABLE, REQUEST_ID};
+pub use authn::{parse_bundle, parse_jwks, AuthFailure, Authenticator, BundleSource, JwtConfig};
 pub use data::{DataService, MAX_BATCH};
 pub use error::Error;
+pub use governance::{Governance, GRANT_HEADER, MAX_PURPOSE, PURPOSE_HEADER};
+pub use identity::svid_facts;
 
 /// Where and how the two planes listen.
 #[derive(Clone, Debug)]
@@ -51,8 +59,6 @@ pub struct ListenConfig {
     pub server_cert: PathBuf,
     /// Server private key (PEM).
     pub server_key: PathBuf,
-    /// CA(s) whose client certificates the data plane accepts.
-    pub data_client_ca: PathBuf,
     /// CA(s) whose client certificates the admin plane accepts.
     pub admin_client_ca: PathBuf,
 }
@@ -66,6 +72,8 @@ pub struct Services {
     pub audit: Audit,
     /// The store, for reading the audit log.
     pub store: Arc<dyn Store>,
+    /// Trust bundles, inventory and policies.
+    pub gov: Arc<Governance>,
 }
 
 impl std::fmt::Debug for Services {
@@ -89,14 +97,8 @@ pub struct Bound {
 impl Bound {
     /// Loads TLS material and binds both listeners. Fails before anything is served.
     pub async fn bind(config: &ListenConfig) -> Result<Self, Error> {
-        let data_tls = tls::server_config(
-            "data",
-            &config.server_cert,
-            &config.server_key,
-            &config.data_client_ca,
-        )?;
-        let admin_tls = tls::server_config(
-            "admin",
+        let data_tls = tls::data_server_config(&config.server_cert, &config.server_key)?;
+        let admin_tls = tls::admin_server_config(
             &config.server_cert,
             &config.server_key,
             &config.admin_client_ca,
@@ -161,6 +163,7 @@ impl Bound {
             .add_service(DataPlaneServer::new(DataService::new(
                 services.kms.clone(),
                 services.audit.clone(),
+                services.gov.clone(),
             )))
             .serve_with_incoming_shutdown(
                 tls::incoming("data", self.data, self.data_tls),
@@ -178,6 +181,7 @@ impl Bound {
                 services.kms,
                 services.audit,
                 services.store,
+                services.gov,
             )))
             .serve_with_incoming_shutdown(
                 tls::incoming("admin", self.admin, self.admin_tls),

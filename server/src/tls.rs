@@ -1,10 +1,11 @@
-//! TLS for the two listeners: TLS 1.3 only, client certificates required, each plane with its
-//! own client CA. Handshakes run in their own tasks so a slow client cannot stall accepts.
+//! TLS for the two listeners: TLS 1.3 only. The admin plane requires a client certificate from
+//! the operator CA; the data plane asks for one and leaves trusting it to each request. Handshakes run in their own tasks so a slow client cannot stall accepts.
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use rustls::server::danger::ClientCertVerifier;
 use rustls::server::WebPkiClientVerifier;
 use rustls::RootCertStore;
 use rustls_pki_types::pem::PemObject;
@@ -15,24 +16,20 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::authn::ProofOfPossession;
 use crate::error::Error;
 
 /// How long a client has to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Builds a plane's rustls configuration.
-pub(crate) fn server_config(
-    plane: &'static str,
+/// The admin plane's rustls configuration: client certificates required and verified in the
+/// handshake against the operator CA.
+pub(crate) fn admin_server_config(
     cert_chain: &Path,
     key: &Path,
     client_ca: &Path,
 ) -> Result<Arc<rustls::ServerConfig>, Error> {
-    let certs = read_certs("server certificate", cert_chain)?;
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|_| Error::Pem {
-        what: "server private key",
-        path: key.to_path_buf(),
-        source: None,
-    })?;
+    let plane = "admin";
     let mut roots = RootCertStore::empty();
     for ca in read_certs("client CA certificate", client_ca)? {
         roots.add(ca).map_err(|e| tls(plane, e))?;
@@ -41,6 +38,33 @@ pub(crate) fn server_config(
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
         .map_err(|e| tls(plane, e))?;
+    server_config(plane, cert_chain, key, provider, verifier)
+}
+
+/// The data plane's rustls configuration: a client certificate is requested and its key
+/// proven in the handshake; whether it is trusted is decided per request (`authn.rs`).
+pub(crate) fn data_server_config(
+    cert_chain: &Path,
+    key: &Path,
+) -> Result<Arc<rustls::ServerConfig>, Error> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let verifier = Arc::new(ProofOfPossession::new(&provider));
+    server_config("data", cert_chain, key, provider, verifier)
+}
+
+fn server_config(
+    plane: &'static str,
+    cert_chain: &Path,
+    key: &Path,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    verifier: Arc<dyn ClientCertVerifier>,
+) -> Result<Arc<rustls::ServerConfig>, Error> {
+    let certs = read_certs("server certificate", cert_chain)?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|_| Error::Pem {
+        what: "server private key",
+        path: key.to_path_buf(),
+        source: None,
+    })?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| tls(plane, e))?

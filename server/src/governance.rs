@@ -1,0 +1,240 @@
+//! Who may call the data plane: trust bundles, the workload inventory and the policies, and
+//! the step every data-plane request takes through them before any key is looked at.
+
+use std::sync::Arc;
+
+use kms_core::approvals::Approvals;
+use kms_core::grants::{GrantDenial, Grants};
+use kms_core::inventory::Inventory;
+use kms_core::policy::Policies;
+use kms_core::{AuthMethod, Caller, Clock, GrantFacts, PrincipalId, Store};
+use rustls_pki_types::CertificateDer;
+use tonic::metadata::MetadataMap;
+use tonic::Status;
+
+use crate::authn::{AuthFailure, Authenticator, BundleSource};
+
+/// The header in which a workload may declare why it makes a request (a key-access
+/// justification); policies can require it and allow-list its values.
+pub const PURPOSE_HEADER: &str = "kms-purpose";
+
+/// The header in which a grantee presents a task grant's token.
+pub const GRANT_HEADER: &str = "kms-grant";
+
+/// Longest declared purpose.
+pub const MAX_PURPOSE: usize = 256;
+
+/// What a refused caller is told when its credential is not accepted. The reason is in the
+/// audit record, not on the wire.
+const NOT_AUTHENTICATED: &str = "workload identity not accepted";
+
+/// The same status as an unknown key (see `data.rs`), so an unregistered caller learns no more
+/// than a denied one.
+const NOT_FOUND_OR_DENIED: &str = "key not found or access denied";
+
+/// Everything that governs the data plane's callers.
+pub struct Governance {
+    /// Registered workloads.
+    pub inventory: Arc<Inventory>,
+    /// Cedar policies.
+    pub policies: Arc<Policies>,
+    /// Task grants.
+    pub grants: Arc<Grants>,
+    /// Trust bundles and certificate checks.
+    pub authn: Arc<Authenticator>,
+    /// The seam every admin change passes through.
+    pub approvals: Arc<dyn Approvals>,
+    /// Where bundles are stored.
+    pub store: Arc<dyn Store>,
+    /// Wall-clock time.
+    pub clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for Governance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Governance")
+            .field("inventory", &self.inventory)
+            .field("policies", &self.policies)
+            .field("authn", &self.authn)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A data-plane request refused before any key was looked at.
+#[derive(Debug)]
+pub(crate) struct Refusal {
+    /// The verified identity, or the claimed one, or `anonymous`.
+    pub(crate) principal: String,
+    pub(crate) auth: &'static str,
+    pub(crate) reason: &'static str,
+    pub(crate) status: Status,
+}
+
+impl Governance {
+    /// Loads the stored trust bundles into the authenticator.
+    pub fn load_bundles(&self) -> Result<(), crate::Error> {
+        let stored = kms_core::trust::list(self.store.as_ref()).map_err(crate::Error::Core)?;
+        let sources: Vec<BundleSource> = stored
+            .into_iter()
+            .map(|b| BundleSource {
+                trust_domain: b.trust_domain,
+                pem: b.pem,
+                jwks: b.jwks,
+            })
+            .collect();
+        self.authn
+            .set_bundles(&sources)
+            .map_err(crate::Error::TrustBundle)
+    }
+
+    /// Authenticates and admits a data-plane caller: a verified SPIFFE ID, covered by an
+    /// active, unexpired registration; and, if it presents a grant, a grant that is its own,
+    /// live, from a creator still registered, with `uses` uses left (reserved here; give back
+    /// what was not used with [`Governance::release`]).
+    pub(crate) fn identify(
+        &self,
+        certs: Option<&[CertificateDer<'_>]>,
+        metadata: &MetadataMap,
+        uses: u64,
+    ) -> Result<Caller, Refusal> {
+        let certs = certs.filter(|c| !c.is_empty());
+        let bearer = match certs {
+            Some(_) => None,
+            None => bearer_token(metadata),
+        };
+        let method = if bearer.is_some() {
+            AuthMethod::Jwt
+        } else {
+            AuthMethod::Mtls
+        };
+        let authenticated = match bearer {
+            Some(token) => self.authn.authenticate_jwt(token),
+            None => self.authn.authenticate(certs),
+        };
+        let id = authenticated.map_err(|f| {
+            let principal = match &f {
+                AuthFailure::Untrusted { claimed } => format!("unverified:{claimed}"),
+                _ => "anonymous".to_owned(),
+            };
+            Refusal {
+                principal,
+                auth: if matches!(f, AuthFailure::Missing) {
+                    "none"
+                } else {
+                    method.as_str()
+                },
+                reason: f.reason(),
+                status: Status::unauthenticated(NOT_AUTHENTICATED),
+            }
+        })?;
+        let principal = id.to_string();
+        let now = self.clock.now_unix();
+        let workload = self.inventory.admit(&id, now).map_err(|d| Refusal {
+            principal: principal.clone(),
+            auth: method.as_str(),
+            reason: d.reason(),
+            status: Status::permission_denied(NOT_FOUND_OR_DENIED),
+        })?;
+        let purpose = declared_purpose(metadata).map_err(|status| Refusal {
+            principal: principal.clone(),
+            auth: method.as_str(),
+            reason: "request.invalid_purpose",
+            status,
+        })?;
+        let grant = match metadata.get(GRANT_HEADER) {
+            None => None,
+            Some(token) => {
+                let refuse = |reason: &'static str| Refusal {
+                    principal: principal.clone(),
+                    auth: "grant",
+                    reason,
+                    status: Status::permission_denied(NOT_FOUND_OR_DENIED),
+                };
+                let token = token
+                    .to_str()
+                    .map_err(|_| refuse(GrantDenial::Invalid.reason()))?;
+                let grant = self
+                    .grants
+                    .admit(token, &principal, now)
+                    .map_err(|d| refuse(d.reason()))?;
+                let creator: kms_core::spiffe::SpiffeId = grant
+                    .creator
+                    .parse()
+                    .map_err(|_| refuse("grant.creator_inactive"))?;
+                let creator_workload = self
+                    .inventory
+                    .admit(&creator, now)
+                    .map_err(|_| refuse("grant.creator_inactive"))?;
+                match self.grants.reserve_uses(&grant, uses) {
+                    Ok(Ok(())) => {}
+                    Ok(Err(d)) => return Err(refuse(d.reason())),
+                    Err(e) => {
+                        tracing::error!(error = %e, "grant use could not be recorded");
+                        return Err(Refusal {
+                            principal: principal.clone(),
+                            auth: "grant",
+                            reason: "grant.use_not_recorded",
+                            status: Status::unavailable("grant use could not be recorded; retry"),
+                        });
+                    }
+                }
+                Some(GrantFacts {
+                    grant,
+                    creator_workload: Some(creator_workload),
+                    reserved: uses,
+                })
+            }
+        };
+        Ok(Caller {
+            id: PrincipalId::new(principal),
+            method,
+            workload: Some(workload),
+            purpose,
+            grant,
+        })
+    }
+
+    /// Gives back `n` of the grant uses reserved for this request, for parts that did not
+    /// succeed.
+    pub(crate) fn release(&self, caller: &Caller, n: u64) {
+        if let Some(g) = &caller.grant {
+            if let Err(e) = self.grants.release_uses(&g.grant, n.min(g.reserved)) {
+                tracing::warn!(error = %e, grant = %g.grant.id, "unused grant uses could not be given back");
+            }
+        }
+    }
+
+    /// Counts one call by an admitted caller.
+    pub(crate) fn note_call(&self, caller: &Caller, action: &str) {
+        if let Some(w) = &caller.workload {
+            self.inventory
+                .note_call(&w.selector, action, self.clock.now_unix());
+        }
+    }
+}
+
+/// The token of an `authorization: Bearer ...` header, if there is one.
+fn bearer_token(metadata: &MetadataMap) -> Option<&str> {
+    let value = metadata.get("authorization")?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+fn declared_purpose(metadata: &MetadataMap) -> Result<Option<String>, Status> {
+    let Some(value) = metadata.get(PURPOSE_HEADER) else {
+        return Ok(None);
+    };
+    let bad = || {
+        Status::invalid_argument(format!(
+            "invalid {PURPOSE_HEADER} header: 1-{MAX_PURPOSE} printable characters"
+        ))
+    };
+    let text = value.to_str().map_err(|_| bad())?;
+    if text.is_empty() || text.len() > MAX_PURPOSE || text.chars().any(char::is_control) {
+        return Err(bad());
+    }
+    Ok(Some(text.to_owned()))
+}
