@@ -43,6 +43,75 @@ pub(crate) struct BenchArgs {
     /// HTTP/2 connections to spread callers over (default: one per 16 callers, at most 8).
     #[arg(long)]
     connections: Option<u32>,
+    /// Before measuring, store this many extra policies (each for one synthetic workload), to
+    /// measure authorisation with a large policy set. Adds to what is there.
+    #[arg(long, default_value_t = 0)]
+    add_policies: u32,
+    /// Before measuring, register this many extra synthetic workload identities.
+    #[arg(long, default_value_t = 0)]
+    add_identities: u32,
+}
+
+/// Synthetic governance for the benchmark: `policies` policies, each permitting one synthetic
+/// workload two actions under a tenant context (so each is a real, schema-checked policy that
+/// does not apply to the benchmark's own workload), the shipped restricted-hours forbid (which
+/// applies to every request), and `identities` registrations.
+async fn populate(
+    admin: &mut api::AdminClient,
+    policies: u32,
+    identities: u32,
+) -> Result<(), Error> {
+    use api::v1::{PutPolicyRequest, RegisterWorkloadRequest};
+    if policies > 0 {
+        admin
+            .put_policy(PutPolicyRequest {
+                id: "bench-restricted-hours".into(),
+                text: include_str!("../../examples/policies/restricted-hours.cedar").into(),
+            })
+            .await?;
+    }
+    for i in 0..policies {
+        let text = format!(
+            "permit (\n  principal == Workload::\"spiffe://bench.example/svc-{i}\",\n  \
+             action in [Action::\"GenerateDataKey\", Action::\"Decrypt\"],\n  resource\n)\n\
+             when {{\n  context.encryption_context.hasTag(\"tenant\") &&\n  \
+             context.encryption_context.getTag(\"tenant\") == \"t{i}\"\n}};\n"
+        );
+        admin
+            .put_policy(PutPolicyRequest {
+                id: format!("bench-{i}"),
+                text,
+            })
+            .await?;
+    }
+    // Registrations in parallel: each is its own synced write and two audit records.
+    let expires_at = unix_now().saturating_add(30 * 86_400);
+    let workers = 32u32;
+    let mut tasks = Vec::new();
+    for w in 0..workers {
+        let mut admin = admin.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut i = w;
+            while i < identities {
+                admin
+                    .register_workload(RegisterWorkloadRequest {
+                        selector: format!("spiffe://bench.example/svc-{i}"),
+                        owner: format!("team-{}", i % 100),
+                        purpose: "benchmark identity".into(),
+                        labels: [("tier".to_owned(), "prod".to_owned())].into(),
+                        expires_at,
+                    })
+                    .await?;
+                i += workers;
+            }
+            Ok::<(), tonic::Status>(())
+        }));
+    }
+    for t in tasks {
+        t.await
+            .map_err(|_| Error::Usage("a registration worker panicked".into()))??;
+    }
+    Ok(())
 }
 
 #[derive(Clone)]
@@ -70,6 +139,16 @@ pub(crate) async fn run(args: BenchArgs, conn: &ConnectArgs, as_json: bool) -> R
     for _ in 0..connections {
         channels.push(data_tls.channel(&data_addr).await?);
     }
+    if args.add_policies > 0 || args.add_identities > 0 {
+        let mut admin = admin_tls.admin(&admin_addr).await?;
+        populate(&mut admin, args.add_policies, args.add_identities).await?;
+    }
+    // Policy evaluation times are measured in the server; start a fresh measurement.
+    let _ = admin_tls
+        .admin(&admin_addr)
+        .await?
+        .policy_stats(api::v1::PolicyStatsRequest { reset: true })
+        .await;
     let job = match args.op.as_str() {
         "health" => Job::Health,
         op => {
@@ -134,6 +213,13 @@ pub(crate) async fn run(args: BenchArgs, conn: &ConnectArgs, as_json: bool) -> R
         first_error = first_error.or(r.first_error);
     }
     let elapsed = now().duration_since(started).as_secs_f64();
+    let policy = admin_tls
+        .admin(&admin_addr)
+        .await?
+        .policy_stats(api::v1::PolicyStatsRequest { reset: false })
+        .await
+        .map(tonic::Response::into_inner)
+        .ok();
     let ops = if elapsed > 0.0 {
         items_f64(items) / elapsed
     } else {
@@ -154,6 +240,10 @@ pub(crate) async fn run(args: BenchArgs, conn: &ConnectArgs, as_json: bool) -> R
         "requests": hist.len(),
         "errors": errors,
         "first_error": first_error,
+        "policy_statements": policy.as_ref().map(|p| p.statements),
+        "policy_eval_p50_ns": policy.as_ref().map(|p| p.p50_ns),
+        "policy_eval_p99_ns": policy.as_ref().map(|p| p.p99_ns),
+        "policy_eval_max_ns": policy.as_ref().map(|p| p.max_ns),
     });
     emit(as_json, &report)
 }
@@ -172,6 +262,16 @@ fn gdk_request(key: &str) -> GenerateDataKeyRequest {
 )]
 fn items_f64(n: u64) -> f64 {
     n as f64
+}
+
+#[expect(
+    clippy::disallowed_methods,
+    reason = "registrations expire relative to the wall clock"
+)]
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 #[expect(clippy::disallowed_methods, reason = "a benchmark measures wall time")]

@@ -70,6 +70,25 @@ pub(crate) enum KeyCommand {
 }
 
 /// `kms data`: envelope operations on the data plane.
+#[derive(Args, Debug)]
+pub(crate) struct DataArgs {
+    /// Why this request is made; sent as the kms-purpose header, recorded in the audit log,
+    /// and visible to policy (which may require it).
+    #[arg(long, global = true)]
+    purpose: Option<String>,
+    /// Present this task grant's token (sent as the kms-grant header, with this workload's
+    /// own certificate).
+    #[arg(long, global = true, env = "KMS_GRANT", hide_env_values = true)]
+    grant: Option<String>,
+    /// Authenticate with the JWT-SVID in this file (sent as `authorization: Bearer`) instead
+    /// of a client certificate.
+    #[arg(long, global = true)]
+    jwt_file: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: DataCommand,
+}
+
+/// The data-plane operations.
 #[derive(Subcommand, Debug)]
 pub(crate) enum DataCommand {
     /// Generate a data key: prints key_id, key_version, plaintext and ciphertext (base64).
@@ -265,10 +284,56 @@ pub(crate) async fn key(cmd: KeyCommand, conn: &ConnectArgs, as_json: bool) -> R
     emit(as_json, &metadata_json(meta.get_ref()))
 }
 
-pub(crate) async fn data(cmd: DataCommand, conn: &ConnectArgs, as_json: bool) -> Result<(), Error> {
-    let (addr, tls) = conn.resolve(Plane::Data)?;
+/// What every data-plane request carries besides its message.
+#[derive(Clone, Copy)]
+struct Extras<'a> {
+    purpose: Option<&'a str>,
+    grant: Option<&'a str>,
+    bearer: Option<&'a str>,
+}
+
+/// A request carrying the declared purpose and the grant, if any.
+fn with_purpose<T>(message: T, extras: Extras<'_>) -> Result<tonic::Request<T>, Error> {
+    let mut request = tonic::Request::new(message);
+    if let Some(p) = extras.purpose {
+        let value = tonic::metadata::AsciiMetadataValue::try_from(p).map_err(|_| {
+            Error::Usage("--purpose must be printable ASCII (it travels as a header)".into())
+        })?;
+        request.metadata_mut().insert(server::PURPOSE_HEADER, value);
+    }
+    if let Some(jwt) = extras.bearer {
+        let value = tonic::metadata::AsciiMetadataValue::try_from(format!("Bearer {}", jwt.trim()))
+            .map_err(|_| Error::Usage("--jwt-file does not hold a JWT".into()))?;
+        request.metadata_mut().insert("authorization", value);
+    }
+    if let Some(g) = extras.grant {
+        let value = tonic::metadata::AsciiMetadataValue::try_from(g.trim())
+            .map_err(|_| Error::Usage("--grant is not a grant token".into()))?;
+        request.metadata_mut().insert(server::GRANT_HEADER, value);
+    }
+    Ok(request)
+}
+
+pub(crate) async fn data(args: DataArgs, conn: &ConnectArgs, as_json: bool) -> Result<(), Error> {
+    let jwt = args
+        .jwt_file
+        .as_ref()
+        .map(|p| {
+            String::from_utf8(read(p)?)
+                .map_err(|_| Error::Usage(format!("{} is not a JWT", p.display())))
+        })
+        .transpose()?;
+    let (addr, tls) = match jwt {
+        Some(_) => conn.resolve_without_certificate(Plane::Data)?,
+        None => conn.resolve(Plane::Data)?,
+    };
     let mut client = tls.data(&addr).await?;
-    match cmd {
+    let purpose = Extras {
+        purpose: args.purpose.as_deref(),
+        grant: args.grant.as_deref(),
+        bearer: jwt.as_deref(),
+    };
+    match args.cmd {
         DataCommand::GenerateKey {
             key,
             context,
@@ -283,12 +348,15 @@ pub(crate) async fn data(cmd: DataCommand, conn: &ConnectArgs, as_json: bool) ->
             };
             let (key_id, key_version, plaintext, ciphertext) = if without_plaintext {
                 let r = client
-                    .generate_data_key_without_plaintext(request)
+                    .generate_data_key_without_plaintext(with_purpose(request, purpose)?)
                     .await?
                     .into_inner();
                 (r.key_id, r.key_version, None, r.ciphertext)
             } else {
-                let r = client.generate_data_key(request).await?.into_inner();
+                let r = client
+                    .generate_data_key(with_purpose(request, purpose)?)
+                    .await?
+                    .into_inner();
                 (r.key_id, r.key_version, Some(r.plaintext), r.ciphertext)
             };
             let mut out = serde_json::Map::new();
@@ -309,10 +377,13 @@ pub(crate) async fn data(cmd: DataCommand, conn: &ConnectArgs, as_json: bool) ->
             plaintext_out,
         } => {
             let r = client
-                .decrypt(DecryptRequest {
-                    ciphertext: input.bytes()?,
-                    encryption_context: pairs("--context", &context.context)?,
-                })
+                .decrypt(with_purpose(
+                    DecryptRequest {
+                        ciphertext: input.bytes()?,
+                        encryption_context: pairs("--context", &context.context)?,
+                    },
+                    purpose,
+                )?)
                 .await?
                 .into_inner();
             let mut out = serde_json::Map::new();
@@ -338,11 +409,14 @@ pub(crate) async fn data(cmd: DataCommand, conn: &ConnectArgs, as_json: bool) ->
                 }
             };
             let r = client
-                .encrypt(EncryptRequest {
-                    key,
-                    plaintext,
-                    encryption_context: pairs("--context", &context.context)?,
-                })
+                .encrypt(with_purpose(
+                    EncryptRequest {
+                        key,
+                        plaintext,
+                        encryption_context: pairs("--context", &context.context)?,
+                    },
+                    purpose,
+                )?)
                 .await?
                 .into_inner();
             let out = json!({
@@ -360,16 +434,19 @@ pub(crate) async fn data(cmd: DataCommand, conn: &ConnectArgs, as_json: bool) ->
             ciphertext_out,
         } => {
             let r = client
-                .re_encrypt(ReEncryptRequest {
-                    ciphertext: input.bytes()?,
-                    source_encryption_context: pairs("--context", &context.context)?,
-                    destination_key,
-                    destination_context_set: !destination_context.is_empty(),
-                    destination_encryption_context: pairs(
-                        "--destination-context",
-                        &destination_context,
-                    )?,
-                })
+                .re_encrypt(with_purpose(
+                    ReEncryptRequest {
+                        ciphertext: input.bytes()?,
+                        source_encryption_context: pairs("--context", &context.context)?,
+                        destination_key,
+                        destination_context_set: !destination_context.is_empty(),
+                        destination_encryption_context: pairs(
+                            "--destination-context",
+                            &destination_context,
+                        )?,
+                    },
+                    purpose,
+                )?)
                 .await?
                 .into_inner();
             let out = json!({

@@ -16,8 +16,24 @@
 //! [tls]
 //! server_cert = "server.pem"
 //! server_key = "server.key"
-//! data_client_ca = "workload-ca.pem"
-//! admin_client_ca = "operator-ca.pem"
+//! admin_client_ca = "operator-ca.pem"         # operators' CA (admin plane)
+//!
+//! # Workload trust domains (data plane). Each is stored at the first start that finds no
+//! # bundle for its domain; afterwards `kms trust-bundle set` manages it without restarts.
+//! [[trust_bundle]]
+//! trust_domain = "prod.example.org"
+//! bundle = "workload-ca.pem"                 # X.509-SVID CAs (PEM), and/or
+//! jwks = "prod-jwks.json"                    # JWT-SVID keys (JWKS)
+//!
+//! [jwt]                                      # optional; the defaults
+//! audience = "sovereign-kms"                 # every JWT-SVID's aud must include it
+//! max_lifetime_secs = 900                    # refuse tokens valid for longer than this
+//!
+//! [inventory]                                # optional; the default
+//! max_lifetime_days = 365                    # longest workload registration
+//!
+//! [grants]                                   # optional; the default
+//! max_ttl_secs = 3600                        # longest task grant
 //!
 //! [audit]                                    # optional; these are the defaults
 //! checkpoint_every = 10000                   # sign a checkpoint after this many records
@@ -46,6 +62,116 @@ pub(crate) struct Config {
     pub(crate) tls: TlsSection,
     #[serde(default)]
     pub(crate) audit: AuditSection,
+    #[serde(default)]
+    pub(crate) trust_bundle: Vec<TrustBundleSection>,
+    #[serde(default)]
+    pub(crate) inventory: InventorySection,
+    #[serde(default)]
+    pub(crate) grants: GrantsSection,
+    #[serde(default)]
+    pub(crate) jwt: JwtSection,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct GrantsSection {
+    #[serde(default = "default_max_grant_ttl")]
+    pub(crate) max_ttl_secs: u64,
+}
+
+impl Default for GrantsSection {
+    fn default() -> Self {
+        Self {
+            max_ttl_secs: default_max_grant_ttl(),
+        }
+    }
+}
+
+fn default_max_grant_ttl() -> u64 {
+    3600
+}
+
+impl GrantsSection {
+    /// The grant store's settings.
+    pub(crate) fn settings(&self) -> kms_core::grants::GrantConfig {
+        kms_core::grants::GrantConfig {
+            max_ttl_secs: self.max_ttl_secs,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TrustBundleSection {
+    pub(crate) trust_domain: String,
+    /// CA certificates (PEM) for X.509-SVIDs.
+    pub(crate) bundle: Option<PathBuf>,
+    /// JWKS (JSON) for JWT-SVIDs.
+    pub(crate) jwks: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct JwtSection {
+    #[serde(default = "default_audience")]
+    pub(crate) audience: String,
+    #[serde(default = "default_jwt_lifetime")]
+    pub(crate) max_lifetime_secs: u64,
+}
+
+impl Default for JwtSection {
+    fn default() -> Self {
+        Self {
+            audience: default_audience(),
+            max_lifetime_secs: default_jwt_lifetime(),
+        }
+    }
+}
+
+fn default_audience() -> String {
+    "sovereign-kms".into()
+}
+
+fn default_jwt_lifetime() -> u64 {
+    900
+}
+
+impl JwtSection {
+    /// The JWT-SVID settings.
+    pub(crate) fn settings(&self) -> server::JwtConfig {
+        server::JwtConfig {
+            audience: self.audience.clone(),
+            max_lifetime_secs: self.max_lifetime_secs,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct InventorySection {
+    #[serde(default = "default_max_lifetime_days")]
+    pub(crate) max_lifetime_days: u64,
+}
+
+impl Default for InventorySection {
+    fn default() -> Self {
+        Self {
+            max_lifetime_days: default_max_lifetime_days(),
+        }
+    }
+}
+
+fn default_max_lifetime_days() -> u64 {
+    365
+}
+
+impl InventorySection {
+    /// The inventory's settings.
+    pub(crate) fn settings(&self) -> kms_core::inventory::InventoryConfig {
+        kms_core::inventory::InventoryConfig {
+            max_lifetime_secs: self.max_lifetime_days.saturating_mul(86_400),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -132,7 +258,6 @@ pub(crate) fn default_admin() -> SocketAddr {
 pub(crate) struct TlsSection {
     pub(crate) server_cert: PathBuf,
     pub(crate) server_key: PathBuf,
-    pub(crate) data_client_ca: PathBuf,
     pub(crate) admin_client_ca: PathBuf,
 }
 
@@ -158,7 +283,14 @@ impl Config {
         abs(&mut config.data_dir);
         abs(&mut config.tls.server_cert);
         abs(&mut config.tls.server_key);
-        abs(&mut config.tls.data_client_ca);
+        for b in &mut config.trust_bundle {
+            if let Some(p) = b.bundle.as_mut() {
+                abs(p);
+            }
+            if let Some(p) = b.jwks.as_mut() {
+                abs(p);
+            }
+        }
         abs(&mut config.tls.admin_client_ca);
         if let Some(p) = config.hsm.pin_file.as_mut() {
             abs(p);

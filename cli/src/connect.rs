@@ -41,6 +41,32 @@ pub(crate) enum Plane {
 }
 
 impl ConnectArgs {
+    /// The address and server trust for `plane`, with no client certificate (for a workload
+    /// authenticating with a JWT-SVID).
+    pub(crate) fn resolve_without_certificate(
+        &self,
+        plane: Plane,
+    ) -> Result<(String, ClientTls), Error> {
+        let layout = DevLayout::new(self.data_dir.clone());
+        let addr = match &self.server {
+            Some(s) => s.clone(),
+            None => recorded_addr(&layout, plane)?,
+        };
+        let ca = self
+            .server_ca
+            .clone()
+            .unwrap_or_else(|| layout.pki("server-ca.pem"));
+        Ok((
+            addr,
+            ClientTls {
+                server_ca_pem: read(&ca)?,
+                cert_pem: Vec::new(),
+                key_pem: Vec::new(),
+                server_name: self.server_name.clone(),
+            },
+        ))
+    }
+
     /// The address and TLS material for `plane`.
     pub(crate) fn resolve(&self, plane: Plane) -> Result<(String, ClientTls), Error> {
         let layout = DevLayout::new(self.data_dir.clone());

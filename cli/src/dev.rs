@@ -26,6 +26,8 @@ use crate::error::{write_private, write_public, Error};
 /// Label of the development token.
 pub(crate) const DEV_TOKEN_LABEL: &str = "sovereign-kms-dev";
 /// Trust domain of the development workload certificate.
+pub(crate) const DEV_TRUST_DOMAIN: &str = "dev.sovereign-kms.local";
+/// Identity of the development workload certificate.
 pub(crate) const DEV_WORKLOAD_ID: &str = "spiffe://dev.sovereign-kms.local/workload/demo";
 /// Identity of the development operator certificate.
 pub(crate) const DEV_OPERATOR_ID: &str = "spiffe://operators.sovereign-kms.local/operator/dev";
@@ -108,7 +110,12 @@ pub(crate) fn ensure(layout: &DevLayout) -> Result<PathBuf, Error> {
         mkdir(&layout.root.join("pki"))?;
         make_pki(layout)?;
     }
-    if !layout.config().exists() {
+    // Written on first start; rewritten when it predates trust bundles (it is generated, and
+    // holds nothing an operator set).
+    let outdated = std::fs::read_to_string(layout.config())
+        .map(|text| text.contains("data_client_ca"))
+        .unwrap_or(true);
+    if outdated {
         write_public(&layout.config(), dev_config_text().as_bytes())?;
     }
     Ok(layout.config())
@@ -147,8 +154,10 @@ fn dev_config_text() -> String {
          [tls]\n\
          server_cert = \"pki/server.pem\"\n\
          server_key = \"pki/server.key\"\n\
-         data_client_ca = \"pki/workload-ca.pem\"\n\
-         admin_client_ca = \"pki/operator-ca.pem\"\n"
+         admin_client_ca = \"pki/operator-ca.pem\"\n\n\
+         [[trust_bundle]]\n\
+         trust_domain = \"{DEV_TRUST_DOMAIN}\"\n\
+         bundle = \"pki/workload-ca.pem\"\n"
     )
 }
 

@@ -17,6 +17,7 @@ mod config;
 mod connect;
 mod dev;
 mod error;
+mod govern;
 mod output;
 mod serve;
 
@@ -49,8 +50,19 @@ enum Command {
     #[command(subcommand)]
     Key(commands::KeyCommand),
     /// Envelope encryption on the data plane.
+    Data(commands::DataArgs),
+    /// Trust bundles of workload trust domains (admin plane).
+    #[command(subcommand, name = "trust-bundle")]
+    TrustBundle(govern::TrustBundleCommand),
+    /// The inventory of workload identities (admin plane).
     #[command(subcommand)]
-    Data(commands::DataCommand),
+    Identity(govern::IdentityCommand),
+    /// Cedar policies deciding data-plane requests (admin plane).
+    #[command(subcommand)]
+    Policy(govern::PolicyCommand),
+    /// Short-lived task grants: create and revoke as a workload, list and revoke as an operator.
+    #[command(subcommand)]
+    Grant(govern::GrantCommand),
     /// The tamper-evident audit log: verify, export, signer keys.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
@@ -96,7 +108,13 @@ fn run(cli: Cli) -> Result<(), Error> {
         match (cli.command, prepared) {
             (Command::Serve(_), Some(p)) => serve::run(p).await,
             (Command::Key(cmd), _) => commands::key(cmd, &cli.connect, cli.json).await,
-            (Command::Data(cmd), _) => commands::data(cmd, &cli.connect, cli.json).await,
+            (Command::Data(args), _) => commands::data(args, &cli.connect, cli.json).await,
+            (Command::TrustBundle(cmd), _) => {
+                govern::trust_bundle(cmd, &cli.connect, cli.json).await
+            }
+            (Command::Identity(cmd), _) => govern::identity(cmd, &cli.connect, cli.json).await,
+            (Command::Policy(cmd), _) => govern::policy(cmd, &cli.connect, cli.json).await,
+            (Command::Grant(cmd), _) => govern::grant(cmd, &cli.connect, cli.json).await,
             (Command::Audit(cmd), _) => audit::run(cmd, &cli.connect, cli.json).await,
             (Command::Bench(args), _) => bench::run(args, &cli.connect, cli.json).await,
             (Command::Serve(_), None) => Err(Error::Usage("internal: serve not prepared".into())),

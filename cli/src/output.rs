@@ -23,6 +23,18 @@ pub(crate) fn emit(as_json: bool, value: &Value) -> Result<(), Error> {
         })
 }
 
+/// Prints text as it is (policy source, a schema, a diff).
+pub(crate) fn raw(text: &str) -> Result<(), Error> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .map_err(|source| Error::File {
+            what: "cannot write to",
+            path: "stdout".into(),
+            source,
+        })
+}
+
 fn human(value: &Value) -> String {
     let Value::Object(map) = value else {
         return format!("{value}\n");

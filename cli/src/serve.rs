@@ -7,9 +7,14 @@ use std::sync::Arc;
 
 use clap::Args;
 use hsm_bridge::{find_softhsm2_module, HsmConfig, HsmEvent, Pkcs11Hsm};
-use kms_core::audit::{AuditEvent, AuditLog};
-use kms_core::{AllowAuthenticated, Deps, Kms, Rng, RocksStore, SystemClock, SystemRng};
-use server::{Audit, Bound, ListenConfig, Services};
+use kms_core::approvals::SingleOperator;
+use kms_core::audit::{object_hash, AuditEvent, AuditLog};
+use kms_core::grants::Grants;
+use kms_core::inventory::{Inventory, NewWorkload, Selector};
+use kms_core::policy::{CedarAuthorizer, Policies};
+use kms_core::trust::TrustBundleRecord;
+use kms_core::{Clock, Deps, Kms, Labels, Rng, RocksStore, Store, SystemClock, SystemRng};
+use server::{Audit, Authenticator, Bound, Governance, ListenConfig, Services};
 
 use crate::config::Config;
 use crate::dev::{self, DevLayout};
@@ -35,6 +40,10 @@ pub(crate) struct ServeArgs {
     /// Development instances only.
     #[arg(long, requires = "dev", hide = true)]
     unaudited: bool,
+    /// Allow every admitted workload every key, skipping Cedar, to measure what policy
+    /// evaluation costs. Development instances only.
+    #[arg(long, requires = "dev", hide = true)]
+    no_policy: bool,
 }
 
 /// Everything opened before the async runtime starts.
@@ -42,6 +51,7 @@ pub(crate) struct Prepared {
     kms: Arc<Kms>,
     audit_log: Arc<AuditLog>,
     store: Arc<RocksStore>,
+    gov: Arc<Governance>,
     unaudited: bool,
     listen: ListenConfig,
     endpoints: PathBuf,
@@ -111,12 +121,51 @@ pub(crate) fn prepare(args: &ServeArgs, data_dir: &Path) -> Result<Prepared, Err
             drop(log.submit(record));
         }
     }));
+    let inventory = Arc::new(Inventory::open(
+        store.clone(),
+        clock.clone(),
+        config.inventory.settings(),
+    )?);
+    let policies = Arc::new(Policies::open(store.clone(), clock.clone())?);
+    let rng: Arc<dyn Rng> = Arc::new(SystemRng::new());
+    let grants = Arc::new(Grants::open(
+        store.clone(),
+        clock.clone(),
+        rng.clone(),
+        hsm.as_ref(),
+        config.grants.settings(),
+    )?);
+    let gov = Arc::new(Governance {
+        inventory,
+        policies: policies.clone(),
+        grants,
+        authn: Arc::new(Authenticator::new(clock.clone(), config.jwt.settings())),
+        approvals: Arc::new(SingleOperator),
+        store: store.clone(),
+        clock: clock.clone(),
+    });
+    seed_trust_bundles(
+        &config,
+        &config_path,
+        store.as_ref(),
+        clock.as_ref(),
+        &audit_log,
+    )?;
+    if args.dev {
+        seed_dev_governance(&gov, &audit_log)?;
+    }
+    gov.load_bundles()?;
     let kms = Kms::open(Deps {
         hsm,
         store: store.clone(),
         clock,
-        rng: Arc::new(SystemRng::new()),
-        authorizer: Arc::new(AllowAuthenticated),
+        rng,
+        authorizer: if args.no_policy {
+            tracing::warn!("--no-policy: Cedar policies are NOT evaluated (measurement only)");
+            Arc::new(kms_core::AllowAuthenticated)
+        } else {
+            Arc::new(CedarAuthorizer::new(policies))
+        },
     })?;
     if args.unaudited {
         tracing::warn!(
@@ -127,13 +176,13 @@ pub(crate) fn prepare(args: &ServeArgs, data_dir: &Path) -> Result<Prepared, Err
         kms: Arc::new(kms),
         audit_log,
         store,
+        gov,
         unaudited: args.unaudited,
         listen: ListenConfig {
             data_addr: args.data_addr.unwrap_or(config.listen.data),
             admin_addr: args.admin_addr.unwrap_or(config.listen.admin),
             server_cert: config.tls.server_cert,
             server_key: config.tls.server_key,
-            data_client_ca: config.tls.data_client_ca,
             admin_client_ca: config.tls.admin_client_ca,
         },
         endpoints: config.data_dir.join("endpoints.json"),
@@ -188,8 +237,15 @@ pub(crate) async fn run(prepared: Prepared) -> Result<(), Error> {
         kms: prepared.kms,
         audit,
         store: prepared.store,
+        gov: prepared.gov.clone(),
     };
+    let flusher = tokio::spawn(flush_usage_every(prepared.gov.clone(), USAGE_FLUSH));
     let result = bound.serve(services, shutdown).await;
+    flusher.abort();
+    let gov = prepared.gov.clone();
+    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || gov.inventory.flush_usage()).await {
+        tracing::warn!(error = %e, "workload usage could not be saved at stop");
+    }
     let _ = std::fs::remove_file(&prepared.endpoints);
     let mut stop = AuditEvent::new("server.stop", if result.is_ok() { "ok" } else { "error" });
     stop.detail.insert("boot".into(), boot);
@@ -201,6 +257,150 @@ pub(crate) async fn run(prepared: Prepared) -> Result<(), Error> {
     let _ = tokio::task::spawn_blocking(move || log.close()).await;
     tracing::info!("stopped");
     Ok(result?)
+}
+
+/// How often last-seen times and call counts are written back.
+const USAGE_FLUSH: std::time::Duration = std::time::Duration::from_secs(10);
+
+async fn flush_usage_every(gov: Arc<Governance>, every: std::time::Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let g = gov.clone();
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || g.inventory.flush_usage()).await {
+            tracing::warn!(error = %e, "workload usage could not be saved");
+        }
+    }
+}
+
+/// Who the audit log names for changes the server makes itself at start.
+const SEEDER: &str = "kms serve (start-up)";
+
+/// Records a start-up change in the audit log, waiting until it is durable.
+fn record_seed(
+    log: &AuditLog,
+    action: &str,
+    target: &str,
+    after: Option<String>,
+) -> Result<(), Error> {
+    let mut event = AuditEvent::new(action, "ok");
+    event.principal = Some(SEEDER.into());
+    event.detail.insert("target".into(), target.to_owned());
+    event.after = after;
+    log.submit(event)
+        .wait_blocking()
+        .map(|_| ())
+        .map_err(|e| Error::Usage(format!("cannot record a start-up change: {e}")))
+}
+
+/// Stores each configured trust bundle whose domain has none yet. Later changes are made on
+/// the admin plane; the config never overwrites them.
+fn seed_trust_bundles(
+    config: &Config,
+    config_path: &Path,
+    store: &dyn Store,
+    clock: &dyn Clock,
+    log: &AuditLog,
+) -> Result<(), Error> {
+    for b in &config.trust_bundle {
+        let bad = |problem: String| Error::Config {
+            file: config_path.to_path_buf(),
+            setting: "trust_bundle",
+            problem,
+        };
+        kms_core::trust::check_trust_domain(&b.trust_domain)
+            .map_err(|e| bad(format!("{}: {e}", b.trust_domain)))?;
+        if kms_core::trust::get(store, &b.trust_domain)?.is_some() {
+            continue;
+        }
+        let text = |path: &Path| {
+            String::from_utf8(crate::error::read(path)?)
+                .map_err(|_| bad(format!("{} is not text", path.display())))
+        };
+        let pem = match &b.bundle {
+            Some(path) => {
+                let pem = text(path)?;
+                server::parse_bundle(&pem).map_err(|e| bad(format!("{}: {e}", path.display())))?;
+                pem
+            }
+            None => String::new(),
+        };
+        let jwks = match &b.jwks {
+            Some(path) => {
+                let jwks = text(path)?;
+                server::parse_jwks(&jwks).map_err(|e| bad(format!("{}: {e}", path.display())))?;
+                Some(jwks)
+            }
+            None => None,
+        };
+        if pem.is_empty() && jwks.is_none() {
+            return Err(bad(format!(
+                "{}: give bundle (PEM), jwks (JWKS), or both",
+                b.trust_domain
+            )));
+        }
+        let record = TrustBundleRecord {
+            trust_domain: b.trust_domain.clone(),
+            pem,
+            jwks,
+            updated_at: clock.now_unix(),
+            updated_by: SEEDER.into(),
+        };
+        kms_core::trust::put(store, &record)?;
+        record_seed(
+            log,
+            "admin.SetTrustBundle",
+            &b.trust_domain,
+            object_hash(&record),
+        )?;
+        tracing::info!(trust_domain = %b.trust_domain, "trust bundle stored from the config");
+    }
+    Ok(())
+}
+
+/// The development policy: the development workload may use every key.
+pub(crate) const DEV_POLICY_ID: &str = "dev-workload";
+
+fn dev_policy_text() -> String {
+    format!(
+        "// Written by `kms serve --dev` on first start: the development workload may use every\n\
+         // key. Replace it with `kms policy put`, or see examples/policies/.\n\
+         permit (\n  principal == Workload::\"{}\",\n  action,\n  resource\n);\n",
+        dev::DEV_WORKLOAD_ID
+    )
+}
+
+/// On a development instance's first start: register the development workload and let it use
+/// every key, so that the quick start works; never touched again once they exist.
+fn seed_dev_governance(gov: &Governance, log: &AuditLog) -> Result<(), Error> {
+    let selector: Selector = dev::DEV_WORKLOAD_ID.parse()?;
+    if gov.inventory.get(&selector).is_err() {
+        let lifetime = gov.inventory.config().max_lifetime_secs;
+        let w = gov.inventory.register(
+            NewWorkload {
+                selector: selector.clone(),
+                owner: "development".into(),
+                purpose: "the development workload certificate of kms serve --dev".into(),
+                labels: Labels::default(),
+                expires_at: gov.clock.now_unix().saturating_add(lifetime),
+            },
+            SEEDER,
+        )?;
+        record_seed(
+            log,
+            "admin.RegisterWorkload",
+            &w.selector,
+            object_hash(w.as_ref()),
+        )?;
+    }
+    if gov.policies.list().is_empty() {
+        let (v, _) = gov
+            .policies
+            .put(DEV_POLICY_ID, &dev_policy_text(), SEEDER)?;
+        record_seed(log, "admin.PutPolicy", DEV_POLICY_ID, object_hash(&v))?;
+    }
+    Ok(())
 }
 
 /// A short random id for this run of the server; request ids it assigns start with it.

@@ -314,6 +314,35 @@ fn no_secret_reaches_the_logs_or_the_audit_log() {
     server.kms_json(&["key", "alias", "third", k["key_id"].as_str().unwrap()]);
     server.kms_json(&["key", "describe", "soft"]);
     server.kms_json(&["key", "list"]);
+    // Governance operations.
+    server.kms_json(&["trust-bundle", "list"]);
+    server.kms_json(&[
+        "identity",
+        "register",
+        "spiffe://canary.example/x",
+        "--owner",
+        "o",
+        "--purpose",
+        "p",
+        "--expires",
+        "1d",
+    ]);
+    server.kms_json(&["identity", "describe", "spiffe://canary.example/x"]);
+    server.kms_json(&["identity", "list"]);
+    server.kms_json(&["policy", "list"]);
+    server.kms_json(&[
+        "policy",
+        "test",
+        "--principal",
+        "spiffe://canary.example/x",
+        "--action",
+        "Decrypt",
+        "--key",
+        "soft",
+        "--context",
+        &format!("tenant={context_value}"),
+    ]);
+    let mut tokens: Vec<String> = Vec::new();
 
     // Every data-plane operation, on both protection levels, with the canary context.
     rt.block_on(async {
@@ -407,6 +436,38 @@ fn no_secret_reaches_the_logs_or_the_audit_log() {
                 .await
                 .is_err());
         }
+        // A grant, minted and used; its token is a secret too.
+        let g = data
+            .generate_data_key(GenerateDataKeyRequest {
+                key: "soft".into(),
+                encryption_context: ctx(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        deks.push(g.plaintext.clone());
+        let grant = data
+            .create_grant(api::v1::CreateGrantRequest {
+                grantee: "spiffe://dev.sovereign-kms.local/workload/demo".into(),
+                key: "soft".into(),
+                operations: vec!["Decrypt".into()],
+                required_context: ctx(),
+                ttl_seconds: 60,
+                max_uses: 5,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        tokens.push(grant.token.clone());
+        let mut with_grant = tonic::Request::new(DecryptRequest {
+            ciphertext: g.ciphertext,
+            encryption_context: ctx(),
+        });
+        with_grant
+            .metadata_mut()
+            .insert(server::GRANT_HEADER, grant.token.parse().unwrap());
+        data.decrypt(with_grant).await.unwrap();
         // A malformed key reference is refused and not copied into the log.
         assert!(data
             .generate_data_key(GenerateDataKeyRequest {
@@ -424,7 +485,8 @@ fn no_secret_reaches_the_logs_or_the_audit_log() {
             .await
             .is_err());
     });
-    assert_eq!(deks.len(), 8);
+    assert_eq!(deks.len(), 9);
+    assert_eq!(tokens.len(), 1);
     let remote = kms(
         dir.path(),
         &["audit", "export", "--server", &server.admin, "--since", "1"],
@@ -460,6 +522,12 @@ fn no_secret_reaches_the_logs_or_the_audit_log() {
     for dek in &deks {
         assert_absent(&everything, "data key", dek);
     }
+    for token in &tokens {
+        assert_absent(&everything, "grant token", token.as_bytes());
+        let tag = token.rsplit('.').next().unwrap();
+        assert_absent(&everything, "grant token tag", tag.as_bytes());
+    }
+    assert!(export.contains("data.CreateGrant"));
 }
 
 /// Runs 20 clients against the server for a second, then SIGKILLs it mid-load; returns the
