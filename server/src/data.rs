@@ -65,11 +65,24 @@ impl DataService {
     ) -> Result<(Caller, String), Status> {
         let request_id = self.audit.request_id(request.metadata());
         let certs = request.peer_certs();
-        match self.gov.identify(
-            certs.as_ref().map(|c| c.as_slice()),
-            request.metadata(),
-            u64::try_from(uses).unwrap_or(u64::MAX),
-        ) {
+        let uses = u64::try_from(uses).unwrap_or(u64::MAX);
+        let identified = if request.metadata().contains_key(crate::GRANT_HEADER) {
+            // Reserving grant uses is a synced store write: keep it off the async workers.
+            let gov = self.gov.clone();
+            let metadata = request.metadata().clone();
+            tokio::task::spawn_blocking(move || {
+                gov.identify(certs.as_ref().map(|c| c.as_slice()), &metadata, uses)
+            })
+            .await
+            .map_err(|_| Status::internal("internal error"))?
+        } else {
+            self.gov.identify(
+                certs.as_ref().map(|c| c.as_slice()),
+                request.metadata(),
+                uses,
+            )
+        };
+        match identified {
             Ok(caller) => Ok((caller, request_id)),
             Err(refusal) => {
                 let mut event = AuditEvent::new(action, status_word(Some(&refusal.status)));
@@ -86,6 +99,19 @@ impl DataService {
         }
     }
 
+    /// Gives back the grant uses reserved for `n` parts that failed. Only a grant caller has
+    /// any, and giving them back is a synced store write, so it runs off the async workers.
+    async fn release(&self, caller: &Caller, n: u64) {
+        if caller.grant.is_none() || n == 0 {
+            return;
+        }
+        let gov = self.gov.clone();
+        let caller = caller.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || gov.release(&caller, n)).await {
+            tracing::error!(error = %e, "giving back grant uses failed");
+        }
+    }
+
     /// Records the request and then answers it; if the record cannot be written the caller
     /// gets the audit status instead, and whatever the request produced is dropped.
     async fn answer<T>(
@@ -99,7 +125,7 @@ impl DataService {
     ) -> Result<Response<T>, Status> {
         self.gov.note_call(caller, action);
         if result.is_err() {
-            self.gov.release(caller, 1);
+            self.release(caller, 1).await;
         }
         let event = data_event(
             action,
@@ -125,8 +151,8 @@ impl DataService {
     ) -> Result<Vec<Result<T, Status>>, Status> {
         self.gov.note_call(caller, action);
         let failed = items.iter().filter(|(r, _)| r.is_err()).count();
-        self.gov
-            .release(caller, u64::try_from(failed).unwrap_or(u64::MAX));
+        self.release(caller, u64::try_from(failed).unwrap_or(u64::MAX))
+            .await;
         let mut pending = Vec::with_capacity(items.len());
         let mut results = Vec::with_capacity(items.len());
         for (i, (result, facts)) in items.into_iter().enumerate() {
