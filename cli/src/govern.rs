@@ -4,10 +4,10 @@
 use std::path::{Path, PathBuf};
 
 use api::v1::{
-    GetPolicyRequest, ListPoliciesRequest, ListTrustBundlesRequest, ListWorkloadsRequest,
-    PolicyInfo, PolicyRequest, PutPolicyRequest, RegisterWorkloadRequest, SetTrustBundleRequest,
-    TestPolicyRequest, TrustBundle, TrustDomainRequest, UpdateWorkloadRequest, WorkloadInfo,
-    WorkloadRequest,
+    GetPolicyRequest, KeyCoverageRequest, KeyCoverageResponse, ListPoliciesRequest,
+    ListTrustBundlesRequest, ListWorkloadsRequest, PolicyInfo, PolicyRequest, PutPolicyRequest,
+    RegisterWorkloadRequest, SetTrustBundleRequest, TestPolicyRequest, TrustBundle,
+    TrustDomainRequest, UpdateWorkloadRequest, WorkloadInfo, WorkloadRequest,
 };
 use clap::Subcommand;
 use serde_json::{json, Value};
@@ -92,7 +92,8 @@ pub(crate) enum IdentityCommand {
     },
     /// Report active registrations that need attention: not seen for --stale-days (or never
     /// seen since registration that long ago), expiring within --expiring-days, or without an
-    /// owner review for --review-days.
+    /// owner review for --review-days; and enabled keys that no active registration may use
+    /// under the current policies, whatever the request's context.
     Report {
         /// Days without a call after which a registration is stale.
         #[arg(long, default_value_t = 30)]
@@ -103,6 +104,10 @@ pub(crate) enum IdentityCommand {
         /// Days after which a registration's owner should review it again.
         #[arg(long, default_value_t = 90)]
         review_days: u64,
+        /// Skip the key check (it evaluates each key against each registration until one may
+        /// use it, so it is slow for unused keys in a large inventory).
+        #[arg(long)]
+        skip_keys: bool,
     },
     /// List registrations, a page at a time.
     List {
@@ -340,6 +345,7 @@ fn report(
     stale_days: u64,
     expiring_days: u64,
     review_days: u64,
+    coverage: Option<&KeyCoverageResponse>,
 ) -> Value {
     let days = |d: u64| d.saturating_mul(86_400);
     let brief = |w: &WorkloadInfo| {
@@ -366,11 +372,19 @@ fn report(
         .filter(|w| now.saturating_sub(w.reviewed_at) >= days(review_days))
         .map(brief)
         .collect();
+    let unusable_keys = coverage.map(|c| {
+        c.unusable_keys
+            .iter()
+            .map(|k| json!({"key_id": k.key_id, "alias": k.alias, "labels": k.labels}))
+            .collect::<Vec<_>>()
+    });
     json!({
         "active_registrations": all.len(),
         "stale": stale,
         "expiring": expiring,
         "unreviewed": unreviewed,
+        "keys_checked": coverage.map(|c| c.keys_checked),
+        "unusable_keys": unusable_keys,
     })
 }
 
@@ -431,6 +445,7 @@ pub(crate) async fn identity(
             stale_days,
             expiring_days,
             review_days,
+            skip_keys,
         } => {
             let mut all = Vec::new();
             let mut page_token = String::new();
@@ -449,9 +464,25 @@ pub(crate) async fn identity(
                 }
                 page_token = r.next_page_token;
             }
+            let coverage = match skip_keys {
+                true => None,
+                false => Some(
+                    client
+                        .key_coverage(KeyCoverageRequest::default())
+                        .await?
+                        .into_inner(),
+                ),
+            };
             return emit(
                 as_json,
-                &report(&all, now_unix(), stale_days, expiring_days, review_days),
+                &report(
+                    &all,
+                    now_unix(),
+                    stale_days,
+                    expiring_days,
+                    review_days,
+                    coverage.as_ref(),
+                ),
             );
         }
         IdentityCommand::List {

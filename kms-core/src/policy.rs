@@ -27,6 +27,8 @@ use serde::{Deserialize, Serialize};
 use crate::authz::{AccessRequest, Authorizer, Verdict};
 use crate::clock::Clock;
 use crate::error::{Error, InvalidInput, Op};
+use crate::inventory::{Selector, Workload};
+use crate::key::KeyRecord;
 use crate::spiffe::SpiffeId;
 use crate::store::{Change, Row, Store, Table};
 
@@ -203,6 +205,7 @@ fn compile(schema: &Schema, texts: &BTreeMap<String, String>) -> Result<PolicySe
 /// names no principal, and those naming it with `principal == ...`). The decision is the one
 /// the whole set would give, since a policy scoped to another principal can never match.
 struct Compiled {
+    all: Arc<PolicySet>,
     general: Arc<PolicySet>,
     by_principal: HashMap<String, Arc<PolicySet>>,
     statements: usize,
@@ -236,6 +239,7 @@ impl Compiled {
             by_principal.insert(principal, Arc::new(s));
         }
         Ok(Self {
+            all: Arc::new(set.clone()),
             general: Arc::new(general),
             by_principal,
             statements,
@@ -478,6 +482,61 @@ impl Policies {
     }
 }
 
+/// The data-plane operations that use a key (creating a grant does not, by itself).
+pub const USE_OPS: [Op; 4] = [Op::GenerateDataKey, Op::Decrypt, Op::Encrypt, Op::ReEncrypt];
+
+impl Policies {
+    /// Whether the current policies could allow some workload under `registration` some use of
+    /// `key`, for any encryption context, time, purpose, authentication method or grant.
+    ///
+    /// Cedar evaluates each use operation partially, with the request context unknown: `false`
+    /// means every operation is denied whatever the context holds. An exact registration is
+    /// evaluated as its own principal. A prefix registration stands for workloads not known in
+    /// advance, so its principal is unknown too (its labels included) and any policy that could
+    /// apply to some workload counts. The answer therefore errs towards "may use": a `true`
+    /// can hide a condition that never holds, a `false` is certain.
+    pub fn may_use(&self, registration: &Workload, key: &KeyRecord) -> Result<bool, Error> {
+        let internal = |e: String| {
+            tracing::error!(error = %e, "partial policy request could not be built");
+            Error::Internal("partial policy request could not be built")
+        };
+        let selector = registration.parsed_selector()?;
+        let compiled = self.compiled.read().clone();
+        let resource = key_entity(key).map_err(internal)?;
+        let (set, principal) = match &selector {
+            Selector::Exact(id) => (
+                compiled.for_principal(&id.to_string()),
+                Some(workload_entity(&id.to_string(), Some(registration)).map_err(internal)?),
+            ),
+            _ => (compiled.all.clone(), None),
+        };
+        let mut entities = vec![resource.clone()];
+        entities.extend(principal.clone());
+        let entities =
+            Entities::from_entities(entities, None).map_err(|e| internal(e.to_string()))?;
+        let workload_type =
+            EntityTypeName::from_str("Workload").map_err(|e| internal(e.to_string()))?;
+        for op in USE_OPS {
+            let builder = Request::builder()
+                .action(uid("Action", action_name(op)).map_err(internal)?)
+                .resource(resource.uid());
+            let builder = match &principal {
+                Some(p) => builder.principal(p.uid()),
+                None => builder.unknown_principal_with_type(workload_type.clone()),
+            };
+            let response = cedar_policy::Authorizer::new().is_authorized_partial(
+                &builder.build(),
+                &set,
+                &entities,
+            );
+            if response.decision() != Some(cedar_policy::Decision::Deny) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+}
+
 fn current_texts(histories: &BTreeMap<String, PolicyHistory>) -> BTreeMap<String, String> {
     histories
         .iter()
@@ -517,16 +576,14 @@ fn long(n: u64) -> RestrictedExpression {
     RestrictedExpression::new_long(i64::try_from(n).unwrap_or(i64::MAX))
 }
 
-/// The Cedar request and entities for one access request.
-fn cedar_request(r: &AccessRequest<'_>) -> Result<(Request, Entities), String> {
-    let spiffe_id = r.caller.id.as_str();
+/// The `Workload` entity for a caller with this SPIFFE ID, under its registration if it has
+/// one.
+fn workload_entity(spiffe_id: &str, workload: Option<&Workload>) -> Result<Entity, String> {
     let trust_domain = SpiffeId::from_str(spiffe_id)
         .map(|id| id.trust_domain().to_owned())
         .unwrap_or_default();
-    let workload = r.caller.workload.as_deref();
-    let principal = uid("Workload", spiffe_id)?;
-    let principal_entity = Entity::new_with_tags(
-        principal.clone(),
+    Entity::new_with_tags(
+        uid("Workload", spiffe_id)?,
         [
             ("spiffe_id".to_owned(), string(spiffe_id)),
             ("trust_domain".to_owned(), string(&trust_domain)),
@@ -545,26 +602,33 @@ fn cedar_request(r: &AccessRequest<'_>) -> Result<(Request, Entities), String> {
             .flat_map(|w| w.labels.entries())
             .map(|(k, v)| (k.to_owned(), string(v))),
     )
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| e.to_string())
+}
 
-    let key_id = r.key.id.to_string();
-    let resource = uid("Key", &key_id)?;
-    let resource_entity = Entity::new_with_tags(
-        resource.clone(),
+/// The `Key` entity for a key.
+fn key_entity(key: &KeyRecord) -> Result<Entity, String> {
+    let key_id = key.id.to_string();
+    Entity::new_with_tags(
+        uid("Key", &key_id)?,
         [
             ("id".to_owned(), string(&key_id)),
             (
                 "alias".to_owned(),
-                string(r.key.alias.as_ref().map_or("", |a| a.as_str())),
+                string(key.alias.as_ref().map_or("", |a| a.as_str())),
             ),
         ],
         [],
-        r.key
-            .labels
-            .entries()
-            .map(|(k, v)| (k.to_owned(), string(v))),
+        key.labels.entries().map(|(k, v)| (k.to_owned(), string(v))),
     )
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| e.to_string())
+}
+
+/// The Cedar request and entities for one access request.
+fn cedar_request(r: &AccessRequest<'_>) -> Result<(Request, Entities), String> {
+    let principal_entity = workload_entity(r.caller.id.as_str(), r.caller.workload.as_deref())?;
+    let principal = principal_entity.uid();
+    let resource_entity = key_entity(r.key)?;
+    let resource = resource_entity.uid();
 
     let ctx_uid = uid("EncryptionContext", "request")?;
     let ctx_entity = Entity::new_with_tags(

@@ -541,3 +541,76 @@ fn example_policy_restricted_hours() {
         Decision::Allow
     );
 }
+
+/// A registration as the inventory would hold it.
+fn registration(selector: &str, l: &[(&str, &str)]) -> kms_core::inventory::Workload {
+    let mut w = caller(selector, l).workload.unwrap().as_ref().clone();
+    w.selector = selector.into();
+    w
+}
+
+#[test]
+fn key_coverage_finds_keys_no_registration_may_use() {
+    let (_dir, _store, p) = policies();
+    p.put(
+        "restricted-hours",
+        include_str!("../../examples/policies/restricted-hours.cedar"),
+        "op",
+    )
+    .unwrap();
+    p.put(
+        "same-team",
+        r#"permit (principal, action in [Action::"GenerateDataKey", Action::"Decrypt"], resource)
+           when { principal.hasTag("team") && resource.hasTag("team") &&
+                  principal.getTag("team") == resource.getTag("team") &&
+                  context.encryption_context.hasTag("tenant") };"#,
+        "op",
+    )
+    .unwrap();
+    p.put(
+        "retired",
+        r#"forbid (principal, action, resource) when { resource.hasTag("retired") };"#,
+        "op",
+    )
+    .unwrap();
+    let payments = registration(
+        "spiffe://prod.example/payments",
+        &[("team", "payments"), ("tier", "dev")],
+    );
+    let fleet = registration("spiffe://prod.example/fleet/*", &[("team", "nobody")]);
+
+    // Usable whatever the context turns out to be: the permit's condition waits on the
+    // encryption context, which is unknown.
+    let usable = key(&[("team", "payments")]);
+    assert!(p.may_use(&payments, &usable).unwrap());
+    // Another team's key, a restricted key for a non-prod workload, a retired key: no context
+    // can make any of them usable by this registration.
+    let other_team = key(&[("team", "billing")]);
+    let restricted = key(&[("team", "payments"), ("sensitivity", "restricted")]);
+    let retired = key(&[("team", "payments"), ("retired", "yes")]);
+    for k in [&other_team, &restricted, &retired] {
+        assert!(!p.may_use(&payments, k).unwrap(), "{:?}", k.labels);
+    }
+
+    // A fleet stands for workloads not known in advance, evaluated as an unknown principal:
+    // anything a permit could match counts as possibly usable; a forbid on the key alone
+    // still rules it out.
+    assert!(p.may_use(&fleet, &other_team).unwrap());
+    assert!(!p.may_use(&fleet, &retired).unwrap());
+
+    // A policy naming the workload makes the restricted key usable in the permitted hours.
+    p.put(
+        "payments-all",
+        r#"permit (principal == Workload::"spiffe://prod.example/payments", action, resource);"#,
+        "op",
+    )
+    .unwrap();
+    assert!(p.may_use(&payments, &other_team).unwrap());
+    assert!(!p.may_use(&payments, &restricted).unwrap());
+    let prod = registration(
+        "spiffe://prod.example/payments",
+        &[("team", "payments"), ("tier", "prod")],
+    );
+    assert!(p.may_use(&prod, &restricted).unwrap());
+    assert!(!p.may_use(&prod, &retired).unwrap());
+}

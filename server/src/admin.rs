@@ -172,7 +172,7 @@ pub(crate) fn to_status(e: &Error) -> Status {
     }
 }
 
-fn metadata(r: &KeyRecord) -> KeyMetadata {
+pub(crate) fn metadata(r: &KeyRecord) -> KeyMetadata {
     KeyMetadata {
         key_id: r.id.to_string(),
         alias: r.alias.as_ref().map(|a| a.to_string()).unwrap_or_default(),
@@ -473,5 +473,12 @@ impl Admin for AdminService {
         request: Request<api::v1::PolicyStatsRequest>,
     ) -> Result<Response<api::v1::PolicyStatsResponse>, Status> {
         self.policy_stats_impl(request).await
+    }
+
+    async fn key_coverage(
+        &self,
+        request: Request<api::v1::KeyCoverageRequest>,
+    ) -> Result<Response<api::v1::KeyCoverageResponse>, Status> {
+        self.key_coverage_impl(request).await
     }
 }

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use api::v1::{
     GetPolicyRequest, ListPoliciesRequest, ListPoliciesResponse, ListTrustBundlesRequest,
@@ -22,7 +23,8 @@ use kms_core::inventory::{NewWorkload, Selector, Usage, Workload, WorkloadFilter
 use kms_core::policy::PolicyVersion;
 use kms_core::trust::TrustBundleRecord;
 use kms_core::{
-    AccessRequest, AuthMethod, Caller, Decision, EncryptionContext, Labels, Op, PrincipalId,
+    AccessRequest, AuthMethod, Caller, Decision, EncryptionContext, KeyState, Labels, Op,
+    PrincipalId,
 };
 use serde::Serialize;
 use tonic::{Request, Response, Status};
@@ -511,6 +513,55 @@ impl AdminService {
                 p999_ns: s.p999_ns,
                 max_ns: s.max_ns,
                 statements: u64::try_from(gov.policies.statement_count()).unwrap_or(u64::MAX),
+            })
+        })
+        .await
+    }
+
+    pub(crate) async fn key_coverage_impl(
+        &self,
+        request: Request<api::v1::KeyCoverageRequest>,
+    ) -> Result<Response<api::v1::KeyCoverageResponse>, Status> {
+        let include_disabled = request.get_ref().include_disabled;
+        let kms = self.kms.clone();
+        self.gov_read("admin.KeyCoverage", &request, String::new(), move |gov| {
+            let now = gov.clock.now_unix();
+            let registrations: Vec<Arc<Workload>> = gov
+                .inventory
+                .all()
+                .into_iter()
+                .filter(|w| w.active && now < w.expires_at)
+                .collect();
+            let mut keys_checked = 0u64;
+            let mut unusable_keys = Vec::new();
+            let mut after = None;
+            loop {
+                let (page, next) = kms.list_keys(after, MAX_PAGE);
+                for key in &page {
+                    if key.state != KeyState::Enabled && !include_disabled {
+                        continue;
+                    }
+                    keys_checked += 1;
+                    let mut usable = false;
+                    for w in &registrations {
+                        if core(gov.policies.may_use(w, key))? {
+                            usable = true;
+                            break;
+                        }
+                    }
+                    if !usable {
+                        unusable_keys.push(crate::admin::metadata(key));
+                    }
+                }
+                match next {
+                    Some(n) => after = Some(n),
+                    None => break,
+                }
+            }
+            Ok(api::v1::KeyCoverageResponse {
+                keys_checked,
+                registrations: u64::try_from(registrations.len()).unwrap_or(u64::MAX),
+                unusable_keys,
             })
         })
         .await

@@ -1105,3 +1105,85 @@ fn jwt_svids_are_verified_against_their_trust_domains_jwks() {
     ]);
     assert!(out["ciphertext"].is_string());
 }
+
+#[test]
+fn identity_report_lists_keys_no_registration_may_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(KMS, dir.path());
+    let keys = |report: &Value| -> Vec<String> {
+        let mut k: Vec<String> = report["unusable_keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["alias"].as_str().unwrap().to_owned())
+            .collect();
+        k.sort();
+        k
+    };
+    for (alias, label) in [
+        ("pay", "team=payments"),
+        ("billing", "team=billing"),
+        ("retired", "retired=yes"),
+    ] {
+        server.kms_json(&["key", "create", "--alias", alias, "--label", label]);
+    }
+    // The development workload may use every key until its policy goes.
+    assert_eq!(
+        keys(&server.kms_json(&["identity", "report"])),
+        Vec::<String>::new()
+    );
+    server.kms_json(&["policy", "delete", "dev-workload"]);
+    // No policy at all: nothing may use any key.
+    let report = server.kms_json(&["identity", "report"]);
+    assert_eq!(report["keys_checked"], 3);
+    assert_eq!(keys(&report), ["billing", "pay", "retired"]);
+
+    let same_team = write(
+        dir.path(),
+        "team.cedar",
+        r#"permit (principal, action == Action::"Decrypt", resource)
+           when { principal.hasTag("team") && resource.hasTag("team") &&
+                  principal.getTag("team") == resource.getTag("team") };
+           forbid (principal, action, resource) when { resource.hasTag("retired") };"#,
+    );
+    server.kms_json(&["policy", "put", "team", "--file", &same_team]);
+    server.kms_json(&[
+        "identity",
+        "register",
+        "spiffe://test.example/payments",
+        "--owner",
+        "team",
+        "--purpose",
+        "tests",
+        "--expires",
+        "7d",
+        "--label",
+        "team=payments",
+    ]);
+    let report = server.kms_json(&["identity", "report"]);
+    assert_eq!(keys(&report), ["billing", "retired"]);
+
+    // A fleet registration is an unknown workload: a key some permit could match for it is
+    // no longer certainly unusable; a key every request is forbidden on stays listed.
+    server.kms_json(&[
+        "identity",
+        "register",
+        "spiffe://test.example/fleet/*",
+        "--owner",
+        "team",
+        "--purpose",
+        "tests",
+        "--expires",
+        "7d",
+    ]);
+    let report = server.kms_json(&["identity", "report"]);
+    assert_eq!(keys(&report), ["retired"]);
+    // Disabled keys are left out; --skip-keys leaves the check out.
+    server.kms_json(&["key", "disable", "retired"]);
+    assert_eq!(
+        keys(&server.kms_json(&["identity", "report"])),
+        Vec::<String>::new()
+    );
+    let skipped = server.kms_json(&["identity", "report", "--skip-keys"]);
+    assert!(skipped["unusable_keys"].is_null());
+}
