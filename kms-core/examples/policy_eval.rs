@@ -1,0 +1,110 @@
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::disallowed_methods,
+    clippy::print_stdout,
+    reason = "a measurement program: a failed step ends it"
+)]
+//! Policy evaluation in process, with the governance benchmark's policy set: 1,000 policies
+//! each naming another workload, the shipped restricted-hours forbid, and one permit for the
+//! caller. Prints the evaluation times Cedar's part of a request takes without the server
+//! around it. Build with `--release`: `cargo run --release -p kms-core --example policy_eval
+//! -- [evaluations]`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use kms_core::inventory::Workload;
+use kms_core::policy::Policies;
+use kms_core::{
+    AccessRequest, AuthMethod, Caller, Decision, EncryptionContext, KeyId, KeyRecord, KeyState,
+    KeyVersion, Labels, Op, PrincipalId, Protection, RocksStore, SystemClock,
+};
+
+fn main() {
+    let n: u64 = std::env::args()
+        .nth(1)
+        .map_or(200_000, |a| a.parse().expect("evaluations: a number"));
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(RocksStore::open(dir.path()).unwrap());
+    let policies = Policies::open(store, Arc::new(SystemClock)).unwrap();
+    let me = "spiffe://bench.example/caller";
+    policies
+        .put(
+            "caller",
+            &format!("permit (principal == Workload::\"{me}\", action, resource);"),
+            "bench",
+        )
+        .unwrap();
+    policies
+        .put(
+            "restricted-hours",
+            include_str!("../../examples/policies/restricted-hours.cedar"),
+            "bench",
+        )
+        .unwrap();
+    for i in 0..1000 {
+        let text = format!(
+            "permit (principal == Workload::\"spiffe://bench.example/svc-{i}\", \
+             action in [Action::\"GenerateDataKey\", Action::\"Decrypt\"], resource) \
+             when {{ context.encryption_context.hasTag(\"tenant\") && \
+             context.encryption_context.getTag(\"tenant\") == \"t{i}\" }};"
+        );
+        policies.put(&format!("bench-{i}"), &text, "bench").unwrap();
+    }
+    let labels = |pairs: &[(&str, &str)]| {
+        Labels::from_pairs(pairs.iter().map(|(k, v)| ((*k).into(), (*v).into()))).unwrap()
+    };
+    let mut caller = Caller::new(PrincipalId::new(me.into()), AuthMethod::Mtls);
+    caller.workload = Some(Arc::new(Workload {
+        selector: me.into(),
+        owner: "team-1".into(),
+        purpose: "benchmark identity".into(),
+        labels: labels(&[("tier", "prod")]),
+        expires_at: u64::MAX,
+        active: true,
+        created_at: 0,
+        created_by: "bench".into(),
+        updated_at: 0,
+        updated_by: "bench".into(),
+        reviewed_at: 0,
+    }));
+    let key = KeyRecord {
+        id: KeyId::from_random_bytes([7; 16]),
+        alias: None,
+        labels: labels(&[("owner", "bench")]),
+        protection: Protection::Software,
+        state: KeyState::Enabled,
+        current_version: KeyVersion::new(1).unwrap(),
+        created_at: 0,
+        updated_at: 0,
+    };
+    let context =
+        EncryptionContext::from_pairs(BTreeMap::from([("tenant".to_owned(), "t1".to_owned())]))
+            .unwrap();
+    let request = AccessRequest {
+        caller: &caller,
+        op: Op::GenerateDataKey,
+        key: &key,
+        context: &context,
+        now_unix: 1_798_804_800, // 12:00 UTC: the restricted-hours forbid does not fire
+    };
+    assert_eq!(policies.evaluate(&request).decision, Decision::Allow);
+    policies.eval_stats(true);
+    let started = std::time::Instant::now();
+    for _ in 0..n {
+        std::hint::black_box(policies.evaluate(std::hint::black_box(&request)));
+    }
+    let elapsed = started.elapsed();
+    let s = policies.eval_stats(false);
+    println!(
+        "{{\"evaluations\":{},\"statements\":{},\"mean_ns\":{},\"p50_ns\":{},\"p99_ns\":{},\"p999_ns\":{},\"max_ns\":{}}}",
+        s.count,
+        policies.statement_count(),
+        elapsed.as_nanos() / u128::from(n.max(1)),
+        s.p50_ns,
+        s.p99_ns,
+        s.p999_ns,
+        s.max_ns
+    );
+}
