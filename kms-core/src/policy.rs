@@ -15,6 +15,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use cedar_policy::{
@@ -27,8 +28,9 @@ use serde::{Deserialize, Serialize};
 use crate::authz::{AccessRequest, Authorizer, Verdict};
 use crate::clock::Clock;
 use crate::error::{Error, InvalidInput, Op};
+use crate::ids::{Alias, KeyId};
 use crate::inventory::{Selector, Workload};
-use crate::key::KeyRecord;
+use crate::key::{KeyRecord, Labels};
 use crate::spiffe::SpiffeId;
 use crate::store::{Change, Row, Store, Table};
 
@@ -209,10 +211,13 @@ struct Compiled {
     general: Arc<PolicySet>,
     by_principal: HashMap<String, Arc<PolicySet>>,
     statements: usize,
+    /// Counts policy changes since start; decisions remembered under another generation are
+    /// never reused.
+    generation: u64,
 }
 
 impl Compiled {
-    fn new(set: &PolicySet) -> Result<Self, Error> {
+    fn new(set: &PolicySet, generation: u64) -> Result<Self, Error> {
         let slice_err = |e: cedar_policy::PolicySetError| Error::PolicyInvalid {
             id: String::new(),
             message: format!("{e}"),
@@ -243,6 +248,7 @@ impl Compiled {
             general: Arc::new(general),
             by_principal,
             statements,
+            generation,
         })
     }
 
@@ -261,7 +267,13 @@ pub struct Policies {
     schema: Schema,
     histories: RwLock<BTreeMap<String, PolicyHistory>>,
     compiled: RwLock<Arc<Compiled>>,
+    /// Times of the Cedar evaluations (decisions taken from `decisions` are not in it).
     timings: Mutex<Option<hdrhistogram::Histogram<u64>>>,
+    /// Decisions taken from `decisions` since start or the last reset of the timings.
+    cached: AtomicU64,
+    names: Names,
+    entities: Mutex<EntityCache>,
+    decisions: Mutex<DecisionCache>,
 }
 
 /// Evaluation times measured inside the server since start or the last reset.
@@ -277,6 +289,8 @@ pub struct EvalStats {
     pub p999_ns: u64,
     /// Slowest, nanoseconds.
     pub max_ns: u64,
+    /// Decisions answered from the decision cache (not evaluated again, not timed).
+    pub cached: u64,
 }
 
 #[expect(
@@ -313,7 +327,11 @@ impl Policies {
                 })?;
             histories.insert(h.id.clone(), h);
         }
-        let compiled = Compiled::new(&compile(&schema, &current_texts(&histories))?)?;
+        let compiled = Compiled::new(&compile(&schema, &current_texts(&histories))?, 0)?;
+        let names = Names::new().map_err(|e| {
+            tracing::error!(error = %e, "Cedar names could not be built");
+            Error::Internal("Cedar names could not be built")
+        })?;
         Ok(Self {
             store,
             clock,
@@ -321,6 +339,10 @@ impl Policies {
             histories: RwLock::new(histories),
             compiled: RwLock::new(Arc::new(compiled)),
             timings: Mutex::new(new_histogram()),
+            cached: AtomicU64::new(0),
+            names,
+            entities: Mutex::new(EntityCache::default()),
+            decisions: Mutex::new(DecisionCache::default()),
         })
     }
 
@@ -343,7 +365,7 @@ impl Policies {
         let mut histories = self.histories.write();
         let mut texts = current_texts(&histories);
         texts.insert(id.to_owned(), text.to_owned());
-        let compiled = Compiled::new(&compile(&self.schema, &texts)?)?;
+        let compiled = Compiled::new(&compile(&self.schema, &texts)?, self.next_generation())?;
         let mut history = histories.get(id).cloned().unwrap_or(PolicyHistory {
             id: id.to_owned(),
             versions: Vec::new(),
@@ -374,7 +396,7 @@ impl Policies {
         let before = history.current().cloned();
         let mut texts = current_texts(&histories);
         texts.remove(id);
-        let compiled = Compiled::new(&compile(&self.schema, &texts)?)?;
+        let compiled = Compiled::new(&compile(&self.schema, &texts)?, self.next_generation())?;
         history.versions.push(PolicyVersion {
             version: next_version(&history),
             text: String::new(),
@@ -408,6 +430,11 @@ impl Policies {
         self.histories.read().values().cloned().collect()
     }
 
+    /// The generation the next compiled set gets (callers hold the `histories` write lock).
+    fn next_generation(&self) -> u64 {
+        self.compiled.read().generation.saturating_add(1)
+    }
+
     /// Number of current Cedar statements.
     pub fn statement_count(&self) -> usize {
         self.compiled.read().statements
@@ -435,30 +462,44 @@ impl Policies {
             p99_ns: h.value_at_quantile(0.99),
             p999_ns: h.value_at_quantile(0.999),
             max_ns: h.max(),
+            cached: self.cached.load(Ordering::Relaxed),
         };
         if reset {
             h.reset();
+            self.cached.store(0, Ordering::Relaxed);
         }
         stats
     }
 
     /// Evaluates `request` against the current policies, timing it.
+    ///
+    /// Cedar's decision is a function of the request's inputs and the policies alone, so a
+    /// decision is remembered for the rest of its second under every input
+    /// [`Policies::cedar_request`] reads (see [`decision_key`]) and the policies' generation,
+    /// and requests identical in all of them within that second reuse it. A change of policy,
+    /// registration, key alias or labels, context, purpose, grant or time is another key.
     pub fn evaluate(&self, request: &AccessRequest<'_>) -> Verdict {
+        let compiled = self.compiled.read().clone();
+        let key = decision_key(request);
+        if let Some(verdict) = self.decisions.lock().get(compiled.generation, &key) {
+            self.cached.fetch_add(1, Ordering::Relaxed);
+            return verdict;
+        }
         let started = eval_clock();
-        let verdict = self.evaluate_untimed(request);
+        let verdict = self.evaluate_untimed(&compiled, request);
         let ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
         if let Some(h) = self.timings.lock().as_mut() {
             let _ = h.record(ns.max(1));
         }
+        self.decisions
+            .lock()
+            .put(compiled.generation, request.now_unix, key, verdict.clone());
         verdict
     }
 
-    fn evaluate_untimed(&self, request: &AccessRequest<'_>) -> Verdict {
-        let set = self
-            .compiled
-            .read()
-            .for_principal(request.caller.id.as_str());
-        match cedar_request(request) {
+    fn evaluate_untimed(&self, compiled: &Compiled, request: &AccessRequest<'_>) -> Verdict {
+        let set = compiled.for_principal(request.caller.id.as_str());
+        match self.cedar_request(request) {
             Ok((req, entities)) => {
                 let response = cedar_policy::Authorizer::new().is_authorized(&req, &set, &entities);
                 let policies = response
@@ -478,6 +519,287 @@ impl Policies {
                 tracing::error!(error = %e, "policy request could not be built; denied");
                 Verdict::deny(Vec::new())
             }
+        }
+    }
+
+    /// The `Workload` entity of the caller, from the cache while its registration's owner,
+    /// purpose and labels are unchanged.
+    fn principal_entity(
+        &self,
+        spiffe_id: &str,
+        workload: Option<&Workload>,
+    ) -> Result<Entity, String> {
+        let facts = workload.map(|w| (w.owner.as_str(), w.purpose.as_str(), &w.labels));
+        if let Some(c) = self.entities.lock().workloads.get(spiffe_id) {
+            let cached = c
+                .facts
+                .as_ref()
+                .map(|(o, p, l)| (o.as_str(), p.as_str(), l));
+            if cached == facts {
+                return Ok(c.entity.clone());
+            }
+        }
+        let entity = workload_entity(&self.names, spiffe_id, workload)?;
+        let mut cache = self.entities.lock();
+        if cache.workloads.len() >= ENTITY_CACHE_MAX {
+            cache.workloads.clear();
+        }
+        cache.workloads.insert(
+            spiffe_id.to_owned(),
+            CachedWorkload {
+                facts: workload.map(|w| (w.owner.clone(), w.purpose.clone(), w.labels.clone())),
+                entity: entity.clone(),
+            },
+        );
+        Ok(entity)
+    }
+
+    /// The `Key` entity of a key, from the cache while its alias and labels are unchanged.
+    fn resource_entity(&self, key: &KeyRecord) -> Result<Entity, String> {
+        if let Some(c) = self.entities.lock().keys.get(&key.id) {
+            if c.alias == key.alias && c.labels == key.labels {
+                return Ok(c.entity.clone());
+            }
+        }
+        let entity = key_entity(&self.names, key)?;
+        let mut cache = self.entities.lock();
+        if cache.keys.len() >= ENTITY_CACHE_MAX {
+            cache.keys.clear();
+        }
+        cache.keys.insert(
+            key.id,
+            CachedKey {
+                alias: key.alias.clone(),
+                labels: key.labels.clone(),
+                entity: entity.clone(),
+            },
+        );
+        Ok(entity)
+    }
+
+    /// The Cedar request and entities for one access request. Every input read here must
+    /// also be written by [`decision_key`].
+    fn cedar_request(&self, r: &AccessRequest<'_>) -> Result<(Request, Entities), String> {
+        let principal_entity =
+            self.principal_entity(r.caller.id.as_str(), r.caller.workload.as_deref())?;
+        let principal = principal_entity.uid();
+        let resource_entity = self.resource_entity(r.key)?;
+        let resource = resource_entity.uid();
+
+        let ctx_uid = self.names.context.clone();
+        let ctx_entity = Entity::new_with_tags(
+            ctx_uid.clone(),
+            [],
+            [],
+            r.context.entries().map(|(k, v)| (k.to_owned(), string(v))),
+        )
+        .map_err(|e| e.to_string())?;
+
+        let now = r.now_unix;
+        let day_secs = now % 86_400;
+        // 1970-01-01 was a Thursday (4).
+        let weekday = (now / 86_400 + 4) % 7;
+        let time = RestrictedExpression::new_record([
+            ("unix".to_owned(), long(now)),
+            ("hour_utc".to_owned(), long(day_secs / 3600)),
+            ("minute_utc".to_owned(), long(day_secs % 3600 / 60)),
+            ("weekday_utc".to_owned(), long(weekday)),
+        ])
+        .map_err(|e| e.to_string())?;
+        let mut pairs = vec![
+            (
+                "encryption_context".to_owned(),
+                RestrictedExpression::new_entity_uid(ctx_uid),
+            ),
+            ("time".to_owned(), time),
+            ("auth_method".to_owned(), string(auth_method(r))),
+        ];
+        if let Some(purpose) = &r.caller.purpose {
+            pairs.push(("purpose".to_owned(), string(purpose)));
+        }
+        if let Some(grant) = &r.caller.grant {
+            let g = RestrictedExpression::new_record([
+                ("id".to_owned(), string(&grant.grant.id)),
+                ("creator".to_owned(), string(&grant.grant.creator)),
+            ])
+            .map_err(|e| e.to_string())?;
+            pairs.push(("grant".to_owned(), g));
+        }
+        let context = Context::from_pairs(pairs).map_err(|e| e.to_string())?;
+        let action = self.names.action(r.op)?;
+        let request =
+            Request::new(principal, action, resource, context, None).map_err(|e| e.to_string())?;
+        let entities =
+            Entities::from_entities([principal_entity, resource_entity, ctx_entity], None)
+                .map_err(|e| e.to_string())?;
+        Ok((request, entities))
+    }
+}
+
+/// The authentication method as policy sees it: `grant` when a grant was presented.
+fn auth_method(r: &AccessRequest<'_>) -> &'static str {
+    if r.caller.grant.is_some() {
+        "grant"
+    } else {
+        r.caller.method.as_str()
+    }
+}
+
+/// Every input [`Policies::cedar_request`] reads, written out unambiguously (each string
+/// length-prefixed, each optional part tagged): two requests with equal keys get the same
+/// decision from the same policies.
+fn decision_key(r: &AccessRequest<'_>) -> Vec<u8> {
+    fn text(k: &mut Vec<u8>, s: &str) {
+        k.extend_from_slice(&s.len().to_le_bytes());
+        k.extend_from_slice(s.as_bytes());
+    }
+    fn pairs<'a>(k: &mut Vec<u8>, entries: impl Iterator<Item = (&'a str, &'a str)>) {
+        for (name, value) in entries {
+            k.push(1);
+            text(k, name);
+            text(k, value);
+        }
+        k.push(0);
+    }
+    fn optional(k: &mut Vec<u8>, s: Option<&str>) {
+        match s {
+            None => k.push(0),
+            Some(s) => {
+                k.push(1);
+                text(k, s);
+            }
+        }
+    }
+    let mut k = Vec::with_capacity(256);
+    text(&mut k, action_name(r.op));
+    text(&mut k, r.caller.id.as_str());
+    match r.caller.workload.as_deref() {
+        None => k.push(0),
+        Some(w) => {
+            k.push(1);
+            text(&mut k, &w.owner);
+            text(&mut k, &w.purpose);
+            pairs(&mut k, w.labels.entries());
+        }
+    }
+    text(&mut k, &r.key.id.to_string());
+    optional(&mut k, r.key.alias.as_ref().map(|a| a.as_str()));
+    pairs(&mut k, r.key.labels.entries());
+    pairs(&mut k, r.context.entries());
+    k.extend_from_slice(&r.now_unix.to_le_bytes());
+    text(&mut k, auth_method(r));
+    optional(&mut k, r.caller.purpose.as_deref());
+    match &r.caller.grant {
+        None => k.push(0),
+        Some(g) => {
+            k.push(1);
+            text(&mut k, &g.grant.id);
+            text(&mut k, &g.grant.creator);
+        }
+    }
+    k
+}
+
+/// At most this many remembered decisions per second; beyond it, decisions are evaluated
+/// and not remembered.
+const DECISION_CACHE_MAX: usize = 4096;
+
+/// At most this many cached entities of each kind; the cache starts over when full.
+const ENTITY_CACHE_MAX: usize = 10_000;
+
+/// Decisions taken in the current second under the current policies.
+#[derive(Default)]
+struct DecisionCache {
+    generation: u64,
+    second: u64,
+    decisions: HashMap<Vec<u8>, Verdict>,
+}
+
+impl DecisionCache {
+    fn get(&self, generation: u64, key: &[u8]) -> Option<Verdict> {
+        if self.generation != generation {
+            return None;
+        }
+        self.decisions.get(key).cloned()
+    }
+
+    /// Remembers a decision taken under `generation` at `second`. A newer generation or a
+    /// later second starts the cache over. A decision from an older generation (evaluated
+    /// while the policies changed) is dropped, and so is one from a second or two ago (a
+    /// request that was slow to finish), so that it does not empty the current second's cache;
+    /// a clock stepped back further starts the cache over. Correctness never depends on
+    /// this: the time is part of every key.
+    fn put(&mut self, generation: u64, second: u64, key: Vec<u8>, verdict: Verdict) {
+        if generation < self.generation {
+            return;
+        }
+        let late = second < self.second && second.saturating_add(2) >= self.second;
+        if generation == self.generation && late {
+            return;
+        }
+        if generation > self.generation || second != self.second {
+            self.generation = generation;
+            self.second = second;
+            self.decisions.clear();
+        }
+        if self.decisions.len() < DECISION_CACHE_MAX {
+            self.decisions.insert(key, verdict);
+        }
+    }
+}
+
+/// Principal and resource entities, built once per registration and key state.
+#[derive(Default)]
+struct EntityCache {
+    workloads: HashMap<String, CachedWorkload>,
+    keys: HashMap<KeyId, CachedKey>,
+}
+
+struct CachedWorkload {
+    /// Owner, purpose and labels of the registration it was built from.
+    facts: Option<(String, String, Labels)>,
+    entity: Entity,
+}
+
+struct CachedKey {
+    alias: Option<Alias>,
+    labels: Labels,
+    entity: Entity,
+}
+
+/// Entity type names and uids every request uses, parsed once (Cedar parses them from text).
+struct Names {
+    workload: EntityTypeName,
+    key: EntityTypeName,
+    context: EntityUid,
+    actions: Vec<(&'static str, EntityUid)>,
+}
+
+impl Names {
+    fn new() -> Result<Self, String> {
+        let actions = [
+            Op::GenerateDataKey,
+            Op::Decrypt,
+            Op::Encrypt,
+            Op::ReEncrypt,
+            Op::CreateGrant,
+        ]
+        .into_iter()
+        .map(|op| Ok((action_name(op), uid("Action", action_name(op))?)))
+        .collect::<Result<_, String>>()?;
+        Ok(Self {
+            workload: EntityTypeName::from_str("Workload").map_err(|e| e.to_string())?,
+            key: EntityTypeName::from_str("Key").map_err(|e| e.to_string())?,
+            context: uid("EncryptionContext", "request")?,
+            actions,
+        })
+    }
+
+    fn action(&self, op: Op) -> Result<EntityUid, String> {
+        let name = action_name(op);
+        match self.actions.iter().find(|(n, _)| *n == name) {
+            Some((_, uid)) => Ok(uid.clone()),
+            None => uid("Action", name),
         }
     }
 }
@@ -502,11 +824,14 @@ impl Policies {
         };
         let selector = registration.parsed_selector()?;
         let compiled = self.compiled.read().clone();
-        let resource = key_entity(key).map_err(internal)?;
+        let resource = key_entity(&self.names, key).map_err(internal)?;
         let (set, principal) = match &selector {
             Selector::Exact(id) => (
                 compiled.for_principal(&id.to_string()),
-                Some(workload_entity(&id.to_string(), Some(registration)).map_err(internal)?),
+                Some(
+                    workload_entity(&self.names, &id.to_string(), Some(registration))
+                        .map_err(internal)?,
+                ),
             ),
             _ => (compiled.all.clone(), None),
         };
@@ -514,15 +839,13 @@ impl Policies {
         entities.extend(principal.clone());
         let entities =
             Entities::from_entities(entities, None).map_err(|e| internal(e.to_string()))?;
-        let workload_type =
-            EntityTypeName::from_str("Workload").map_err(|e| internal(e.to_string()))?;
         for op in USE_OPS {
             let builder = Request::builder()
-                .action(uid("Action", action_name(op)).map_err(internal)?)
+                .action(self.names.action(op).map_err(internal)?)
                 .resource(resource.uid());
             let builder = match &principal {
                 Some(p) => builder.principal(p.uid()),
-                None => builder.unknown_principal_with_type(workload_type.clone()),
+                None => builder.unknown_principal_with_type(self.names.workload.clone()),
             };
             let response = cedar_policy::Authorizer::new().is_authorized_partial(
                 &builder.build(),
@@ -578,12 +901,16 @@ fn long(n: u64) -> RestrictedExpression {
 
 /// The `Workload` entity for a caller with this SPIFFE ID, under its registration if it has
 /// one.
-fn workload_entity(spiffe_id: &str, workload: Option<&Workload>) -> Result<Entity, String> {
+fn workload_entity(
+    names: &Names,
+    spiffe_id: &str,
+    workload: Option<&Workload>,
+) -> Result<Entity, String> {
     let trust_domain = SpiffeId::from_str(spiffe_id)
         .map(|id| id.trust_domain().to_owned())
         .unwrap_or_default();
     Entity::new_with_tags(
-        uid("Workload", spiffe_id)?,
+        EntityUid::from_type_name_and_id(names.workload.clone(), EntityId::new(spiffe_id)),
         [
             ("spiffe_id".to_owned(), string(spiffe_id)),
             ("trust_domain".to_owned(), string(&trust_domain)),
@@ -606,10 +933,10 @@ fn workload_entity(spiffe_id: &str, workload: Option<&Workload>) -> Result<Entit
 }
 
 /// The `Key` entity for a key.
-fn key_entity(key: &KeyRecord) -> Result<Entity, String> {
+fn key_entity(names: &Names, key: &KeyRecord) -> Result<Entity, String> {
     let key_id = key.id.to_string();
     Entity::new_with_tags(
-        uid("Key", &key_id)?,
+        EntityUid::from_type_name_and_id(names.key.clone(), EntityId::new(&key_id)),
         [
             ("id".to_owned(), string(&key_id)),
             (
@@ -621,68 +948,6 @@ fn key_entity(key: &KeyRecord) -> Result<Entity, String> {
         key.labels.entries().map(|(k, v)| (k.to_owned(), string(v))),
     )
     .map_err(|e| e.to_string())
-}
-
-/// The Cedar request and entities for one access request.
-fn cedar_request(r: &AccessRequest<'_>) -> Result<(Request, Entities), String> {
-    let principal_entity = workload_entity(r.caller.id.as_str(), r.caller.workload.as_deref())?;
-    let principal = principal_entity.uid();
-    let resource_entity = key_entity(r.key)?;
-    let resource = resource_entity.uid();
-
-    let ctx_uid = uid("EncryptionContext", "request")?;
-    let ctx_entity = Entity::new_with_tags(
-        ctx_uid.clone(),
-        [],
-        [],
-        r.context.entries().map(|(k, v)| (k.to_owned(), string(v))),
-    )
-    .map_err(|e| e.to_string())?;
-
-    let now = r.now_unix;
-    let day_secs = now % 86_400;
-    // 1970-01-01 was a Thursday (4).
-    let weekday = (now / 86_400 + 4) % 7;
-    let time = RestrictedExpression::new_record([
-        ("unix".to_owned(), long(now)),
-        ("hour_utc".to_owned(), long(day_secs / 3600)),
-        ("minute_utc".to_owned(), long(day_secs % 3600 / 60)),
-        ("weekday_utc".to_owned(), long(weekday)),
-    ])
-    .map_err(|e| e.to_string())?;
-    let mut pairs = vec![
-        (
-            "encryption_context".to_owned(),
-            RestrictedExpression::new_entity_uid(ctx_uid),
-        ),
-        ("time".to_owned(), time),
-        (
-            "auth_method".to_owned(),
-            string(if r.caller.grant.is_some() {
-                "grant"
-            } else {
-                r.caller.method.as_str()
-            }),
-        ),
-    ];
-    if let Some(purpose) = &r.caller.purpose {
-        pairs.push(("purpose".to_owned(), string(purpose)));
-    }
-    if let Some(grant) = &r.caller.grant {
-        let g = RestrictedExpression::new_record([
-            ("id".to_owned(), string(&grant.grant.id)),
-            ("creator".to_owned(), string(&grant.grant.creator)),
-        ])
-        .map_err(|e| e.to_string())?;
-        pairs.push(("grant".to_owned(), g));
-    }
-    let context = Context::from_pairs(pairs).map_err(|e| e.to_string())?;
-    let action = uid("Action", action_name(r.op))?;
-    let request =
-        Request::new(principal, action, resource, context, None).map_err(|e| e.to_string())?;
-    let entities = Entities::from_entities([principal_entity, resource_entity, ctx_entity], None)
-        .map_err(|e| e.to_string())?;
-    Ok((request, entities))
 }
 
 /// The data plane's [`Authorizer`]: the current Cedar policies.

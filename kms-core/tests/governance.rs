@@ -543,6 +543,71 @@ fn example_policy_restricted_hours() {
 }
 
 /// A registration as the inventory would hold it.
+/// Decisions are remembered for identical requests within a second; any change of an input
+/// policy can see (registration, key, context, purpose, time, operation, policies) is a new
+/// evaluation, never a stale answer.
+#[test]
+fn remembered_decisions_follow_every_input() {
+    let (_dir, _store, p) = policies();
+    let text = format!(
+        "permit(principal, action == Action::\"Decrypt\", resource)\n\
+         when {{\n  principal.owner == \"team\" && principal.hasTag(\"tier\") &&\n  \
+         resource.hasTag(\"open\") && resource.alias != \"closed\" &&\n  \
+         context.encryption_context.hasTag(\"tenant\") &&\n  \
+         context.time.unix < {} &&\n  !(context has purpose && context.purpose == \"audit\")\n}};\n",
+        T0 + 1
+    );
+    p.put("cache-probe", &text, "op").unwrap();
+    let c = caller("spiffe://prod.example/app", &[("tier", "prod")]);
+    let k = key(&[("open", "yes")]);
+    let good = ctx(&[("tenant", "acme")]);
+    let allow = |c: &Caller, k: &KeyRecord, e: &EncryptionContext, op: Op, now: u64| {
+        decide(&p, c, op, k, e, now).0 == Decision::Allow
+    };
+
+    assert!(allow(&c, &k, &good, Op::Decrypt, T0));
+    assert!(allow(&c, &k, &good, Op::Decrypt, T0));
+    let s = p.eval_stats(false);
+    assert_eq!(
+        (s.count, s.cached),
+        (1, 1),
+        "the repeat is answered from the cache"
+    );
+
+    // The same SPIFFE ID under a changed registration: owner, then labels.
+    let mut other_owner = c.clone();
+    let mut w = other_owner.workload.as_deref().unwrap().clone();
+    w.owner = "someone-else".into();
+    other_owner.workload = Some(Arc::new(w));
+    assert!(!allow(&other_owner, &k, &good, Op::Decrypt, T0));
+    let relabelled = caller("spiffe://prod.example/app", &[("team", "prod")]);
+    assert!(!allow(&relabelled, &k, &good, Op::Decrypt, T0));
+    // The same key id with other labels or another alias.
+    assert!(!allow(&c, &key(&[]), &good, Op::Decrypt, T0));
+    let mut aliased = k.clone();
+    aliased.alias = Some(kms_core::Alias::try_from("closed".to_owned()).unwrap());
+    assert!(!allow(&c, &aliased, &good, Op::Decrypt, T0));
+    // Context, declared purpose, time, operation.
+    assert!(!allow(&c, &k, &ctx(&[("team", "acme")]), Op::Decrypt, T0));
+    let mut auditing = c.clone();
+    auditing.purpose = Some("audit".into());
+    assert!(!allow(&auditing, &k, &good, Op::Decrypt, T0));
+    assert!(!allow(&c, &k, &good, Op::Decrypt, T0 + 1));
+    assert!(!allow(&c, &k, &good, Op::GenerateDataKey, T0));
+    // And back: the original request is still allowed.
+    assert!(allow(&c, &k, &good, Op::Decrypt, T0));
+
+    // A policy change applies to the very next request, even one just answered.
+    p.delete("cache-probe", "op").unwrap();
+    assert!(!allow(&c, &k, &good, Op::Decrypt, T0));
+    p.put("cache-probe", &text, "op").unwrap();
+    assert!(allow(&c, &k, &good, Op::Decrypt, T0));
+    let s = p.eval_stats(false);
+    // Only the first repeat was reused: every other request differed in an input, or came
+    // after a request of another second (T0 + 1), which starts the cache over.
+    assert_eq!(s.cached, 1);
+}
+
 fn registration(selector: &str, l: &[(&str, &str)]) -> kms_core::inventory::Workload {
     let mut w = caller(selector, l).workload.unwrap().as_ref().clone();
     w.selector = selector.into();
