@@ -543,6 +543,7 @@ pub(crate) async fn policy(
                 as_json,
                 &json!({
                     "evaluations": r.evaluations,
+                    "cached_decisions": r.cached_decisions,
                     "statements": r.statements,
                     "p50_us": us(r.p50_ns),
                     "p99_us": us(r.p99_ns),

@@ -513,6 +513,7 @@ impl AdminService {
                 p999_ns: s.p999_ns,
                 max_ns: s.max_ns,
                 statements: u64::try_from(gov.policies.statement_count()).unwrap_or(u64::MAX),
+                cached_decisions: s.cached,
             })
         })
         .await
