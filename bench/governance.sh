@@ -2,6 +2,8 @@
 # What governance costs: generate-data-key against a server that skips Cedar (the dev-only
 # `--no-policy`: SVID and inventory checks only) and one holding 1,000 extra policies and
 # 100,000 registered identities (populated through the admin plane before measuring),
+# with one context for every request (decisions reused within a second) and with a new
+# context per request (`--distinct-contexts`: every request evaluated by Cedar),
 # alternating three times, each on a fresh dev directory. Policy evaluation times come from
 # inside the server (`kms policy stats`). Usage: bench/governance.sh [path/to/kms] [seconds]
 set -euo pipefail
@@ -34,11 +36,13 @@ for mode in nopolicy large nopolicy large nopolicy large; do
     "$kms" bench --json --op health --concurrency 1 --duration 1 \
       --add-policies 1000 --add-identities 100000 > /dev/null
     echo "{\"governance\":\"$mode\",\"populate_s\":$(( $(date +%s) - start ))}"
-    sleep 5   # let the store settle (memtable flushes) before measuring
+    sleep 20   # let the store settle (memtable flushes, compaction) before measuring
   fi
   for args in \
     "--op generate-data-key --protection software --concurrency 64" \
     "--op generate-data-key --protection software --concurrency 1" \
+    "--op generate-data-key --protection software --concurrency 64 --distinct-contexts" \
+    "--op generate-data-key --protection software --concurrency 1 --distinct-contexts" \
     "--op decrypt --protection software --concurrency 64"; do
     # shellcheck disable=SC2086
     "$kms" bench --json --duration "$secs" $args | sed "s/^{/{\"governance\":\"$mode\",/"

@@ -5,6 +5,7 @@
 //! seconds, and reports throughput and latency percentiles of whole RPCs. With `--batch N`,
 //! each RPC carries N items and throughput counts items.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use api::v1::{
@@ -50,6 +51,11 @@ pub(crate) struct BenchArgs {
     /// Before measuring, register this many extra synthetic workload identities.
     #[arg(long, default_value_t = 0)]
     add_identities: u32,
+    /// generate-data-key only: give every request its own encryption context (an extra
+    /// `request` entry with a counter), so no policy decision is answered from the server's
+    /// decision cache and every request is evaluated.
+    #[arg(long)]
+    distinct_contexts: bool,
 }
 
 /// Synthetic governance for the benchmark: `policies` policies, each permitting one synthetic
@@ -117,7 +123,8 @@ async fn populate(
 #[derive(Clone)]
 enum Job {
     Decrypt(Vec<u8>),
-    Generate(String),
+    /// The key, and whether each request gets its own encryption context.
+    Generate(String, bool),
     Health,
 }
 
@@ -129,6 +136,11 @@ struct WorkerResult {
 }
 
 pub(crate) async fn run(args: BenchArgs, conn: &ConnectArgs, as_json: bool) -> Result<(), Error> {
+    if args.distinct_contexts && args.op != "generate-data-key" {
+        return Err(Error::Usage(
+            "--distinct-contexts applies to --op generate-data-key only".into(),
+        ));
+    }
     let (admin_addr, admin_tls) = conn.resolve(Plane::Admin)?;
     let (data_addr, data_tls) = conn.resolve(Plane::Data)?;
     let connections = args
@@ -180,7 +192,7 @@ pub(crate) async fn run(args: BenchArgs, conn: &ConnectArgs, as_json: bool) -> R
                     .ciphertext;
                 Job::Decrypt(blob)
             } else {
-                Job::Generate(key)
+                Job::Generate(key, args.distinct_contexts)
             }
         }
     };
@@ -244,8 +256,24 @@ pub(crate) async fn run(args: BenchArgs, conn: &ConnectArgs, as_json: bool) -> R
         "policy_eval_p50_ns": policy.as_ref().map(|p| p.p50_ns),
         "policy_eval_p99_ns": policy.as_ref().map(|p| p.p99_ns),
         "policy_eval_max_ns": policy.as_ref().map(|p| p.max_ns),
+        "policy_evaluations": policy.as_ref().map(|p| p.evaluations),
+        "policy_cached_decisions": policy.as_ref().map(|p| p.cached_decisions),
+        "distinct_contexts": args.distinct_contexts,
     });
     emit(as_json, &report)
+}
+
+/// A request with the benchmark's context, plus a `request` entry unique to this process
+/// when `distinct`.
+fn gdk_request_for(key: &str, distinct: bool) -> GenerateDataKeyRequest {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let mut r = gdk_request(key);
+    if distinct {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        r.encryption_context
+            .insert("request".to_owned(), n.to_string());
+    }
+    r
 }
 
 fn gdk_request(key: &str) -> GenerateDataKeyRequest {
@@ -338,14 +366,14 @@ impl Clients {
                 .await
                 .map(|_| ())
                 .map_err(status),
-            Job::Generate(key) if batch == 1 => self
+            Job::Generate(key, distinct) if batch == 1 => self
                 .data
-                .generate_data_key(gdk_request(key))
+                .generate_data_key(gdk_request_for(key, *distinct))
                 .await
                 .map(|_| ())
                 .map_err(status),
-            Job::Generate(key) => {
-                let items = vec![gdk_request(key); n];
+            Job::Generate(key, distinct) => {
+                let items = (0..n).map(|_| gdk_request_for(key, *distinct)).collect();
                 let request = BatchGenerateDataKeyRequest {
                     items,
                     without_plaintext: false,
