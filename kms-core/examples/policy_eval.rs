@@ -7,9 +7,10 @@
 )]
 //! Policy evaluation in process, with the governance benchmark's policy set: 1,000 policies
 //! each naming another workload, the shipped restricted-hours forbid, and one permit for the
-//! caller. Prints the evaluation times Cedar's part of a request takes without the server
-//! around it. Build with `--release`: `cargo run --release -p kms-core --example policy_eval
-//! -- [evaluations]`.
+//! caller. Prints the times Cedar's part of a request takes without the server around it:
+//! once with a new encryption context per request (every request evaluated) and once with
+//! one request repeated (decisions reused). Build with `--release`: `cargo run --release -p
+//! kms-core --example policy_eval -- [requests]`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -18,7 +19,7 @@ use kms_core::inventory::Workload;
 use kms_core::policy::Policies;
 use kms_core::{
     AccessRequest, AuthMethod, Caller, Decision, EncryptionContext, KeyId, KeyRecord, KeyState,
-    KeyVersion, Labels, Op, PrincipalId, Protection, RocksStore, SystemClock,
+    KeyVersion, Labels, Op, PrincipalId, Protection, RocksStore, SystemClock, Verdict,
 };
 
 fn main() {
@@ -79,32 +80,50 @@ fn main() {
         created_at: 0,
         updated_at: 0,
     };
-    let context =
-        EncryptionContext::from_pairs(BTreeMap::from([("tenant".to_owned(), "t1".to_owned())]))
-            .unwrap();
-    let request = AccessRequest {
-        caller: &caller,
-        op: Op::GenerateDataKey,
-        key: &key,
-        context: &context,
-        now_unix: 1_798_804_800, // 12:00 UTC: the restricted-hours forbid does not fire
+    // Every request gets its own context, so each one is evaluated by Cedar; then one request
+    // repeated, so every decision after the first is reused.
+    let contexts: Vec<EncryptionContext> = (0..n)
+        .map(|i| {
+            EncryptionContext::from_pairs(BTreeMap::from([
+                ("tenant".to_owned(), "t1".to_owned()),
+                ("request".to_owned(), i.to_string()),
+            ]))
+            .unwrap()
+        })
+        .collect();
+    let request = |context: &'_ EncryptionContext| -> Verdict {
+        policies.evaluate(&AccessRequest {
+            caller: &caller,
+            op: Op::GenerateDataKey,
+            key: &key,
+            context,
+            now_unix: 1_798_804_800, // 12:00 UTC: the restricted-hours forbid does not fire
+        })
     };
-    assert_eq!(policies.evaluate(&request).decision, Decision::Allow);
-    policies.eval_stats(true);
-    let started = std::time::Instant::now();
-    for _ in 0..n {
-        std::hint::black_box(policies.evaluate(std::hint::black_box(&request)));
+    let first = contexts.first().expect("at least one request");
+    assert_eq!(request(first).decision, Decision::Allow);
+    for (name, repeated) in [("distinct", false), ("repeated", true)] {
+        policies.eval_stats(true);
+        let started = std::time::Instant::now();
+        for (i, context) in contexts.iter().enumerate() {
+            let context = if repeated { first } else { context };
+            let verdict = request(std::hint::black_box(context));
+            assert_eq!(verdict.decision, Decision::Allow, "request {i}");
+        }
+        let elapsed = started.elapsed();
+        let s = policies.eval_stats(false);
+        println!(
+            "{{\"contexts\":\"{name}\",\"requests\":{n},\"evaluations\":{},\"reused\":{},\
+             \"statements\":{},\"mean_ns\":{},\"p50_ns\":{},\"p99_ns\":{},\"p999_ns\":{},\
+             \"max_ns\":{}}}",
+            s.count,
+            s.cached,
+            policies.statement_count(),
+            elapsed.as_nanos() / u128::from(n.max(1)),
+            s.p50_ns,
+            s.p99_ns,
+            s.p999_ns,
+            s.max_ns
+        );
     }
-    let elapsed = started.elapsed();
-    let s = policies.eval_stats(false);
-    println!(
-        "{{\"evaluations\":{},\"statements\":{},\"mean_ns\":{},\"p50_ns\":{},\"p99_ns\":{},\"p999_ns\":{},\"max_ns\":{}}}",
-        s.count,
-        policies.statement_count(),
-        elapsed.as_nanos() / u128::from(n.max(1)),
-        s.p50_ns,
-        s.p99_ns,
-        s.p999_ns,
-        s.max_ns
-    );
 }

@@ -274,6 +274,7 @@ pub struct Policies {
     names: Names,
     entities: Mutex<EntityCache>,
     decisions: Mutex<DecisionCache>,
+    contexts: Mutex<ContextCache>,
 }
 
 /// Evaluation times measured inside the server since start or the last reset.
@@ -343,6 +344,7 @@ impl Policies {
             names,
             entities: Mutex::new(EntityCache::default()),
             decisions: Mutex::new(DecisionCache::default()),
+            contexts: Mutex::new(ContextCache::default()),
         })
     }
 
@@ -577,24 +579,17 @@ impl Policies {
         Ok(entity)
     }
 
-    /// The Cedar request and entities for one access request. Every input read here must
-    /// also be written by [`decision_key`].
-    fn cedar_request(&self, r: &AccessRequest<'_>) -> Result<(Request, Entities), String> {
-        let principal_entity =
-            self.principal_entity(r.caller.id.as_str(), r.caller.workload.as_deref())?;
-        let principal = principal_entity.uid();
-        let resource_entity = self.resource_entity(r.key)?;
-        let resource = resource_entity.uid();
-
+    /// The Cedar context of a request: the encryption context's entity, the time, the
+    /// authentication method, the declared purpose and the grant. Requests of the same
+    /// second with the same method, purpose and grant share one (the encryption context's
+    /// values are in its entity, not here).
+    fn context(&self, r: &AccessRequest<'_>) -> Result<Context, String> {
+        let mut key = Vec::with_capacity(64);
+        context_key(&mut key, r);
+        if let Some(context) = self.contexts.lock().get(r.now_unix, &key) {
+            return Ok(context);
+        }
         let ctx_uid = self.names.context.clone();
-        let ctx_entity = Entity::new_with_tags(
-            ctx_uid.clone(),
-            [],
-            [],
-            r.context.entries().map(|(k, v)| (k.to_owned(), string(v))),
-        )
-        .map_err(|e| e.to_string())?;
-
         let now = r.now_unix;
         let day_secs = now % 86_400;
         // 1970-01-01 was a Thursday (4).
@@ -626,6 +621,29 @@ impl Policies {
             pairs.push(("grant".to_owned(), g));
         }
         let context = Context::from_pairs(pairs).map_err(|e| e.to_string())?;
+        self.contexts.lock().put(r.now_unix, key, context.clone());
+        Ok(context)
+    }
+
+    /// The Cedar request and entities for one access request. Every input read here must
+    /// also be written by [`decision_key`].
+    fn cedar_request(&self, r: &AccessRequest<'_>) -> Result<(Request, Entities), String> {
+        let principal_entity =
+            self.principal_entity(r.caller.id.as_str(), r.caller.workload.as_deref())?;
+        let principal = principal_entity.uid();
+        let resource_entity = self.resource_entity(r.key)?;
+        let resource = resource_entity.uid();
+
+        let ctx_uid = self.names.context.clone();
+        let ctx_entity = Entity::new_with_tags(
+            ctx_uid.clone(),
+            [],
+            [],
+            r.context.entries().map(|(k, v)| (k.to_owned(), string(v))),
+        )
+        .map_err(|e| e.to_string())?;
+
+        let context = self.context(r)?;
         let action = self.names.action(r.op)?;
         let request =
             Request::new(principal, action, resource, context, None).map_err(|e| e.to_string())?;
@@ -649,55 +667,64 @@ fn auth_method(r: &AccessRequest<'_>) -> &'static str {
 /// length-prefixed, each optional part tagged): two requests with equal keys get the same
 /// decision from the same policies.
 fn decision_key(r: &AccessRequest<'_>) -> Vec<u8> {
-    fn text(k: &mut Vec<u8>, s: &str) {
-        k.extend_from_slice(&s.len().to_le_bytes());
-        k.extend_from_slice(s.as_bytes());
-    }
-    fn pairs<'a>(k: &mut Vec<u8>, entries: impl Iterator<Item = (&'a str, &'a str)>) {
-        for (name, value) in entries {
-            k.push(1);
-            text(k, name);
-            text(k, value);
-        }
-        k.push(0);
-    }
-    fn optional(k: &mut Vec<u8>, s: Option<&str>) {
-        match s {
-            None => k.push(0),
-            Some(s) => {
-                k.push(1);
-                text(k, s);
-            }
-        }
-    }
     let mut k = Vec::with_capacity(256);
-    text(&mut k, action_name(r.op));
-    text(&mut k, r.caller.id.as_str());
+    key_text(&mut k, action_name(r.op));
+    key_text(&mut k, r.caller.id.as_str());
     match r.caller.workload.as_deref() {
         None => k.push(0),
         Some(w) => {
             k.push(1);
-            text(&mut k, &w.owner);
-            text(&mut k, &w.purpose);
-            pairs(&mut k, w.labels.entries());
+            key_text(&mut k, &w.owner);
+            key_text(&mut k, &w.purpose);
+            key_pairs(&mut k, w.labels.entries());
         }
     }
-    text(&mut k, &r.key.id.to_string());
-    optional(&mut k, r.key.alias.as_ref().map(|a| a.as_str()));
-    pairs(&mut k, r.key.labels.entries());
-    pairs(&mut k, r.context.entries());
+    key_text(&mut k, &r.key.id.to_string());
+    key_optional(&mut k, r.key.alias.as_ref().map(|a| a.as_str()));
+    key_pairs(&mut k, r.key.labels.entries());
+    key_pairs(&mut k, r.context.entries());
+    context_key(&mut k, r);
+    k
+}
+
+/// Every input [`Policies::context`] reads: the time, the authentication method, the
+/// declared purpose and the grant.
+fn context_key(k: &mut Vec<u8>, r: &AccessRequest<'_>) {
     k.extend_from_slice(&r.now_unix.to_le_bytes());
-    text(&mut k, auth_method(r));
-    optional(&mut k, r.caller.purpose.as_deref());
+    key_text(k, auth_method(r));
+    key_optional(k, r.caller.purpose.as_deref());
     match &r.caller.grant {
         None => k.push(0),
         Some(g) => {
             k.push(1);
-            text(&mut k, &g.grant.id);
-            text(&mut k, &g.grant.creator);
+            key_text(k, &g.grant.id);
+            key_text(k, &g.grant.creator);
         }
     }
-    k
+}
+
+fn key_text(k: &mut Vec<u8>, s: &str) {
+    k.extend_from_slice(&s.len().to_le_bytes());
+    k.extend_from_slice(s.as_bytes());
+}
+
+fn key_pairs<'a>(k: &mut Vec<u8>, entries: impl Iterator<Item = (&'a str, &'a str)>) {
+    for (name, value) in entries {
+        k.push(1);
+        key_text(k, name);
+        key_text(k, value);
+    }
+    k.push(0);
+}
+
+fn key_optional(k: &mut Vec<u8>, s: Option<&str>) {
+    match s {
+        None => k.push(0),
+        Some(s) => {
+            k.push(1);
+            key_text(k, s);
+        }
+    }
 }
 
 /// At most this many remembered decisions per second; beyond it, decisions are evaluated
@@ -744,6 +771,40 @@ impl DecisionCache {
         }
         if self.decisions.len() < DECISION_CACHE_MAX {
             self.decisions.insert(key, verdict);
+        }
+    }
+}
+
+/// At most this many Cedar contexts per second.
+const CONTEXT_CACHE_MAX: usize = 1024;
+
+/// Cedar contexts built in the current second, by [`context_key`].
+#[derive(Default)]
+struct ContextCache {
+    second: u64,
+    contexts: HashMap<Vec<u8>, Context>,
+}
+
+impl ContextCache {
+    fn get(&self, second: u64, key: &[u8]) -> Option<Context> {
+        if second != self.second {
+            return None;
+        }
+        self.contexts.get(key).cloned()
+    }
+
+    /// Remembers a context built for `second`; a later second starts the cache over and an
+    /// earlier one is not remembered. The time is part of every key as well.
+    fn put(&mut self, second: u64, key: Vec<u8>, context: Context) {
+        if second < self.second {
+            return;
+        }
+        if second > self.second {
+            self.second = second;
+            self.contexts.clear();
+        }
+        if self.contexts.len() < CONTEXT_CACHE_MAX {
+            self.contexts.insert(key, context);
         }
     }
 }

@@ -554,7 +554,8 @@ fn remembered_decisions_follow_every_input() {
          when {{\n  principal.owner == \"team\" && principal.hasTag(\"tier\") &&\n  \
          resource.hasTag(\"open\") && resource.alias != \"closed\" &&\n  \
          context.encryption_context.hasTag(\"tenant\") &&\n  \
-         context.time.unix < {} &&\n  !(context has purpose && context.purpose == \"audit\")\n}};\n",
+         context.time.unix < {} && context.auth_method == \"mtls\" &&\n  \
+         !(context has purpose && context.purpose == \"audit\")\n}};\n",
         T0 + 1
     );
     p.put("cache-probe", &text, "op").unwrap();
@@ -587,8 +588,11 @@ fn remembered_decisions_follow_every_input() {
     let mut aliased = k.clone();
     aliased.alias = Some(kms_core::Alias::try_from("closed".to_owned()).unwrap());
     assert!(!allow(&c, &aliased, &good, Op::Decrypt, T0));
-    // Context, declared purpose, time, operation.
+    // Context, authentication method, declared purpose, time, operation.
     assert!(!allow(&c, &k, &ctx(&[("team", "acme")]), Op::Decrypt, T0));
+    let mut by_jwt = c.clone();
+    by_jwt.method = AuthMethod::Jwt;
+    assert!(!allow(&by_jwt, &k, &good, Op::Decrypt, T0));
     let mut auditing = c.clone();
     auditing.purpose = Some("audit".into());
     assert!(!allow(&auditing, &k, &good, Op::Decrypt, T0));
