@@ -275,6 +275,8 @@ pub struct Policies {
     entities: Mutex<EntityCache>,
     decisions: Mutex<DecisionCache>,
     contexts: Mutex<ContextCache>,
+    /// Numbers the principal and resource entities built, for [`Built`].
+    builds: AtomicU64,
 }
 
 /// Evaluation times measured inside the server since start or the last reset.
@@ -345,6 +347,7 @@ impl Policies {
             entities: Mutex::new(EntityCache::default()),
             decisions: Mutex::new(DecisionCache::default()),
             contexts: Mutex::new(ContextCache::default()),
+            builds: AtomicU64::new(0),
         })
     }
 
@@ -530,7 +533,7 @@ impl Policies {
         &self,
         spiffe_id: &str,
         workload: Option<&Workload>,
-    ) -> Result<Entity, String> {
+    ) -> Result<Built, String> {
         let facts = workload.map(|w| (w.owner.as_str(), w.purpose.as_str(), &w.labels));
         if let Some(c) = self.entities.lock().workloads.get(spiffe_id) {
             let cached = c
@@ -538,10 +541,13 @@ impl Policies {
                 .as_ref()
                 .map(|(o, p, l)| (o.as_str(), p.as_str(), l));
             if cached == facts {
-                return Ok(c.entity.clone());
+                return Ok(c.built.clone());
             }
         }
-        let entity = workload_entity(&self.names, spiffe_id, workload)?;
+        let built = Built {
+            entity: workload_entity(&self.names, spiffe_id, workload)?,
+            build: self.builds.fetch_add(1, Ordering::Relaxed),
+        };
         let mut cache = self.entities.lock();
         if cache.workloads.len() >= ENTITY_CACHE_MAX {
             cache.workloads.clear();
@@ -550,20 +556,23 @@ impl Policies {
             spiffe_id.to_owned(),
             CachedWorkload {
                 facts: workload.map(|w| (w.owner.clone(), w.purpose.clone(), w.labels.clone())),
-                entity: entity.clone(),
+                built: built.clone(),
             },
         );
-        Ok(entity)
+        Ok(built)
     }
 
     /// The `Key` entity of a key, from the cache while its alias and labels are unchanged.
-    fn resource_entity(&self, key: &KeyRecord) -> Result<Entity, String> {
+    fn resource_entity(&self, key: &KeyRecord) -> Result<Built, String> {
         if let Some(c) = self.entities.lock().keys.get(&key.id) {
             if c.alias == key.alias && c.labels == key.labels {
-                return Ok(c.entity.clone());
+                return Ok(c.built.clone());
             }
         }
-        let entity = key_entity(&self.names, key)?;
+        let built = Built {
+            entity: key_entity(&self.names, key)?,
+            build: self.builds.fetch_add(1, Ordering::Relaxed),
+        };
         let mut cache = self.entities.lock();
         if cache.keys.len() >= ENTITY_CACHE_MAX {
             cache.keys.clear();
@@ -573,10 +582,10 @@ impl Policies {
             CachedKey {
                 alias: key.alias.clone(),
                 labels: key.labels.clone(),
-                entity: entity.clone(),
+                built: built.clone(),
             },
         );
-        Ok(entity)
+        Ok(built)
     }
 
     /// The Cedar context of a request: the encryption context's entity, the time, the
@@ -625,14 +634,40 @@ impl Policies {
         Ok(context)
     }
 
+    /// The principal and resource entities of a request as one `Entities` (Cedar computes
+    /// the hierarchy's closure when building it), kept while both builds are current.
+    fn pair(&self, principal: Built, resource: Built) -> Result<Entities, String> {
+        let key = (principal.entity.uid(), resource.entity.uid());
+        let builds = (principal.build, resource.build);
+        if let Some(c) = self.entities.lock().pairs.get(&key) {
+            if c.builds == builds {
+                return Ok(c.entities.clone());
+            }
+        }
+        let entities = Entities::from_entities([principal.entity, resource.entity], None)
+            .map_err(|e| e.to_string())?;
+        let mut cache = self.entities.lock();
+        if cache.pairs.len() >= ENTITY_CACHE_MAX {
+            cache.pairs.clear();
+        }
+        cache.pairs.insert(
+            key,
+            CachedPair {
+                builds,
+                entities: entities.clone(),
+            },
+        );
+        Ok(entities)
+    }
+
     /// The Cedar request and entities for one access request. Every input read here must
     /// also be written by [`decision_key`].
     fn cedar_request(&self, r: &AccessRequest<'_>) -> Result<(Request, Entities), String> {
         let principal_entity =
             self.principal_entity(r.caller.id.as_str(), r.caller.workload.as_deref())?;
-        let principal = principal_entity.uid();
+        let principal = principal_entity.entity.uid();
         let resource_entity = self.resource_entity(r.key)?;
-        let resource = resource_entity.uid();
+        let resource = resource_entity.entity.uid();
 
         let ctx_uid = self.names.context.clone();
         let ctx_entity = Entity::new_with_tags(
@@ -647,9 +682,10 @@ impl Policies {
         let action = self.names.action(r.op)?;
         let request =
             Request::new(principal, action, resource, context, None).map_err(|e| e.to_string())?;
-        let entities =
-            Entities::from_entities([principal_entity, resource_entity, ctx_entity], None)
-                .map_err(|e| e.to_string())?;
+        let entities = self
+            .pair(principal_entity, resource_entity)?
+            .add_entities([ctx_entity], None)
+            .map_err(|e| e.to_string())?;
         Ok((request, entities))
     }
 }
@@ -814,18 +850,33 @@ impl ContextCache {
 struct EntityCache {
     workloads: HashMap<String, CachedWorkload>,
     keys: HashMap<KeyId, CachedKey>,
+    pairs: HashMap<(EntityUid, EntityUid), CachedPair>,
+}
+
+/// An entity with the number of its build: a changed registration or key gets a new
+/// entity under the same uid, and a new number.
+#[derive(Clone)]
+struct Built {
+    entity: Entity,
+    build: u64,
+}
+
+/// The `Entities` of one principal build and one resource build.
+struct CachedPair {
+    builds: (u64, u64),
+    entities: Entities,
 }
 
 struct CachedWorkload {
     /// Owner, purpose and labels of the registration it was built from.
     facts: Option<(String, String, Labels)>,
-    entity: Entity,
+    built: Built,
 }
 
 struct CachedKey {
     alias: Option<Alias>,
     labels: Labels,
-    entity: Entity,
+    built: Built,
 }
 
 /// Entity type names and uids every request uses, parsed once (Cedar parses them from text).
