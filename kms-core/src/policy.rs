@@ -208,8 +208,8 @@ fn compile(schema: &Schema, texts: &BTreeMap<String, String>) -> Result<PolicySe
 /// the whole set would give, since a policy scoped to another principal can never match.
 struct Compiled {
     all: Arc<PolicySet>,
-    general: Arc<PolicySet>,
-    by_principal: HashMap<String, Arc<PolicySet>>,
+    general: Slice,
+    by_principal: HashMap<String, Slice>,
     statements: usize,
     /// Counts policy changes since start; decisions remembered under another generation are
     /// never reused.
@@ -223,6 +223,7 @@ impl Compiled {
             message: format!("{e}"),
         };
         let mut general = PolicySet::new();
+        let mut general_reads = EncryptionReads::none();
         let mut specific: HashMap<String, Vec<cedar_policy::Policy>> = HashMap::new();
         let mut statements = 0;
         for p in set.policies() {
@@ -232,31 +233,151 @@ impl Compiled {
                     .entry(uid.id().unescaped().to_owned())
                     .or_default()
                     .push(p.clone()),
-                _ => general.add(p.clone()).map_err(slice_err)?,
+                _ => {
+                    general_reads.add(&encryption_reads(p));
+                    general.add(p.clone()).map_err(slice_err)?;
+                }
             }
         }
         let mut by_principal = HashMap::with_capacity(specific.len());
         for (principal, policies) in specific {
             let mut s = general.clone();
+            let mut reads = general_reads.clone();
             for p in policies {
+                reads.add(&encryption_reads(&p));
                 s.add(p).map_err(slice_err)?;
             }
-            by_principal.insert(principal, Arc::new(s));
+            by_principal.insert(
+                principal,
+                Slice {
+                    set: Arc::new(s),
+                    reads,
+                },
+            );
         }
         Ok(Self {
             all: Arc::new(set.clone()),
-            general: Arc::new(general),
+            general: Slice {
+                set: Arc::new(general),
+                reads: general_reads,
+            },
             by_principal,
             statements,
             generation,
         })
     }
 
-    fn for_principal(&self, principal: &str) -> Arc<PolicySet> {
-        self.by_principal
-            .get(principal)
-            .unwrap_or(&self.general)
-            .clone()
+    fn for_principal(&self, principal: &str) -> &Slice {
+        self.by_principal.get(principal).unwrap_or(&self.general)
+    }
+}
+
+/// The policies that could apply to one principal, and what they read of the encryption
+/// context.
+struct Slice {
+    set: Arc<PolicySet>,
+    reads: EncryptionReads,
+}
+
+/// What a set of policies can read of a request's encryption context. A decision depends on
+/// the encryption context through these reads alone, so requests that agree on them (and on
+/// every other input) get the same decision.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum EncryptionReads {
+    /// Only the entries with these names, each through
+    /// `context.encryption_context.hasTag("name")` or `.getTag("name")` with a literal name.
+    Entries(std::collections::BTreeSet<String>),
+    /// Any entry: a name computed at evaluation time, or the entity used in another way.
+    All,
+}
+
+impl EncryptionReads {
+    fn none() -> Self {
+        Self::Entries(std::collections::BTreeSet::new())
+    }
+
+    fn add(&mut self, other: &Self) {
+        match (&mut *self, other) {
+            (Self::All, _) => {}
+            (_, Self::All) => *self = Self::All,
+            (Self::Entries(mine), Self::Entries(theirs)) => mine.extend(theirs.iter().cloned()),
+        }
+    }
+}
+
+/// The context attribute holding the encryption context's entity (see [`SCHEMA`]).
+const ENCRYPTION_ATTR: &str = "encryption_context";
+/// The entity type of the encryption context (see [`SCHEMA`]).
+const ENCRYPTION_TYPE: &str = "EncryptionContext";
+
+/// What `policy` can read of the encryption context, from its JSON form: `Entries` only when
+/// every use of `context` is `context.<attr>` for another attribute, `context has <attr>`, or
+/// a tag test or lookup on `context.encryption_context` with a literal name, and no string
+/// in the policy names the `EncryptionContext` type (an entity literal, an `is` test). Any
+/// other form, or a policy that has no JSON form, reads `All`.
+fn encryption_reads(policy: &cedar_policy::Policy) -> EncryptionReads {
+    let Ok(json) = policy.to_json() else {
+        return EncryptionReads::All;
+    };
+    let mut names = std::collections::BTreeSet::new();
+    if only_literal_reads(&json, &mut names) {
+        EncryptionReads::Entries(names)
+    } else {
+        EncryptionReads::All
+    }
+}
+
+/// Walks a policy's JSON, adding the literal entry names read from the encryption context to
+/// `names`; false when the encryption context may be read in any other way.
+fn only_literal_reads(
+    v: &serde_json::Value,
+    names: &mut std::collections::BTreeSet<String>,
+) -> bool {
+    use serde_json::Value;
+    let is_var_context = |e: Option<&Value>| {
+        e.and_then(|e| e.get("Var"))
+            .is_some_and(|var| var == "context")
+    };
+    match v {
+        Value::String(text) => !text.contains(ENCRYPTION_TYPE),
+        Value::Array(items) => items.iter().all(|x| only_literal_reads(x, names)),
+        Value::Object(fields) => {
+            if let (1, Some((op, arg))) = (fields.len(), fields.iter().next()) {
+                match op.as_str() {
+                    "Var" => return arg != "context",
+                    "." | "has" if is_var_context(arg.get("left")) => {
+                        let Some(attr) = arg.get("attr").and_then(Value::as_str) else {
+                            return false;
+                        };
+                        return (op == "has" || attr != ENCRYPTION_ATTR)
+                            && !attr.contains(ENCRYPTION_TYPE);
+                    }
+                    "hasTag" | "getTag" => {
+                        let target = arg.get("left").and_then(|l| l.get("."));
+                        let on_encryption = target.is_some_and(|t| {
+                            is_var_context(t.get("left"))
+                                && t.get("attr").is_some_and(|a| a == ENCRYPTION_ATTR)
+                        });
+                        if on_encryption {
+                            return match arg
+                                .get("right")
+                                .and_then(|r| r.get("Value"))
+                                .and_then(Value::as_str)
+                            {
+                                Some(name) => {
+                                    names.insert(name.to_owned());
+                                    true
+                                }
+                                None => false,
+                            };
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            fields.values().all(|x| only_literal_reads(x, names))
+        }
+        Value::Null | Value::Bool(_) | Value::Number(_) => true,
     }
 }
 
@@ -482,16 +603,20 @@ impl Policies {
     /// decision is remembered for the rest of its second under every input
     /// [`Policies::cedar_request`] reads (see [`decision_key`]) and the policies' generation,
     /// and requests identical in all of them within that second reuse it. A change of policy,
-    /// registration, key alias or labels, context, purpose, grant or time is another key.
+    /// registration, key alias or labels, purpose, grant or time is another key, and so is a
+    /// change of an encryption-context entry the caller's policies can read (all entries when
+    /// a policy computes an entry's name or uses the encryption context otherwise; see
+    /// [`encryption_reads`]).
     pub fn evaluate(&self, request: &AccessRequest<'_>) -> Verdict {
         let compiled = self.compiled.read().clone();
-        let key = decision_key(request);
+        let slice = compiled.for_principal(request.caller.id.as_str());
+        let key = decision_key(request, &slice.reads);
         if let Some(verdict) = self.decisions.lock().get(compiled.generation, &key) {
             self.cached.fetch_add(1, Ordering::Relaxed);
             return verdict;
         }
         let started = eval_clock();
-        let verdict = self.evaluate_untimed(&compiled, request);
+        let verdict = self.evaluate_untimed(&slice.set, request);
         let ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
         if let Some(h) = self.timings.lock().as_mut() {
             let _ = h.record(ns.max(1));
@@ -502,11 +627,10 @@ impl Policies {
         verdict
     }
 
-    fn evaluate_untimed(&self, compiled: &Compiled, request: &AccessRequest<'_>) -> Verdict {
-        let set = compiled.for_principal(request.caller.id.as_str());
+    fn evaluate_untimed(&self, set: &PolicySet, request: &AccessRequest<'_>) -> Verdict {
         match self.cedar_request(request) {
             Ok((req, entities)) => {
-                let response = cedar_policy::Authorizer::new().is_authorized(&req, &set, &entities);
+                let response = cedar_policy::Authorizer::new().is_authorized(&req, set, &entities);
                 let policies = response
                     .diagnostics()
                     .reason()
@@ -701,8 +825,9 @@ fn auth_method(r: &AccessRequest<'_>) -> &'static str {
 
 /// Every input [`Policies::cedar_request`] reads, written out unambiguously (each string
 /// length-prefixed, each optional part tagged): two requests with equal keys get the same
-/// decision from the same policies.
-fn decision_key(r: &AccessRequest<'_>) -> Vec<u8> {
+/// decision from the same policies. Of the encryption context, only the entries `reads` says
+/// the caller's policies can read are written (present or absent, and their values).
+fn decision_key(r: &AccessRequest<'_>, reads: &EncryptionReads) -> Vec<u8> {
     let mut k = Vec::with_capacity(256);
     key_text(&mut k, action_name(r.op));
     key_text(&mut k, r.caller.id.as_str());
@@ -718,7 +843,18 @@ fn decision_key(r: &AccessRequest<'_>) -> Vec<u8> {
     key_text(&mut k, &r.key.id.to_string());
     key_optional(&mut k, r.key.alias.as_ref().map(|a| a.as_str()));
     key_pairs(&mut k, r.key.labels.entries());
-    key_pairs(&mut k, r.context.entries());
+    match reads {
+        EncryptionReads::All => {
+            k.push(0);
+            key_pairs(&mut k, r.context.entries());
+        }
+        EncryptionReads::Entries(names) => {
+            k.push(1);
+            for name in names {
+                key_optional(&mut k, r.context.get(name));
+            }
+        }
+    }
     context_key(&mut k, r);
     k
 }
@@ -939,7 +1075,7 @@ impl Policies {
         let resource = key_entity(&self.names, key).map_err(internal)?;
         let (set, principal) = match &selector {
             Selector::Exact(id) => (
-                compiled.for_principal(&id.to_string()),
+                compiled.for_principal(&id.to_string()).set.clone(),
                 Some(
                     workload_entity(&self.names, &id.to_string(), Some(registration))
                         .map_err(internal)?,
@@ -1078,5 +1214,90 @@ impl CedarAuthorizer {
 impl Authorizer for CedarAuthorizer {
     fn decide(&self, request: &AccessRequest<'_>) -> Verdict {
         self.policies.evaluate(request)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reads(text: &str) -> EncryptionReads {
+        let set = PolicySet::from_str(text).unwrap();
+        let mut all = EncryptionReads::none();
+        for p in set.policies() {
+            all.add(&encryption_reads(p));
+        }
+        all
+    }
+
+    fn entries(names: &[&str]) -> EncryptionReads {
+        EncryptionReads::Entries(names.iter().map(|n| (*n).to_owned()).collect())
+    }
+
+    #[test]
+    fn literal_tag_reads_are_found() {
+        assert_eq!(
+            reads(include_str!(
+                "../../examples/policies/messaging-tenant.cedar"
+            )),
+            entries(&["tenant"])
+        );
+        assert_eq!(
+            reads(include_str!(
+                "../../examples/policies/restricted-hours.cedar"
+            )),
+            entries(&[])
+        );
+        assert_eq!(
+            reads(
+                "permit(principal, action, resource) when { \
+                 context.encryption_context.hasTag(\"a\") && \
+                 context.encryption_context.getTag(\"b\") == \"x\" && \
+                 context has purpose && context.purpose == \"audit\" && \
+                 context.time.hour_utc < 22 && context has encryption_context };\n\
+                 forbid(principal, action, resource) when { \
+                 context.encryption_context.hasTag(\"c\") };"
+            ),
+            entries(&["a", "b", "c"])
+        );
+    }
+
+    #[test]
+    fn any_other_use_of_the_encryption_context_reads_all_of_it() {
+        for text in [
+            // A name computed at evaluation time.
+            "permit(principal, action, resource) when { \
+             principal.hasTag(\"k\") && \
+             context.encryption_context.hasTag(principal.getTag(\"k\")) };",
+            "permit(principal, action, resource) when { context has purpose && \
+             context.encryption_context.getTag(context.purpose) == \"x\" };",
+            // The entity itself compared, tested or named.
+            "permit(principal, action, resource) when { \
+             context.encryption_context == EncryptionContext::\"request\" };",
+            "permit(principal, action, resource) when { \
+             context.encryption_context is EncryptionContext };",
+            "permit(principal, action, resource) when { \
+             EncryptionContext::\"request\".hasTag(\"a\") };",
+            "permit(principal, action, resource) when { \
+             (if true then context.encryption_context \
+              else context.encryption_context).hasTag(\"a\") };",
+            // The whole context.
+            "permit(principal, action, resource) when { context == context };",
+            "permit(principal, action, resource) when { context has encryption_context.a };",
+        ] {
+            let set = PolicySet::from_str(text).unwrap();
+            for p in set.policies() {
+                assert_eq!(encryption_reads(p), EncryptionReads::All, "{text}");
+            }
+        }
+        // One policy reading all makes the whole slice read all.
+        assert_eq!(
+            reads(
+                "permit(principal, action, resource) when { \
+                 context.encryption_context.hasTag(\"a\") };\n\
+                 permit(principal, action, resource) when { context == context };"
+            ),
+            EncryptionReads::All
+        );
     }
 }

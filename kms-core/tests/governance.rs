@@ -612,6 +612,73 @@ fn remembered_decisions_follow_every_input() {
     assert_eq!(s.cached, 1);
 }
 
+#[test]
+fn decisions_are_shared_across_encryption_contexts_only_through_the_entries_policies_read() {
+    let (_dir, _store, p) = policies();
+    p.put(
+        "messaging-tenant",
+        include_str!("../../examples/policies/messaging-tenant.cedar"),
+        "op",
+    )
+    .unwrap();
+    // A policy for one workload that reads an entry whose name comes from its own label.
+    p.put(
+        "computed",
+        "permit(principal == Workload::\"spiffe://prod.example/computed\", action, resource)\n\
+         when { principal.hasTag(\"entry\") &&\n  \
+         context.encryption_context.hasTag(principal.getTag(\"entry\")) };\n",
+        "op",
+    )
+    .unwrap();
+    let k = key(&[]);
+    let chat = caller(
+        "spiffe://prod.example/messaging/chat",
+        &[("role", "messaging"), ("tenant", "acme")],
+    );
+    let before = p.eval_stats(false);
+    for n in 0..20 {
+        let channel = n.to_string();
+        let own = ctx(&[("tenant", "acme"), ("channel", channel.as_str())]);
+        let other = ctx(&[("tenant", "globex"), ("channel", channel.as_str())]);
+        let missing = ctx(&[("channel", channel.as_str())]);
+        let op = Op::GenerateDataKey;
+        assert_eq!(
+            decide(&p, &chat, op, &k, &own, T0),
+            (Decision::Allow, vec!["messaging-tenant".to_owned()])
+        );
+        assert_eq!(decide(&p, &chat, op, &k, &other, T0).0, Decision::Deny);
+        assert_eq!(decide(&p, &chat, op, &k, &missing, T0).0, Decision::Deny);
+    }
+    let after = p.eval_stats(false);
+    assert_eq!(
+        (after.count - before.count, after.cached - before.cached),
+        (3, 57),
+        "the messaging policies read only `tenant`: one evaluation for each tenant value \
+         (or none), the other channels reuse it"
+    );
+
+    // The computed entry name can be any entry, so every new context is evaluated.
+    let computed = caller("spiffe://prod.example/computed", &[("entry", "job")]);
+    for n in 0..10 {
+        let job = n.to_string();
+        let with = ctx(&[("job", job.as_str())]);
+        let without = ctx(&[("batch", job.as_str())]);
+        assert_eq!(
+            decide(&p, &computed, Op::Decrypt, &k, &with, T0),
+            (Decision::Allow, vec!["computed".to_owned()])
+        );
+        assert_eq!(
+            decide(&p, &computed, Op::Decrypt, &k, &without, T0).0,
+            Decision::Deny
+        );
+    }
+    let last = p.eval_stats(false);
+    assert_eq!(
+        (last.count - after.count, last.cached - after.cached),
+        (20, 0)
+    );
+}
+
 fn registration(selector: &str, l: &[(&str, &str)]) -> kms_core::inventory::Workload {
     let mut w = caller(selector, l).workload.unwrap().as_ref().clone();
     w.selector = selector.into();
