@@ -31,7 +31,7 @@ bench: deps
 	cargo build --release --locked -p kms-cli
 	bash bench/run.sh $(CARGO_TARGET_DIR)/release/kms
 
-# What policy and the workload inventory cost (about 7 minutes: 1,000 policies, 100,000 ids).
+# What policy and the workload inventory cost (about 8 minutes: 1,000 policies, 100,000 ids).
 bench-governance: deps
 	cargo build --release --locked -p kms-cli
 	bash bench/governance.sh $(CARGO_TARGET_DIR)/release/kms 5

@@ -2,9 +2,10 @@
 # What governance costs: generate-data-key against a server that skips Cedar (the dev-only
 # `--no-policy`: SVID and inventory checks only) and one holding 1,000 extra policies and
 # 100,000 registered identities (populated through the admin plane before measuring),
-# with one context for every request (decisions reused within a second) and with a new
-# context per request (`--distinct-contexts`: every request evaluated by Cedar),
-# alternating three times, each on a fresh dev directory. Policy evaluation times come from
+# with one context for every request (decisions reused within a second), with a new context
+# per request in an entry the policies read (`--distinct-contexts`: every request evaluated by
+# Cedar), and with a new context per request in an entry no policy reads (`--distinct-entry
+# message`: decisions reused across contexts), alternating three times, each on a fresh dev directory. Policy evaluation times come from
 # inside the server (`kms policy stats`). Usage: bench/governance.sh [path/to/kms] [seconds]
 set -euo pipefail
 
@@ -43,6 +44,8 @@ for mode in nopolicy large nopolicy large nopolicy large; do
     "--op generate-data-key --protection software --concurrency 1" \
     "--op generate-data-key --protection software --concurrency 64 --distinct-contexts" \
     "--op generate-data-key --protection software --concurrency 1 --distinct-contexts" \
+    "--op generate-data-key --protection software --concurrency 64 --distinct-contexts --distinct-entry message" \
+    "--op generate-data-key --protection software --concurrency 1 --distinct-contexts --distinct-entry message" \
     "--op decrypt --protection software --concurrency 64"; do
     # shellcheck disable=SC2086
     "$kms" bench --json --duration "$secs" $args | sed "s/^{/{\"governance\":\"$mode\",/"

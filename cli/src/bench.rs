@@ -6,6 +6,7 @@
 //! each RPC carries N items and throughput counts items.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use api::v1::{
@@ -51,17 +52,23 @@ pub(crate) struct BenchArgs {
     /// Before measuring, register this many extra synthetic workload identities.
     #[arg(long, default_value_t = 0)]
     add_identities: u32,
-    /// generate-data-key only: give every request its own encryption context (an extra
-    /// `request` entry with a counter), so no policy decision is answered from the server's
-    /// decision cache and every request is evaluated.
+    /// generate-data-key only: give every request its own encryption context (an extra entry,
+    /// named by --distinct-entry, holding a counter). With the default entry, `request`, which
+    /// the policies of --add-policies read, every request is evaluated by Cedar.
     #[arg(long)]
     distinct_contexts: bool,
+    /// The entry --distinct-contexts varies. An entry no policy reads (for example `message`)
+    /// lets the server reuse one decision across the contexts.
+    #[arg(long, default_value = "request", requires = "distinct_contexts")]
+    distinct_entry: String,
 }
 
 /// Synthetic governance for the benchmark: `policies` policies, each permitting one synthetic
 /// workload two actions under a tenant context (so each is a real, schema-checked policy that
-/// does not apply to the benchmark's own workload), the shipped restricted-hours forbid (which
-/// applies to every request), and `identities` registrations.
+/// does not apply to the benchmark's own workload), the shipped restricted-hours forbid and a
+/// forbid of requests whose `request` entry is `blocked` (both apply to every request; the
+/// second makes every caller's decision depend on the `request` entry), and `identities`
+/// registrations.
 async fn populate(
     admin: &mut api::AdminClient,
     policies: u32,
@@ -73,6 +80,15 @@ async fn populate(
             .put_policy(PutPolicyRequest {
                 id: "bench-restricted-hours".into(),
                 text: include_str!("../../examples/policies/restricted-hours.cedar").into(),
+            })
+            .await?;
+        admin
+            .put_policy(PutPolicyRequest {
+                id: "bench-blocked-requests".into(),
+                text: "forbid (principal, action, resource)\nwhen {\n  \
+                       context.encryption_context.hasTag(\"request\") &&\n  \
+                       context.encryption_context.getTag(\"request\") == \"blocked\"\n};\n"
+                    .into(),
             })
             .await?;
     }
@@ -123,8 +139,8 @@ async fn populate(
 #[derive(Clone)]
 enum Job {
     Decrypt(Vec<u8>),
-    /// The key, and whether each request gets its own encryption context.
-    Generate(String, bool),
+    /// The key, and the entry that gives each request its own encryption context, if any.
+    Generate(String, Option<Arc<str>>),
     Health,
 }
 
@@ -192,7 +208,11 @@ pub(crate) async fn run(args: BenchArgs, conn: &ConnectArgs, as_json: bool) -> R
                     .ciphertext;
                 Job::Decrypt(blob)
             } else {
-                Job::Generate(key, args.distinct_contexts)
+                Job::Generate(
+                    key,
+                    args.distinct_contexts
+                        .then(|| Arc::from(args.distinct_entry.as_str())),
+                )
             }
         }
     };
@@ -259,19 +279,19 @@ pub(crate) async fn run(args: BenchArgs, conn: &ConnectArgs, as_json: bool) -> R
         "policy_evaluations": policy.as_ref().map(|p| p.evaluations),
         "policy_cached_decisions": policy.as_ref().map(|p| p.cached_decisions),
         "distinct_contexts": args.distinct_contexts,
+        "distinct_entry": args.distinct_contexts.then_some(args.distinct_entry.as_str()),
     });
     emit(as_json, &report)
 }
 
-/// A request with the benchmark's context, plus a `request` entry unique to this process
-/// when `distinct`.
-fn gdk_request_for(key: &str, distinct: bool) -> GenerateDataKeyRequest {
+/// A request with the benchmark's context, plus, when `distinct` names an entry, that entry
+/// with a value unique to this process.
+fn gdk_request_for(key: &str, distinct: Option<&str>) -> GenerateDataKeyRequest {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let mut r = gdk_request(key);
-    if distinct {
+    if let Some(entry) = distinct {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        r.encryption_context
-            .insert("request".to_owned(), n.to_string());
+        r.encryption_context.insert(entry.to_owned(), n.to_string());
     }
     r
 }
@@ -368,12 +388,14 @@ impl Clients {
                 .map_err(status),
             Job::Generate(key, distinct) if batch == 1 => self
                 .data
-                .generate_data_key(gdk_request_for(key, *distinct))
+                .generate_data_key(gdk_request_for(key, distinct.as_deref()))
                 .await
                 .map(|_| ())
                 .map_err(status),
             Job::Generate(key, distinct) => {
-                let items = (0..n).map(|_| gdk_request_for(key, *distinct)).collect();
+                let items = (0..n)
+                    .map(|_| gdk_request_for(key, distinct.as_deref()))
+                    .collect();
                 let request = BatchGenerateDataKeyRequest {
                     items,
                     without_plaintext: false,
