@@ -214,10 +214,14 @@ struct Compiled {
     /// Counts policy changes since start; decisions remembered under another generation are
     /// never reused.
     generation: u64,
+    /// Each statement's text and what it reads of the encryption context, by statement id,
+    /// so that a change to one policy does not analyse the others again.
+    reads: HashMap<String, (String, EncryptionReads)>,
 }
 
 impl Compiled {
-    fn new(set: &PolicySet, generation: u64) -> Result<Self, Error> {
+    /// Slices `set`; `previous` supplies the analysis of statements it shares with `set`.
+    fn new(set: &PolicySet, generation: u64, previous: Option<&Self>) -> Result<Self, Error> {
         let slice_err = |e: cedar_policy::PolicySetError| Error::PolicyInvalid {
             id: String::new(),
             message: format!("{e}"),
@@ -226,15 +230,30 @@ impl Compiled {
         let mut general_reads = EncryptionReads::none();
         let mut specific: HashMap<String, Vec<cedar_policy::Policy>> = HashMap::new();
         let mut statements = 0;
+        let mut reads_by_id = HashMap::new();
         for p in set.policies() {
             statements += 1;
+            let text = p.to_string();
+            let known = previous
+                .and_then(|c| c.reads.get(AsRef::<str>::as_ref(p.id())))
+                .filter(|(t, _)| *t == text)
+                .map(|(_, r)| r.clone());
+            let reads = known.unwrap_or_else(|| encryption_reads(p));
+            reads_by_id.insert(AsRef::<str>::as_ref(p.id()).to_owned(), (text, reads));
+        }
+        let reads_of = |p: &cedar_policy::Policy| {
+            reads_by_id
+                .get(AsRef::<str>::as_ref(p.id()))
+                .map_or(EncryptionReads::All, |(_, r)| r.clone())
+        };
+        for p in set.policies() {
             match p.principal_constraint() {
                 cedar_policy::PrincipalConstraint::Eq(uid) => specific
                     .entry(uid.id().unescaped().to_owned())
                     .or_default()
                     .push(p.clone()),
                 _ => {
-                    general_reads.add(&encryption_reads(p));
+                    general_reads.add(&reads_of(p));
                     general.add(p.clone()).map_err(slice_err)?;
                 }
             }
@@ -244,7 +263,7 @@ impl Compiled {
             let mut s = general.clone();
             let mut reads = general_reads.clone();
             for p in policies {
-                reads.add(&encryption_reads(&p));
+                reads.add(&reads_of(&p));
                 s.add(p).map_err(slice_err)?;
             }
             by_principal.insert(
@@ -264,6 +283,7 @@ impl Compiled {
             by_principal,
             statements,
             generation,
+            reads: reads_by_id,
         })
     }
 
@@ -451,7 +471,7 @@ impl Policies {
                 })?;
             histories.insert(h.id.clone(), h);
         }
-        let compiled = Compiled::new(&compile(&schema, &current_texts(&histories))?, 0)?;
+        let compiled = Compiled::new(&compile(&schema, &current_texts(&histories))?, 0, None)?;
         let names = Names::new().map_err(|e| {
             tracing::error!(error = %e, "Cedar names could not be built");
             Error::Internal("Cedar names could not be built")
@@ -491,7 +511,11 @@ impl Policies {
         let mut histories = self.histories.write();
         let mut texts = current_texts(&histories);
         texts.insert(id.to_owned(), text.to_owned());
-        let compiled = Compiled::new(&compile(&self.schema, &texts)?, self.next_generation())?;
+        let compiled = Compiled::new(
+            &compile(&self.schema, &texts)?,
+            self.next_generation(),
+            Some(&self.compiled.read()),
+        )?;
         let mut history = histories.get(id).cloned().unwrap_or(PolicyHistory {
             id: id.to_owned(),
             versions: Vec::new(),
@@ -522,7 +546,11 @@ impl Policies {
         let before = history.current().cloned();
         let mut texts = current_texts(&histories);
         texts.remove(id);
-        let compiled = Compiled::new(&compile(&self.schema, &texts)?, self.next_generation())?;
+        let compiled = Compiled::new(
+            &compile(&self.schema, &texts)?,
+            self.next_generation(),
+            Some(&self.compiled.read()),
+        )?;
         history.versions.push(PolicyVersion {
             version: next_version(&history),
             text: String::new(),

@@ -677,6 +677,31 @@ fn decisions_are_shared_across_encryption_contexts_only_through_the_entries_poli
         (last.count - after.count, last.cached - after.cached),
         (20, 0)
     );
+
+    // A new version of a policy is analysed again: now `channel` is read too.
+    p.put(
+        "messaging-tenant",
+        "permit(principal, action, resource) when {\n  \
+         context.encryption_context.hasTag(\"channel\") &&\n  \
+         context.encryption_context.getTag(\"channel\") != \"closed\" };\n",
+        "op",
+    )
+    .unwrap();
+    for n in 0..5 {
+        let channel = n.to_string();
+        let own = ctx(&[("tenant", "acme"), ("channel", channel.as_str())]);
+        assert_eq!(
+            decide(&p, &chat, Op::GenerateDataKey, &k, &own, T0).0,
+            Decision::Allow
+        );
+    }
+    let closed = ctx(&[("tenant", "acme"), ("channel", "closed")]);
+    assert_eq!(
+        decide(&p, &chat, Op::GenerateDataKey, &k, &closed, T0).0,
+        Decision::Deny
+    );
+    let end = p.eval_stats(false);
+    assert_eq!((end.count - last.count, end.cached - last.cached), (6, 0));
 }
 
 fn registration(selector: &str, l: &[(&str, &str)]) -> kms_core::inventory::Workload {
