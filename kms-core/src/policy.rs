@@ -365,6 +365,13 @@ fn only_literal_reads(
             if let (1, Some((op, arg))) = (fields.len(), fields.iter().next()) {
                 match op.as_str() {
                     "Var" => return arg != "context",
+                    // A record literal: its keys are the policy author's, its values are
+                    // expressions.
+                    "Record" => {
+                        return arg
+                            .as_object()
+                            .is_some_and(|m| m.values().all(|x| only_literal_reads(x, names)))
+                    }
                     "." | "has" if is_var_context(arg.get("left")) => {
                         let Some(attr) = arg.get("attr").and_then(Value::as_str) else {
                             return false;
@@ -1312,6 +1319,11 @@ mod tests {
             // The whole context.
             "permit(principal, action, resource) when { context == context };",
             "permit(principal, action, resource) when { context has encryption_context.a };",
+            // Record literals, whose keys may spell the operators this analysis looks for.
+            "permit(principal, action, resource) when { \
+             {Var: context.encryption_context}.Var.hasTag(\"a\") };",
+            "permit(principal, action, resource) when { \
+             {\"hasTag\": context}.hasTag.encryption_context.hasTag(\"a\") };",
         ] {
             let set = PolicySet::from_str(text).unwrap();
             for p in set.policies() {
