@@ -278,6 +278,9 @@ pub(crate) async fn run(args: BenchArgs, conn: &ConnectArgs, as_json: bool) -> R
         "policy_eval_max_ns": policy.as_ref().map(|p| p.max_ns),
         "policy_evaluations": policy.as_ref().map(|p| p.evaluations),
         "policy_cached_decisions": policy.as_ref().map(|p| p.cached_decisions),
+        "policy_decision_p50_ns": policy.as_ref().map(|p| p.decision_p50_ns),
+        "policy_decision_p99_ns": policy.as_ref().map(|p| p.decision_p99_ns),
+        "policy_decision_max_ns": policy.as_ref().map(|p| p.decision_max_ns),
         "distinct_contexts": args.distinct_contexts,
         "distinct_entry": args.distinct_contexts.then_some(args.distinct_entry.as_str()),
     });

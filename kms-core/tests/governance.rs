@@ -702,6 +702,9 @@ fn decisions_are_shared_across_encryption_contexts_only_through_the_entries_poli
     );
     let end = p.eval_stats(false);
     assert_eq!((end.count - last.count, end.cached - last.cached), (6, 0));
+    // Every decision is timed, reused or not.
+    assert_eq!(end.decisions, end.count + end.cached);
+    assert!(end.decision_p50_ns > 0 && end.decision_max_ns >= end.max_ns);
 }
 
 fn registration(selector: &str, l: &[(&str, &str)]) -> kms_core::inventory::Workload {

@@ -514,6 +514,9 @@ impl AdminService {
                 max_ns: s.max_ns,
                 statements: u64::try_from(gov.policies.statement_count()).unwrap_or(u64::MAX),
                 cached_decisions: s.cached,
+                decision_p50_ns: s.decision_p50_ns,
+                decision_p99_ns: s.decision_p99_ns,
+                decision_max_ns: s.decision_max_ns,
             })
         })
         .await
