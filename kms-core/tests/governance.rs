@@ -391,20 +391,30 @@ fn policies_are_validated_versioned_and_survive_a_restart() {
     ));
 }
 
-#[test]
-fn example_policy_messaging_tenant() {
-    let (_dir, _store, p) = policies();
+/// Stores the shipped messaging example policy.
+fn put_messaging_example(p: &Policies) {
     p.put(
         "messaging-tenant",
         include_str!("../../examples/policies/messaging-tenant.cedar"),
         "op",
     )
     .unwrap();
-    let k = key(&[]);
-    let chat = caller(
+}
+
+/// A messaging service of tenant `acme`, as the messaging example expects.
+fn messaging_chat() -> Caller {
+    caller(
         "spiffe://prod.example/messaging/chat",
         &[("role", "messaging"), ("tenant", "acme")],
-    );
+    )
+}
+
+#[test]
+fn example_policy_messaging_tenant() {
+    let (_dir, _store, p) = policies();
+    put_messaging_example(&p);
+    let k = key(&[]);
+    let chat = messaging_chat();
     let own = ctx(&[("tenant", "acme"), ("channel", "42")]);
     let other = ctx(&[("tenant", "globex")]);
     let missing = ctx(&[("channel", "42")]);
@@ -615,12 +625,7 @@ fn remembered_decisions_follow_every_input() {
 #[test]
 fn decisions_are_shared_across_encryption_contexts_only_through_the_entries_policies_read() {
     let (_dir, _store, p) = policies();
-    p.put(
-        "messaging-tenant",
-        include_str!("../../examples/policies/messaging-tenant.cedar"),
-        "op",
-    )
-    .unwrap();
+    put_messaging_example(&p);
     // A policy for one workload that reads an entry whose name comes from its own label.
     p.put(
         "computed",
@@ -631,10 +636,7 @@ fn decisions_are_shared_across_encryption_contexts_only_through_the_entries_poli
     )
     .unwrap();
     let k = key(&[]);
-    let chat = caller(
-        "spiffe://prod.example/messaging/chat",
-        &[("role", "messaging"), ("tenant", "acme")],
-    );
+    let chat = messaging_chat();
     let before = p.eval_stats(false);
     for n in 0..20 {
         let channel = n.to_string();
