@@ -6,10 +6,11 @@
     reason = "a measurement program: a failed step ends it"
 )]
 //! Policy evaluation in process, with the governance benchmark's policy set: 1,000 policies
-//! each naming another workload, the shipped restricted-hours forbid, and one permit for the
-//! caller. Prints the times Cedar's part of a request takes without the server around it:
-//! once with a new encryption context per request (every request evaluated) and once with
-//! one request repeated (decisions reused). Build with `--release`: `cargo run --release -p
+//! each naming another workload, the shipped restricted-hours forbid, a forbid reading the
+//! `request` entry, and one permit for the caller. Prints the times Cedar's part of a request
+//! takes without the server around it: with a new value of `request` per request (every
+//! request evaluated), with a new value of an entry no policy reads (decisions reused across
+//! contexts), and with one request repeated. Build with `--release`: `cargo run --release -p
 //! kms-core --example policy_eval -- [requests]`.
 
 use std::collections::BTreeMap;
@@ -41,6 +42,16 @@ fn main() {
         .put(
             "restricted-hours",
             include_str!("../../examples/policies/restricted-hours.cedar"),
+            "bench",
+        )
+        .unwrap();
+    // As in `kms bench --add-policies`: every caller's decision depends on the `request` entry.
+    policies
+        .put(
+            "blocked-requests",
+            "forbid (principal, action, resource) when { \
+             context.encryption_context.hasTag(\"request\") && \
+             context.encryption_context.getTag(\"request\") == \"blocked\" };",
             "bench",
         )
         .unwrap();
@@ -80,34 +91,50 @@ fn main() {
         created_at: 0,
         updated_at: 0,
     };
-    // Every request gets its own context, so each one is evaluated by Cedar; then one request
-    // repeated, so every decision after the first is reused.
-    let contexts: Vec<EncryptionContext> = (0..n)
-        .map(|i| {
-            EncryptionContext::from_pairs(BTreeMap::from([
-                ("tenant".to_owned(), "t1".to_owned()),
-                ("request".to_owned(), i.to_string()),
-            ]))
-            .unwrap()
-        })
-        .collect();
-    let request = |context: &'_ EncryptionContext| -> Verdict {
+    // Every request gets its own value of an entry the policies read (`request`), so each one
+    // is evaluated by Cedar; then of an entry no policy reads (`message`), so decisions are
+    // reused across contexts; then one request repeated.
+    let contexts = |entry: &str| -> Vec<EncryptionContext> {
+        (0..n)
+            .map(|i| {
+                EncryptionContext::from_pairs(BTreeMap::from([
+                    ("tenant".to_owned(), "t1".to_owned()),
+                    (entry.to_owned(), i.to_string()),
+                ]))
+                .unwrap()
+            })
+            .collect()
+    };
+    let read = contexts("request");
+    let unread = contexts("message");
+    // 12:00 UTC: the restricted-hours forbid does not fire. Each mode runs in its own second,
+    // as the server's decision cache keeps at most 4,096 decisions a second.
+    let noon = 1_798_804_800;
+    let request = |context: &'_ EncryptionContext, now_unix: u64| -> Verdict {
         policies.evaluate(&AccessRequest {
             caller: &caller,
             op: Op::GenerateDataKey,
             key: &key,
             context,
-            now_unix: 1_798_804_800, // 12:00 UTC: the restricted-hours forbid does not fire
+            now_unix,
         })
     };
-    let first = contexts.first().expect("at least one request");
-    assert_eq!(request(first).decision, Decision::Allow);
-    for (name, repeated) in [("distinct", false), ("repeated", true)] {
+    let first = read.first().expect("at least one request");
+    assert_eq!(request(first, noon).decision, Decision::Allow);
+    let repeated = vec![first.clone(); read.len()];
+    for (second, (name, contexts)) in [
+        ("distinct", &read),
+        ("distinct-unread", &unread),
+        ("repeated", &repeated),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let now = noon + 1 + u64::try_from(second).unwrap();
         policies.eval_stats(true);
         let started = std::time::Instant::now();
         for (i, context) in contexts.iter().enumerate() {
-            let context = if repeated { first } else { context };
-            let verdict = request(std::hint::black_box(context));
+            let verdict = request(std::hint::black_box(context), now);
             assert_eq!(verdict.decision, Decision::Allow, "request {i}");
         }
         let elapsed = started.elapsed();
