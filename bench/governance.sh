@@ -5,8 +5,9 @@
 # with one context for every request (decisions reused within a second), with a new context
 # per request in an entry the policies read (`--distinct-contexts`: every request evaluated by
 # Cedar), and with a new context per request in an entry no policy reads (`--distinct-entry
-# message`: decisions reused across contexts), alternating three times, each on a fresh dev directory. Policy evaluation times come from
-# inside the server (`kms policy stats`). Usage: bench/governance.sh [path/to/kms] [seconds]
+# message`: decisions reused across contexts), alternating three times, each on a fresh dev
+# directory. Policy evaluation times come from inside the server (`kms policy stats`).
+# Usage: bench/governance.sh [path/to/kms] [seconds]
 set -euo pipefail
 
 kms="${1:-kms}"

@@ -228,42 +228,36 @@ impl Compiled {
         };
         let mut general = PolicySet::new();
         let mut general_reads = EncryptionReads::none();
-        let mut specific: HashMap<String, Vec<cedar_policy::Policy>> = HashMap::new();
+        let mut specific: HashMap<String, Vec<(cedar_policy::Policy, EncryptionReads)>> =
+            HashMap::new();
         let mut statements = 0;
         let mut reads_by_id = HashMap::new();
         for p in set.policies() {
             statements += 1;
+            let id: &str = p.id().as_ref();
             let text = p.to_string();
-            let known = previous
-                .and_then(|c| c.reads.get(AsRef::<str>::as_ref(p.id())))
+            let reads = previous
+                .and_then(|c| c.reads.get(id))
                 .filter(|(t, _)| *t == text)
-                .map(|(_, r)| r.clone());
-            let reads = known.unwrap_or_else(|| encryption_reads(p));
-            reads_by_id.insert(AsRef::<str>::as_ref(p.id()).to_owned(), (text, reads));
-        }
-        let reads_of = |p: &cedar_policy::Policy| {
-            reads_by_id
-                .get(AsRef::<str>::as_ref(p.id()))
-                .map_or(EncryptionReads::All, |(_, r)| r.clone())
-        };
-        for p in set.policies() {
+                .map_or_else(|| encryption_reads(p), |(_, r)| r.clone());
             match p.principal_constraint() {
                 cedar_policy::PrincipalConstraint::Eq(uid) => specific
                     .entry(uid.id().unescaped().to_owned())
                     .or_default()
-                    .push(p.clone()),
+                    .push((p.clone(), reads.clone())),
                 _ => {
-                    general_reads.add(&reads_of(p));
+                    general_reads.add(&reads);
                     general.add(p.clone()).map_err(slice_err)?;
                 }
             }
+            reads_by_id.insert(id.to_owned(), (text, reads));
         }
         let mut by_principal = HashMap::with_capacity(specific.len());
         for (principal, policies) in specific {
             let mut s = general.clone();
             let mut reads = general_reads.clone();
-            for p in policies {
-                reads.add(&reads_of(&p));
+            for (p, r) in policies {
+                reads.add(&r);
                 s.add(p).map_err(slice_err)?;
             }
             by_principal.insert(
@@ -415,10 +409,9 @@ pub struct Policies {
     schema: Schema,
     histories: RwLock<BTreeMap<String, PolicyHistory>>,
     compiled: RwLock<Arc<Compiled>>,
-    /// Times of the Cedar evaluations and of all decisions.
+    /// Times of the Cedar evaluations and of all decisions (the difference in their counts is
+    /// the number of decisions reused).
     timings: Mutex<Option<Timings>>,
-    /// Decisions taken from `decisions` since start or the last reset of the timings.
-    cached: AtomicU64,
     names: Names,
     entities: Mutex<EntityCache>,
     decisions: Mutex<DecisionCache>,
@@ -522,7 +515,6 @@ impl Policies {
             histories: RwLock::new(histories),
             compiled: RwLock::new(Arc::new(compiled)),
             timings: Mutex::new(new_timings()),
-            cached: AtomicU64::new(0),
             names,
             entities: Mutex::new(EntityCache::default()),
             decisions: Mutex::new(DecisionCache::default()),
@@ -657,7 +649,7 @@ impl Policies {
             p99_ns: h.value_at_quantile(0.99),
             p999_ns: h.value_at_quantile(0.999),
             max_ns: h.max(),
-            cached: self.cached.load(Ordering::Relaxed),
+            cached: d.len().saturating_sub(h.len()),
             decisions: d.len(),
             decision_p50_ns: d.value_at_quantile(0.5),
             decision_p99_ns: d.value_at_quantile(0.99),
@@ -666,7 +658,6 @@ impl Policies {
         if reset {
             t.evals.reset();
             t.decisions.reset();
-            self.cached.store(0, Ordering::Relaxed);
         }
         stats
     }
@@ -688,7 +679,6 @@ impl Policies {
         let key = decision_key(request, &slice.reads);
         let reused = self.decisions.lock().get(compiled.generation, &key);
         if let Some(verdict) = reused {
-            self.cached.fetch_add(1, Ordering::Relaxed);
             if let Some(t) = self.timings.lock().as_mut() {
                 let _ = t.decisions.record(elapsed_ns(started));
             }
@@ -749,7 +739,7 @@ impl Policies {
             }
         }
         let built = Built {
-            entity: workload_entity(&self.names, spiffe_id, workload)?,
+            entity: Arc::new(workload_entity(&self.names, spiffe_id, workload)?),
             build: self.builds.fetch_add(1, Ordering::Relaxed),
         };
         let mut cache = self.entities.lock();
@@ -774,7 +764,7 @@ impl Policies {
             }
         }
         let built = Built {
-            entity: key_entity(&self.names, key)?,
+            entity: Arc::new(key_entity(&self.names, key)?),
             build: self.builds.fetch_add(1, Ordering::Relaxed),
         };
         let mut cache = self.entities.lock();
@@ -816,7 +806,7 @@ impl Policies {
         .map_err(|e| e.to_string())?;
         let mut pairs = vec![
             (
-                "encryption_context".to_owned(),
+                ENCRYPTION_ATTR.to_owned(),
                 RestrictedExpression::new_entity_uid(ctx_uid),
             ),
             ("time".to_owned(), time),
@@ -840,7 +830,7 @@ impl Policies {
 
     /// The principal and resource entities of a request as one `Entities` (Cedar computes
     /// the hierarchy's closure when building it), kept while both builds are current.
-    fn pair(&self, principal: Built, resource: Built) -> Result<Entities, String> {
+    fn pair(&self, principal: &Built, resource: &Built) -> Result<Entities, String> {
         let key = (principal.entity.uid(), resource.entity.uid());
         let builds = (principal.build, resource.build);
         if let Some(c) = self.entities.lock().pairs.get(&key) {
@@ -848,8 +838,14 @@ impl Policies {
                 return Ok(c.entities.clone());
             }
         }
-        let entities = Entities::from_entities([principal.entity, resource.entity], None)
-            .map_err(|e| e.to_string())?;
+        let entities = Entities::from_entities(
+            [
+                Entity::clone(&principal.entity),
+                Entity::clone(&resource.entity),
+            ],
+            None,
+        )
+        .map_err(|e| e.to_string())?;
         let mut cache = self.entities.lock();
         if cache.pairs.len() >= ENTITY_CACHE_MAX {
             cache.pairs.clear();
@@ -887,7 +883,7 @@ impl Policies {
         let request =
             Request::new(principal, action, resource, context, None).map_err(|e| e.to_string())?;
         let entities = self
-            .pair(principal_entity, resource_entity)?
+            .pair(&principal_entity, &resource_entity)?
             .add_entities([ctx_entity], None)
             .map_err(|e| e.to_string())?;
         Ok((request, entities))
@@ -920,7 +916,7 @@ fn decision_key(r: &AccessRequest<'_>, reads: &EncryptionReads) -> Vec<u8> {
             key_pairs(&mut k, w.labels.entries());
         }
     }
-    key_text(&mut k, &r.key.id.to_string());
+    k.extend_from_slice(&r.key.id.to_bytes());
     key_optional(&mut k, r.key.alias.as_ref().map(|a| a.as_str()));
     key_pairs(&mut k, r.key.labels.entries());
     match reads {
@@ -1070,10 +1066,10 @@ struct EntityCache {
 }
 
 /// An entity with the number of its build: a changed registration or key gets a new
-/// entity under the same uid, and a new number.
+/// entity under the same uid, and a new number. Shared, as a Cedar entity is a deep copy.
 #[derive(Clone)]
 struct Built {
-    entity: Entity,
+    entity: Arc<Entity>,
     build: u64,
 }
 
@@ -1118,7 +1114,7 @@ impl Names {
         Ok(Self {
             workload: EntityTypeName::from_str("Workload").map_err(|e| e.to_string())?,
             key: EntityTypeName::from_str("Key").map_err(|e| e.to_string())?,
-            context: uid("EncryptionContext", "request")?,
+            context: uid(ENCRYPTION_TYPE, "request")?,
             actions,
         })
     }
