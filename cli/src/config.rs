@@ -93,8 +93,8 @@ fn default_max_grant_ttl() -> u64 {
 
 impl GrantsSection {
     /// The grant store's settings.
-    pub(crate) fn settings(&self) -> kms_core::grants::GrantConfig {
-        kms_core::grants::GrantConfig {
+    pub(crate) fn settings(&self) -> kms_core::governance::grants::GrantConfig {
+        kms_core::governance::grants::GrantConfig {
             max_ttl_secs: self.max_ttl_secs,
         }
     }
@@ -167,8 +167,8 @@ fn default_max_lifetime_days() -> u64 {
 
 impl InventorySection {
     /// The inventory's settings.
-    pub(crate) fn settings(&self) -> kms_core::inventory::InventoryConfig {
-        kms_core::inventory::InventoryConfig {
+    pub(crate) fn settings(&self) -> kms_core::governance::inventory::InventoryConfig {
+        kms_core::governance::inventory::InventoryConfig {
             max_lifetime_secs: self.max_lifetime_days.saturating_mul(86_400),
         }
     }

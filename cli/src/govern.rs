@@ -524,7 +524,7 @@ pub(crate) async fn policy(
     as_json: bool,
 ) -> Result<(), Error> {
     if let PolicyCommand::Schema = cmd {
-        return crate::output::raw(kms_core::policy::SCHEMA.trim_start());
+        return crate::output::raw(kms_core::governance::policy::SCHEMA.trim_start());
     }
     let (addr, tls) = conn.resolve(Plane::Admin)?;
     let mut client = tls.admin(&addr).await?;

@@ -7,14 +7,16 @@ use std::sync::Arc;
 
 use clap::Args;
 use hsm_bridge::{find_softhsm2_module, HsmConfig, HsmEvent, Pkcs11Hsm};
-use kms_core::approvals::SingleOperator;
 use kms_core::audit::{object_hash, AuditEvent, AuditLog};
-use kms_core::grants::Grants;
-use kms_core::inventory::{Inventory, NewWorkload, Selector};
-use kms_core::policy::{CedarAuthorizer, Policies};
-use kms_core::trust::TrustBundleRecord;
+use kms_core::governance::approvals::SingleOperator;
+use kms_core::governance::grants::Grants;
+use kms_core::governance::inventory::{Inventory, NewWorkload, Selector};
+use kms_core::governance::policy::Policies;
+use kms_core::governance::trust::TrustBundleRecord;
 use kms_core::{Clock, Deps, Kms, Labels, Rng, RocksStore, Store, SystemClock, SystemRng};
-use server::{Audit, Authenticator, Bound, Governance, ListenConfig, Services};
+use server::{
+    Audit, Authenticator, Bound, Governance, ListenConfig, PolicyStats, Services, TimedAuthorizer,
+};
 
 use crate::config::Config;
 use crate::dev::{self, DevLayout};
@@ -52,6 +54,7 @@ pub(crate) struct Prepared {
     audit_log: Arc<AuditLog>,
     store: Arc<RocksStore>,
     gov: Arc<Governance>,
+    stats: PolicyStats,
     unaudited: bool,
     listen: ListenConfig,
     endpoints: PathBuf,
@@ -155,6 +158,7 @@ pub(crate) fn prepare(args: &ServeArgs, data_dir: &Path) -> Result<Prepared, Err
         seed_dev_governance(&gov, &audit_log)?;
     }
     gov.load_bundles()?;
+    let stats = PolicyStats::new();
     let kms = Kms::open(Deps {
         hsm,
         store: store.clone(),
@@ -162,9 +166,9 @@ pub(crate) fn prepare(args: &ServeArgs, data_dir: &Path) -> Result<Prepared, Err
         rng,
         authorizer: if args.no_policy {
             tracing::warn!("--no-policy: Cedar policies are NOT evaluated (measurement only)");
-            Arc::new(kms_core::AllowAuthenticated)
+            Arc::new(kms_core::governance::authz::danger::AllowAuthenticated)
         } else {
-            Arc::new(CedarAuthorizer::new(policies))
+            Arc::new(TimedAuthorizer::new(policies, stats.clone()))
         },
     })?;
     if args.unaudited {
@@ -177,6 +181,7 @@ pub(crate) fn prepare(args: &ServeArgs, data_dir: &Path) -> Result<Prepared, Err
         audit_log,
         store,
         gov,
+        stats,
         unaudited: args.unaudited,
         listen: ListenConfig {
             data_addr: args.data_addr.unwrap_or(config.listen.data),
@@ -216,7 +221,7 @@ pub(crate) async fn run(prepared: Prepared) -> Result<(), Error> {
     }
     let boot = boot_id();
     let audit = if prepared.unaudited {
-        Audit::disabled(boot.clone())
+        Audit::danger_disabled(boot.clone())
     } else {
         Audit::new(prepared.audit_log.clone(), boot.clone())
     };
@@ -238,6 +243,7 @@ pub(crate) async fn run(prepared: Prepared) -> Result<(), Error> {
         audit,
         store: prepared.store,
         gov: prepared.gov.clone(),
+        stats: prepared.stats,
     };
     let flusher = tokio::spawn(flush_usage_every(prepared.gov.clone(), USAGE_FLUSH));
     let result = bound.serve(services, shutdown).await;
@@ -309,9 +315,9 @@ fn seed_trust_bundles(
             setting: "trust_bundle",
             problem,
         };
-        kms_core::trust::check_trust_domain(&b.trust_domain)
+        kms_core::governance::trust::check_trust_domain(&b.trust_domain)
             .map_err(|e| bad(format!("{}: {e}", b.trust_domain)))?;
-        if kms_core::trust::get(store, &b.trust_domain)?.is_some() {
+        if kms_core::governance::trust::get(store, &b.trust_domain)?.is_some() {
             continue;
         }
         let text = |path: &Path| {
@@ -347,7 +353,7 @@ fn seed_trust_bundles(
             updated_at: clock.now_unix(),
             updated_by: SEEDER.into(),
         };
-        kms_core::trust::put(store, &record)?;
+        kms_core::governance::trust::put(store, &record)?;
         record_seed(
             log,
             "admin.SetTrustBundle",

@@ -16,11 +16,11 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use kms_core::inventory::Workload;
-use kms_core::policy::Policies;
+use kms_core::governance::inventory::Workload;
+use kms_core::governance::policy::{Decided, Policies};
 use kms_core::{
     AccessRequest, AuthMethod, Caller, Decision, EncryptionContext, KeyId, KeyRecord, KeyState,
-    KeyVersion, Labels, Op, PrincipalId, Protection, RocksStore, SystemClock, Verdict,
+    KeyVersion, Labels, Op, Protection, RocksStore, SystemClock,
 };
 
 fn main() {
@@ -67,7 +67,7 @@ fn main() {
     let labels = |pairs: &[(&str, &str)]| {
         Labels::from_pairs(pairs.iter().map(|(k, v)| ((*k).into(), (*v).into()))).unwrap()
     };
-    let mut caller = Caller::new(PrincipalId::new(me.into()), AuthMethod::Mtls);
+    let mut caller = Caller::new(me.parse().unwrap(), AuthMethod::Mtls);
     caller.workload = Some(Arc::new(Workload {
         selector: me.into(),
         owner: "team-1".into(),
@@ -110,8 +110,8 @@ fn main() {
     // 12:00 UTC: the restricted-hours forbid does not fire. Each mode runs in its own second,
     // as the server's decision cache keeps at most 4,096 decisions a second.
     let noon = 1_798_804_800;
-    let request = |context: &'_ EncryptionContext, now_unix: u64| -> Verdict {
-        policies.evaluate(&AccessRequest {
+    let decide = |context: &'_ EncryptionContext, now_unix: u64| -> Decided {
+        policies.decide(&AccessRequest {
             caller: &caller,
             op: Op::GenerateDataKey,
             key: &key,
@@ -120,7 +120,7 @@ fn main() {
         })
     };
     let first = read.first().expect("at least one request");
-    assert_eq!(request(first, noon).decision, Decision::Allow);
+    assert_eq!(decide(first, noon).verdict.decision, Decision::Allow);
     let repeated = vec![first.clone(); read.len()];
     for (second, (name, contexts)) in [
         ("distinct", &read),
@@ -131,26 +131,37 @@ fn main() {
     .enumerate()
     {
         let now = noon + 1 + u64::try_from(second).unwrap();
-        policies.eval_stats(true);
+        policies.decision_counts(true);
+        // Each evaluation timed here, as the server's decorator times it in production.
+        let mut evals = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 10_000_000_000, 3)
+            .expect("histogram bounds");
         let started = std::time::Instant::now();
         for (i, context) in contexts.iter().enumerate() {
-            let verdict = request(std::hint::black_box(context), now);
-            assert_eq!(verdict.decision, Decision::Allow, "request {i}");
+            let one = std::time::Instant::now();
+            let decided = decide(std::hint::black_box(context), now);
+            if !decided.reused {
+                let _ = evals.record(
+                    u64::try_from(one.elapsed().as_nanos())
+                        .unwrap_or(u64::MAX)
+                        .max(1),
+                );
+            }
+            assert_eq!(decided.verdict.decision, Decision::Allow, "request {i}");
         }
         let elapsed = started.elapsed();
-        let s = policies.eval_stats(false);
+        let counts = policies.decision_counts(false);
         println!(
             "{{\"contexts\":\"{name}\",\"requests\":{n},\"evaluations\":{},\"reused\":{},\
              \"statements\":{},\"mean_ns\":{},\"p50_ns\":{},\"p99_ns\":{},\"p999_ns\":{},\
              \"max_ns\":{}}}",
-            s.count,
-            s.cached,
+            counts.count,
+            counts.cached,
             policies.statement_count(),
             elapsed.as_nanos() / u128::from(n.max(1)),
-            s.p50_ns,
-            s.p99_ns,
-            s.p999_ns,
-            s.max_ns
+            evals.value_at_quantile(0.5),
+            evals.value_at_quantile(0.99),
+            evals.value_at_quantile(0.999),
+            evals.max()
         );
     }
 }

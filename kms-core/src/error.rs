@@ -1,8 +1,11 @@
 //! The one error type of the core.
 
 use crate::blob::BlobError;
+use crate::governance::inventory::Selector;
+use crate::governance::policy::{PolicyName, PolicyProblem};
 use crate::ids::{Alias, KeyId, KeyRef, KeyVersion};
 use crate::key::KeyState;
+use crate::op::Op;
 
 /// Everything a core operation can refuse or fail with.
 #[derive(Debug, thiserror::Error)]
@@ -44,31 +47,41 @@ pub enum Error {
         /// The maximum lifetime.
         max_secs: u64,
     },
+    /// A grant was presented to create a grant: grants cannot be delegated further.
+    #[error("a grant cannot be used to create grants")]
+    GrantDelegation,
+    /// A grant would allow an operation its creator may not do itself.
+    #[error("the grant would allow more than you may do: {op}")]
+    GrantExceedsCreator {
+        /// The first operation the creator may not do.
+        op: Op,
+    },
     /// A policy text does not parse or does not validate against the schema.
-    #[error("policy {id} is invalid: {message}")]
+    #[error("policy {id} is invalid: {problem}")]
     PolicyInvalid {
         /// The offending policy (or statement) id.
-        id: String,
-        /// What Cedar reported.
-        message: String,
+        id: cedar_policy::PolicyId,
+        /// What Cedar reported (boxed: Cedar's errors are large, and every `Result` of the
+        /// core carries this type).
+        problem: Box<PolicyProblem>,
     },
     /// No current policy with this id (or no such version).
     #[error("policy {id} not found")]
     PolicyNotFound {
         /// The id.
-        id: String,
+        id: PolicyName,
     },
     /// A workload with this selector is already registered.
     #[error("workload {selector} is already registered")]
     WorkloadExists {
         /// The selector.
-        selector: String,
+        selector: Selector,
     },
     /// No workload with this selector is registered.
     #[error("workload {selector} is not registered")]
     WorkloadNotFound {
         /// The selector.
-        selector: String,
+        selector: Selector,
     },
     /// The HSM failed.
     #[error("hsm")]
@@ -184,24 +197,67 @@ pub enum InvalidInput {
     /// An expiry in the past.
     #[error("expiry (must be in the future)")]
     Expiry,
+    /// Operation name.
+    #[error("operation (GenerateDataKey, Decrypt, Encrypt, ReEncrypt or CreateGrant)")]
+    Operation,
 }
 
-/// Key operations, named in errors and decisions.
+/// What kind of failure an [`Error`] is, for the two planes' status mappers and the audit
+/// record's decision. Every error has exactly one class, decided in [`Error::class`] without a
+/// wildcard, so a new error cannot silently become "internal" on the wire or "allowed" in the
+/// audit log.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-#[non_exhaustive]
-pub enum Op {
-    /// Decrypt a blob.
-    Decrypt,
-    /// Encrypt a small secret.
-    Encrypt,
-    /// Generate a data key.
-    GenerateDataKey,
-    /// Re-encrypt a blob.
-    ReEncrypt,
-    /// Rotate a key.
-    Rotate,
-    /// Mint a task grant on a key.
-    CreateGrant,
+#[expect(
+    clippy::exhaustive_enums,
+    reason = "the planes map every class without a wildcard: a new class must fail their build"
+)]
+pub enum ErrorClass {
+    /// The caller's input is malformed or out of bounds; refused before any decision.
+    BadInput,
+    /// Authenticated decryption failed: a wrong blob or context. Carries no reason.
+    DecryptFailed,
+    /// The object exists and the request was allowed, but its state forbids the operation.
+    Precondition,
+    /// Something the server relies on failed or was damaged; not the caller's doing.
+    Internal,
+    /// The thing asked for is absent, or the caller may not have it: the data plane answers
+    /// both alike.
+    NotFoundOrDenied,
+    /// A name the request would create is taken.
+    Conflict,
+    /// A dependency is briefly unavailable; the caller may retry.
+    Unavailable,
+}
+
+impl Error {
+    /// The class of this error.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Error::AliasTaken { .. } | Error::WorkloadExists { .. } => ErrorClass::Conflict,
+            Error::Blob(_)
+            | Error::GrantTtl { .. }
+            | Error::ExpiryTooFar { .. }
+            | Error::Invalid(_)
+            | Error::PolicyInvalid { .. }
+            | Error::TooLarge { .. } => ErrorClass::BadInput,
+            Error::DecryptFailed | Error::VersionNotFound { .. } => ErrorClass::DecryptFailed,
+            Error::Denied { .. }
+            | Error::GrantDelegation
+            | Error::GrantExceedsCreator { .. }
+            | Error::GrantRefused { .. }
+            | Error::KeyNotFound { .. }
+            | Error::PolicyNotFound { .. }
+            | Error::WorkloadNotFound { .. } => ErrorClass::NotFoundOrDenied,
+            Error::Hsm(h) if h.is_retryable() => ErrorClass::Unavailable,
+            Error::Hsm(_)
+            | Error::Internal(_)
+            | Error::AuditCorrupt { .. }
+            | Error::Record { .. }
+            | Error::Rng
+            | Error::Store { .. } => ErrorClass::Internal,
+            Error::KeyState { .. } => ErrorClass::Precondition,
+        }
+    }
 }
 
 impl From<hsm_bridge::Error> for Error {

@@ -1,4 +1,4 @@
-//! Identifiers: key ids, key versions, aliases and principals.
+//! Identifiers: key ids, key versions, aliases, operators and principals.
 
 use std::fmt;
 use std::str::FromStr;
@@ -6,6 +6,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, InvalidInput};
+use crate::governance::spiffe::SpiffeId;
 
 /// A key's permanent identity: a random (version 4) UUID.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -155,24 +156,61 @@ impl fmt::Display for KeyRef {
     }
 }
 
-/// An authenticated caller, as the transport established it.
+/// An operator, as the admin plane's TLS handshake verified it: the URI SAN of its
+/// certificate, or the certificate's SHA-256 fingerprint as `x509-sha256:<hex>`.
 #[derive(Clone, PartialEq, Eq, Hash, Debug)]
-pub struct PrincipalId(String);
+pub struct OperatorId(String);
 
-impl PrincipalId {
-    /// Wraps the identity string the transport verified (for now, a certificate fingerprint).
-    pub fn new(id: String) -> Self {
-        Self(id)
+impl OperatorId {
+    /// Longest URI SAN taken as an operator's identity.
+    pub const MAX_URI_LEN: usize = 2048;
+
+    /// The operator named by its certificate's only URI SAN; `None` for an empty, overlong or
+    /// control-character-bearing URI (the fingerprint names it then).
+    pub fn from_uri(uri: &str) -> Option<Self> {
+        (!uri.is_empty() && uri.len() <= Self::MAX_URI_LEN && !uri.chars().any(char::is_control))
+            .then(|| Self(uri.to_owned()))
     }
 
-    /// The identity string.
+    /// The operator named by the SHA-256 digest of its certificate.
+    pub fn from_fingerprint(sha256: &[u8; 32]) -> Self {
+        Self(format!("x509-sha256:{}", hex::encode(sha256)))
+    }
+
+    /// The identity text.
     pub fn as_str(&self) -> &str {
         &self.0
     }
 }
 
-impl fmt::Display for PrincipalId {
+impl fmt::Display for OperatorId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.0.fmt(f)
+    }
+}
+
+/// Who made a request, as the audit log names it.
+#[derive(Clone, PartialEq, Eq, Debug)]
+#[non_exhaustive]
+pub enum Principal {
+    /// No credential was presented.
+    Anonymous,
+    /// An operator on the admin plane.
+    Operator(OperatorId),
+    /// A credential that did not verify, and the identity it claimed (already bounded to a
+    /// SPIFFE ID's syntax, so it is safe to record).
+    Unverified(SpiffeId),
+    /// A verified workload on the data plane.
+    Workload(SpiffeId),
+}
+
+impl fmt::Display for Principal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Principal::Anonymous => f.write_str("anonymous"),
+            Principal::Operator(id) => id.fmt(f),
+            Principal::Unverified(claimed) => write!(f, "unverified:{claimed}"),
+            Principal::Workload(id) => id.fmt(f),
+        }
     }
 }

@@ -25,35 +25,30 @@
 //! ask the [`Authorizer`] (a denial and an unknown key are both refused before any HSM
 //! call) → check the key's state → seal or open with the version's key.
 
-pub mod approvals;
 pub mod audit;
-pub mod authz;
 pub mod blob;
 mod clock;
 pub mod context;
 mod error;
-pub mod grants;
+pub mod governance;
 mod ids;
-pub mod inventory;
 mod key;
 mod kms;
-pub mod policy;
+mod op;
 mod secret;
-pub mod spiffe;
 pub mod store;
-pub mod trust;
 
-pub use authz::{
-    AccessRequest, AllowAuthenticated, AuthMethod, Authorizer, Caller, Decision, GrantFacts,
-    PolicyDecision, Verdict,
-};
 pub use clock::{Clock, Rng, SystemClock, SystemRng};
 pub use context::EncryptionContext;
-pub use error::{Error, InvalidInput, Op};
-pub use ids::{Alias, KeyId, KeyRef, KeyVersion, PrincipalId};
+pub use error::{Error, ErrorClass, InvalidInput};
+pub use governance::authz::{
+    AccessRequest, AuthMethod, Authorizer, Caller, Decision, GrantFacts, PolicyDecision, Verdict,
+};
+pub use ids::{Alias, KeyId, KeyRef, KeyVersion, OperatorId, Principal};
 pub use key::{
     kek_wrap_aad, KeyRecord, KeyState, Labels, Protection, StoredMaterial, VersionRecord,
 };
 pub use kms::{DataKey, Deps, Kms, NewKey, Opened, ReEncrypted, Sealed};
+pub use op::Op;
 pub use secret::{Dek, Kek, Plaintext, DEK_LEN, KEK_LEN};
 pub use store::{RocksStore, Store};

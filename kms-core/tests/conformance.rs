@@ -13,11 +13,12 @@ use std::sync::Arc;
 
 use hsm_bridge::test_support::TestToken;
 use hsm_bridge::{Hsm, Pkcs11Hsm};
+use kms_core::governance::authz::danger::AllowAuthenticated;
 use kms_core::store::{Store, Table};
 use kms_core::{
-    AccessRequest, Alias, AllowAuthenticated, AuthMethod, Authorizer, Caller, Clock, Deps,
-    EncryptionContext, Error, KeyRef, KeyState, Kms, Labels, NewKey, Plaintext, PrincipalId,
-    Protection, Rng, RocksStore, StoredMaterial, SystemRng, Verdict, VersionRecord,
+    AccessRequest, Alias, AuthMethod, Authorizer, Caller, Clock, Deps, EncryptionContext, Error,
+    KeyRef, KeyState, Kms, Labels, NewKey, Plaintext, Protection, Rng, RocksStore, StoredMaterial,
+    SystemRng, Verdict, VersionRecord,
 };
 use secrecy::ExposeSecret;
 
@@ -120,7 +121,7 @@ impl Harness {
 
 fn caller() -> Caller {
     Caller::new(
-        PrincipalId::new("spiffe://test.example/svc".into()),
+        "spiffe://test.example/svc".parse().unwrap(),
         AuthMethod::Mtls,
     )
 }

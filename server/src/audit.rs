@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use kms_core::audit::{AuditError, AuditEvent, AuditLog, Pending};
-use kms_core::{Caller, EncryptionContext, Error};
+use kms_core::{Caller, EncryptionContext, Error, ErrorClass, Principal};
 use tonic::metadata::{AsciiMetadataValue, MetadataMap};
 use tonic::Status;
 
@@ -43,7 +43,7 @@ impl Audit {
 
     /// Nothing is recorded. Only for measuring what auditing costs (`kms serve --dev
     /// --unaudited`); never in production.
-    pub fn disabled(boot_id: String) -> Self {
+    pub fn danger_disabled(boot_id: String) -> Self {
         Self {
             log: None,
             ids: Arc::new(RequestIds {
@@ -139,28 +139,42 @@ impl Facts {
     /// refused by authorisation, malformed input never reached it, anything else failed after
     /// it allowed the request.
     pub(crate) fn failed(&mut self, e: &Error) {
-        let (decision, reason) = match e {
-            Error::Denied { policies } => {
-                self.policies.clone_from(policies);
-                (
-                    Some("deny"),
-                    if policies.is_empty() {
-                        "no policy allows it"
-                    } else {
-                        "forbidden by policy"
-                    },
-                )
-            }
-            Error::KeyNotFound { .. } => (Some("deny"), "no such key"),
-            Error::GrantRefused { reason } => (Some("deny"), *reason),
-            Error::Blob(_) => (None, "malformed ciphertext"),
-            Error::Invalid(_) | Error::TooLarge { .. } => (None, "invalid request"),
-            Error::KeyState { .. } => (Some("allow"), "key not enabled"),
-            Error::DecryptFailed | Error::VersionNotFound { .. } => {
-                (Some("allow"), "ciphertext or context does not match")
-            }
-            Error::Hsm(_) => (Some("allow"), "hsm failure"),
-            _ => (Some("allow"), "internal error"),
+        let (decision, reason) = match e.class() {
+            ErrorClass::NotFoundOrDenied => (
+                Some("deny"),
+                match e {
+                    Error::Denied { policies } => {
+                        self.policies.clone_from(policies);
+                        if policies.is_empty() {
+                            "no policy allows it"
+                        } else {
+                            "forbidden by policy"
+                        }
+                    }
+                    Error::GrantDelegation => "grant.no_delegation",
+                    Error::GrantExceedsCreator { .. } => "grant.exceeds_creator",
+                    Error::GrantRefused { reason } => reason,
+                    Error::KeyNotFound { .. } => "no such key",
+                    _ => "not found",
+                },
+            ),
+            ErrorClass::BadInput => (
+                None,
+                match e {
+                    Error::Blob(_) => "malformed ciphertext",
+                    _ => "invalid request",
+                },
+            ),
+            ErrorClass::Conflict => (None, "conflict"),
+            ErrorClass::Precondition => (Some("allow"), "key not enabled"),
+            ErrorClass::DecryptFailed => (Some("allow"), "ciphertext or context does not match"),
+            ErrorClass::Unavailable | ErrorClass::Internal => (
+                Some("allow"),
+                match e {
+                    Error::Hsm(_) => "hsm failure",
+                    _ => "internal error",
+                },
+            ),
         };
         self.decision = decision;
         self.reason = Some(reason);
@@ -177,12 +191,14 @@ pub(crate) fn data_event(
     status: Option<&Status>,
 ) -> AuditEvent {
     let mut event = AuditEvent::new(action, status_word(status));
-    event.principal = Some(caller.id.to_string());
-    event.auth = Some(caller.method.as_str().into());
+    event.set_caller(
+        &Principal::Workload(caller.id.clone()),
+        caller.method.as_str(),
+    );
     event.policy_ids = facts.policies;
     event.grant_id = facts
         .grant_id
-        .or_else(|| caller.grant.as_ref().map(|g| g.grant.id.clone()));
+        .or_else(|| caller.grant.as_ref().map(|g| g.grant.id.to_string()));
     if let Some(purpose) = &caller.purpose {
         event.detail.insert("purpose".into(), purpose.clone());
     }

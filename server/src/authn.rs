@@ -4,7 +4,7 @@
 //! The TLS handshake asks for a client certificate and checks that the client holds the
 //! private key of the certificate it presents (the TLS 1.3 CertificateVerify signature), but
 //! accepts the certificate itself as presented. Each request then verifies it: the SPIFFE
-//! checks of `kms_core::spiffe` first (each failure with its own audit reason), then the
+//! checks of `kms_core::governance::spiffe` first (each failure with its own audit reason), then the
 //! certificate path from the leaf to the bundle of the leaf's trust domain (RFC 5280, by
 //! rustls-webpki). Deciding per request rather than in the handshake is what lets every
 //! refusal be audited with its reason, and lets bundles change without dropping connections.
@@ -20,7 +20,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use kms_core::spiffe::{check_x509_svid, SpiffeId, SvidRejection};
+use kms_core::governance::spiffe::{check_x509_svid, SpiffeId, SvidRejection};
 use kms_core::Clock;
 use parking_lot::{Mutex, RwLock};
 use rustls::client::danger::HandshakeSignatureValid;
@@ -50,7 +50,7 @@ pub enum AuthFailure {
     /// The path to the trust domain's bundle does not verify.
     Untrusted {
         /// The ID the certificate claims.
-        claimed: String,
+        claimed: kms_core::governance::spiffe::SpiffeId,
     },
 }
 
@@ -244,7 +244,7 @@ impl Authenticator {
             webpki::Error::CertNotValidYet { .. } => AuthFailure::Svid(SvidRejection::NotYetValid),
             webpki::Error::CaUsedAsEndEntity => AuthFailure::Svid(SvidRejection::CaAsLeaf),
             _ => AuthFailure::Untrusted {
-                claimed: id.to_string(),
+                claimed: id.clone(),
             },
         })?;
         let mut cache = self.cache.lock();

@@ -3,16 +3,18 @@
 
 use std::sync::Arc;
 
-use kms_core::approvals::Approvals;
-use kms_core::grants::{GrantDenial, Grants};
-use kms_core::inventory::Inventory;
-use kms_core::policy::Policies;
-use kms_core::{AuthMethod, Caller, Clock, GrantFacts, PrincipalId, Store};
+use kms_core::governance::approvals::Approvals;
+use kms_core::governance::grants::{GrantDenial, Grants};
+use kms_core::governance::inventory::Inventory;
+use kms_core::governance::policy::Policies;
+use kms_core::{AuthMethod, Caller, Clock, GrantFacts, Principal, Store};
 use rustls_pki_types::CertificateDer;
 use tonic::metadata::MetadataMap;
 use tonic::Status;
 
 use crate::authn::{AuthFailure, Authenticator, BundleSource};
+// Refused registrations get the answer of an unknown key, so they learn no more.
+use crate::data::NOT_FOUND_OR_DENIED;
 
 /// The header in which a workload may declare why it makes a request (a key-access
 /// justification); policies can require it and allow-list its values.
@@ -27,10 +29,6 @@ pub const MAX_PURPOSE: usize = 256;
 /// What a refused caller is told when its credential is not accepted. The reason is in the
 /// audit record, not on the wire.
 const NOT_AUTHENTICATED: &str = "workload identity not accepted";
-
-/// The same status as an unknown key (see `data.rs`), so an unregistered caller learns no more
-/// than a denied one.
-const NOT_FOUND_OR_DENIED: &str = "key not found or access denied";
 
 /// Everything that governs the data plane's callers.
 pub struct Governance {
@@ -63,8 +61,8 @@ impl std::fmt::Debug for Governance {
 /// A data-plane request refused before any key was looked at.
 #[derive(Debug)]
 pub(crate) struct Refusal {
-    /// The verified identity, or the claimed one, or `anonymous`.
-    pub(crate) principal: String,
+    /// The verified identity, or the claimed one, or none.
+    pub(crate) principal: Principal,
     pub(crate) auth: &'static str,
     pub(crate) reason: &'static str,
     pub(crate) status: Status,
@@ -73,7 +71,8 @@ pub(crate) struct Refusal {
 impl Governance {
     /// Loads the stored trust bundles into the authenticator.
     pub fn load_bundles(&self) -> Result<(), crate::Error> {
-        let stored = kms_core::trust::list(self.store.as_ref()).map_err(crate::Error::Core)?;
+        let stored =
+            kms_core::governance::trust::list(self.store.as_ref()).map_err(crate::Error::Core)?;
         let sources: Vec<BundleSource> = stored
             .into_iter()
             .map(|b| BundleSource {
@@ -113,8 +112,8 @@ impl Governance {
         };
         let id = authenticated.map_err(|f| {
             let principal = match &f {
-                AuthFailure::Untrusted { claimed } => format!("unverified:{claimed}"),
-                _ => "anonymous".to_owned(),
+                AuthFailure::Untrusted { claimed } => Principal::Unverified(claimed.clone()),
+                _ => Principal::Anonymous,
             };
             Refusal {
                 principal,
@@ -127,7 +126,7 @@ impl Governance {
                 status: Status::unauthenticated(NOT_AUTHENTICATED),
             }
         })?;
-        let principal = id.to_string();
+        let principal = Principal::Workload(id.clone());
         let now = self.clock.now_unix();
         let workload = self.inventory.admit(&id, now).map_err(|d| Refusal {
             principal: principal.clone(),
@@ -155,15 +154,11 @@ impl Governance {
                     .map_err(|_| refuse(GrantDenial::Invalid.reason()))?;
                 let grant = self
                     .grants
-                    .admit(token, &principal, now)
+                    .admit(token, &id, now)
                     .map_err(|d| refuse(d.reason()))?;
-                let creator: kms_core::spiffe::SpiffeId = grant
-                    .creator
-                    .parse()
-                    .map_err(|_| refuse("grant.creator_inactive"))?;
                 let creator_workload = self
                     .inventory
-                    .admit(&creator, now)
+                    .admit(&grant.creator, now)
                     .map_err(|_| refuse("grant.creator_inactive"))?;
                 match self.grants.reserve_uses(&grant, uses) {
                     Ok(Ok(())) => {}
@@ -186,7 +181,7 @@ impl Governance {
             }
         };
         Ok(Caller {
-            id: PrincipalId::new(principal),
+            id,
             method,
             workload: Some(workload),
             purpose,

@@ -1,6 +1,6 @@
 //! The caller's identity as the TLS layer verified it.
 
-use kms_core::PrincipalId;
+use kms_core::OperatorId;
 use tonic::{Request, Status};
 
 /// An operator, as the admin plane's TLS handshake verified it (chained to the operator CA):
@@ -9,38 +9,29 @@ use tonic::{Request, Status};
 ///
 /// The admin plane requires a client certificate, so a request without one never reaches a
 /// handler; the check here is defence in depth.
-pub(crate) fn principal<T>(request: &Request<T>) -> Result<PrincipalId, Status> {
-    let certs = request
+pub(crate) fn operator<T>(request: &Request<T>) -> Result<OperatorId, Status> {
+    let leaf = request
         .peer_certs()
-        .ok_or_else(|| Status::unauthenticated("client certificate required"))?;
-    let leaf = certs
-        .first()
+        .and_then(|certs| certs.first().cloned())
         .ok_or_else(|| Status::unauthenticated("client certificate required"))?;
     if let Some(facts) = svid_facts(leaf.as_ref()) {
         if let [uri] = facts.uri_sans.as_slice() {
-            if uri.len() <= 2048 && !uri.chars().any(char::is_control) {
-                return Ok(PrincipalId::new(uri.clone()));
+            if let Some(id) = OperatorId::from_uri(uri) {
+                return Ok(id);
             }
         }
     }
     let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, leaf.as_ref());
-    const PREFIX: &str = "x509-sha256:";
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut id = String::with_capacity(PREFIX.len() + 64);
-    id.push_str(PREFIX);
-    for byte in digest.as_ref() {
-        for nibble in [byte >> 4, byte & 0x0f] {
-            id.push(char::from(
-                HEX.get(usize::from(nibble)).copied().unwrap_or(b'0'),
-            ));
-        }
-    }
-    Ok(PrincipalId::new(id))
+    let sha256: &[u8; 32] = digest
+        .as_ref()
+        .try_into()
+        .map_err(|_| Status::internal("internal error"))?;
+    Ok(OperatorId::from_fingerprint(sha256))
 }
 
 /// What an X.509-SVID check needs from a certificate (DER): its URI SANs, whether it is a CA,
 /// and its validity window. `None` when the certificate does not parse.
-pub fn svid_facts(der: &[u8]) -> Option<kms_core::spiffe::SvidFacts> {
+pub fn svid_facts(der: &[u8]) -> Option<kms_core::governance::spiffe::SvidFacts> {
     use x509_parser::extensions::GeneralName;
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     let uri_sans = match cert.subject_alternative_name() {
@@ -63,7 +54,7 @@ pub fn svid_facts(der: &[u8]) -> Option<kms_core::spiffe::SvidFacts> {
     };
     let validity = cert.validity();
     let secs = |t: x509_parser::time::ASN1Time| u64::try_from(t.timestamp()).unwrap_or(0);
-    Some(kms_core::spiffe::SvidFacts::new(
+    Some(kms_core::governance::spiffe::SvidFacts::new(
         uri_sans,
         is_ca,
         secs(validity.not_before),

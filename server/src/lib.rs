@@ -19,15 +19,15 @@
 //! kms-core. It runs every core call under `spawn_blocking`, since those may call the HSM.
 
 mod admin;
-mod admin_gov;
 mod audit;
-mod audit_query;
 mod authn;
 mod data;
 mod error;
 mod governance;
 mod identity;
+mod policy_stats;
 mod tls;
+mod wire;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -47,6 +47,7 @@ pub use data::{DataService, MAX_BATCH};
 pub use error::Error;
 pub use governance::{Governance, GRANT_HEADER, MAX_PURPOSE, PURPOSE_HEADER};
 pub use identity::svid_facts;
+pub use policy_stats::{EvalStats, PolicyStats, TimedAuthorizer};
 
 /// Where and how the two planes listen.
 #[derive(Clone, Debug)]
@@ -74,6 +75,8 @@ pub struct Services {
     pub store: Arc<dyn Store>,
     /// Trust bundles, inventory and policies.
     pub gov: Arc<Governance>,
+    /// Decision times, measured by the data plane's [`TimedAuthorizer`].
+    pub stats: PolicyStats,
 }
 
 impl std::fmt::Debug for Services {
@@ -182,6 +185,7 @@ impl Bound {
                 services.audit,
                 services.store,
                 services.gov,
+                services.stats,
             )))
             .serve_with_incoming_shutdown(
                 tls::incoming("admin", self.admin, self.admin_tls),

@@ -15,6 +15,7 @@ use aws_lc_rs::digest::{Context, SHA256};
 use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
+use crate::ids::Principal;
 
 /// Length of a record hash.
 pub const HASH_LEN: usize = 32;
@@ -95,6 +96,14 @@ impl AuditEvent {
             status: status.into(),
             ..Self::default()
         }
+    }
+
+    /// Fills the caller fields: who (as [`Principal`] names it) and how it authenticated
+    /// (`mtls`, `jwt`, `grant`, or `none`). Every record's caller is set here and nowhere
+    /// else.
+    pub fn set_caller(&mut self, principal: &Principal, auth: &str) {
+        self.principal = Some(principal.to_string());
+        self.auth = Some(auth.to_owned());
     }
 }
 

@@ -22,6 +22,7 @@
 
 mod chain;
 mod log;
+mod query;
 mod verify;
 
 use serde::{Deserialize, Serialize};
@@ -33,6 +34,7 @@ pub use chain::{
     PRUNED_ACTION,
 };
 pub use log::{AuditConfig, AuditError, AuditLog, Pending, SIGNING_KEY_LABEL};
+pub use query::{query, AuditPage, AuditQuery, FoundRecord, MAX_PAGE, MAX_SCAN};
 pub use verify::{Report, Signers, Verifier};
 
 use crate::error::Error;

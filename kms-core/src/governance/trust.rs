@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, InvalidInput};
-use crate::spiffe::SpiffeId;
+use crate::governance::spiffe::SpiffeId;
 use crate::store::{Change, Row, Store, Table};
 
 /// Largest bundle accepted.

@@ -6,11 +6,12 @@
 use std::sync::Arc;
 
 use crate::context::EncryptionContext;
-use crate::error::{Error, Op};
-use crate::grants::Grant;
-use crate::ids::PrincipalId;
-use crate::inventory::Workload;
+use crate::error::Error;
+use crate::governance::grants::Grant;
+use crate::governance::inventory::Workload;
+use crate::governance::spiffe::SpiffeId;
 use crate::key::KeyRecord;
+use crate::op::Op;
 
 /// How the caller proved its identity.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -32,11 +33,11 @@ impl AuthMethod {
     }
 }
 
-/// An authenticated caller and what the server knows of it.
+/// An authenticated data-plane caller and what the server knows of it.
 #[derive(Clone, Debug)]
 pub struct Caller {
-    /// The verified identity (a SPIFFE ID on the data plane).
-    pub id: PrincipalId,
+    /// The verified SPIFFE ID.
+    pub id: SpiffeId,
     /// How it was verified.
     pub method: AuthMethod,
     /// Its inventory registration, when it has one.
@@ -62,7 +63,7 @@ pub struct GrantFacts {
 
 impl Caller {
     /// A caller with no registration and no declared purpose.
-    pub fn new(id: PrincipalId, method: AuthMethod) -> Self {
+    pub fn new(id: SpiffeId, method: AuthMethod) -> Self {
         Self {
             id,
             method,
@@ -173,14 +174,20 @@ pub(crate) fn authorize(
     }
 }
 
-/// Allows every caller the transport authenticated to use any enabled key. For tests of the
-/// key service; servers decide with Cedar policies
-/// ([`crate::policy::CedarAuthorizer`]).
-#[derive(Clone, Copy, Debug, Default)]
-pub struct AllowAuthenticated;
+/// Authorizers that weaken security, for measurement and for tests of the key service.
+pub mod danger {
+    use super::{AccessRequest, Authorizer, Verdict};
 
-impl Authorizer for AllowAuthenticated {
-    fn decide(&self, _request: &AccessRequest<'_>) -> Verdict {
-        Verdict::allow(Vec::new())
+    /// Allows every caller the transport authenticated to use any enabled key, whatever the
+    /// policies say. For tests of the key service and `kms serve --dev --no-policy`
+    /// measurements; servers decide with Cedar policies
+    /// ([`crate::governance::policy::CedarAuthorizer`]).
+    #[derive(Clone, Copy, Debug, Default)]
+    pub struct AllowAuthenticated;
+
+    impl Authorizer for AllowAuthenticated {
+        fn decide(&self, _request: &AccessRequest<'_>) -> Verdict {
+            Verdict::allow(Vec::new())
+        }
     }
 }

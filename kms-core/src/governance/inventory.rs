@@ -19,8 +19,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::clock::Clock;
 use crate::error::{Error, InvalidInput};
+use crate::governance::spiffe::SpiffeId;
 use crate::key::Labels;
-use crate::spiffe::SpiffeId;
 use crate::store::{Change, Row, Store, Table};
 
 /// Longest owner or purpose text.
@@ -346,10 +346,12 @@ impl Inventory {
         check_text(&new.owner)?;
         check_text(&new.purpose)?;
         self.check_expiry(new.expires_at)?;
-        let selector = new.selector.to_string();
         if self.index.read().get(&new.selector).is_some() {
-            return Err(Error::WorkloadExists { selector });
+            return Err(Error::WorkloadExists {
+                selector: new.selector,
+            });
         }
+        let selector = new.selector.to_string();
         let now = self.clock.now_unix();
         self.save(Workload {
             selector,
@@ -373,7 +375,7 @@ impl Inventory {
             .get(selector)
             .cloned()
             .ok_or_else(|| Error::WorkloadNotFound {
-                selector: selector.to_string(),
+                selector: selector.clone(),
             })
     }
 

@@ -18,34 +18,53 @@ pub const MAX_SPIFFE_ID_LEN: usize = 2048;
 /// Longest trust domain name.
 pub const MAX_TRUST_DOMAIN_LEN: usize = 255;
 
-/// A syntactically valid SPIFFE ID.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// A syntactically valid SPIFFE ID. Kept as its text (so that lookups and policy entities
+/// borrow it) with the length of its trust domain. Ordered by trust domain, then path.
+#[derive(Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct SpiffeId {
-    trust_domain: String,
-    path: String,
+    /// `spiffe://<trust domain><path>`.
+    text: String,
+    /// Length of the trust domain in `text`, after the scheme.
+    domain_len: usize,
 }
+
+const SCHEME: &str = "spiffe://";
 
 impl SpiffeId {
     /// The trust domain, e.g. `example.org`.
     pub fn trust_domain(&self) -> &str {
-        &self.trust_domain
+        let end = SCHEME.len().saturating_add(self.domain_len);
+        self.text.get(SCHEME.len()..end).unwrap_or_default()
     }
 
     /// The path, empty or starting with `/`.
     pub fn path(&self) -> &str {
-        &self.path
+        let start = SCHEME.len().saturating_add(self.domain_len);
+        self.text.get(start..).unwrap_or_default()
+    }
+
+    /// The whole ID, `spiffe://<trust domain><path>`.
+    pub fn as_str(&self) -> &str {
+        &self.text
     }
 
     /// The ID one path segment up (`/a/b` → `/a`, `/a` → the bare trust domain), or `None`
     /// for a bare trust domain.
     pub fn parent(&self) -> Option<SpiffeId> {
-        if self.path.is_empty() {
+        let path = self.path();
+        if path.is_empty() {
             return None;
         }
-        let cut = self.path.rfind('/').unwrap_or(0);
+        let cut = path.rfind('/').unwrap_or(0);
+        let keep = self
+            .text
+            .len()
+            .saturating_sub(path.len())
+            .saturating_add(cut);
         Some(SpiffeId {
-            trust_domain: self.trust_domain.clone(),
-            path: self.path.get(..cut).unwrap_or_default().to_owned(),
+            text: self.text.get(..keep).unwrap_or_default().to_owned(),
+            domain_len: self.domain_len,
         })
     }
 
@@ -53,19 +72,44 @@ impl SpiffeId {
     /// to or below `prefix`'s path at a segment boundary): `/ns/prod` covers `/ns/prod/web`
     /// but not `/ns/production`.
     pub fn is_under(&self, prefix: &SpiffeId) -> bool {
-        self.trust_domain == prefix.trust_domain
-            && (prefix.path.is_empty()
-                || self.path == prefix.path
-                || self
-                    .path
-                    .strip_prefix(prefix.path.as_str())
+        let (path, prefix_path) = (self.path(), prefix.path());
+        self.trust_domain() == prefix.trust_domain()
+            && (prefix_path.is_empty()
+                || path == prefix_path
+                || path
+                    .strip_prefix(prefix_path)
                     .is_some_and(|rest| rest.starts_with('/')))
+    }
+}
+
+impl PartialOrd for SpiffeId {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for SpiffeId {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.trust_domain(), self.path()).cmp(&(other.trust_domain(), other.path()))
+    }
+}
+
+impl TryFrom<String> for SpiffeId {
+    type Error = SpiffeIdError;
+    fn try_from(s: String) -> Result<Self, SpiffeIdError> {
+        s.parse()
+    }
+}
+
+impl From<SpiffeId> for String {
+    fn from(id: SpiffeId) -> String {
+        id.text
     }
 }
 
 impl fmt::Display for SpiffeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "spiffe://{}{}", self.trust_domain, self.path)
+        f.write_str(&self.text)
     }
 }
 
@@ -102,7 +146,7 @@ impl FromStr for SpiffeId {
         if s.len() > MAX_SPIFFE_ID_LEN {
             return Err(SpiffeIdError::TooLong);
         }
-        let rest = s.strip_prefix("spiffe://").ok_or(SpiffeIdError::Scheme)?;
+        let rest = s.strip_prefix(SCHEME).ok_or(SpiffeIdError::Scheme)?;
         let (domain, path) = match rest.find('/') {
             Some(i) => rest.split_at(i),
             None => (rest, ""),
@@ -130,8 +174,8 @@ impl FromStr for SpiffeId {
             }
         }
         Ok(Self {
-            trust_domain: domain.to_owned(),
-            path: path.to_owned(),
+            text: s.to_owned(),
+            domain_len: domain.len(),
         })
     }
 }
@@ -228,7 +272,9 @@ pub fn check_x509_svid(
         return Err(SvidRejection::Expired);
     }
     if !has_bundle(id.trust_domain()) {
-        return Err(SvidRejection::UnknownTrustDomain(id.trust_domain.clone()));
+        return Err(SvidRejection::UnknownTrustDomain(
+            id.trust_domain().to_owned(),
+        ));
     }
     Ok(id)
 }

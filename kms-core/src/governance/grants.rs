@@ -23,8 +23,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::clock::{Clock, Rng};
 use crate::context::EncryptionContext;
-use crate::error::{Error, Op};
+use crate::error::{Error, InvalidInput};
+use crate::governance::spiffe::SpiffeId;
 use crate::ids::KeyId;
+use crate::op::Op;
 use crate::store::{Change, Row, Store, Table};
 
 const MAC_KEY: &[u8] = b"\0mac_key";
@@ -44,19 +46,47 @@ impl Default for GrantConfig {
     }
 }
 
+/// A grant's id: 16 random bytes, as 32 lower-case hex digits.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct GrantId(String);
+
+impl GrantId {
+    fn from_random(raw: [u8; 16]) -> Self {
+        Self(hex::encode(raw))
+    }
+
+    /// An id as stored or as a caller names one. Not checked: an id that was never issued
+    /// names no grant.
+    pub fn from_string(id: String) -> Self {
+        Self(id)
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for GrantId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
 /// A stored grant.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub struct Grant {
-    /// Random id, hex.
-    pub id: String,
-    /// SPIFFE ID of the workload that minted it.
-    pub creator: String,
-    /// SPIFFE ID of the only workload that may use it.
-    pub grantee: String,
+    /// Random id.
+    pub id: GrantId,
+    /// The workload that minted it.
+    pub creator: SpiffeId,
+    /// The only workload that may use it.
+    pub grantee: SpiffeId,
     /// The key it is for.
     pub key_id: KeyId,
-    /// Operations it allows, by Cedar action name.
-    pub operations: Vec<String>,
+    /// Operations it allows, sorted, each once.
+    pub operations: Vec<Op>,
     /// Encryption-context entries every use must carry.
     pub required_context: BTreeMap<String, String>,
     /// Seconds since the epoch.
@@ -81,8 +111,7 @@ pub struct Revocation {
 impl Grant {
     /// True when `op` is among the grant's operations.
     pub fn allows_op(&self, op: Op) -> bool {
-        let name = crate::policy::action_name(op);
-        self.operations.iter().any(|o| o == name)
+        self.operations.contains(&op)
     }
 
     /// True when `context` carries every required entry.
@@ -98,18 +127,54 @@ impl Grant {
 /// What a creator asks for.
 #[derive(Clone, Debug)]
 pub struct NewGrant {
-    /// The grantee's SPIFFE ID.
-    pub grantee: String,
+    /// The grantee.
+    pub grantee: SpiffeId,
     /// The key.
-    pub key_id: KeyId,
-    /// Operations (Cedar action names: GenerateDataKey, Decrypt, Encrypt, ReEncrypt).
+    pub key: crate::ids::KeyRef,
+    /// Operations: some of [`Op::USES`].
     pub operations: Vec<Op>,
     /// Context entries every use must carry.
-    pub required_context: BTreeMap<String, String>,
-    /// Time to live, seconds.
-    pub ttl_secs: u64,
+    pub required_context: EncryptionContext,
+    /// Time to live, seconds; `None` for the longest allowed.
+    pub ttl_secs: Option<u64>,
     /// Use limit.
     pub max_uses: Option<u64>,
+}
+
+/// Proof that a grant's creator may do everything the grant delegates: made only by
+/// [`crate::Kms::authorize_grant`], required by [`Grants::create`].
+#[derive(Debug)]
+pub struct AuthorizedGrant {
+    pub(crate) creator: SpiffeId,
+    pub(crate) key_id: KeyId,
+    pub(crate) new: NewGrant,
+    pub(crate) policies: Vec<String>,
+}
+
+impl AuthorizedGrant {
+    /// The key the grant is for.
+    pub fn key_id(&self) -> KeyId {
+        self.key_id
+    }
+
+    /// The policies that allowed the creator each delegated operation, sorted, each once.
+    pub fn policies(&self) -> &[String] {
+        &self.policies
+    }
+}
+
+/// Checks a grant request's own shape: at least one operation, only key uses, a use limit
+/// of at least one. Sorts and de-duplicates the operations.
+pub(crate) fn check_new(new: &mut NewGrant) -> Result<(), Error> {
+    new.operations.sort();
+    new.operations.dedup();
+    if new.operations.is_empty()
+        || new.max_uses == Some(0)
+        || !new.operations.iter().all(|op| op.is_key_use())
+    {
+        return Err(Error::Invalid(InvalidInput::Grant));
+    }
+    Ok(())
 }
 
 /// Why a presented grant is refused. Each has a stable reason for the audit log.
@@ -157,8 +222,8 @@ pub struct Grants {
     rng: Arc<dyn Rng>,
     config: GrantConfig,
     mac: hmac::Key,
-    grants: RwLock<HashMap<String, Arc<Grant>>>,
-    uses: Mutex<HashMap<String, u64>>,
+    grants: RwLock<HashMap<GrantId, Arc<Grant>>>,
+    uses: Mutex<HashMap<GrantId, u64>>,
 }
 
 impl std::fmt::Debug for Grants {
@@ -176,11 +241,11 @@ fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, Error> {
     })
 }
 
-fn use_key(id: &str) -> Vec<u8> {
+fn use_key(id: &GrantId) -> Vec<u8> {
     format!("uses/{id}").into_bytes()
 }
 
-fn grant_key(id: &str) -> Vec<u8> {
+fn grant_key(id: &GrantId) -> Vec<u8> {
     format!("grant/{id}").into_bytes()
 }
 
@@ -200,12 +265,15 @@ impl Grants {
         for Row { key, value } in store.scan(Table::Grants)? {
             if let Some(id) = key.strip_prefix(b"grant/") {
                 let g: Grant = decode(&value)?;
-                if g.id.as_bytes() == id {
+                if g.id.as_str().as_bytes() == id {
                     grants.insert(g.id.clone(), Arc::new(g));
                 }
             } else if let Some(id) = key.strip_prefix(b"uses/") {
                 let n: u64 = decode(&value)?;
-                uses.insert(String::from_utf8_lossy(id).into_owned(), n);
+                uses.insert(
+                    GrantId::from_string(String::from_utf8_lossy(id).into_owned()),
+                    n,
+                );
             }
         }
         Ok(Self {
@@ -234,51 +302,44 @@ impl Grants {
         }])
     }
 
-    /// Stores a grant and returns it with its token. The caller has checked that the creator
-    /// may do every operation itself (narrowing) and is not using a grant.
-    pub fn create(
-        &self,
-        new: NewGrant,
-        creator: &str,
-    ) -> Result<(Arc<Grant>, SecretString), Error> {
-        if new.ttl_secs == 0 || new.ttl_secs > self.config.max_ttl_secs {
-            return Err(Error::GrantTtl {
-                max_secs: self.config.max_ttl_secs,
-            });
-        }
-        if new.operations.is_empty()
-            || new.max_uses == Some(0)
-            || new.operations.contains(&Op::CreateGrant)
-        {
-            return Err(Error::Invalid(crate::error::InvalidInput::Grant));
+    /// Stores a grant its creator was authorised to make, and returns it with its token. A
+    /// missing time to live is the longest allowed.
+    pub fn create(&self, authorized: AuthorizedGrant) -> Result<(Arc<Grant>, SecretString), Error> {
+        let AuthorizedGrant {
+            creator,
+            key_id,
+            new,
+            policies: _,
+        } = authorized;
+        let max = self.config.max_ttl_secs;
+        let ttl = new.ttl_secs.unwrap_or(max);
+        if ttl == 0 || ttl > max {
+            return Err(Error::GrantTtl { max_secs: max });
         }
         let mut raw = [0u8; 16];
         self.rng.fill(&mut raw)?;
-        let id = hex::encode(raw);
+        let id = GrantId::from_random(raw);
         let now = self.clock.now_unix();
-        let mut operations: Vec<String> = new
-            .operations
-            .iter()
-            .map(|op| crate::policy::action_name(*op).to_owned())
-            .collect();
-        operations.sort();
-        operations.dedup();
         let g = Grant {
             id: id.clone(),
-            creator: creator.to_owned(),
+            creator,
             grantee: new.grantee,
-            key_id: new.key_id,
-            operations,
-            required_context: new.required_context,
+            key_id,
+            operations: new.operations,
+            required_context: new
+                .required_context
+                .entries()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
             created_at: now,
-            expires_at: now.saturating_add(new.ttl_secs),
+            expires_at: now.saturating_add(ttl),
             max_uses: new.max_uses,
             revoked: None,
         };
         self.save(&g)?;
         let g = Arc::new(g);
         self.grants.write().insert(id.clone(), g.clone());
-        let tag = hmac::sign(&self.mac, id.as_bytes());
+        let tag = hmac::sign(&self.mac, id.as_str().as_bytes());
         let token = format!("{TOKEN_PREFIX}{id}.{}", hex::encode(tag.as_ref()));
         Ok((g, SecretString::from(token)))
     }
@@ -293,7 +354,7 @@ impl Grants {
         hmac::verify(&self.mac, id.as_bytes(), &tag).map_err(|_| GrantDenial::Invalid)?;
         self.grants
             .read()
-            .get(id)
+            .get(&GrantId::from_string(id.to_owned()))
             .cloned()
             .ok_or(GrantDenial::Unknown)
     }
@@ -301,9 +362,14 @@ impl Grants {
     /// Checks a presented grant for `caller` at `now`: bound to the caller, not revoked, not
     /// expired, uses left. The operation, key and context are checked where the key is known
     /// (`Kms`), with the creator's own permission.
-    pub fn admit(&self, token: &str, caller: &str, now: u64) -> Result<Arc<Grant>, GrantDenial> {
+    pub fn admit(
+        &self,
+        token: &str,
+        caller: &SpiffeId,
+        now: u64,
+    ) -> Result<Arc<Grant>, GrantDenial> {
         let g = self.resolve(token)?;
-        if g.grantee != caller {
+        if &g.grantee != caller {
             return Err(GrantDenial::WrongGrantee);
         }
         if g.revoked.is_some() {
@@ -321,7 +387,7 @@ impl Grants {
     }
 
     /// Uses so far.
-    pub fn uses(&self, id: &str) -> u64 {
+    pub fn uses(&self, id: &GrantId) -> u64 {
         self.uses.lock().get(id).copied().unwrap_or(0)
     }
 
@@ -353,7 +419,7 @@ impl Grants {
         Ok(())
     }
 
-    fn write_uses(&self, id: &str, n: u64) -> Result<(), Error> {
+    fn write_uses(&self, id: &GrantId, n: u64) -> Result<(), Error> {
         let value = serde_json::to_vec(&n).map_err(|_| Error::Internal("count"))?;
         self.store.write(vec![Change::Put {
             table: Table::Grants,
@@ -401,7 +467,7 @@ impl Grants {
     }
 
     /// One grant by id.
-    pub fn get(&self, id: &str) -> Option<Arc<Grant>> {
+    pub fn get(&self, id: &GrantId) -> Option<Arc<Grant>> {
         self.grants.read().get(id).cloned()
     }
 

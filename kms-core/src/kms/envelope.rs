@@ -1,0 +1,323 @@
+//! The data-plane operations: authorise (grant, creator, caller), check state, then seal or
+//! open with the version's key. Nothing here runs before the authorizer has allowed it.
+
+use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce};
+use zeroize::Zeroize;
+
+use super::{DataKey, KeyEntry, Kms, Opened, ReEncrypted, Sealed, VersionKey};
+use crate::blob::{Algorithm, Blob, Header, MAX_PLAINTEXT_LEN, NONCE_LEN};
+use crate::context::EncryptionContext;
+use crate::error::Error;
+use crate::governance::authz::{authorize, AccessRequest, Caller, PolicyDecision};
+use crate::governance::grants::{check_new, AuthorizedGrant, NewGrant};
+use crate::ids::KeyRef;
+use crate::key::KeyState;
+use crate::op::Op;
+use crate::secret::{Dek, Plaintext};
+
+impl Kms {
+    /// A new data key under the key's current version.
+    pub fn generate_data_key(
+        &self,
+        caller: &Caller,
+        key: &KeyRef,
+        context: &EncryptionContext,
+    ) -> Result<DataKey, Error> {
+        let entry = self.entry(key)?;
+        let ok = self.permit(caller, &entry, Op::GenerateDataKey, context)?;
+        let rng = &self.deps.rng;
+        let dek = Dek::init_with(|buf| rng.fill(buf))?;
+        let sealed = self.seal(&entry, dek.expose_secret(), context, ok)?;
+        Ok(DataKey {
+            key_id: sealed.key_id,
+            key_version: sealed.key_version,
+            plaintext: dek,
+            ciphertext: sealed.ciphertext,
+            policies: sealed.policies,
+        })
+    }
+
+    /// Encrypts a small secret (at most 4096 bytes).
+    pub fn encrypt(
+        &self,
+        caller: &Caller,
+        key: &KeyRef,
+        plaintext: &Plaintext,
+        context: &EncryptionContext,
+    ) -> Result<Sealed, Error> {
+        if plaintext.len() > MAX_PLAINTEXT_LEN {
+            return Err(Error::TooLarge {
+                what: "plaintext",
+                len: plaintext.len(),
+                max: MAX_PLAINTEXT_LEN,
+            });
+        }
+        let entry = self.entry(key)?;
+        let ok = self.permit(caller, &entry, Op::Encrypt, context)?;
+        self.seal(&entry, plaintext.expose_secret(), context, ok)
+    }
+
+    /// Opens a blob with the same encryption context it was sealed with.
+    pub fn decrypt(
+        &self,
+        caller: &Caller,
+        ciphertext: &[u8],
+        context: &EncryptionContext,
+    ) -> Result<Opened, Error> {
+        let blob = Blob::parse(ciphertext)?;
+        let entry = self.entry(&KeyRef::Id(blob.header.key_id))?;
+        let ok = self.permit(caller, &entry, Op::Decrypt, context)?;
+        let plaintext = self.open_blob(&entry, &blob, context, &ok)?;
+        Ok(Opened {
+            key_id: blob.header.key_id,
+            key_version: blob.header.key_version,
+            plaintext,
+            policies: ok.into_policies(),
+        })
+    }
+
+    /// Opens a blob and seals its plaintext again under `destination` (its current version)
+    /// and `destination_context`, without returning the plaintext.
+    pub fn re_encrypt(
+        &self,
+        caller: &Caller,
+        ciphertext: &[u8],
+        source_context: &EncryptionContext,
+        destination: &KeyRef,
+        destination_context: &EncryptionContext,
+    ) -> Result<ReEncrypted, Error> {
+        let blob = Blob::parse(ciphertext)?;
+        let source = self.entry(&KeyRef::Id(blob.header.key_id))?;
+        let dest = self.entry(destination)?;
+        let open_ok = self.permit(caller, &source, Op::Decrypt, source_context)?;
+        let seal_ok = self.permit(caller, &dest, Op::ReEncrypt, destination_context)?;
+        let plaintext = self.open_blob(&source, &blob, source_context, &open_ok)?;
+        let mut sealed = self.seal(
+            &dest,
+            plaintext.expose_secret(),
+            destination_context,
+            seal_ok,
+        )?;
+        let mut policies = open_ok.into_policies();
+        for p in sealed.policies.drain(..) {
+            if !policies.contains(&p) {
+                policies.push(p);
+            }
+        }
+        sealed.policies = policies;
+        Ok(ReEncrypted {
+            source_key_id: blob.header.key_id,
+            source_key_version: blob.header.key_version,
+            sealed,
+        })
+    }
+
+    /// Authorises first, then checks state: a caller who may not use a key learns nothing
+    /// of its state. A caller presenting a grant needs the grant to cover the key, the
+    /// operation and the context, the grant's creator to be allowed the same request, and the
+    /// policies to allow the caller itself under the grant.
+    fn permit(
+        &self,
+        caller: &Caller,
+        entry: &KeyEntry,
+        op: Op,
+        context: &EncryptionContext,
+    ) -> Result<PolicyDecision, Error> {
+        let now_unix = self.deps.clock.now_unix();
+        let mut creator_policies = Vec::new();
+        if let Some(g) = &caller.grant {
+            let grant = &g.grant;
+            let refused = |reason| Err(Error::GrantRefused { reason });
+            if grant.key_id != entry.record.id {
+                return refused("grant.other_key");
+            }
+            if !grant.allows_op(op) {
+                return refused("grant.operation_not_granted");
+            }
+            if !grant.context_satisfied(context) {
+                return refused("grant.context_mismatch");
+            }
+            let creator = Caller {
+                id: grant.creator.clone(),
+                method: caller.method,
+                workload: g.creator_workload.clone(),
+                purpose: caller.purpose.clone(),
+                grant: None,
+            };
+            let creator_request = AccessRequest {
+                caller: &creator,
+                op,
+                key: &entry.record,
+                context,
+                now_unix,
+            };
+            match authorize(self.deps.authorizer.as_ref(), &creator_request) {
+                Ok(d) => creator_policies = d.into_policies(),
+                Err(_) => return refused("grant.creator_not_allowed"),
+            }
+        }
+        let request = AccessRequest {
+            caller,
+            op,
+            key: &entry.record,
+            context,
+            now_unix,
+        };
+        let mut ok = authorize(self.deps.authorizer.as_ref(), &request)?;
+        ok.add_policies(creator_policies);
+        if entry.record.state != KeyState::Enabled {
+            return Err(Error::KeyState {
+                id: entry.record.id,
+                state: entry.record.state,
+                op,
+            });
+        }
+        Ok(ok)
+    }
+
+    /// Checks that `caller` may mint `new`: it presents no grant itself (grants are not
+    /// delegated further), it may `CreateGrant` on the key, and it may do every operation the
+    /// grant allows itself under the context the grant requires, so a grant only narrows.
+    /// Nothing else is done; the proof goes to [`crate::governance::grants::Grants::create`].
+    pub fn authorize_grant(
+        &self,
+        caller: &Caller,
+        mut new: NewGrant,
+    ) -> Result<AuthorizedGrant, Error> {
+        if caller.grant.is_some() {
+            return Err(Error::GrantDelegation);
+        }
+        check_new(&mut new)?;
+        let entry = self.entry(&new.key)?;
+        let now_unix = self.deps.clock.now_unix();
+        let ask = |op| {
+            authorize(
+                self.deps.authorizer.as_ref(),
+                &AccessRequest {
+                    caller,
+                    op,
+                    key: &entry.record,
+                    context: &new.required_context,
+                    now_unix,
+                },
+            )
+        };
+        let mut policies = ask(Op::CreateGrant)?.into_policies();
+        for op in &new.operations {
+            match ask(*op) {
+                Ok(d) => policies.extend(d.into_policies()),
+                Err(_) => return Err(Error::GrantExceedsCreator { op: *op }),
+            }
+        }
+        policies.sort();
+        policies.dedup();
+        Ok(AuthorizedGrant {
+            creator: caller.id.clone(),
+            key_id: entry.record.id,
+            new,
+            policies,
+        })
+    }
+
+    fn seal(
+        &self,
+        entry: &KeyEntry,
+        plaintext: &[u8],
+        context: &EncryptionContext,
+        ok: PolicyDecision,
+    ) -> Result<Sealed, Error> {
+        let version = entry.record.current_version;
+        let key = entry
+            .versions
+            .get(&version)
+            .ok_or(Error::Internal("current version not loaded"))?;
+        let mut nonce = [0u8; NONCE_LEN];
+        self.deps.rng.fill(&mut nonce)?;
+        let header = Header {
+            algorithm: Algorithm::Aes256Gcm,
+            key_id: entry.record.id,
+            key_version: version,
+            nonce,
+        };
+        let aad = header.aad(context)?;
+        let sealed = match key.as_ref() {
+            VersionKey::Hsm(token_key) => self
+                .deps
+                .hsm
+                .aes_gcm_encrypt(*token_key, &nonce, &aad, plaintext)?,
+            VersionKey::Software(key) => software_seal(key, &nonce, &aad, plaintext)?,
+        };
+        Ok(Sealed {
+            key_id: entry.record.id,
+            key_version: version,
+            ciphertext: Blob::assemble(&header, &sealed),
+            policies: ok.into_policies(),
+        })
+    }
+
+    fn open_blob(
+        &self,
+        entry: &KeyEntry,
+        blob: &Blob<'_>,
+        context: &EncryptionContext,
+        _ok: &PolicyDecision,
+    ) -> Result<Plaintext, Error> {
+        let header = &blob.header;
+        let key = entry
+            .versions
+            .get(&header.key_version)
+            .ok_or(Error::VersionNotFound {
+                id: header.key_id,
+                version: header.key_version,
+            })?;
+        let aad = header.aad(context)?;
+        match key.as_ref() {
+            VersionKey::Hsm(token_key) => Ok(Plaintext::from_secret(
+                self.deps
+                    .hsm
+                    .aes_gcm_decrypt(*token_key, &header.nonce, &aad, blob.sealed)?,
+            )),
+            VersionKey::Software(key) => software_open(key, &header.nonce, &aad, blob.sealed),
+        }
+    }
+}
+
+fn software_seal(
+    key: &LessSafeKey,
+    nonce: &[u8; NONCE_LEN],
+    aad: &[u8],
+    plaintext: &[u8],
+) -> Result<Vec<u8>, Error> {
+    let mut buf = Vec::with_capacity(plaintext.len() + crate::blob::TAG_LEN);
+    buf.extend_from_slice(plaintext);
+    match key.seal_in_place_append_tag(
+        Nonce::assume_unique_for_key(*nonce),
+        Aad::from(aad),
+        &mut buf,
+    ) {
+        Ok(()) => Ok(buf),
+        Err(_) => {
+            buf.zeroize();
+            Err(Error::Internal("aes-256-gcm seal"))
+        }
+    }
+}
+
+fn software_open(
+    key: &LessSafeKey,
+    nonce: &[u8; NONCE_LEN],
+    aad: &[u8],
+    sealed: &[u8],
+) -> Result<Plaintext, Error> {
+    let mut buf = sealed.to_vec();
+    let result = key
+        .open_in_place(
+            Nonce::assume_unique_for_key(*nonce),
+            Aad::from(aad),
+            &mut buf,
+        )
+        .map(|plain| Plaintext::from_slice(plain))
+        .map_err(|_| Error::DecryptFailed);
+    buf.zeroize();
+    result
+}

@@ -1,0 +1,116 @@
+//! Store records of keys, versions and aliases, and how a stored version becomes usable.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use aws_lc_rs::aead::{LessSafeKey, UnboundKey, AES_256_GCM};
+use hsm_bridge::Hsm;
+use secrecy::ExposeSecret;
+
+use super::{Cache, Deps, KeyEntry, VersionKey};
+use crate::blob::NONCE_LEN;
+use crate::error::Error;
+use crate::ids::{Alias, KeyId, KeyVersion};
+use crate::key::{kek_wrap_aad, KeyRecord, StoredMaterial, VersionRecord};
+use crate::secret::{Kek, KEK_LEN};
+use crate::store::{Change, Table};
+
+pub(super) fn load(deps: &Deps) -> Result<Cache, Error> {
+    let mut cache = Cache::default();
+    let mut versions: BTreeMap<KeyId, BTreeMap<KeyVersion, Arc<VersionKey>>> = BTreeMap::new();
+    for row in deps.store.scan(Table::Versions)? {
+        let record: VersionRecord = decode(Table::Versions, &row.value)?;
+        let key = materialize(deps.hsm.as_ref(), &record)?;
+        versions
+            .entry(record.key_id)
+            .or_default()
+            .insert(record.version, Arc::new(key));
+    }
+    for row in deps.store.scan(Table::Keys)? {
+        let record: KeyRecord = decode(Table::Keys, &row.value)?;
+        let versions = versions.remove(&record.id).unwrap_or_default();
+        if !versions.contains_key(&record.current_version) {
+            tracing::error!(key_id = %record.id, version = %record.current_version, "current key version missing from store");
+            return Err(Error::Internal("key record without its current version"));
+        }
+        if let Some(alias) = &record.alias {
+            cache.aliases.insert(alias.clone(), record.id);
+        }
+        cache
+            .keys
+            .insert(record.id, Arc::new(KeyEntry { record, versions }));
+    }
+    Ok(cache)
+}
+
+/// Turns a stored version into a usable one: find the token object, or unwrap the material.
+pub(super) fn materialize(hsm: &dyn Hsm, record: &VersionRecord) -> Result<VersionKey, Error> {
+    match &record.material {
+        StoredMaterial::Hsm { label } => Ok(VersionKey::Hsm(hsm.find_aes_key(label)?)),
+        StoredMaterial::Software { wrapped } => {
+            let (nonce, sealed) = wrapped
+                .split_first_chunk::<NONCE_LEN>()
+                .ok_or(Error::Internal("wrapped key material truncated"))?;
+            let aad = kek_wrap_aad(record.key_id, record.version);
+            let plain = hsm
+                .aes_gcm_decrypt(hsm.root_key(), nonce, &aad, sealed)
+                .map_err(|e| {
+                    tracing::error!(key_id = %record.key_id, version = %record.version, error = %e,
+                        "key version does not unwrap under this token's root key");
+                    Error::from(e)
+                })?;
+            let kek = Kek::init_with(|buf| {
+                let bytes: &[u8; KEK_LEN] = plain
+                    .expose_secret()
+                    .try_into()
+                    .map_err(|_| Error::Internal("unwrapped key material has the wrong length"))?;
+                buf.copy_from_slice(bytes);
+                Ok(())
+            })?;
+            Ok(VersionKey::Software(aead_key(&kek)?))
+        }
+    }
+}
+
+pub(super) fn aead_key(kek: &Kek) -> Result<LessSafeKey, Error> {
+    UnboundKey::new(&AES_256_GCM, kek.expose_secret())
+        .map(LessSafeKey::new)
+        .map_err(|_| Error::Internal("aes-256-gcm key setup"))
+}
+
+fn decode<T: serde::de::DeserializeOwned>(table: Table, bytes: &[u8]) -> Result<T, Error> {
+    serde_json::from_slice(bytes).map_err(|source| Error::Record {
+        table: table.name(),
+        source,
+    })
+}
+
+fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, Error> {
+    serde_json::to_vec(value).map_err(|_| Error::Internal("record encoding"))
+}
+
+pub(super) fn put_key(record: &KeyRecord) -> Result<Change, Error> {
+    Ok(Change::Put {
+        table: Table::Keys,
+        key: record.id.to_bytes().to_vec(),
+        value: encode(record)?,
+    })
+}
+
+pub(super) fn put_version(record: &VersionRecord) -> Result<Change, Error> {
+    let mut key = record.key_id.to_bytes().to_vec();
+    key.extend_from_slice(&record.version.get().to_be_bytes());
+    Ok(Change::Put {
+        table: Table::Versions,
+        key,
+        value: encode(record)?,
+    })
+}
+
+pub(super) fn put_alias(alias: &Alias, id: KeyId) -> Change {
+    Change::Put {
+        table: Table::Aliases,
+        key: alias.as_str().as_bytes().to_vec(),
+        value: id.to_bytes().to_vec(),
+    }
+}

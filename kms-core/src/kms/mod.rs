@@ -1,0 +1,356 @@
+//! The key service: key lifecycle and envelope operations over an HSM and a store.
+//!
+//! All methods block (they may call the HSM or write the store); async callers run them
+//! under `spawn_blocking`. Key metadata and version handles are cached in memory at open and
+//! on every change; software-protection versions are unwrapped once, at load or creation.
+//!
+//! `envelope` holds the data-plane operations (authorise, then seal or open); `material` the
+//! store records and how a stored version becomes usable.
+
+mod envelope;
+mod material;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use aws_lc_rs::aead::LessSafeKey;
+use hsm_bridge::{Hsm, TokenKey};
+use parking_lot::{Mutex, RwLock};
+
+use self::material::{aead_key, load, put_alias, put_key, put_version};
+use crate::blob::NONCE_LEN;
+use crate::clock::{Clock, Rng};
+use crate::error::Error;
+use crate::governance::authz::Authorizer;
+use crate::ids::{Alias, KeyId, KeyRef, KeyVersion};
+use crate::key::{
+    kek_wrap_aad, KeyRecord, KeyState, Labels, Protection, StoredMaterial, VersionRecord,
+};
+use crate::op::Op;
+use crate::secret::{Dek, Kek, Plaintext};
+use crate::store::{Change, Store, Table};
+
+/// What the service runs on. Every dependency is injected.
+pub struct Deps {
+    /// The HSM holding the root key.
+    pub hsm: Arc<dyn Hsm>,
+    /// Durable storage.
+    pub store: Arc<dyn Store>,
+    /// Wall-clock time.
+    pub clock: Arc<dyn Clock>,
+    /// Randomness for DEKs, nonces and ids.
+    pub rng: Arc<dyn Rng>,
+    /// Data-plane authorisation.
+    pub authorizer: Arc<dyn Authorizer>,
+}
+
+/// Parameters of a new key.
+#[derive(Clone, Debug)]
+pub struct NewKey {
+    /// Optional unique alias.
+    pub alias: Option<Alias>,
+    /// Labels.
+    pub labels: Labels,
+    /// Protection level.
+    pub protection: Protection,
+}
+
+/// A freshly generated data key: plaintext once, and its blob.
+#[derive(Debug)]
+pub struct DataKey {
+    /// The key that wrapped it.
+    pub key_id: KeyId,
+    /// The version that wrapped it.
+    pub key_version: KeyVersion,
+    /// The plaintext DEK.
+    pub plaintext: Dek,
+    /// The blob to store beside the data.
+    pub ciphertext: Vec<u8>,
+    /// The policies that allowed it.
+    pub policies: Vec<String>,
+}
+
+/// A blob and the key version that sealed it.
+#[derive(Debug)]
+pub struct Sealed {
+    /// The key.
+    pub key_id: KeyId,
+    /// The version.
+    pub key_version: KeyVersion,
+    /// The blob.
+    pub ciphertext: Vec<u8>,
+    /// The policies that allowed it.
+    pub policies: Vec<String>,
+}
+
+/// A blob sealed again by [`Kms::re_encrypt`], and the key version that had sealed it.
+#[derive(Debug)]
+pub struct ReEncrypted {
+    /// The key that had sealed the source blob.
+    pub source_key_id: KeyId,
+    /// The version that had sealed the source blob.
+    pub source_key_version: KeyVersion,
+    /// The new blob.
+    pub sealed: Sealed,
+}
+
+/// An opened blob.
+#[derive(Debug)]
+pub struct Opened {
+    /// The key that had sealed it.
+    pub key_id: KeyId,
+    /// The version that had sealed it.
+    pub key_version: KeyVersion,
+    /// The plaintext.
+    pub plaintext: Plaintext,
+    /// The policies that allowed it.
+    pub policies: Vec<String>,
+}
+
+/// The key service.
+pub struct Kms {
+    deps: Deps,
+    cache: RwLock<Cache>,
+    /// Serialises read-modify-write changes to key records.
+    admin: Mutex<()>,
+}
+
+#[derive(Default)]
+struct Cache {
+    keys: BTreeMap<KeyId, Arc<KeyEntry>>,
+    aliases: HashMap<Alias, KeyId>,
+}
+
+#[derive(Clone)]
+struct KeyEntry {
+    record: KeyRecord,
+    versions: BTreeMap<KeyVersion, Arc<VersionKey>>,
+}
+
+/// A usable key version.
+enum VersionKey {
+    /// A token object.
+    Hsm(TokenKey),
+    /// Unwrapped material in aws-lc's key schedule, wiped by aws-lc when dropped.
+    Software(LessSafeKey),
+}
+
+impl Kms {
+    /// Loads every key from the store and makes each version usable.
+    pub fn open(deps: Deps) -> Result<Self, Error> {
+        let cache = load(&deps)?;
+        tracing::info!(keys = cache.keys.len(), "key store loaded");
+        Ok(Self {
+            deps,
+            cache: RwLock::new(cache),
+            admin: Mutex::new(()),
+        })
+    }
+
+    /// Creates a key with its first version.
+    pub fn create_key(&self, spec: NewKey) -> Result<KeyRecord, Error> {
+        let _admin = self.admin.lock();
+        if let Some(alias) = &spec.alias {
+            if self.cache.read().aliases.contains_key(alias) {
+                return Err(Error::AliasTaken {
+                    alias: alias.clone(),
+                });
+            }
+        }
+        let mut id_bytes = [0u8; 16];
+        self.deps.rng.fill(&mut id_bytes)?;
+        let id = KeyId::from_random_bytes(id_bytes);
+        let now = self.deps.clock.now_unix();
+        let record = KeyRecord {
+            id,
+            alias: spec.alias,
+            labels: spec.labels,
+            protection: spec.protection,
+            state: KeyState::Enabled,
+            current_version: KeyVersion::FIRST,
+            created_at: now,
+            updated_at: now,
+        };
+        let (version, key) = self.new_version(&record, KeyVersion::FIRST)?;
+        let mut changes = vec![put_key(&record)?, put_version(&version)?];
+        if let Some(alias) = &record.alias {
+            changes.push(put_alias(alias, id));
+        }
+        self.deps.store.write(changes)?;
+        let entry = KeyEntry {
+            record: record.clone(),
+            versions: BTreeMap::from([(KeyVersion::FIRST, Arc::new(key))]),
+        };
+        self.install(entry, None);
+        tracing::info!(key_id = %id, protection = ?record.protection, "key created");
+        Ok(record)
+    }
+
+    /// A key's metadata.
+    pub fn describe_key(&self, key: &KeyRef) -> Result<KeyRecord, Error> {
+        Ok(self.entry(key)?.record.clone())
+    }
+
+    /// Up to `limit` keys after `after`, in id order, and the id to continue from.
+    pub fn list_keys(&self, after: Option<KeyId>, limit: usize) -> (Vec<KeyRecord>, Option<KeyId>) {
+        let cache = self.cache.read();
+        let range = match after {
+            Some(id) => cache
+                .keys
+                .range((std::ops::Bound::Excluded(id), std::ops::Bound::Unbounded)),
+            None => cache.keys.range(..),
+        };
+        let page: Vec<KeyRecord> = range
+            .take(limit.max(1))
+            .map(|(_, e)| e.record.clone())
+            .collect();
+        let next = match page.last() {
+            Some(last) if cache.keys.range(last.id..).nth(1).is_some() => Some(last.id),
+            _ => None,
+        };
+        (page, next)
+    }
+
+    /// Adds a version; new encryptions use it, older versions still decrypt.
+    pub fn rotate_key(&self, key: &KeyRef) -> Result<KeyRecord, Error> {
+        let _admin = self.admin.lock();
+        let entry = self.entry(key)?;
+        if entry.record.state != KeyState::Enabled {
+            return Err(Error::KeyState {
+                id: entry.record.id,
+                state: entry.record.state,
+                op: Op::Rotate,
+            });
+        }
+        let next = entry.record.current_version.next()?;
+        let mut updated = entry.as_ref().clone();
+        updated.record.current_version = next;
+        updated.record.updated_at = self.deps.clock.now_unix();
+        let (version, key) = self.new_version(&updated.record, next)?;
+        self.deps
+            .store
+            .write(vec![put_version(&version)?, put_key(&updated.record)?])?;
+        updated.versions.insert(next, Arc::new(key));
+        let record = updated.record.clone();
+        self.install(updated, None);
+        tracing::info!(key_id = %record.id, version = %next, "key rotated");
+        Ok(record)
+    }
+
+    /// Enables or disables a key.
+    pub fn set_key_state(&self, key: &KeyRef, state: KeyState) -> Result<KeyRecord, Error> {
+        let _admin = self.admin.lock();
+        let mut updated = self.entry(key)?.as_ref().clone();
+        updated.record.state = state;
+        updated.record.updated_at = self.deps.clock.now_unix();
+        self.deps.store.write(vec![put_key(&updated.record)?])?;
+        let record = updated.record.clone();
+        self.install(updated, None);
+        tracing::info!(key_id = %record.id, ?state, "key state changed");
+        Ok(record)
+    }
+
+    /// Gives a key an alias, replacing the alias it had.
+    pub fn set_alias(&self, alias: Alias, key: &KeyRef) -> Result<KeyRecord, Error> {
+        let _admin = self.admin.lock();
+        let mut updated = self.entry(key)?.as_ref().clone();
+        if let Some(owner) = self.cache.read().aliases.get(&alias) {
+            if *owner != updated.record.id {
+                return Err(Error::AliasTaken { alias });
+            }
+        }
+        let old = updated.record.alias.replace(alias.clone());
+        updated.record.updated_at = self.deps.clock.now_unix();
+        let mut changes = vec![
+            put_key(&updated.record)?,
+            put_alias(&alias, updated.record.id),
+        ];
+        if let Some(old) = old.as_ref().filter(|o| **o != alias) {
+            changes.push(Change::Delete {
+                table: Table::Aliases,
+                key: old.as_str().as_bytes().to_vec(),
+            });
+        }
+        self.deps.store.write(changes)?;
+        let record = updated.record.clone();
+        self.install(updated, old);
+        tracing::info!(key_id = %record.id, %alias, "alias set");
+        Ok(record)
+    }
+
+    /// True when operations under this key run in the HSM and so block on it; async callers
+    /// move those off their workers. Software keys and unknown keys answer from memory.
+    pub fn runs_in_hsm(&self, key: &KeyRef) -> bool {
+        self.entry(key)
+            .is_ok_and(|e| e.record.protection == Protection::Hsm)
+    }
+
+    fn entry(&self, key: &KeyRef) -> Result<Arc<KeyEntry>, Error> {
+        let cache = self.cache.read();
+        let id = match key {
+            KeyRef::Id(id) => Some(*id),
+            KeyRef::Alias(alias) => cache.aliases.get(alias).copied(),
+        };
+        id.and_then(|id| cache.keys.get(&id).cloned())
+            .ok_or_else(|| Error::KeyNotFound { key: key.clone() })
+    }
+
+    /// Makes new material for `version` of `record`'s key.
+    fn new_version(
+        &self,
+        record: &KeyRecord,
+        version: KeyVersion,
+    ) -> Result<(VersionRecord, VersionKey), Error> {
+        let hsm = self.deps.hsm.as_ref();
+        let (material, key) = match record.protection {
+            Protection::Hsm => {
+                let label = format!("sovereign-kms/kek/{}/v{}", record.id, version);
+                let handle = hsm.generate_aes_key(&label)?;
+                (StoredMaterial::Hsm { label }, VersionKey::Hsm(handle))
+            }
+            Protection::Software => {
+                let kek = Kek::init_with(|buf| hsm.random(buf).map_err(Error::from))?;
+                let mut nonce = [0u8; NONCE_LEN];
+                self.deps.rng.fill(&mut nonce)?;
+                let aad = kek_wrap_aad(record.id, version);
+                let mut wrapped = nonce.to_vec();
+                wrapped.extend(hsm.aes_gcm_encrypt(
+                    hsm.root_key(),
+                    &nonce,
+                    &aad,
+                    kek.expose_secret(),
+                )?);
+                (
+                    StoredMaterial::Software { wrapped },
+                    VersionKey::Software(aead_key(&kek)?),
+                )
+            }
+        };
+        let record = VersionRecord {
+            key_id: record.id,
+            version,
+            created_at: self.deps.clock.now_unix(),
+            material,
+        };
+        Ok((record, key))
+    }
+
+    fn install(&self, entry: KeyEntry, removed_alias: Option<Alias>) {
+        let mut cache = self.cache.write();
+        if let Some(old) = removed_alias {
+            cache.aliases.remove(&old);
+        }
+        if let Some(alias) = &entry.record.alias {
+            cache.aliases.insert(alias.clone(), entry.record.id);
+        }
+        cache.keys.insert(entry.record.id, Arc::new(entry));
+    }
+}
+
+impl std::fmt::Debug for Kms {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Kms")
+            .field("keys", &self.cache.read().keys.len())
+            .finish_non_exhaustive()
+    }
+}

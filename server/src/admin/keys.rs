@@ -1,0 +1,212 @@
+//! Key lifecycle: create, describe, list, rotate, disable, enable, alias; and which keys no
+//! registered workload may use.
+
+use std::sync::Arc;
+
+use api::v1::{
+    CreateAliasRequest, CreateKeyRequest, KeyMetadata, KeyRequest, ListKeysRequest,
+    ListKeysResponse,
+};
+use kms_core::audit::AuditEvent;
+use kms_core::governance::inventory::Workload;
+use kms_core::{Alias, KeyId, KeyRecord, KeyState, Labels, NewKey, Protection};
+use tonic::{Request, Response, Status};
+
+use super::{core, key_ref, page_size, to_status, AdminService, MAX_PAGE};
+use crate::identity::operator;
+
+pub(super) async fn create(
+    svc: &AdminService,
+    request: Request<CreateKeyRequest>,
+) -> Result<Response<KeyMetadata>, Status> {
+    operator(&request)?;
+    let req = request.get_ref().clone();
+    let protection = match api::v1::Protection::try_from(req.protection) {
+        Ok(api::v1::Protection::Hsm) => Protection::Hsm,
+        Ok(api::v1::Protection::Software | api::v1::Protection::Unspecified) => {
+            Protection::Software
+        }
+        Err(_) => return Err(Status::invalid_argument("unknown protection level")),
+    };
+    let spec = NewKey {
+        alias: match req.alias.is_empty() {
+            true => None,
+            false => Some(alias(req.alias)?),
+        },
+        labels: core(Labels::from_pairs(req.labels))?,
+        protection,
+    };
+    svc.change("admin.CreateKey", &request, None, move |kms| {
+        core(kms.create_key(spec))
+    })
+    .await
+}
+
+pub(super) async fn describe(
+    svc: &AdminService,
+    request: Request<KeyRequest>,
+) -> Result<Response<KeyMetadata>, Status> {
+    let key = key_ref(&request.get_ref().key)?;
+    let mut event = AuditEvent::default();
+    event.key = Some(key.to_string());
+    svc.read("admin.DescribeKey", &request, event, move |kms, _| {
+        core(kms.describe_key(&key)).map(|r| metadata(&r))
+    })
+    .await
+}
+
+pub(super) async fn list(
+    svc: &AdminService,
+    request: Request<ListKeysRequest>,
+) -> Result<Response<ListKeysResponse>, Status> {
+    let req = request.get_ref().clone();
+    let limit = page_size(req.page_size);
+    let after = match req.page_token.is_empty() {
+        true => None,
+        false => Some(
+            req.page_token
+                .parse::<KeyId>()
+                .map_err(|_| Status::invalid_argument("invalid page token"))?,
+        ),
+    };
+    svc.read(
+        "admin.ListKeys",
+        &request,
+        AuditEvent::default(),
+        move |kms, _| {
+            let (page, next) = kms.list_keys(after, limit);
+            Ok(ListKeysResponse {
+                keys: page.iter().map(metadata).collect(),
+                next_page_token: next.map(|id| id.to_string()).unwrap_or_default(),
+            })
+        },
+    )
+    .await
+}
+
+pub(super) async fn rotate(
+    svc: &AdminService,
+    request: Request<KeyRequest>,
+) -> Result<Response<KeyMetadata>, Status> {
+    let key = key_ref(&request.get_ref().key)?;
+    let k = key.clone();
+    svc.change("admin.RotateKey", &request, Some(key), move |kms| {
+        core(kms.rotate_key(&k))
+    })
+    .await
+}
+
+pub(super) async fn disable(
+    svc: &AdminService,
+    request: Request<KeyRequest>,
+) -> Result<Response<KeyMetadata>, Status> {
+    let key = key_ref(&request.get_ref().key)?;
+    let k = key.clone();
+    svc.change("admin.DisableKey", &request, Some(key), move |kms| {
+        core(kms.set_key_state(&k, KeyState::Disabled))
+    })
+    .await
+}
+
+pub(super) async fn enable(
+    svc: &AdminService,
+    request: Request<KeyRequest>,
+) -> Result<Response<KeyMetadata>, Status> {
+    let key = key_ref(&request.get_ref().key)?;
+    let k = key.clone();
+    svc.change("admin.EnableKey", &request, Some(key), move |kms| {
+        core(kms.set_key_state(&k, KeyState::Enabled))
+    })
+    .await
+}
+
+pub(super) async fn create_alias(
+    svc: &AdminService,
+    request: Request<CreateAliasRequest>,
+) -> Result<Response<KeyMetadata>, Status> {
+    let key = key_ref(&request.get_ref().key)?;
+    let new_alias = alias(request.get_ref().alias.clone())?;
+    let k = key.clone();
+    svc.change("admin.CreateAlias", &request, Some(key), move |kms| {
+        core(kms.set_alias(new_alias, &k))
+    })
+    .await
+}
+
+pub(super) async fn coverage(
+    svc: &AdminService,
+    request: Request<api::v1::KeyCoverageRequest>,
+) -> Result<Response<api::v1::KeyCoverageResponse>, Status> {
+    let include_disabled = request.get_ref().include_disabled;
+    let kms = svc.kms.clone();
+    svc.gov_read("admin.KeyCoverage", &request, String::new(), move |gov| {
+        let now = gov.clock.now_unix();
+        let registrations: Vec<Arc<Workload>> = gov
+            .inventory
+            .all()
+            .into_iter()
+            .filter(|w| w.active && now < w.expires_at)
+            .collect();
+        let mut keys_checked = 0u64;
+        let mut unusable_keys = Vec::new();
+        let mut after = None;
+        loop {
+            let (page, next) = kms.list_keys(after, MAX_PAGE);
+            for key in &page {
+                if key.state != KeyState::Enabled && !include_disabled {
+                    continue;
+                }
+                keys_checked += 1;
+                let mut usable = false;
+                for w in &registrations {
+                    if core(gov.policies.may_use(w, key))? {
+                        usable = true;
+                        break;
+                    }
+                }
+                if !usable {
+                    unusable_keys.push(super::keys::metadata(key));
+                }
+            }
+            match next {
+                Some(n) => after = Some(n),
+                None => break,
+            }
+        }
+        Ok(api::v1::KeyCoverageResponse {
+            keys_checked,
+            registrations: u64::try_from(registrations.len()).unwrap_or(u64::MAX),
+            unusable_keys,
+        })
+    })
+    .await
+}
+
+pub(super) fn metadata(r: &KeyRecord) -> KeyMetadata {
+    KeyMetadata {
+        key_id: r.id.to_string(),
+        alias: r.alias.as_ref().map(|a| a.to_string()).unwrap_or_default(),
+        labels: r
+            .labels
+            .entries()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
+        protection: match r.protection {
+            Protection::Hsm => api::v1::Protection::Hsm,
+            _ => api::v1::Protection::Software,
+        }
+        .into(),
+        state: match r.state {
+            KeyState::Enabled => api::v1::KeyState::Enabled,
+            _ => api::v1::KeyState::Disabled,
+        }
+        .into(),
+        current_version: r.current_version.get(),
+        created_at: r.created_at,
+        updated_at: r.updated_at,
+    }
+}
+
+pub(super) fn alias(s: String) -> Result<Alias, Status> {
+    Alias::try_from(s).map_err(|e| to_status(&e))
+}

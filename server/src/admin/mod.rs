@@ -1,0 +1,306 @@
+//! The admin plane: key lifecycle, trust bundles, the workload inventory, policies, grants
+//! and the audit log, for operators. No RPC here returns key material.
+//!
+//! One module per resource (`keys`, `trust`, `inventory`, `policy`, `grants`, `audit`), each
+//! a set of handlers over the one [`AdminService`]; the `Admin` trait is implemented by the
+//! routing table at the bottom of this file. Every handler goes through one of three paths:
+//! [`AdminService::read`] (recorded with who read what), [`AdminService::change`] (key
+//! changes) or [`AdminService::gov_change`] (governance changes, through the approvals seam).
+
+mod audit;
+mod grants;
+mod inventory;
+mod keys;
+mod policy;
+mod status;
+mod trust;
+
+use std::sync::Arc;
+
+use api::v1::admin_server::Admin;
+use api::v1::{
+    CreateAliasRequest, CreateKeyRequest, GetPolicyRequest, KeyCoverageRequest,
+    KeyCoverageResponse, KeyMetadata, KeyRequest, ListGrantsRequest, ListGrantsResponse,
+    ListKeysRequest, ListKeysResponse, ListPoliciesRequest, ListPoliciesResponse,
+    ListTrustBundlesRequest, ListTrustBundlesResponse, ListWorkloadsRequest, ListWorkloadsResponse,
+    PolicyInfo, PolicyRequest, PolicyStatsRequest, PolicyStatsResponse, PutPolicyRequest,
+    QueryAuditRequest, QueryAuditResponse, RegisterWorkloadRequest, RevokeGrantsRequest,
+    RevokeGrantsResponse, SetTrustBundleRequest, TestPolicyRequest, TestPolicyResponse,
+    TrustBundle, TrustDomainRequest, UpdateWorkloadRequest, WorkloadInfo, WorkloadRequest,
+};
+use kms_core::audit::{object_hash, AuditEvent};
+use kms_core::governance::approvals::ChangeRequest;
+use kms_core::{KeyRecord, KeyRef, Kms, Principal, Store};
+use serde::Serialize;
+use tonic::{Request, Response, Status};
+
+pub(crate) use self::status::{core, to_status};
+use crate::audit::{status_word, tag, Audit};
+use crate::governance::Governance;
+use crate::identity::operator;
+use crate::policy_stats::PolicyStats;
+
+/// Largest page of any list.
+const MAX_PAGE: usize = 1000;
+/// Page size when the caller gives none.
+const DEFAULT_PAGE: usize = 100;
+
+/// The page size a caller asked for, bounded.
+fn page_size(asked: u32) -> usize {
+    match usize::try_from(asked).unwrap_or(MAX_PAGE) {
+        0 => DEFAULT_PAGE,
+        n => n.min(MAX_PAGE),
+    }
+}
+
+/// The `Admin` gRPC service.
+#[derive(Clone)]
+pub struct AdminService {
+    kms: Arc<Kms>,
+    audit: Audit,
+    store: Arc<dyn Store>,
+    gov: Arc<Governance>,
+    stats: PolicyStats,
+}
+
+impl std::fmt::Debug for AdminService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminService")
+            .field("kms", &self.kms)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a governance change did: the object before (if it existed) and after, and the answer.
+struct Changed<B, T> {
+    before: Option<B>,
+    after: Option<B>,
+    answer: T,
+}
+
+impl AdminService {
+    /// A service over `kms` and `gov`, recording every change in `audit`, reading the audit
+    /// log from `store`, and reporting decision times from `stats`.
+    pub fn new(
+        kms: Arc<Kms>,
+        audit: Audit,
+        store: Arc<dyn Store>,
+        gov: Arc<Governance>,
+        stats: PolicyStats,
+    ) -> Self {
+        Self {
+            kms,
+            audit,
+            store,
+            gov,
+            stats,
+        }
+    }
+
+    /// Runs a read off the async workers and records who read what; the answer is given only
+    /// once that record is durable.
+    async fn read<T, R, F>(
+        &self,
+        action: &'static str,
+        request: &Request<R>,
+        event: AuditEvent,
+        f: F,
+    ) -> Result<Response<T>, Status>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Kms, &dyn Store) -> Result<T, Status> + Send + 'static,
+    {
+        let operator = operator(request)?;
+        let request_id = self.audit.request_id(request.metadata());
+        let kms = self.kms.clone();
+        let store = self.store.clone();
+        let result = tokio::task::spawn_blocking(move || f(&kms, store.as_ref()))
+            .await
+            .map_err(|_| Status::internal("internal error"))?;
+        let mut event = event;
+        event.action = action.into();
+        event.status = status_word(result.as_ref().err());
+        event.set_caller(&Principal::Operator(operator), "mtls");
+        event.request_id = Some(request_id.clone());
+        self.audit.record(event).await?;
+        result.map(|r| tag(Response::new(r), &request_id))
+    }
+
+    /// Runs one governance read, recorded with who read what.
+    async fn gov_read<R, T, F>(
+        &self,
+        action: &'static str,
+        request: &Request<R>,
+        target: String,
+        f: F,
+    ) -> Result<Response<T>, Status>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Governance) -> Result<T, Status> + Send + 'static,
+    {
+        let mut event = AuditEvent::default();
+        if !target.is_empty() {
+            event.detail.insert("target".into(), target);
+        }
+        let gov = self.gov.clone();
+        self.read(action, request, event, move |_, _| f(&gov)).await
+    }
+
+    /// Records that `operator` asked for `action`, before anything changes; refuses the
+    /// request if that record cannot be written.
+    async fn intent<R>(
+        &self,
+        action: &'static str,
+        request: &Request<R>,
+    ) -> Result<(Principal, String, AuditEvent), Status> {
+        let operator = Principal::Operator(operator(request)?);
+        let request_id = self.audit.request_id(request.metadata());
+        let mut intent = AuditEvent::new(action, "requested");
+        intent.set_caller(&operator, "mtls");
+        intent.request_id = Some(request_id.clone());
+        Ok((operator, request_id, intent))
+    }
+
+    /// Records a change's outcome. The change is made (or refused) and its request is on
+    /// record; if only the outcome cannot be recorded, that is logged.
+    async fn outcome<T>(&self, done: AuditEvent, who: &Principal, result: &Result<T, Status>) {
+        let action = done.action.clone();
+        match result {
+            Ok(_) => tracing::info!(op = %action, operator = %who, "admin change done"),
+            Err(s) => {
+                tracing::info!(op = %action, operator = %who, code = ?s.code(), "admin change refused")
+            }
+        }
+        if self.audit.record(done).await.is_err() {
+            tracing::error!(op = %action, operator = %who, "admin change outcome could not be audited");
+        }
+    }
+
+    /// Runs a key change. The request is recorded before anything changes (and refused if
+    /// that record cannot be written); the outcome is recorded after, with SHA-256 hashes of
+    /// the key record before and after.
+    async fn change<T, F>(
+        &self,
+        action: &'static str,
+        request: &Request<T>,
+        key: Option<KeyRef>,
+        f: F,
+    ) -> Result<Response<KeyMetadata>, Status>
+    where
+        F: FnOnce(&Kms) -> Result<KeyRecord, Status> + Send + 'static,
+    {
+        let (operator, request_id, mut intent) = self.intent(action, request).await?;
+        intent.key = key.as_ref().map(ToString::to_string);
+        self.audit.record(intent.clone()).await?;
+
+        let kms = self.kms.clone();
+        let (before, result) = tokio::task::spawn_blocking(move || {
+            let before = key.and_then(|k| kms.describe_key(&k).ok());
+            (before, f(&kms))
+        })
+        .await
+        .map_err(|_| Status::internal("internal error"))?;
+
+        let mut done = intent;
+        done.status = status_word(result.as_ref().err());
+        done.before = before.as_ref().and_then(object_hash);
+        if let Ok(after) = &result {
+            done.key = Some(after.id.to_string());
+            done.after = object_hash(after);
+        }
+        self.outcome(done, &operator, &result).await;
+        result.map(|r| tag(Response::new(keys::metadata(&r)), &request_id))
+    }
+
+    /// Runs one governance change through approvals and the audit log, recorded as requested
+    /// before it is made and with its outcome (SHA-256 of the object before and after) once it
+    /// is.
+    async fn gov_change<R, B, T, F>(
+        &self,
+        action: &'static str,
+        request: &Request<R>,
+        target: String,
+        f: F,
+    ) -> Result<Response<T>, Status>
+    where
+        B: Serialize + Send + 'static,
+        T: Send + 'static,
+        F: FnOnce(&Governance, &str) -> Result<Changed<B, T>, Status> + Send + 'static,
+    {
+        let (operator, request_id, mut intent) = self.intent(action, request).await?;
+        intent.detail.insert("target".into(), target.clone());
+        self.audit.record(intent.clone()).await?;
+
+        let who = operator.to_string();
+        let approved = self.gov.approvals.approve(&ChangeRequest {
+            operator: &who,
+            action,
+            target: &target,
+        });
+        let result = match approved {
+            Err(e) => Err(to_status(&e)),
+            Ok(()) => {
+                let gov = self.gov.clone();
+                tokio::task::spawn_blocking(move || f(&gov, &who))
+                    .await
+                    .map_err(|_| Status::internal("internal error"))?
+            }
+        };
+
+        let mut done = intent;
+        done.status = status_word(result.as_ref().err());
+        if let Ok(changed) = &result {
+            done.before = changed.before.as_ref().and_then(object_hash);
+            done.after = changed.after.as_ref().and_then(object_hash);
+        }
+        self.outcome(done, &operator, &result).await;
+        result.map(|c| tag(Response::new(c.answer), &request_id))
+    }
+}
+
+/// The `Admin` service: each RPC, its request and response, and the handler that serves it.
+macro_rules! routes {
+    ($($rpc:ident($req:ty) -> $resp:ty => $handler:path;)*) => {
+        #[tonic::async_trait]
+        impl Admin for AdminService {
+            $(
+                async fn $rpc(&self, request: Request<$req>) -> Result<Response<$resp>, Status> {
+                    $handler(self, request).await
+                }
+            )*
+        }
+    };
+}
+
+routes! {
+    create_key(CreateKeyRequest) -> KeyMetadata => keys::create;
+    describe_key(KeyRequest) -> KeyMetadata => keys::describe;
+    list_keys(ListKeysRequest) -> ListKeysResponse => keys::list;
+    rotate_key(KeyRequest) -> KeyMetadata => keys::rotate;
+    disable_key(KeyRequest) -> KeyMetadata => keys::disable;
+    enable_key(KeyRequest) -> KeyMetadata => keys::enable;
+    create_alias(CreateAliasRequest) -> KeyMetadata => keys::create_alias;
+    key_coverage(KeyCoverageRequest) -> KeyCoverageResponse => keys::coverage;
+    query_audit(QueryAuditRequest) -> QueryAuditResponse => audit::query;
+    set_trust_bundle(SetTrustBundleRequest) -> TrustBundle => trust::set;
+    delete_trust_bundle(TrustDomainRequest) -> TrustBundle => trust::delete;
+    list_trust_bundles(ListTrustBundlesRequest) -> ListTrustBundlesResponse => trust::list;
+    register_workload(RegisterWorkloadRequest) -> WorkloadInfo => inventory::register;
+    update_workload(UpdateWorkloadRequest) -> WorkloadInfo => inventory::update;
+    deactivate_workload(WorkloadRequest) -> WorkloadInfo => inventory::deactivate;
+    describe_workload(WorkloadRequest) -> WorkloadInfo => inventory::describe;
+    list_workloads(ListWorkloadsRequest) -> ListWorkloadsResponse => inventory::list;
+    put_policy(PutPolicyRequest) -> PolicyInfo => policy::put;
+    get_policy(GetPolicyRequest) -> PolicyInfo => policy::get;
+    list_policies(ListPoliciesRequest) -> ListPoliciesResponse => policy::list;
+    delete_policy(PolicyRequest) -> PolicyInfo => policy::delete;
+    test_policy(TestPolicyRequest) -> TestPolicyResponse => policy::test;
+    policy_stats(PolicyStatsRequest) -> PolicyStatsResponse => policy::stats;
+    list_grants(ListGrantsRequest) -> ListGrantsResponse => grants::list;
+    revoke_grants(RevokeGrantsRequest) -> RevokeGrantsResponse => grants::revoke;
+}
+
+/// A key id or alias as an operator sent it.
+fn key_ref(s: &str) -> Result<KeyRef, Status> {
+    crate::wire::key_ref(s).map_err(|e| to_status(&e))
+}

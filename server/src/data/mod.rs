@@ -1,0 +1,427 @@
+//! The data plane: envelope encryption for workloads.
+//!
+//! Every RPC takes one of two shapes: [`DataService::unary`] (admit the caller, run one core
+//! call, record it, answer) or [`DataService::batch`] (the same for up to [`MAX_BATCH`]
+//! items, with one record per item). The operations themselves are in `ops`, the status
+//! mapper in `status`.
+
+mod ops;
+mod status;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use api::v1::data_plane_server::DataPlane;
+use api::v1::{
+    decrypt_result, generate_data_key_result, BatchDecryptRequest, BatchDecryptResponse,
+    BatchGenerateDataKeyRequest, BatchGenerateDataKeyResponse, CreateGrantRequest,
+    CreateGrantResponse, DecryptRequest, DecryptResponse, DecryptResult, EncryptRequest,
+    EncryptResponse, GenerateDataKeyRequest, GenerateDataKeyResponse, GenerateDataKeyResult,
+    GenerateDataKeyWithoutPlaintextResponse, ReEncryptRequest, ReEncryptResponse,
+    RevokeGrantRequest, RevokeGrantResponse,
+};
+use kms_core::audit::AuditEvent;
+use kms_core::{Caller, KeyRef, Kms};
+use tonic::{Request, Response, Status};
+
+pub(crate) use self::status::NOT_FOUND_OR_DENIED;
+use crate::audit::{data_event, settle, status_word, tag, Audit, Facts};
+use crate::governance::Governance;
+
+/// When a request started, for the latency in its audit record.
+#[expect(
+    clippy::disallowed_methods,
+    reason = "request latency is measured wall time"
+)]
+fn request_clock() -> Instant {
+    Instant::now()
+}
+
+/// Most items one batch call may carry.
+pub const MAX_BATCH: usize = 1000;
+
+/// The `DataPlane` gRPC service.
+#[derive(Clone, Debug)]
+pub struct DataService {
+    kms: Arc<Kms>,
+    audit: Audit,
+    gov: Arc<Governance>,
+}
+
+/// Where a call runs: operations that reach the HSM or write the store block, so they run on
+/// the blocking pool; software-key operations are a few microseconds of in-memory work and run
+/// in place.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Runs {
+    Blocking,
+    InPlace,
+}
+
+impl DataService {
+    /// A service over `kms` that admits callers through `gov` and records every request in
+    /// `audit`.
+    pub fn new(kms: Arc<Kms>, audit: Audit, gov: Arc<Governance>) -> Self {
+        Self { kms, audit, gov }
+    }
+
+    /// The authenticated, admitted caller and the request's id. A refused caller's request is
+    /// recorded (with the reason) and answered here.
+    async fn admit<T>(
+        &self,
+        action: &'static str,
+        request: &Request<T>,
+        started: Instant,
+        uses: usize,
+    ) -> Result<(Caller, String), Status> {
+        let request_id = self.audit.request_id(request.metadata());
+        let certs = request.peer_certs();
+        let uses = u64::try_from(uses).unwrap_or(u64::MAX);
+        let identified = if request.metadata().contains_key(crate::GRANT_HEADER) {
+            // Reserving grant uses is a synced store write: keep it off the async workers.
+            let gov = self.gov.clone();
+            let metadata = request.metadata().clone();
+            tokio::task::spawn_blocking(move || {
+                gov.identify(certs.as_ref().map(|c| c.as_slice()), &metadata, uses)
+            })
+            .await
+            .map_err(|_| Status::internal("internal error"))?
+        } else {
+            self.gov.identify(
+                certs.as_ref().map(|c| c.as_slice()),
+                request.metadata(),
+                uses,
+            )
+        };
+        match identified {
+            Ok(caller) => Ok((caller, request_id)),
+            Err(refusal) => {
+                let mut event = AuditEvent::new(action, status_word(Some(&refusal.status)));
+                event.set_caller(&refusal.principal, refusal.auth);
+                event.decision = Some("deny".into());
+                event.reason = Some(refusal.reason.into());
+                event.request_id = Some(request_id);
+                event.latency_us =
+                    Some(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
+                self.audit.record(event).await?;
+                Err(refusal.status)
+            }
+        }
+    }
+
+    /// Gives back the grant uses reserved for `n` parts that failed. Only a grant caller has
+    /// any, and giving them back is a synced store write, so it runs off the async workers.
+    async fn release(&self, caller: &Caller, n: u64) {
+        if caller.grant.is_none() || n == 0 {
+            return;
+        }
+        let gov = self.gov.clone();
+        let caller = caller.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || gov.release(&caller, n)).await {
+            tracing::error!(error = %e, "giving back grant uses failed");
+        }
+    }
+
+    /// Runs `f` where `runs` says.
+    async fn call<T, F>(&self, runs: Runs, f: F) -> Result<T, Status>
+    where
+        T: Send + 'static,
+        F: FnOnce(&DataService) -> T + Send + 'static,
+    {
+        if runs == Runs::InPlace {
+            return Ok(f(self));
+        }
+        let svc = self.clone();
+        tokio::task::spawn_blocking(move || f(&svc))
+            .await
+            .map_err(|_| Status::internal("internal error"))
+    }
+
+    /// Admits the caller (reserving `uses` grant uses), runs `op` where `runs` says, records
+    /// the request, and only then answers; if the record cannot be written the caller gets the
+    /// audit status instead, and whatever the request produced is dropped.
+    async fn unary<Req, Resp, F>(
+        &self,
+        action: &'static str,
+        request: Request<Req>,
+        uses: usize,
+        runs: impl FnOnce(&Self, &Req) -> Runs,
+        op: F,
+    ) -> Result<Response<Resp>, Status>
+    where
+        Req: Send + 'static,
+        Resp: Send + 'static,
+        F: FnOnce(&DataService, &Caller, Req, &mut Facts) -> Result<Resp, Status> + Send + 'static,
+    {
+        let started = request_clock();
+        let (caller, request_id) = self.admit(action, &request, started, uses).await?;
+        let req = request.into_inner();
+        let runs = runs(self, &req);
+        let who = caller.clone();
+        let (result, facts) = self
+            .call(runs, move |svc| {
+                let mut facts = Facts::default();
+                let r = op(svc, &who, req, &mut facts);
+                (r, facts)
+            })
+            .await?;
+        self.gov.note_call(&caller, action);
+        if result.is_err() {
+            self.release(&caller, 1).await;
+        }
+        let event = data_event(
+            action,
+            &caller,
+            request_id.clone(),
+            started,
+            facts,
+            result.as_ref().err(),
+        );
+        self.audit.record(event).await?;
+        result.map(|r| tag(Response::new(r), &request_id))
+    }
+
+    /// A batch: refused whole if over [`MAX_BATCH`] items; otherwise the caller is admitted
+    /// once (reserving a grant use per item), every item runs on the blocking pool (a batch
+    /// holds a worker for up to 1000 operations), every item is recorded (one group-committed
+    /// write for all of them), and the results are answered in order. If any record cannot be
+    /// written, the whole batch is refused.
+    async fn batch<Item, Out, F>(
+        &self,
+        action: &'static str,
+        request: Request<Vec<Item>>,
+        op: F,
+    ) -> Result<(Vec<Result<Out, Status>>, String), Status>
+    where
+        Item: Send + 'static,
+        Out: Send + 'static,
+        F: Fn(&DataService, &Caller, Item, &mut Facts) -> Result<Out, Status> + Send + 'static,
+    {
+        let started = request_clock();
+        ops::check_batch(request.get_ref().len())?;
+        let uses = request.get_ref().len();
+        let (caller, request_id) = self.admit(action, &request, started, uses).await?;
+        let items = request.into_inner();
+        let who = caller.clone();
+        let done = self
+            .call(Runs::Blocking, move |svc| {
+                items
+                    .into_iter()
+                    .map(|item| {
+                        let mut facts = Facts::default();
+                        let r = op(svc, &who, item, &mut facts);
+                        (r, facts)
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .await?;
+        self.gov.note_call(&caller, action);
+        let failed = done.iter().filter(|(r, _)| r.is_err()).count();
+        self.release(&caller, u64::try_from(failed).unwrap_or(u64::MAX))
+            .await;
+        let mut pending = Vec::with_capacity(done.len());
+        let mut results = Vec::with_capacity(done.len());
+        for (result, facts) in done {
+            let event = data_event(
+                action,
+                &caller,
+                request_id.clone(),
+                started,
+                facts,
+                result.as_ref().err(),
+            );
+            pending.extend(self.audit.submit(event));
+            results.push(result);
+        }
+        for p in pending {
+            settle(p.wait().await)?;
+        }
+        Ok((results, request_id))
+    }
+
+    /// Where a call naming `key` runs.
+    fn key_runs(&self, key: &str) -> Runs {
+        let in_hsm = key
+            .parse::<KeyRef>()
+            .is_ok_and(|k| self.kms.runs_in_hsm(&k));
+        if in_hsm {
+            Runs::Blocking
+        } else {
+            Runs::InPlace
+        }
+    }
+
+    /// Where opening `blob` runs.
+    fn blob_runs(&self, blob: &[u8]) -> Runs {
+        let in_hsm = kms_core::blob::Blob::parse(blob)
+            .is_ok_and(|b| self.kms.runs_in_hsm(&KeyRef::Id(b.header.key_id)));
+        if in_hsm {
+            Runs::Blocking
+        } else {
+            Runs::InPlace
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl DataPlane for DataService {
+    async fn generate_data_key(
+        &self,
+        request: Request<GenerateDataKeyRequest>,
+    ) -> Result<Response<GenerateDataKeyResponse>, Status> {
+        self.unary(
+            "data.GenerateDataKey",
+            request,
+            1,
+            |svc, req| svc.key_runs(&req.key),
+            |svc, caller, req, facts| ops::generate(svc, caller, req, true, facts),
+        )
+        .await
+    }
+
+    async fn generate_data_key_without_plaintext(
+        &self,
+        request: Request<GenerateDataKeyRequest>,
+    ) -> Result<Response<GenerateDataKeyWithoutPlaintextResponse>, Status> {
+        self.unary(
+            "data.GenerateDataKeyWithoutPlaintext",
+            request,
+            1,
+            |svc, req| svc.key_runs(&req.key),
+            |svc, caller, req, facts| {
+                ops::generate(svc, caller, req, false, facts).map(|resp| {
+                    GenerateDataKeyWithoutPlaintextResponse {
+                        key_id: resp.key_id,
+                        key_version: resp.key_version,
+                        ciphertext: resp.ciphertext,
+                    }
+                })
+            },
+        )
+        .await
+    }
+
+    async fn decrypt(
+        &self,
+        request: Request<DecryptRequest>,
+    ) -> Result<Response<DecryptResponse>, Status> {
+        self.unary(
+            "data.Decrypt",
+            request,
+            1,
+            |svc, req| svc.blob_runs(&req.ciphertext),
+            ops::decrypt,
+        )
+        .await
+    }
+
+    async fn encrypt(
+        &self,
+        request: Request<EncryptRequest>,
+    ) -> Result<Response<EncryptResponse>, Status> {
+        self.unary(
+            "data.Encrypt",
+            request,
+            1,
+            |svc, req| svc.key_runs(&req.key),
+            ops::encrypt,
+        )
+        .await
+    }
+
+    async fn re_encrypt(
+        &self,
+        request: Request<ReEncryptRequest>,
+    ) -> Result<Response<ReEncryptResponse>, Status> {
+        self.unary(
+            "data.ReEncrypt",
+            request,
+            1,
+            |svc, req| match svc.blob_runs(&req.ciphertext) {
+                Runs::Blocking => Runs::Blocking,
+                Runs::InPlace => svc.key_runs(&req.destination_key),
+            },
+            ops::re_encrypt,
+        )
+        .await
+    }
+
+    async fn batch_generate_data_key(
+        &self,
+        request: Request<BatchGenerateDataKeyRequest>,
+    ) -> Result<Response<BatchGenerateDataKeyResponse>, Status> {
+        let with_plaintext = !request.get_ref().without_plaintext;
+        let (results, request_id) = self
+            .batch(
+                "data.BatchGenerateDataKey",
+                request.map(|r| r.items),
+                move |svc, caller, item, facts| {
+                    ops::generate(svc, caller, item, with_plaintext, facts)
+                },
+            )
+            .await?;
+        let results = results
+            .into_iter()
+            .map(|r| GenerateDataKeyResult {
+                result: Some(match r {
+                    Ok(ok) => generate_data_key_result::Result::Ok(ok),
+                    Err(s) => generate_data_key_result::Result::Error(ops::item_error(&s)),
+                }),
+            })
+            .collect();
+        Ok(tag(
+            Response::new(BatchGenerateDataKeyResponse { results }),
+            &request_id,
+        ))
+    }
+
+    async fn batch_decrypt(
+        &self,
+        request: Request<BatchDecryptRequest>,
+    ) -> Result<Response<BatchDecryptResponse>, Status> {
+        let (results, request_id) = self
+            .batch("data.BatchDecrypt", request.map(|r| r.items), ops::decrypt)
+            .await?;
+        let results = results
+            .into_iter()
+            .map(|r| DecryptResult {
+                result: Some(match r {
+                    Ok(ok) => decrypt_result::Result::Ok(ok),
+                    Err(s) => decrypt_result::Result::Error(ops::item_error(&s)),
+                }),
+            })
+            .collect();
+        Ok(tag(
+            Response::new(BatchDecryptResponse { results }),
+            &request_id,
+        ))
+    }
+
+    async fn create_grant(
+        &self,
+        request: Request<CreateGrantRequest>,
+    ) -> Result<Response<CreateGrantResponse>, Status> {
+        // Storing the grant is a synced store write.
+        self.unary(
+            "data.CreateGrant",
+            request,
+            0,
+            |_, _| Runs::Blocking,
+            ops::create_grant,
+        )
+        .await
+    }
+
+    async fn revoke_grant(
+        &self,
+        request: Request<RevokeGrantRequest>,
+    ) -> Result<Response<RevokeGrantResponse>, Status> {
+        self.unary(
+            "data.RevokeGrant",
+            request,
+            0,
+            |_, _| Runs::Blocking,
+            ops::revoke_grant,
+        )
+        .await
+    }
+}
