@@ -68,6 +68,12 @@ impl ConnectArgs {
     }
 
     /// The address and TLS material for `plane`.
+    /// A client of the admin plane, with this invocation's certificate.
+    pub(crate) async fn admin(&self) -> Result<api::AdminClient, Error> {
+        let (addr, tls) = self.resolve(Plane::Admin)?;
+        Ok(tls.admin(&addr).await?)
+    }
+
     pub(crate) fn resolve(&self, plane: Plane) -> Result<(String, ClientTls), Error> {
         let layout = DevLayout::new(self.data_dir.clone());
         let addr = match &self.server {

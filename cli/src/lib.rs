@@ -12,14 +12,19 @@
 
 mod audit;
 mod bench;
-mod commands;
 mod config;
 mod connect;
+mod data;
 mod dev;
 mod error;
-mod govern;
+mod grant;
+mod identity;
+mod input;
+mod key;
 mod output;
+mod policy;
 mod serve;
+mod trust_bundle;
 
 use std::process::ExitCode;
 
@@ -48,21 +53,21 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Key lifecycle on the admin plane.
     #[command(subcommand)]
-    Key(commands::KeyCommand),
+    Key(key::KeyCommand),
     /// Envelope encryption on the data plane.
-    Data(commands::DataArgs),
+    Data(data::DataArgs),
     /// Trust bundles of workload trust domains (admin plane).
     #[command(subcommand, name = "trust-bundle")]
-    TrustBundle(govern::TrustBundleCommand),
+    TrustBundle(trust_bundle::TrustBundleCommand),
     /// The inventory of workload identities (admin plane).
     #[command(subcommand)]
-    Identity(govern::IdentityCommand),
+    Identity(identity::IdentityCommand),
     /// Cedar policies deciding data-plane requests (admin plane).
     #[command(subcommand)]
-    Policy(govern::PolicyCommand),
+    Policy(policy::PolicyCommand),
     /// Short-lived task grants: create and revoke as a workload, list and revoke as an operator.
     #[command(subcommand)]
-    Grant(govern::GrantCommand),
+    Grant(grant::GrantCommand),
     /// The tamper-evident audit log: verify, export, signer keys.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
@@ -107,14 +112,12 @@ fn run(cli: Cli) -> Result<(), Error> {
     runtime.block_on(async move {
         match (cli.command, prepared) {
             (Command::Serve(_), Some(p)) => serve::run(p).await,
-            (Command::Key(cmd), _) => commands::key(cmd, &cli.connect, cli.json).await,
-            (Command::Data(args), _) => commands::data(args, &cli.connect, cli.json).await,
-            (Command::TrustBundle(cmd), _) => {
-                govern::trust_bundle(cmd, &cli.connect, cli.json).await
-            }
-            (Command::Identity(cmd), _) => govern::identity(cmd, &cli.connect, cli.json).await,
-            (Command::Policy(cmd), _) => govern::policy(cmd, &cli.connect, cli.json).await,
-            (Command::Grant(cmd), _) => govern::grant(cmd, &cli.connect, cli.json).await,
+            (Command::Key(cmd), _) => key::run(cmd, &cli.connect, cli.json).await,
+            (Command::Data(args), _) => data::run(args, &cli.connect, cli.json).await,
+            (Command::TrustBundle(cmd), _) => trust_bundle::run(cmd, &cli.connect, cli.json).await,
+            (Command::Identity(cmd), _) => identity::run(cmd, &cli.connect, cli.json).await,
+            (Command::Policy(cmd), _) => policy::run(cmd, &cli.connect, cli.json).await,
+            (Command::Grant(cmd), _) => grant::run(cmd, &cli.connect, cli.json).await,
             (Command::Audit(cmd), _) => audit::run(cmd, &cli.connect, cli.json).await,
             (Command::Bench(args), _) => bench::run(args, &cli.connect, cli.json).await,
             (Command::Serve(_), None) => Err(Error::Usage("internal: serve not prepared".into())),

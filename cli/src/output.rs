@@ -51,3 +51,12 @@ fn human(value: &Value) -> String {
     }
     s
 }
+
+/// Seconds since the epoch as an RFC 3339 time; `null` for 0 (never).
+pub(crate) fn rfc3339(secs: u64) -> Value {
+    if secs == 0 {
+        return Value::Null;
+    }
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+    Value::String(humantime::format_rfc3339_seconds(t).to_string())
+}
