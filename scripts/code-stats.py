@@ -128,29 +128,36 @@ def functions(path):
 
 
 def core_cycles():
-    """Strongly connected groups of kms-core's top-level modules, by `use crate::...` and
-    `crate::x::` paths (error types excepted)."""
+    """Strongly connected groups of kms-core's modules, by `crate::...` paths (error types
+    excepted). A module is a top-level file or folder; inside `governance/`, each child is
+    its own module (governance::policy, governance::grants, ...)."""
     src = os.path.join(ROOT, "kms-core", "src")
+
+    def module(parts):
+        parts = [p.removesuffix(".rs") for p in parts]
+        if parts and parts[-1] == "mod":
+            parts = parts[:-1]
+        if parts[:1] == ["governance"] and len(parts) > 1:
+            return "::".join(parts[:2])
+        return parts[0] if parts else ""
+
     graph = defaultdict(set)
     for path in source_files("kms-core"):
-        rel = os.path.relpath(path, src)
-        top = rel.split(os.sep)[0].removesuffix(".rs")
-        if top in ("lib", "main"):
+        me = module(os.path.relpath(path, src).split(os.sep))
+        if me in ("lib", "main", "governance", ""):
             continue
         with open(path, encoding="utf-8") as fh:
             text = strip(fh.read())
-        text = "\n".join(l for i, l in enumerate(text.split("\n")))
         lines = text.split("\n")
         skip = test_ranges(lines)
         body = "\n".join(l for i, l in enumerate(lines) if not any(a <= i <= b for a, b in skip))
-        for m in re.finditer(r"crate::(\w+)", body):
-            dep = m.group(1)
-            if dep != top and dep != "error":
-                graph[top].add(dep)
+        refs = [m.group(1).split("::") for m in re.finditer(r"crate::((?:\w+::)*\w+)", body)]
         for m in re.finditer(r"use crate::\{([^}]*)\}", body):
-            for dep in re.findall(r"(?:^|,)\s*(\w+)", m.group(1)):
-                if dep != top and dep != "error":
-                    graph[top].add(dep)
+            refs += [[d] for d in re.findall(r"(?:^|,)\s*(\w+)", m.group(1))]
+        for parts in refs:
+            dep = module(parts)
+            if dep not in (me, "error", "") and dep != "governance":
+                graph[me].add(dep)
     # Tarjan's algorithm.
     index, low, stack, on, out = {}, {}, [], set(), []
     counter = [0]

@@ -151,6 +151,8 @@ struct WorkerResult {
     first_error: Option<String>,
 }
 
+// Over 80 lines for a reason: one linear run whose report names every input and measurement;
+// a report helper would only take them all as arguments.
 pub(crate) async fn run(args: BenchArgs, conn: &ConnectArgs, as_json: bool) -> Result<(), Error> {
     if args.distinct_contexts && args.op != "generate-data-key" {
         return Err(Error::Usage(
@@ -177,45 +179,7 @@ pub(crate) async fn run(args: BenchArgs, conn: &ConnectArgs, as_json: bool) -> R
         .await?
         .policy_stats(api::v1::PolicyStatsRequest { reset: true })
         .await;
-    let job = match args.op.as_str() {
-        "health" => Job::Health,
-        op => {
-            let protection = match args.protection.as_str() {
-                "hsm" => api::v1::Protection::Hsm,
-                _ => api::v1::Protection::Software,
-            };
-            let key = admin_tls
-                .admin(&admin_addr)
-                .await?
-                .create_key(CreateKeyRequest {
-                    alias: String::new(),
-                    protection: protection.into(),
-                    labels: [("purpose".to_owned(), "benchmark".to_owned())].into(),
-                })
-                .await?
-                .into_inner()
-                .key_id;
-            if op == "decrypt" {
-                let first = channels
-                    .first()
-                    .cloned()
-                    .ok_or_else(|| Error::Usage("no connection".into()))?;
-                let mut client = api::v1::data_plane_client::DataPlaneClient::new(first);
-                let blob = client
-                    .generate_data_key_without_plaintext(gdk_request(&key))
-                    .await?
-                    .into_inner()
-                    .ciphertext;
-                Job::Decrypt(blob)
-            } else {
-                Job::Generate(
-                    key,
-                    args.distinct_contexts
-                        .then(|| Arc::from(args.distinct_entry.as_str())),
-                )
-            }
-        }
-    };
+    let job = job_for(&args, admin_tls.admin(&admin_addr).await?, &channels).await?;
 
     let duration = Duration::from_secs(args.duration);
     let started = now();
@@ -231,19 +195,7 @@ pub(crate) async fn run(args: BenchArgs, conn: &ConnectArgs, as_json: bool) -> R
         let job = job.clone();
         tasks.push(tokio::spawn(worker(channel, job, batch, deadline)));
     }
-    let mut hist = new_histogram()?;
-    let (mut items, mut errors) = (0u64, 0u64);
-    let mut first_error = None;
-    for t in tasks {
-        let r = t
-            .await
-            .map_err(|_| Error::Usage("a benchmark worker panicked".into()))??;
-        hist.add(&r.hist)
-            .map_err(|_| Error::Usage("histogram merge".into()))?;
-        items += r.items;
-        errors += r.errors;
-        first_error = first_error.or(r.first_error);
-    }
+    let (hist, items, errors, first_error) = gather(tasks).await?;
     let elapsed = now().duration_since(started).as_secs_f64();
     let policy = admin_tls
         .admin(&admin_addr)
@@ -285,6 +237,72 @@ pub(crate) async fn run(args: BenchArgs, conn: &ConnectArgs, as_json: bool) -> R
         "distinct_entry": args.distinct_contexts.then_some(args.distinct_entry.as_str()),
     });
     emit(as_json, &report)
+}
+
+/// What each worker sends: a key created for the run (and, for decrypt, one blob under it).
+async fn job_for(
+    args: &BenchArgs,
+    mut admin: api::AdminClient,
+    channels: &[tonic::transport::Channel],
+) -> Result<Job, Error> {
+    Ok(match args.op.as_str() {
+        "health" => Job::Health,
+        op => {
+            let protection = match args.protection.as_str() {
+                "hsm" => api::v1::Protection::Hsm,
+                _ => api::v1::Protection::Software,
+            };
+            let key = admin
+                .create_key(CreateKeyRequest {
+                    alias: String::new(),
+                    protection: protection.into(),
+                    labels: [("purpose".to_owned(), "benchmark".to_owned())].into(),
+                })
+                .await?
+                .into_inner()
+                .key_id;
+            if op == "decrypt" {
+                let first = channels
+                    .first()
+                    .cloned()
+                    .ok_or_else(|| Error::Usage("no connection".into()))?;
+                let mut client = api::v1::data_plane_client::DataPlaneClient::new(first);
+                let blob = client
+                    .generate_data_key_without_plaintext(gdk_request(&key))
+                    .await?
+                    .into_inner()
+                    .ciphertext;
+                Job::Decrypt(blob)
+            } else {
+                Job::Generate(
+                    key,
+                    args.distinct_contexts
+                        .then(|| Arc::from(args.distinct_entry.as_str())),
+                )
+            }
+        }
+    })
+}
+
+/// Waits for every worker and merges what they measured: latencies, items, errors and the
+/// first error.
+async fn gather(
+    tasks: Vec<tokio::task::JoinHandle<Result<WorkerResult, Error>>>,
+) -> Result<(hdrhistogram::Histogram<u64>, u64, u64, Option<String>), Error> {
+    let mut hist = new_histogram()?;
+    let (mut items, mut errors) = (0u64, 0u64);
+    let mut first_error = None;
+    for t in tasks {
+        let r = t
+            .await
+            .map_err(|_| Error::Usage("a benchmark worker panicked".into()))??;
+        hist.add(&r.hist)
+            .map_err(|_| Error::Usage("histogram merge".into()))?;
+        items += r.items;
+        errors += r.errors;
+        first_error = first_error.or(r.first_error);
+    }
+    Ok((hist, items, errors, first_error))
 }
 
 /// A request with the benchmark's context, plus, when `distinct` names an entry, that entry

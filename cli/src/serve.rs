@@ -64,30 +64,10 @@ pub(crate) struct Prepared {
 /// Reads the config, opens the HSM and the store, loads every key. Runs before the async
 /// runtime exists, because SoftHSM2's configuration is process-wide environment.
 pub(crate) fn prepare(args: &ServeArgs, data_dir: &Path) -> Result<Prepared, Error> {
-    let config_path = match (&args.config, args.dev) {
-        (Some(path), false) => path.clone(),
-        (None, true) => dev::ensure(&DevLayout::new(data_dir.to_path_buf()))?,
-        _ => {
-            return Err(Error::Usage(
-                "kms serve needs --config FILE, or --dev for a development instance".into(),
-            ))
-        }
-    };
+    let config_path = config_path(args, data_dir)?;
     let config = Config::load(&config_path)?;
     if let Some(conf) = &config.hsm.softhsm2_conf {
         hsm_bridge::softhsm::use_conf(conf);
-    }
-    let module = match &config.hsm.module {
-        Some(m) => m.clone(),
-        None => find_softhsm2_module()?,
-    };
-    let mut hsm_config = HsmConfig::new(
-        module,
-        config.hsm.token_label.clone(),
-        config.user_pin(&config_path)?,
-    );
-    if let Some(n) = config.hsm.max_sessions {
-        hsm_config.max_sessions = n;
     }
     // The store and the audit log open first, so that a failure to open the HSM is on record.
     let store = Arc::new(RocksStore::open(&config.data_dir.join("store"))?);
@@ -97,56 +77,15 @@ pub(crate) fn prepare(args: &ServeArgs, data_dir: &Path) -> Result<Prepared, Err
         clock.clone(),
         config.audit.settings(),
     )?);
-    let hsm = match Pkcs11Hsm::open(&hsm_config) {
-        Ok(hsm) => Arc::new(hsm),
-        Err(e) => {
-            let mut event = AuditEvent::new("hsm.open_failed", "error");
-            event.reason = Some(e.to_string());
-            event
-                .detail
-                .insert("token".into(), hsm_config.token_label.clone());
-            let _ = audit_log.submit(event).wait_blocking();
-            audit_log.close();
-            return Err(e.into());
-        }
-    };
-    tracing::info!(token = %hsm.token_label(), module = %hsm.module().display(), "hsm ready");
-    audit_log.attach_hsm(hsm.clone())?;
-    let observer_log = Arc::downgrade(&audit_log);
-    hsm.set_observer(Box::new(move |event| {
-        let HsmEvent::Retry { error } = event else {
-            return;
-        };
-        if let Some(log) = observer_log.upgrade() {
-            let mut record = AuditEvent::new("hsm.retry", "retrying");
-            record.reason = Some(error.clone());
-            // Not awaited: the operation that met the failure is itself audited.
-            drop(log.submit(record));
-        }
-    }));
-    let inventory = Arc::new(Inventory::open(
-        store.clone(),
-        clock.clone(),
-        config.inventory.settings(),
-    )?);
-    let policies = Arc::new(Policies::open(store.clone(), clock.clone())?);
+    let hsm = open_hsm(&config, &config_path, &audit_log)?;
     let rng: Arc<dyn Rng> = Arc::new(SystemRng::new());
-    let grants = Arc::new(Grants::open(
-        store.clone(),
-        clock.clone(),
-        rng.clone(),
+    let gov = Arc::new(open_governance(
+        &config,
+        &store,
+        &clock,
+        &rng,
         hsm.as_ref(),
-        config.grants.settings(),
     )?);
-    let gov = Arc::new(Governance {
-        inventory,
-        policies: policies.clone(),
-        grants,
-        authn: Arc::new(Authenticator::new(clock.clone(), config.jwt.settings())),
-        approvals: Arc::new(SingleOperator),
-        store: store.clone(),
-        clock: clock.clone(),
-    });
     seed_trust_bundles(
         &config,
         &config_path,
@@ -168,7 +107,7 @@ pub(crate) fn prepare(args: &ServeArgs, data_dir: &Path) -> Result<Prepared, Err
             tracing::warn!("--no-policy: Cedar policies are NOT evaluated (measurement only)");
             Arc::new(kms_core::governance::authz::danger::AllowAuthenticated)
         } else {
-            Arc::new(TimedAuthorizer::new(policies, stats.clone()))
+            Arc::new(TimedAuthorizer::new(gov.policies.clone(), stats.clone()))
         },
     })?;
     if args.unaudited {
@@ -192,6 +131,98 @@ pub(crate) fn prepare(args: &ServeArgs, data_dir: &Path) -> Result<Prepared, Err
         },
         endpoints: config.data_dir.join("endpoints.json"),
         dev: args.dev,
+    })
+}
+
+/// The configuration file: `--config`, or the development layout's (created on first use).
+fn config_path(args: &ServeArgs, data_dir: &Path) -> Result<PathBuf, Error> {
+    match (&args.config, args.dev) {
+        (Some(path), false) => Ok(path.clone()),
+        (None, true) => dev::ensure(&DevLayout::new(data_dir.to_path_buf())),
+        _ => Err(Error::Usage(
+            "kms serve needs --config FILE, or --dev for a development instance".into(),
+        )),
+    }
+}
+
+/// Opens the token, recording a failure to open it and every retried HSM call in the audit
+/// log, and attaches it to the log (which signs checkpoints with it).
+fn open_hsm(
+    config: &Config,
+    config_path: &Path,
+    audit_log: &Arc<AuditLog>,
+) -> Result<Arc<Pkcs11Hsm>, Error> {
+    let module = match &config.hsm.module {
+        Some(m) => m.clone(),
+        None => find_softhsm2_module()?,
+    };
+    let mut hsm_config = HsmConfig::new(
+        module,
+        config.hsm.token_label.clone(),
+        config.user_pin(config_path)?,
+    );
+    if let Some(n) = config.hsm.max_sessions {
+        hsm_config.max_sessions = n;
+    }
+    let hsm = match Pkcs11Hsm::open(&hsm_config) {
+        Ok(hsm) => Arc::new(hsm),
+        Err(e) => {
+            let mut event = AuditEvent::new("hsm.open_failed", "error");
+            event.reason = Some(e.to_string());
+            event
+                .detail
+                .insert("token".into(), hsm_config.token_label.clone());
+            let _ = audit_log.submit(event).wait_blocking();
+            audit_log.close();
+            return Err(e.into());
+        }
+    };
+    tracing::info!(token = %hsm.token_label(), module = %hsm.module().display(), "hsm ready");
+    audit_log.attach_hsm(hsm.clone())?;
+    let observer_log = Arc::downgrade(audit_log);
+    hsm.set_observer(Box::new(move |event| {
+        let HsmEvent::Retry { error } = event else {
+            return;
+        };
+        if let Some(log) = observer_log.upgrade() {
+            let mut record = AuditEvent::new("hsm.retry", "retrying");
+            record.reason = Some(error.clone());
+            // Not awaited: the operation that met the failure is itself audited.
+            drop(log.submit(record));
+        }
+    }));
+    Ok(hsm)
+}
+
+/// The inventory, policies, grants and authenticator, loaded from the store.
+fn open_governance(
+    config: &Config,
+    store: &Arc<RocksStore>,
+    clock: &Arc<SystemClock>,
+    rng: &Arc<dyn Rng>,
+    hsm: &dyn hsm_bridge::Hsm,
+) -> Result<Governance, Error> {
+    let inventory = Arc::new(Inventory::open(
+        store.clone(),
+        clock.clone(),
+        config.inventory.settings(),
+    )?);
+    let policies = Arc::new(Policies::open(store.clone(), clock.clone())?);
+    let grants = Arc::new(Grants::open(
+        store.clone(),
+        clock.clone(),
+        rng.clone(),
+        hsm,
+        config.grants.settings(),
+    )?);
+    Ok(Governance {
+        inventory,
+        policies,
+        grants,
+        authn: Arc::new(Authenticator::new(clock.clone(), config.jwt.settings())),
+        approvals: Arc::new(SingleOperator),
+        store: store.clone(),
+        clock: clock.clone(),
     })
 }
 

@@ -7,6 +7,7 @@ use kms_core::governance::approvals::Approvals;
 use kms_core::governance::grants::{GrantDenial, Grants};
 use kms_core::governance::inventory::Inventory;
 use kms_core::governance::policy::Policies;
+use kms_core::governance::spiffe::SpiffeId;
 use kms_core::{AuthMethod, Caller, Clock, GrantFacts, Principal, Store};
 use rustls_pki_types::CertificateDer;
 use tonic::metadata::MetadataMap;
@@ -142,43 +143,7 @@ impl Governance {
         })?;
         let grant = match metadata.get(GRANT_HEADER) {
             None => None,
-            Some(token) => {
-                let refuse = |reason: &'static str| Refusal {
-                    principal: principal.clone(),
-                    auth: "grant",
-                    reason,
-                    status: Status::permission_denied(NOT_FOUND_OR_DENIED),
-                };
-                let token = token
-                    .to_str()
-                    .map_err(|_| refuse(GrantDenial::Invalid.reason()))?;
-                let grant = self
-                    .grants
-                    .admit(token, &id, now)
-                    .map_err(|d| refuse(d.reason()))?;
-                let creator_workload = self
-                    .inventory
-                    .admit(&grant.creator, now)
-                    .map_err(|_| refuse("grant.creator_inactive"))?;
-                match self.grants.reserve_uses(&grant, uses) {
-                    Ok(Ok(())) => {}
-                    Ok(Err(d)) => return Err(refuse(d.reason())),
-                    Err(e) => {
-                        tracing::error!(error = %e, "grant use could not be recorded");
-                        return Err(Refusal {
-                            principal: principal.clone(),
-                            auth: "grant",
-                            reason: "grant.use_not_recorded",
-                            status: Status::unavailable("grant use could not be recorded; retry"),
-                        });
-                    }
-                }
-                Some(GrantFacts {
-                    grant,
-                    creator_workload: Some(creator_workload),
-                    reserved: uses,
-                })
-            }
+            Some(token) => Some(self.admit_grant(token, &id, now, uses)?),
         };
         Ok(Caller {
             id,
@@ -186,6 +151,51 @@ impl Governance {
             workload: Some(workload),
             purpose,
             grant,
+        })
+    }
+
+    /// Checks a presented grant token for `id` at `now`: its tag, that it is `id`'s own,
+    /// live, from a creator still registered; then reserves `uses` of it.
+    fn admit_grant(
+        &self,
+        token: &tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+        id: &SpiffeId,
+        now: u64,
+        uses: u64,
+    ) -> Result<GrantFacts, Refusal> {
+        let refuse = |reason: &'static str, status: Status| Refusal {
+            principal: Principal::Workload(id.clone()),
+            auth: "grant",
+            reason,
+            status,
+        };
+        let denied = |reason| refuse(reason, Status::permission_denied(NOT_FOUND_OR_DENIED));
+        let token = token
+            .to_str()
+            .map_err(|_| denied(GrantDenial::Invalid.reason()))?;
+        let grant = self
+            .grants
+            .admit(token, id, now)
+            .map_err(|d| denied(d.reason()))?;
+        let creator_workload = self
+            .inventory
+            .admit(&grant.creator, now)
+            .map_err(|_| denied("grant.creator_inactive"))?;
+        match self.grants.reserve_uses(&grant, uses) {
+            Ok(Ok(())) => {}
+            Ok(Err(d)) => return Err(denied(d.reason())),
+            Err(e) => {
+                tracing::error!(error = %e, "grant use could not be recorded");
+                return Err(refuse(
+                    "grant.use_not_recorded",
+                    Status::unavailable("grant use could not be recorded; retry"),
+                ));
+            }
+        }
+        Ok(GrantFacts {
+            grant,
+            creator_workload: Some(creator_workload),
+            reserved: uses,
         })
     }
 

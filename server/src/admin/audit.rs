@@ -1,7 +1,7 @@
 //! Filtered pages of the audit log, with what is needed to verify them.
 
 use api::v1::{AuditCheckpoint, AuditRecord, AuditSigner, QueryAuditRequest, QueryAuditResponse};
-use kms_core::audit::{public_key_pem, stored_signers, AuditEvent, AuditQuery};
+use kms_core::audit::{public_key_pem, stored_signers, AuditEvent, AuditPage, AuditQuery, Signers};
 use tonic::{Request, Response, Status};
 
 use super::{core, AdminService};
@@ -57,38 +57,41 @@ pub(super) async fn query(
                 until_ms: req.until_ms,
             },
         ))?;
-        let signers = core(stored_signers(store))?
+        Ok(page_response(page, core(stored_signers(store))?))
+    })
+    .await
+}
+
+fn page_response(page: AuditPage, signers: Signers) -> QueryAuditResponse {
+    QueryAuditResponse {
+        records: page
+            .records
+            .into_iter()
+            .map(|r| AuditRecord {
+                seq: r.seq,
+                hash: hex::encode(r.hash),
+                record_json: r.body,
+            })
+            .collect(),
+        checkpoints: page
+            .checkpoints
+            .into_iter()
+            .map(|c| AuditCheckpoint {
+                seq: c.seq,
+                head: c.head,
+                time_ms: c.time_ms,
+                key_id: c.key_id,
+                signature: c.signature,
+            })
+            .collect(),
+        signers: signers
             .into_iter()
             .map(|(key_id, point)| AuditSigner {
                 key_id,
                 public_key_pem: public_key_pem(&point),
             })
-            .collect();
-        Ok(QueryAuditResponse {
-            records: page
-                .records
-                .into_iter()
-                .map(|r| AuditRecord {
-                    seq: r.seq,
-                    hash: hex::encode(r.hash),
-                    record_json: r.body,
-                })
-                .collect(),
-            checkpoints: page
-                .checkpoints
-                .into_iter()
-                .map(|c| AuditCheckpoint {
-                    seq: c.seq,
-                    head: c.head,
-                    time_ms: c.time_ms,
-                    key_id: c.key_id,
-                    signature: c.signature,
-                })
-                .collect(),
-            signers,
-            next_after_seq: page.next_after_seq,
-            more: page.more,
-        })
-    })
-    .await
+            .collect(),
+        next_after_seq: page.next_after_seq,
+        more: page.more,
+    }
 }
