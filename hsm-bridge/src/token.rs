@@ -1,4 +1,4 @@
-//! The PKCS#11 implementation of [`Hsm`](crate::Hsm) on `cryptoki`.
+//! The PKCS#11 implementation of [`crate::Hsm`] on `cryptoki`.
 
 use std::fmt;
 use std::path::PathBuf;

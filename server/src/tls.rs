@@ -1,5 +1,6 @@
 //! TLS for the two listeners: TLS 1.3 only. The admin plane requires a client certificate from
-//! the operator CA; the data plane asks for one and leaves trusting it to each request. Handshakes run in their own tasks so a slow client cannot stall accepts.
+//! the operator CA; the data plane asks for one and leaves trusting it to each request.
+//! Handshakes run in their own tasks so a slow client cannot stall accepts.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -21,6 +22,11 @@ use crate::error::Error;
 
 /// How long a client has to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The first pause after a failed accept (for example out of file descriptors); each further
+/// failure in a row doubles it, up to [`ACCEPT_BACKOFF_MAX`].
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// The admin plane's rustls configuration: client certificates required and verified in the
 /// handshake against the operator CA.
@@ -108,11 +114,19 @@ pub(crate) fn incoming(
     let (tx, rx) = mpsc::channel(256);
     let acceptor = TlsAcceptor::from(config);
     tokio::spawn(async move {
+        let mut backoff = ACCEPT_BACKOFF_MIN;
         loop {
             let (tcp, peer) = match listener.accept().await {
-                Ok(conn) => conn,
+                Ok(conn) => {
+                    backoff = ACCEPT_BACKOFF_MIN;
+                    conn
+                }
                 Err(e) => {
-                    tracing::warn!(plane, error = %e, "accept failed");
+                    // Failing again at once is likely (descriptors do not free themselves):
+                    // pause instead of spinning, and say for how long.
+                    tracing::warn!(plane, error = %e, pause_ms = backoff.as_millis(), "accept failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = backoff.saturating_mul(2).min(ACCEPT_BACKOFF_MAX);
                     continue;
                 }
             };

@@ -83,11 +83,11 @@ impl Policies {
     /// reused.
     ///
     /// A decision is remembered for the rest of its second under every input (see
-    /// [`DecisionInputs`]) and the policies' generation, and requests identical in all of them
+    /// `DecisionInputs`) and the policies' generation, and requests identical in all of them
     /// within that second reuse it. A change of policy, registration, key alias or labels,
     /// purpose, grant or time is another key, and so is a change of an encryption-context
     /// entry the caller's policies can read (all entries when a policy computes an entry's
-    /// name or uses the encryption context otherwise; see [`super::reads`]).
+    /// name or uses the encryption context otherwise; see the `reads` module).
     pub fn decide(&self, request: &AccessRequest<'_>) -> Decided {
         let inputs = DecisionInputs::of(request);
         let compiled = self.compiled.read().clone();
