@@ -19,9 +19,30 @@ pub const MAX_CONTEXT_KEY_LEN: usize = 128;
 /// Values are 0 to this many bytes.
 pub const MAX_CONTEXT_VALUE_LEN: usize = 1024;
 
-/// A bounded encryption context. Entry order never matters: the map is sorted.
-#[derive(Clone, Default, PartialEq, Eq, Debug)]
+/// A bounded encryption context. Entry order never matters: the map is sorted. Its `Debug`
+/// names the keys only: values may identify tenants, users or messages, and never reach logs.
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct EncryptionContext(BTreeMap<String, String>);
+
+impl std::fmt::Debug for EncryptionContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("EncryptionContext")
+            .field(&KeysOnly(self.0.keys()))
+            .finish()
+    }
+}
+
+/// Debug-prints the keys of a context-like map, never its values.
+pub(crate) struct KeysOnly<I>(pub(crate) I);
+
+impl<'a, I> std::fmt::Debug for KeysOnly<I>
+where
+    I: Iterator<Item = &'a String> + Clone,
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.0.clone()).finish()
+    }
+}
 
 impl EncryptionContext {
     /// The empty context.
@@ -96,6 +117,17 @@ mod tests {
         let mut out = Vec::new();
         c.encode_canonical(&mut out).unwrap();
         out
+    }
+
+    #[test]
+    fn debug_names_keys_never_values() {
+        let c = ctx(&[
+            ("tenant", "canary-tenant-value"),
+            ("message", "canary-message"),
+        ]);
+        let printed = format!("{c:?}");
+        assert_eq!(printed, r#"EncryptionContext({"message", "tenant"})"#);
+        assert!(!printed.contains("canary"));
     }
 
     #[test]

@@ -138,3 +138,54 @@ fn matches(q: &AuditQuery<'_>, body: &RecordBody) -> bool {
         && (q.since_ms == 0 || body.time_ms >= q.since_ms)
         && (q.until_ms == 0 || body.time_ms < q.until_ms)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Change, RocksStore};
+
+    fn put(store: &RocksStore, table: Table, seq: u64, value: &[u8]) {
+        store
+            .write(vec![Change::Put {
+                table,
+                key: seq_key(seq).to_vec(),
+                value: value.to_vec(),
+            }])
+            .unwrap();
+    }
+
+    #[test]
+    fn an_unreadable_record_or_checkpoint_stops_the_query_and_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RocksStore::open(dir.path()).unwrap();
+        let q = AuditQuery {
+            page: 10,
+            ..AuditQuery::default()
+        };
+        let page = query(&store, &q).unwrap();
+        assert!(page.records.is_empty() && !page.more);
+        // Too short to hold a hash: damaged, and named rather than skipped.
+        put(&store, Table::AuditRecords, 1, b"short");
+        assert!(matches!(
+            query(&store, &q),
+            Err(Error::AuditCorrupt { seq: 1 })
+        ));
+        // A hash and a body that is not a record.
+        let mut bad = vec![0u8; 32];
+        bad.extend_from_slice(b"not json");
+        put(&store, Table::AuditRecords, 1, &bad);
+        assert!(matches!(
+            query(&store, &q),
+            Err(Error::AuditCorrupt { seq: 1 })
+        ));
+        // Past the records read, a damaged checkpoint is not read at all.
+        store
+            .write(vec![Change::Delete {
+                table: Table::AuditRecords,
+                key: seq_key(1).to_vec(),
+            }])
+            .unwrap();
+        put(&store, Table::AuditCheckpoints, 5, b"garbage");
+        assert!(query(&store, &q).unwrap().checkpoints.is_empty());
+    }
+}

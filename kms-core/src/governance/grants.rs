@@ -74,8 +74,8 @@ impl std::fmt::Display for GrantId {
     }
 }
 
-/// A stored grant.
-#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+/// A stored grant. Its `Debug` names the required context's keys, not their values.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Grant {
     /// Random id.
     pub id: GrantId,
@@ -97,6 +97,26 @@ pub struct Grant {
     pub max_uses: Option<u64>,
     /// When and by whom it was revoked.
     pub revoked: Option<Revocation>,
+}
+
+impl std::fmt::Debug for Grant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Grant")
+            .field("id", &self.id)
+            .field("creator", &self.creator)
+            .field("grantee", &self.grantee)
+            .field("key_id", &self.key_id)
+            .field("operations", &self.operations)
+            .field(
+                "required_context",
+                &crate::context::KeysOnly(self.required_context.keys()),
+            )
+            .field("created_at", &self.created_at)
+            .field("expires_at", &self.expires_at)
+            .field("max_uses", &self.max_uses)
+            .field("revoked", &self.revoked)
+            .finish()
+    }
 }
 
 /// A revocation.
@@ -506,4 +526,31 @@ fn mac_key(store: &dyn Store, hsm: &dyn Hsm) -> Result<hmac::Key, Error> {
         value: wrapped,
     }])?;
     Ok(hmac::Key::new(hmac::HMAC_SHA256, raw.expose_secret()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_names_required_context_keys_never_values() {
+        let g = Grant {
+            id: GrantId::from_string("00ff".into()),
+            creator: "spiffe://test.example/a".parse().unwrap(),
+            grantee: "spiffe://test.example/b".parse().unwrap(),
+            key_id: KeyId::from_random_bytes([3; 16]),
+            operations: vec![Op::Decrypt],
+            required_context: BTreeMap::from([("tenant".into(), "canary-tenant".into())]),
+            created_at: 1,
+            expires_at: 2,
+            max_uses: None,
+            revoked: None,
+        };
+        let printed = format!("{g:?}");
+        assert!(
+            printed.contains("required_context: {\"tenant\"}"),
+            "{printed}"
+        );
+        assert!(!printed.contains("canary"), "{printed}");
+    }
 }
