@@ -78,18 +78,56 @@ pub struct BundleSource {
     pub jwks: Option<String>,
 }
 
+/// Why a trust bundle's certificates or JWKS cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BundleError {
+    /// No certificate in the PEM.
+    #[error("no certificate in the bundle")]
+    Empty,
+    /// A JWKS key without a `kid`.
+    #[error("every JWKS key needs a kid")]
+    MissingKid,
+    /// The JWKS has no keys.
+    #[error("the JWKS has no keys")]
+    NoKeys,
+    /// The text is not a JWKS document.
+    #[error("not a JWKS document: {0}")]
+    NotJwks(#[source] serde_json::Error),
+    /// The text is not PEM certificates.
+    #[error("not PEM certificates: {0}")]
+    NotPem(#[source] rustls_pki_types::pem::Error),
+    /// A certificate that cannot be a trust anchor.
+    #[error("unusable CA certificate: {0}")]
+    UnusableCa(#[source] webpki::Error),
+    /// A JWKS key that cannot verify ES256 or RS256.
+    #[error("unusable JWKS key: {0}")]
+    UnusableKey(#[source] jsonwebtoken::errors::Error),
+}
+
+/// A trust domain's bundle that cannot be used, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("trust domain {trust_domain}: {problem}")]
+pub struct BadBundle {
+    /// The trust domain.
+    pub trust_domain: String,
+    /// What is wrong.
+    #[source]
+    pub problem: BundleError,
+}
+
 /// Parses a JWKS document, keeping the keys usable for ES256 or RS256 and having a `kid`.
-pub fn parse_jwks(json: &str) -> Result<jsonwebtoken::jwk::JwkSet, String> {
+pub fn parse_jwks(json: &str) -> Result<jsonwebtoken::jwk::JwkSet, BundleError> {
     let set: jsonwebtoken::jwk::JwkSet =
-        serde_json::from_str(json).map_err(|e| format!("not a JWKS document: {e}"))?;
+        serde_json::from_str(json).map_err(BundleError::NotJwks)?;
     if set.keys.is_empty() {
-        return Err("the JWKS has no keys".into());
+        return Err(BundleError::NoKeys);
     }
     for k in &set.keys {
         if k.common.key_id.as_deref().is_none_or(str::is_empty) {
-            return Err("every JWKS key needs a kid".into());
+            return Err(BundleError::MissingKid);
         }
-        jsonwebtoken::DecodingKey::from_jwk(k).map_err(|e| format!("unusable JWKS key: {e}"))?;
+        jsonwebtoken::DecodingKey::from_jwk(k).map_err(BundleError::UnusableKey)?;
     }
     Ok(set)
 }
@@ -113,19 +151,19 @@ impl Default for JwtConfig {
 }
 
 /// Parses a bundle's PEM into trust anchors, refusing an empty or unusable bundle.
-pub fn parse_bundle(pem: &str) -> Result<Vec<TrustAnchor<'static>>, String> {
+pub fn parse_bundle(pem: &str) -> Result<Vec<TrustAnchor<'static>>, BundleError> {
     let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("not PEM certificates: {e}"))?;
+        .map_err(BundleError::NotPem)?;
     if certs.is_empty() {
-        return Err("no certificate in the bundle".into());
+        return Err(BundleError::Empty);
     }
     certs
         .iter()
         .map(|c| {
             webpki::anchor_from_trusted_cert(c)
                 .map(|a| a.to_owned())
-                .map_err(|e| format!("unusable CA certificate: {e}"))
+                .map_err(BundleError::UnusableCa)
         })
         .collect()
 }
@@ -176,11 +214,14 @@ impl Authenticator {
     }
 
     /// Replaces every bundle. Nothing changes if any bundle is unusable.
-    pub fn set_bundles(&self, sources: &[BundleSource]) -> Result<(), String> {
+    pub fn set_bundles(&self, sources: &[BundleSource]) -> Result<(), BadBundle> {
         let mut by_domain = HashMap::new();
         let mut jwks = HashMap::new();
         for s in sources {
-            let bad = |e: String| format!("trust domain {}: {e}", s.trust_domain);
+            let bad = |problem| BadBundle {
+                trust_domain: s.trust_domain.clone(),
+                problem,
+            };
             if !s.pem.trim().is_empty() {
                 by_domain.insert(s.trust_domain.clone(), parse_bundle(&s.pem).map_err(bad)?);
             }

@@ -53,6 +53,6 @@ pub enum Error {
     #[error("reading the store")]
     Core(#[source] kms_core::Error),
     /// A stored trust bundle is unusable.
-    #[error("trust bundle: {0}")]
-    TrustBundle(String),
+    #[error("trust bundle")]
+    TrustBundle(#[source] crate::authn::BadBundle),
 }

@@ -42,7 +42,10 @@ use tonic::transport::Server;
 
 pub use admin::AdminService;
 pub use audit::{Audit, AUDIT_UNAVAILABLE, REQUEST_ID};
-pub use authn::{parse_bundle, parse_jwks, AuthFailure, Authenticator, BundleSource, JwtConfig};
+pub use authn::{
+    parse_bundle, parse_jwks, AuthFailure, Authenticator, BadBundle, BundleError, BundleSource,
+    JwtConfig,
+};
 pub use data::{DataService, MAX_BATCH};
 pub use error::Error;
 pub use governance::{Governance, GRANT_HEADER, MAX_PURPOSE, PURPOSE_HEADER};
