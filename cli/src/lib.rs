@@ -138,3 +138,28 @@ fn report(e: &Error) {
     }
     let _ = writeln!(std::io::stderr().lock(), "{msg}");
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    /// Every subcommand's definition is valid (clap's own checks: no two arguments share an
+    /// id or a flag, and so on) and its `--help` renders. A clap conflict panics at run time
+    /// only when that subcommand is used, so each one is built here.
+    #[test]
+    fn every_subcommand_builds_and_renders_help() {
+        Cli::command().debug_assert();
+        let mut pending = vec![Cli::command()];
+        let mut seen = 0;
+        while let Some(mut cmd) = pending.pop() {
+            cmd.build();
+            let help = cmd.render_long_help().to_string();
+            assert!(help.contains("Usage:"), "{}", cmd.get_name());
+            seen += 1;
+            pending.extend(cmd.get_subcommands().cloned());
+        }
+        assert!(seen > 40, "only {seen} commands found");
+    }
+}

@@ -21,6 +21,8 @@ pub(crate) enum PolicyCommand {
     /// Store a new version of a policy (validated against the schema with all others first).
     Put(Put),
     /// Print a policy's current (or a given) version.
+    // `--version` here is the policy's version, so no auto-generated `--version` flag.
+    #[command(disable_version_flag = true)]
     Get(Get),
     /// List policies with their current versions.
     List(List),

@@ -825,6 +825,19 @@ fn changes_apply_on_the_next_request_and_survive_a_restart() {
     assert_eq!(listed["workloads"][0]["active"], false);
     let diff = server.kms(&["policy", "diff", "svc", "--from", "1", "--to", "3"]);
     assert!(diff.status.success());
+    // `policy get`, current and by version (its --version once clashed with clap's own and
+    // panicked; issue 20, item 11).
+    let current = server.kms_json(&["policy", "get", "svc"]);
+    assert_eq!(
+        (current["id"].as_str(), current["version"].as_u64()),
+        (Some("svc"), Some(3))
+    );
+    let first = server.kms_json(&["policy", "get", "svc", "--version", "1"]);
+    assert_eq!(first["version"], 1);
+    assert_eq!(
+        first["text"], current["text"],
+        "the same file was put twice"
+    );
 
     // Policy test explains a decision without making a call.
     let verdict = server.kms_json(&[
