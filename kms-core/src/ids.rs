@@ -204,6 +204,17 @@ pub enum Principal {
     Workload(SpiffeId),
 }
 
+/// The principal's text, moving an identity's own text rather than copying it.
+impl From<Principal> for String {
+    fn from(p: Principal) -> String {
+        match p {
+            Principal::Operator(OperatorId(text)) => text,
+            Principal::Workload(id) => id.into(),
+            other => other.to_string(),
+        }
+    }
+}
+
 impl fmt::Display for Principal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

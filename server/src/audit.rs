@@ -192,7 +192,7 @@ pub(crate) fn data_event(
 ) -> AuditEvent {
     let mut event = AuditEvent::new(action, status_word(status));
     event.set_caller(
-        &Principal::Workload(caller.id.clone()),
+        Principal::Workload(caller.id.clone()),
         caller.method.as_str(),
     );
     event.policy_ids = facts.policies;

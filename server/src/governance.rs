@@ -127,16 +127,17 @@ impl Governance {
                 status: Status::unauthenticated(NOT_AUTHENTICATED),
             }
         })?;
-        let principal = Principal::Workload(id.clone());
+        // Built only for a refusal: the accepted path does not copy the identity.
+        let principal = || Principal::Workload(id.clone());
         let now = self.clock.now_unix();
         let workload = self.inventory.admit(&id, now).map_err(|d| Refusal {
-            principal: principal.clone(),
+            principal: principal(),
             auth: method.as_str(),
             reason: d.reason(),
             status: Status::permission_denied(NOT_FOUND_OR_DENIED),
         })?;
         let purpose = declared_purpose(metadata).map_err(|status| Refusal {
-            principal: principal.clone(),
+            principal: principal(),
             auth: method.as_str(),
             reason: "request.invalid_purpose",
             status,

@@ -1,9 +1,7 @@
-//! Wire helpers both planes use and neither owns: parsing key references and contexts,
-//! naming key states, and the messages of bad-input errors.
+//! Wire helpers both planes use and neither owns: naming key states, and the messages of
+//! bad-input errors.
 
-use std::collections::HashMap;
-
-use kms_core::{EncryptionContext, Error, KeyRef, KeyState};
+use kms_core::{Error, KeyState};
 
 /// The word for a key state on the wire.
 pub(crate) fn state_word(state: KeyState) -> &'static str {
@@ -12,16 +10,6 @@ pub(crate) fn state_word(state: KeyState) -> &'static str {
         KeyState::Disabled => "disabled",
         _ => "unavailable",
     }
-}
-
-/// A key id or alias as a caller sent it.
-pub(crate) fn key_ref(s: &str) -> Result<KeyRef, Error> {
-    s.parse::<KeyRef>()
-}
-
-/// An encryption context as a caller sent it.
-pub(crate) fn context(map: HashMap<String, String>) -> Result<EncryptionContext, Error> {
-    EncryptionContext::from_pairs(map)
 }
 
 /// The message of an error of class `BadInput`, as both planes word it.

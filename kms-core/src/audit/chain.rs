@@ -101,8 +101,8 @@ impl AuditEvent {
     /// Fills the caller fields: who (as [`Principal`] names it) and how it authenticated
     /// (`mtls`, `jwt`, `grant`, or `none`). Every record's caller is set here and nowhere
     /// else.
-    pub fn set_caller(&mut self, principal: &Principal, auth: &str) {
-        self.principal = Some(principal.to_string());
+    pub fn set_caller(&mut self, principal: Principal, auth: &str) {
+        self.principal = Some(principal.into());
         self.auth = Some(auth.to_owned());
     }
 }

@@ -30,7 +30,7 @@ use api::v1::{
 };
 use kms_core::audit::{object_hash, AuditEvent};
 use kms_core::governance::approvals::ChangeRequest;
-use kms_core::{KeyRecord, KeyRef, Kms, Principal, Store};
+use kms_core::{KeyRecord, KeyRef, Kms, OperatorId, Principal, Store};
 use serde::Serialize;
 use tonic::{Request, Response, Status};
 
@@ -110,8 +110,7 @@ impl AdminService {
         T: Send + 'static,
         F: FnOnce(&Kms, &dyn Store) -> Result<T, Status> + Send + 'static,
     {
-        let operator = operator(request)?;
-        let request_id = self.audit.request_id(request.metadata());
+        let (operator, request_id) = self.who(request)?;
         let kms = self.kms.clone();
         let store = self.store.clone();
         let result = tokio::task::spawn_blocking(move || f(&kms, store.as_ref()))
@@ -120,7 +119,7 @@ impl AdminService {
         let mut event = event;
         event.action = action.into();
         event.status = status_word(result.as_ref().err());
-        event.set_caller(&Principal::Operator(operator), "mtls");
+        event.set_caller(Principal::Operator(operator), "mtls");
         event.request_id = Some(request_id.clone());
         self.audit.record(event).await?;
         result.map(|r| tag(Response::new(r), &request_id))
@@ -146,24 +145,30 @@ impl AdminService {
         self.read(action, request, event, move |_, _| f(&gov)).await
     }
 
-    /// Records that `operator` asked for `action`, before anything changes; refuses the
-    /// request if that record cannot be written.
-    async fn intent<R>(
+    /// The operator making `request` and the request's id.
+    fn who<R>(&self, request: &Request<R>) -> Result<(OperatorId, String), Status> {
+        Ok((
+            operator(request)?,
+            self.audit.request_id(request.metadata()),
+        ))
+    }
+
+    /// The record that `operator` asked for `action`, to be written before anything changes.
+    fn intent<R>(
         &self,
         action: &'static str,
         request: &Request<R>,
-    ) -> Result<(Principal, String, AuditEvent), Status> {
-        let operator = Principal::Operator(operator(request)?);
-        let request_id = self.audit.request_id(request.metadata());
+    ) -> Result<(OperatorId, String, AuditEvent), Status> {
+        let (operator, request_id) = self.who(request)?;
         let mut intent = AuditEvent::new(action, "requested");
-        intent.set_caller(&operator, "mtls");
+        intent.set_caller(Principal::Operator(operator.clone()), "mtls");
         intent.request_id = Some(request_id.clone());
         Ok((operator, request_id, intent))
     }
 
     /// Records a change's outcome. The change is made (or refused) and its request is on
     /// record; if only the outcome cannot be recorded, that is logged.
-    async fn outcome<T>(&self, done: AuditEvent, who: &Principal, result: &Result<T, Status>) {
+    async fn outcome<T>(&self, done: AuditEvent, who: &OperatorId, result: &Result<T, Status>) {
         let action = done.action.clone();
         match result {
             Ok(_) => tracing::info!(op = %action, operator = %who, "admin change done"),
@@ -189,7 +194,7 @@ impl AdminService {
     where
         F: FnOnce(&Kms) -> Result<KeyRecord, Status> + Send + 'static,
     {
-        let (operator, request_id, mut intent) = self.intent(action, request).await?;
+        let (operator, request_id, mut intent) = self.intent(action, request)?;
         intent.key = key.as_ref().map(ToString::to_string);
         self.audit.record(intent.clone()).await?;
 
@@ -227,7 +232,7 @@ impl AdminService {
         T: Send + 'static,
         F: FnOnce(&Governance, &str) -> Result<Changed<B, T>, Status> + Send + 'static,
     {
-        let (operator, request_id, mut intent) = self.intent(action, request).await?;
+        let (operator, request_id, mut intent) = self.intent(action, request)?;
         intent.detail.insert("target".into(), target.clone());
         self.audit.record(intent.clone()).await?;
 
@@ -302,5 +307,5 @@ routes! {
 
 /// A key id or alias as an operator sent it.
 fn key_ref(s: &str) -> Result<KeyRef, Status> {
-    crate::wire::key_ref(s).map_err(|e| to_status(&e))
+    s.parse::<KeyRef>().map_err(|e| to_status(&e))
 }

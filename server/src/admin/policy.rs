@@ -7,11 +7,10 @@ use api::v1::{
 };
 use kms_core::governance::policy::PolicyVersion;
 use kms_core::governance::spiffe::SpiffeId;
-use kms_core::{AccessRequest, AuthMethod, Caller, Decision, Op};
+use kms_core::{AccessRequest, AuthMethod, Caller, Decision, EncryptionContext, Op};
 use tonic::{Request, Response, Status};
 
 use super::{core, key_ref, AdminService, Changed};
-use crate::wire::context;
 
 pub(super) async fn put(
     svc: &AdminService,
@@ -118,7 +117,7 @@ pub(super) async fn test(
         }
     };
     let key = key_ref(&req.key)?;
-    let context = core(context(req.encryption_context))?;
+    let context = core(EncryptionContext::from_pairs(req.encryption_context))?;
     let purpose = (!req.purpose.is_empty()).then_some(req.purpose);
     let kms = svc.kms.clone();
     svc.gov_read(

@@ -96,7 +96,7 @@ impl DataService {
             Ok(caller) => Ok((caller, request_id)),
             Err(refusal) => {
                 let mut event = AuditEvent::new(action, status_word(Some(&refusal.status)));
-                event.set_caller(&refusal.principal, refusal.auth);
+                event.set_caller(refusal.principal, refusal.auth);
                 event.decision = Some("deny".into());
                 event.reason = Some(refusal.reason.into());
                 event.request_id = Some(request_id);
@@ -156,12 +156,12 @@ impl DataService {
         let (caller, request_id) = self.admit(action, &request, started, uses).await?;
         let req = request.into_inner();
         let runs = runs(self, &req);
-        let who = caller.clone();
-        let (result, facts) = self
+        // The caller goes into the call and comes back with its result: no copy.
+        let (result, facts, caller) = self
             .call(runs, move |svc| {
                 let mut facts = Facts::default();
-                let r = op(svc, &who, req, &mut facts);
-                (r, facts)
+                let r = op(svc, &caller, req, &mut facts);
+                (r, facts, caller)
             })
             .await?;
         self.gov.note_call(&caller, action);
@@ -201,17 +201,17 @@ impl DataService {
         let uses = request.get_ref().len();
         let (caller, request_id) = self.admit(action, &request, started, uses).await?;
         let items = request.into_inner();
-        let who = caller.clone();
-        let done = self
+        let (done, caller) = self
             .call(Runs::Blocking, move |svc| {
-                items
+                let done = items
                     .into_iter()
                     .map(|item| {
                         let mut facts = Facts::default();
-                        let r = op(svc, &who, item, &mut facts);
+                        let r = op(svc, &caller, item, &mut facts);
                         (r, facts)
                     })
-                    .collect::<Vec<_>>()
+                    .collect::<Vec<_>>();
+                (done, caller)
             })
             .await?;
         self.gov.note_call(&caller, action);

@@ -9,14 +9,13 @@ use api::v1::{
 };
 use kms_core::governance::grants::NewGrant;
 use kms_core::governance::spiffe::SpiffeId;
-use kms_core::{Caller, Error, KeyRef, Op, Plaintext};
+use kms_core::{Caller, EncryptionContext, Error, KeyRef, Op, Plaintext};
 use secrecy::ExposeSecret;
 use tonic::Status;
 
 use super::status::to_status;
 use super::{DataService, MAX_BATCH};
 use crate::audit::Facts;
-use crate::wire::{context, key_ref};
 
 /// Notes a core failure in the record, then maps it to the plane's status.
 fn failed(facts: &mut Facts, e: &Error) -> Status {
@@ -27,7 +26,7 @@ fn failed(facts: &mut Facts, e: &Error) -> Status {
 /// Parses the caller's key reference, noting it for the audit record only once it is known to
 /// be well formed (a malformed one may be anything the caller sent, of any length).
 fn parse_key(raw: &str, facts: &mut Facts) -> Result<KeyRef, Status> {
-    match key_ref(raw) {
+    match raw.parse::<KeyRef>() {
         Ok(key) => {
             facts.key = Some(key.to_string());
             Ok(key)
@@ -78,7 +77,7 @@ pub(super) fn generate(
 ) -> Result<GenerateDataKeyResponse, Status> {
     check_spec(req.spec)?;
     let key = parse_key(&req.key, facts)?;
-    let ctx = context(req.encryption_context).map_err(|e| to_status(&e))?;
+    let ctx = EncryptionContext::from_pairs(req.encryption_context).map_err(|e| to_status(&e))?;
     facts.context(&svc.audit, &ctx);
     let dk = svc
         .kms
@@ -107,7 +106,7 @@ pub(super) fn decrypt(
         facts.key = Some(key);
         facts.key_version = Some(version);
     }
-    let ctx = context(req.encryption_context).map_err(|e| to_status(&e))?;
+    let ctx = EncryptionContext::from_pairs(req.encryption_context).map_err(|e| to_status(&e))?;
     facts.context(&svc.audit, &ctx);
     let opened = svc
         .kms
@@ -136,7 +135,7 @@ pub(super) fn encrypt(
     let plaintext = Plaintext::from_slice(&raw);
     zeroize::Zeroize::zeroize(&mut raw);
     let key = parse_key(&req.key, facts)?;
-    let ctx = context(req.encryption_context).map_err(|e| to_status(&e))?;
+    let ctx = EncryptionContext::from_pairs(req.encryption_context).map_err(|e| to_status(&e))?;
     facts.context(&svc.audit, &ctx);
     let sealed = svc
         .kms
@@ -164,9 +163,11 @@ pub(super) fn re_encrypt(
 ) -> Result<ReEncryptResponse, Status> {
     let dest = parse_key(&req.destination_key, facts)?;
     facts.source = note_blob(&req.ciphertext);
-    let source_ctx = context(req.source_encryption_context).map_err(|e| to_status(&e))?;
+    let source_ctx =
+        EncryptionContext::from_pairs(req.source_encryption_context).map_err(|e| to_status(&e))?;
     let dest_ctx = if req.destination_context_set {
-        context(req.destination_encryption_context).map_err(|e| to_status(&e))?
+        EncryptionContext::from_pairs(req.destination_encryption_context)
+            .map_err(|e| to_status(&e))?
     } else {
         source_ctx.clone()
     };
@@ -208,7 +209,8 @@ pub(super) fn create_grant(
         .map(|name| name.parse::<Op>())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| to_status(&e))?;
-    let required_context = context(req.required_context).map_err(|e| to_status(&e))?;
+    let required_context =
+        EncryptionContext::from_pairs(req.required_context).map_err(|e| to_status(&e))?;
     facts.context(&svc.audit, &required_context);
     let new = NewGrant {
         grantee,
