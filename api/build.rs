@@ -19,7 +19,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let fds = protox::compile(protos, ["proto"])?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
-    std::fs::write(out.join("kms_descriptor.bin"), fds.encode_to_vec())?;
+    // One set per plane, so each listener's reflection describes only what it serves.
+    for (plane, proto) in [("data", protos[0]), ("admin", protos[1])] {
+        let one = protox::compile([proto], ["proto"])?;
+        std::fs::write(
+            out.join(format!("kms_{plane}_descriptor.bin")),
+            one.encode_to_vec(),
+        )?;
+    }
     // Messages that carry plaintext get a hand-written Debug (lengths only) in lib.rs.
     tonic_prost_build::configure()
         .skip_debug(SECRET_MESSAGES.iter().map(|m| format!(".kms.v1.{m}")))

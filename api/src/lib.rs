@@ -25,8 +25,12 @@ pub mod v1 {
     tonic::include_proto!("kms.v1");
 }
 
-/// The encoded file descriptor set, for gRPC reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("kms_descriptor");
+/// The data plane's file descriptor set, for its listener's reflection.
+pub const DATA_FILE_DESCRIPTOR_SET: &[u8] =
+    tonic::include_file_descriptor_set!("kms_data_descriptor");
+/// The admin plane's file descriptor set, for its listener's reflection.
+pub const ADMIN_FILE_DESCRIPTOR_SET: &[u8] =
+    tonic::include_file_descriptor_set!("kms_admin_descriptor");
 
 /// Plaintext-carrying messages print field lengths, never bytes.
 mod redacted_debug {

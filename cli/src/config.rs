@@ -232,6 +232,29 @@ pub(crate) struct ListenSection {
     pub(crate) data: SocketAddr,
     #[serde(default = "default_admin")]
     pub(crate) admin: SocketAddr,
+    /// Who may use gRPC reflection: `off`, `authenticated` (the default) or `open` (the
+    /// default of `kms serve --dev`).
+    #[serde(default)]
+    pub(crate) reflection: Option<ReflectionSetting>,
+}
+
+/// `[listen] reflection`.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum ReflectionSetting {
+    Off,
+    Authenticated,
+    Open,
+}
+
+impl From<ReflectionSetting> for server::Reflection {
+    fn from(s: ReflectionSetting) -> Self {
+        match s {
+            ReflectionSetting::Off => server::Reflection::Off,
+            ReflectionSetting::Authenticated => server::Reflection::Authenticated,
+            ReflectionSetting::Open => server::Reflection::Open,
+        }
+    }
 }
 
 impl Default for ListenSection {
@@ -239,6 +262,7 @@ impl Default for ListenSection {
         Self {
             data: default_data(),
             admin: default_admin(),
+            reflection: None,
         }
     }
 }

@@ -57,6 +57,7 @@ pub(crate) struct Prepared {
     stats: PolicyStats,
     unaudited: bool,
     listen: ListenConfig,
+    reflection: server::Reflection,
     endpoints: PathBuf,
     dev: bool,
 }
@@ -128,6 +129,11 @@ pub(crate) fn prepare(args: &ServeArgs, data_dir: &Path) -> Result<Prepared, Err
             server_cert: config.tls.server_cert,
             server_key: config.tls.server_key,
             admin_client_ca: config.tls.admin_client_ca,
+        },
+        reflection: match config.listen.reflection {
+            Some(setting) => setting.into(),
+            None if args.dev => server::Reflection::Open,
+            None => server::Reflection::Authenticated,
         },
         endpoints: config.data_dir.join("endpoints.json"),
         dev: args.dev,
@@ -252,9 +258,9 @@ pub(crate) async fn run(prepared: Prepared) -> Result<(), Error> {
     }
     let boot = boot_id();
     let audit = if prepared.unaudited {
-        Audit::danger_disabled(boot.clone())
+        Audit::danger_disabled()
     } else {
-        Audit::new(prepared.audit_log.clone(), boot.clone())
+        Audit::new(prepared.audit_log.clone())
     };
     let mut start = AuditEvent::new("server.start", "ok");
     start
@@ -275,6 +281,7 @@ pub(crate) async fn run(prepared: Prepared) -> Result<(), Error> {
         store: prepared.store,
         gov: prepared.gov.clone(),
         stats: prepared.stats,
+        reflection: prepared.reflection,
     };
     let flusher = tokio::spawn(flush_usage_every(prepared.gov.clone(), USAGE_FLUSH));
     let result = bound.serve(services, shutdown).await;

@@ -1,13 +1,11 @@
 //! The server's side of the audit log: request ids, the record of each request, and failing
 //! closed when the record cannot be written.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use kms_core::audit::{AuditError, AuditEvent, AuditLog, Pending};
 use kms_core::{Caller, EncryptionContext, Error, ErrorClass, Principal};
-use tonic::metadata::{AsciiMetadataValue, MetadataMap};
 use tonic::Status;
 
 /// The request-id header, read from the caller and echoed on the response.
@@ -20,59 +18,75 @@ pub const AUDIT_UNAVAILABLE: &str = "audit log unavailable; the request was refu
 #[derive(Clone, Debug)]
 pub struct Audit {
     log: Option<Arc<AuditLog>>,
-    ids: Arc<RequestIds>,
 }
 
-#[derive(Debug)]
-struct RequestIds {
-    boot: String,
-    next: AtomicU64,
+/// Longest request id a caller may send; a longer one, or one with other characters than
+/// `A-Z a-z 0-9 . _ -`, is not recorded (the server's own id is).
+pub const MAX_CLIENT_REQUEST_ID: usize = 64;
+
+/// A request's ids: the server's own (128 random bits, so one request's id says nothing about
+/// another's) and the caller's `x-request-id` when it is a sane token. Both go into the audit
+/// record; the response echoes the caller's id, or the server's when the caller sent none.
+#[derive(Clone, Debug)]
+pub(crate) struct RequestTag {
+    pub(crate) server: String,
+    pub(crate) client: Option<String>,
 }
 
-impl Audit {
-    /// Every request is recorded in `log` before it is answered.
-    pub fn new(log: Arc<AuditLog>, boot_id: String) -> Self {
-        Self {
-            log: Some(log),
-            ids: Arc::new(RequestIds {
-                boot: boot_id,
-                next: AtomicU64::new(1),
-            }),
-        }
-    }
-
-    /// Nothing is recorded. Only for measuring what auditing costs (`kms serve --dev
-    /// --unaudited`); never in production.
-    pub fn danger_disabled(boot_id: String) -> Self {
-        Self {
-            log: None,
-            ids: Arc::new(RequestIds {
-                boot: boot_id,
-                next: AtomicU64::new(1),
-            }),
-        }
-    }
-
-    /// The caller's request id when it is a sane token (1-64 of `A-Z a-z 0-9 . _ -`),
-    /// otherwise a fresh one.
-    pub(crate) fn request_id(&self, metadata: &MetadataMap) -> String {
-        let given = metadata
+impl RequestTag {
+    /// Fresh ids for a request with these headers.
+    pub(crate) fn new(headers: &tonic::codegen::http::HeaderMap) -> Self {
+        let client = headers
             .get(REQUEST_ID)
             .and_then(|v| v.to_str().ok())
             .filter(|s| {
                 !s.is_empty()
-                    && s.len() <= 64
+                    && s.len() <= MAX_CLIENT_REQUEST_ID
                     && s.bytes()
                         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-            });
-        match given {
-            Some(id) => id.to_owned(),
-            None => format!(
-                "{}-{}",
-                self.ids.boot,
-                self.ids.next.fetch_add(1, Ordering::Relaxed)
-            ),
+            })
+            .map(str::to_owned);
+        let mut random = [0u8; 16];
+        // The system generator does not fail on Linux; if it ever did, a fixed id is still
+        // unique enough for the caller's id and the record's sequence number to tell apart.
+        let _ = aws_lc_rs::rand::fill(&mut random);
+        Self {
+            server: hex::encode(random),
+            client,
         }
+    }
+
+    /// The ids of a request the gate has passed (a fresh pair if, in a test, none did).
+    pub(crate) fn of<T>(request: &tonic::Request<T>) -> Self {
+        request
+            .extensions()
+            .get::<Self>()
+            .cloned()
+            .unwrap_or_else(|| Self::new(&tonic::codegen::http::HeaderMap::new()))
+    }
+
+    /// What the response's `x-request-id` carries.
+    pub(crate) fn echoed(&self) -> &str {
+        self.client.as_deref().unwrap_or(&self.server)
+    }
+
+    /// Writes both ids into `event`.
+    pub(crate) fn stamp(&self, event: &mut AuditEvent) {
+        event.request_id = Some(self.server.clone());
+        event.client_request_id.clone_from(&self.client);
+    }
+}
+
+impl Audit {
+    /// Every request is recorded in `log` before it is answered.
+    pub fn new(log: Arc<AuditLog>) -> Self {
+        Self { log: Some(log) }
+    }
+
+    /// Nothing is recorded. Only for measuring what auditing costs (`kms serve --dev
+    /// --unaudited`); never in production.
+    pub fn danger_disabled() -> Self {
+        Self { log: None }
     }
 
     /// The keyed digest of a context.
@@ -185,7 +199,7 @@ impl Facts {
 pub(crate) fn data_event(
     action: &'static str,
     caller: &Caller,
-    request_id: String,
+    ids: &RequestTag,
     started: Instant,
     facts: Facts,
     status: Option<&Status>,
@@ -217,7 +231,7 @@ pub(crate) fn data_event(
             .detail
             .insert("source_key_version".into(), version.to_string());
     }
-    event.request_id = Some(request_id);
+    ids.stamp(&mut event);
     event.latency_us = Some(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
     event
 }
@@ -228,12 +242,4 @@ pub(crate) fn status_word(status: Option<&Status>) -> String {
         None => "ok".into(),
         Some(s) => format!("{:?}", s.code()),
     }
-}
-
-/// Sets the request-id header on a response.
-pub(crate) fn tag<T>(mut response: tonic::Response<T>, request_id: &str) -> tonic::Response<T> {
-    if let Ok(v) = AsciiMetadataValue::try_from(request_id) {
-        response.metadata_mut().insert(REQUEST_ID, v);
-    }
-    response
 }

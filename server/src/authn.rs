@@ -380,6 +380,28 @@ impl Authenticator {
     }
 }
 
+/// The SPIFFE ID a refused certificate chain claims (its leaf's only URI SAN), for the audit
+/// record of the refusal. Nothing here is verified.
+pub(crate) fn claimed_by_certificate(certs: &[CertificateDer<'_>]) -> Option<SpiffeId> {
+    let facts = svid_facts(certs.first()?.as_ref())?;
+    match facts.uri_sans.as_slice() {
+        [uri] => uri.parse().ok(),
+        _ => None,
+    }
+}
+
+/// The SPIFFE ID a refused JWT-SVID claims (its `sub`), for the audit record of the refusal.
+/// Nothing here is verified.
+pub(crate) fn claimed_by_jwt(token: &str) -> Option<SpiffeId> {
+    use base64::Engine;
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    claims.get("sub")?.as_str()?.parse().ok()
+}
+
 fn chain_digest(certs: &[CertificateDer<'_>]) -> [u8; 32] {
     let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
     for c in certs {

@@ -10,6 +10,7 @@ use kms_core::governance::policy::Policies;
 use kms_core::governance::spiffe::SpiffeId;
 use kms_core::{AuthMethod, Caller, Clock, GrantFacts, Principal, Store};
 use rustls_pki_types::CertificateDer;
+use tonic::codegen::http::HeaderMap;
 use tonic::metadata::MetadataMap;
 use tonic::Status;
 
@@ -59,6 +60,14 @@ impl std::fmt::Debug for Governance {
     }
 }
 
+/// A data-plane caller whose credential the gate verified; the request carries it to the
+/// service in its extensions.
+#[derive(Clone, Debug)]
+pub(crate) struct Authenticated {
+    pub(crate) id: SpiffeId,
+    pub(crate) method: AuthMethod,
+}
+
 /// A data-plane request refused before any key was looked at.
 #[derive(Debug)]
 pub(crate) struct Refusal {
@@ -87,20 +96,18 @@ impl Governance {
             .map_err(crate::Error::TrustBundle)
     }
 
-    /// Authenticates and admits a data-plane caller: a verified SPIFFE ID, covered by an
-    /// active, unexpired registration; and, if it presents a grant, a grant that is its own,
-    /// live, from a creator still registered, with `uses` uses left (reserved here; give back
-    /// what was not used with [`Governance::release`]).
-    pub(crate) fn identify(
+    /// Authenticates a data-plane caller from what the connection and the headers carry: its
+    /// X.509-SVID (verified against its trust domain's bundle), or failing that a JWT-SVID in
+    /// `authorization: Bearer ...`. Runs in the gate, before the request's body is read.
+    pub(crate) fn authenticate(
         &self,
         certs: Option<&[CertificateDer<'_>]>,
-        metadata: &MetadataMap,
-        uses: u64,
-    ) -> Result<Caller, Refusal> {
+        headers: &HeaderMap,
+    ) -> Result<Authenticated, Refusal> {
         let certs = certs.filter(|c| !c.is_empty());
         let bearer = match certs {
             Some(_) => None,
-            None => bearer_token(metadata),
+            None => bearer_token(headers),
         };
         let method = if bearer.is_some() {
             AuthMethod::Jwt
@@ -111,22 +118,44 @@ impl Governance {
             Some(token) => self.authn.authenticate_jwt(token),
             None => self.authn.authenticate(certs),
         };
-        let id = authenticated.map_err(|f| {
-            let principal = match &f {
-                AuthFailure::Untrusted { claimed } => Principal::Unverified(claimed.clone()),
-                _ => Principal::Anonymous,
-            };
-            Refusal {
-                principal,
-                auth: if matches!(f, AuthFailure::Missing) {
-                    "none"
-                } else {
-                    method.as_str()
-                },
-                reason: f.reason(),
-                status: Status::unauthenticated(NOT_AUTHENTICATED),
+        match authenticated {
+            Ok(id) => Ok(Authenticated { id, method }),
+            Err(f) => {
+                // Whom the credential claims to be, marked unverified: an auditor can see who
+                // was turned away without taking the claim for the truth.
+                let claimed = match &f {
+                    AuthFailure::Untrusted { claimed } => Some(claimed.clone()),
+                    AuthFailure::Missing => None,
+                    _ => match bearer {
+                        Some(token) => crate::authn::claimed_by_jwt(token),
+                        None => certs.and_then(crate::authn::claimed_by_certificate),
+                    },
+                };
+                Err(Refusal {
+                    principal: claimed.map_or(Principal::Anonymous, Principal::Unverified),
+                    auth: if matches!(f, AuthFailure::Missing) {
+                        "none"
+                    } else {
+                        method.as_str()
+                    },
+                    reason: f.reason(),
+                    status: Status::unauthenticated(NOT_AUTHENTICATED),
+                })
             }
-        })?;
+        }
+    }
+
+    /// Admits an authenticated data-plane caller: covered by an active, unexpired
+    /// registration; and, if it presents a grant, a grant that is its own, live, from a
+    /// creator still registered, with `uses` uses left (reserved here; give back what was not
+    /// used with [`Governance::release`]).
+    pub(crate) fn identify(
+        &self,
+        who: Authenticated,
+        metadata: &MetadataMap,
+        uses: u64,
+    ) -> Result<Caller, Refusal> {
+        let Authenticated { id, method } = who;
         // Built only for a refusal: the accepted path does not copy the identity.
         let principal = || Principal::Workload(id.clone());
         let now = self.clock.now_unix();
@@ -220,8 +249,8 @@ impl Governance {
 }
 
 /// The token of an `authorization: Bearer ...` header, if there is one.
-fn bearer_token(metadata: &MetadataMap) -> Option<&str> {
-    let value = metadata.get("authorization")?.to_str().ok()?;
+fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get("authorization")?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
     scheme
         .eq_ignore_ascii_case("bearer")

@@ -1,6 +1,7 @@
 //! The caller's identity as the TLS layer verified it.
 
 use kms_core::OperatorId;
+use rustls_pki_types::CertificateDer;
 use tonic::{Request, Status};
 
 /// An operator, as the admin plane's TLS handshake verified it (chained to the operator CA):
@@ -10,15 +11,33 @@ use tonic::{Request, Status};
 /// The admin plane requires a client certificate, so a request without one never reaches a
 /// handler; the check here is defence in depth.
 pub(crate) fn operator<T>(request: &Request<T>) -> Result<OperatorId, Status> {
-    let leaf = request
-        .peer_certs()
-        .and_then(|certs| certs.first().cloned())
+    let certs = request.peer_certs();
+    operator_from(certs.as_deref().map(Vec::as_slice)).map(|o| o.id)
+}
+
+/// An operator's identity and its certificate's validity window (Unix seconds).
+#[derive(Clone, Debug)]
+pub(crate) struct OperatorCert {
+    pub(crate) id: OperatorId,
+    pub(crate) not_before: u64,
+    pub(crate) not_after: u64,
+}
+
+/// The operator a verified certificate chain names, as [`operator`] describes.
+pub(crate) fn operator_from(certs: Option<&[CertificateDer<'_>]>) -> Result<OperatorCert, Status> {
+    let leaf = certs
+        .and_then(<[CertificateDer<'_>]>::first)
         .ok_or_else(|| Status::unauthenticated("client certificate required"))?;
-    if let Some(facts) = svid_facts(leaf.as_ref()) {
-        if let [uri] = facts.uri_sans.as_slice() {
-            if let Some(id) = OperatorId::from_uri(uri) {
-                return Ok(id);
-            }
+    let facts = svid_facts(leaf.as_ref())
+        .ok_or_else(|| Status::unauthenticated("client certificate does not parse"))?;
+    let (not_before, not_after) = (facts.not_before, facts.not_after);
+    if let [uri] = facts.uri_sans.as_slice() {
+        if let Some(id) = OperatorId::from_uri(uri) {
+            return Ok(OperatorCert {
+                id,
+                not_before,
+                not_after,
+            });
         }
     }
     let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, leaf.as_ref());
@@ -26,7 +45,11 @@ pub(crate) fn operator<T>(request: &Request<T>) -> Result<OperatorId, Status> {
         .as_ref()
         .try_into()
         .map_err(|_| Status::internal("internal error"))?;
-    Ok(OperatorId::from_fingerprint(sha256))
+    Ok(OperatorCert {
+        id: OperatorId::from_fingerprint(sha256),
+        not_before,
+        not_after,
+    })
 }
 
 /// What an X.509-SVID check needs from a certificate (DER): its URI SANs, whether it is a CA,

@@ -13,7 +13,10 @@
 //! CA in the handshake. The data plane verifies each request's X.509-SVID against the bundle of
 //! its trust domain, then admits it only if the inventory covers it ([`Governance`]), then
 //! asks the Cedar policies; operators' certificates are not in any workload trust domain.
-//! Both planes also serve gRPC health and reflection.
+//! Both planes also serve gRPC health (open) and reflection (of their own services only;
+//! authenticated callers only outside `--dev`, or off). A gate in front of each listener
+//! (`gate.rs`) gives every request its ids, authenticates it before its body is read, and
+//! records every refusal.
 //!
 //! It does not hold domain rules: validation, authorisation and key handling live in
 //! kms-core. It runs every core call under `spawn_blocking`, since those may call the HSM.
@@ -23,6 +26,7 @@ mod audit;
 mod authn;
 mod data;
 mod error;
+mod gate;
 mod governance;
 mod identity;
 mod policy_stats;
@@ -33,6 +37,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use api::v1::admin_server::AdminServer;
 use api::v1::data_plane_server::DataPlaneServer;
@@ -41,13 +46,14 @@ use tokio::net::TcpListener;
 use tonic::transport::Server;
 
 pub use admin::AdminService;
-pub use audit::{Audit, AUDIT_UNAVAILABLE, REQUEST_ID};
+pub use audit::{Audit, AUDIT_UNAVAILABLE, MAX_CLIENT_REQUEST_ID, REQUEST_ID};
 pub use authn::{
     parse_bundle, parse_jwks, AuthFailure, Authenticator, BadBundle, BundleError, BundleSource,
     JwtConfig,
 };
 pub use data::{DataService, MAX_BATCH};
 pub use error::Error;
+pub use gate::{Reflection, SUMMARY_EVERY, UNAUTHENTICATED_PER_SEC};
 pub use governance::{Governance, GRANT_HEADER, MAX_PURPOSE, PURPOSE_HEADER};
 pub use identity::svid_facts;
 pub use policy_stats::{EvalStats, PolicyStats, TimedAuthorizer};
@@ -67,6 +73,59 @@ pub struct ListenConfig {
     pub admin_client_ca: PathBuf,
 }
 
+/// The HTTP/2 and connection limits of one listener (documented in SECURITY.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Limits {
+    /// Open connections, handshakes included; a connection over it is closed at once.
+    pub connections: usize,
+    /// Concurrent streams (requests) per connection.
+    pub streams_per_connection: u32,
+    /// Largest header list a request may carry, in bytes.
+    pub header_list_bytes: u32,
+    /// Largest request message, in bytes (read only once the caller is authenticated).
+    pub message_bytes: usize,
+    /// Time a request may take, from its headers to its answer.
+    pub request_timeout: Duration,
+    /// A connection idle this long is pinged; one that does not answer in
+    /// [`Limits::keepalive_timeout`] is closed.
+    pub keepalive_interval: Duration,
+    /// See [`Limits::keepalive_interval`].
+    pub keepalive_timeout: Duration,
+}
+
+impl Limits {
+    /// The data plane's limits: room for many workloads and batches of 1,000 blobs.
+    pub const DATA: Limits = Limits {
+        connections: 4096,
+        streams_per_connection: 128,
+        header_list_bytes: 16 * 1024,
+        message_bytes: 8 * 1024 * 1024,
+        request_timeout: Duration::from_secs(30),
+        keepalive_interval: Duration::from_secs(30),
+        keepalive_timeout: Duration::from_secs(10),
+    };
+    /// The admin plane's limits: few operators; reports over large inventories may be slow.
+    pub const ADMIN: Limits = Limits {
+        connections: 128,
+        streams_per_connection: 32,
+        header_list_bytes: 16 * 1024,
+        message_bytes: 4 * 1024 * 1024,
+        request_timeout: Duration::from_secs(300),
+        keepalive_interval: Duration::from_secs(30),
+        keepalive_timeout: Duration::from_secs(10),
+    };
+
+    fn builder(&self) -> Server {
+        Server::builder()
+            .max_concurrent_streams(self.streams_per_connection)
+            .http2_max_header_list_size(self.header_list_bytes)
+            .timeout(self.request_timeout)
+            .http2_keepalive_interval(Some(self.keepalive_interval))
+            .http2_keepalive_timeout(Some(self.keepalive_timeout))
+    }
+}
+
 /// What the two planes serve.
 #[derive(Clone)]
 pub struct Services {
@@ -80,6 +139,8 @@ pub struct Services {
     pub gov: Arc<Governance>,
     /// Decision times, measured by the data plane's [`TimedAuthorizer`].
     pub stats: PolicyStats,
+    /// Who may use gRPC reflection.
+    pub reflection: Reflection,
 }
 
 impl std::fmt::Debug for Services {
@@ -151,28 +212,51 @@ impl Bound {
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
         };
-        let reflection = || {
+        // Each listener describes only its own services.
+        let reflection = |plane: &'static [u8]| {
             tonic_reflection::server::Builder::configure()
-                .register_encoded_file_descriptor_set(api::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(plane)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
                 .build_v1()
                 .map_err(Error::Reflection)
         };
+        let open = services.reflection != Reflection::Off;
+        let data_gate = gate::GateLayer::new(
+            gate::Plane::Data,
+            services.audit.clone(),
+            services.gov.clone(),
+            services.reflection,
+        );
+        let admin_gate = gate::GateLayer::new(
+            gate::Plane::Admin,
+            services.audit.clone(),
+            services.gov.clone(),
+            services.reflection,
+        );
 
         let (data_health, data_health_svc) = tonic_health::server::health_reporter();
         data_health
             .set_serving::<DataPlaneServer<DataService>>()
             .await;
-        let data = Server::builder()
+        let limits = Limits::DATA;
+        let data = limits
+            .builder()
+            .layer(data_gate.clone())
             .add_service(data_health_svc)
-            .add_service(reflection()?)
-            .add_service(DataPlaneServer::new(DataService::new(
-                services.kms.clone(),
-                services.audit.clone(),
-                services.gov.clone(),
-            )))
+            .add_optional_service(
+                open.then(|| reflection(api::DATA_FILE_DESCRIPTOR_SET))
+                    .transpose()?,
+            )
+            .add_service(
+                DataPlaneServer::new(DataService::new(
+                    services.kms.clone(),
+                    services.audit.clone(),
+                    services.gov.clone(),
+                ))
+                .max_decoding_message_size(limits.message_bytes),
+            )
             .serve_with_incoming_shutdown(
-                tls::incoming("data", self.data, self.data_tls),
+                tls::incoming("data", self.data, self.data_tls, limits.connections),
                 stopped(stop_rx.clone()),
             );
 
@@ -180,22 +264,50 @@ impl Bound {
         admin_health
             .set_serving::<AdminServer<AdminService>>()
             .await;
-        let admin = Server::builder()
+        let limits = Limits::ADMIN;
+        let admin = limits
+            .builder()
+            .layer(admin_gate.clone())
             .add_service(admin_health_svc)
-            .add_service(reflection()?)
-            .add_service(AdminServer::new(AdminService::new(
-                services.kms,
-                services.audit,
-                services.store,
-                services.gov,
-                services.stats,
-            )))
+            .add_optional_service(
+                open.then(|| reflection(api::ADMIN_FILE_DESCRIPTOR_SET))
+                    .transpose()?,
+            )
+            .add_service(
+                AdminServer::new(AdminService::new(
+                    services.kms,
+                    services.audit,
+                    services.store,
+                    services.gov,
+                    services.stats,
+                ))
+                .max_decoding_message_size(limits.message_bytes),
+            )
             .serve_with_incoming_shutdown(
-                tls::incoming("admin", self.admin, self.admin_tls),
-                stopped(stop_rx),
+                tls::incoming("admin", self.admin, self.admin_tls, limits.connections),
+                stopped(stop_rx.clone()),
             );
 
-        let (d, a) = tokio::join!(data, admin);
+        // Refusals counted beyond the budget are written as summaries, and once more at stop.
+        let summaries = {
+            let (data_gate, admin_gate) = (data_gate.clone(), admin_gate.clone());
+            let mut stop = stop_rx;
+            async move {
+                let mut every = tokio::time::interval(SUMMARY_EVERY);
+                loop {
+                    tokio::select! {
+                        _ = every.tick() => {}
+                        _ = stop.wait_for(|s| *s) => break,
+                    }
+                    data_gate.summarise().await;
+                    admin_gate.summarise().await;
+                }
+            }
+        };
+
+        let (d, a, ()) = tokio::join!(data, admin, summaries);
+        data_gate.summarise().await;
+        admin_gate.summarise().await;
         d.map_err(|source| Error::Serve {
             plane: "data",
             source,

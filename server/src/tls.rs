@@ -3,7 +3,9 @@
 //! Handshakes run in their own tasks so a slow client cannot stall accepts.
 
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use rustls::server::danger::ClientCertVerifier;
@@ -11,11 +13,13 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::RootCertStore;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::Connected;
 
 use crate::authn::ProofOfPossession;
 use crate::error::Error;
@@ -44,7 +48,14 @@ pub(crate) fn admin_server_config(
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
         .map_err(|e| tls(plane, e))?;
-    server_config(plane, cert_chain, key, provider, verifier)
+    let mut config = server_config(plane, cert_chain, key, provider, verifier)?;
+    // No session resumption on the admin plane: every connection presents and proves the
+    // operator's certificate afresh (a resumed session would carry the first one's for a day).
+    let config_mut = Arc::get_mut(&mut config)
+        .ok_or_else(|| tls(plane, std::io::Error::other("TLS configuration is shared")))?;
+    config_mut.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config_mut.send_tls13_tickets = 0;
+    Ok(config)
 }
 
 /// The data plane's rustls configuration: a client certificate is requested and its key
@@ -104,16 +115,77 @@ fn tls(plane: &'static str, e: impl std::error::Error + Send + Sync + 'static) -
     }
 }
 
+/// A TLS connection that holds one of its listener's connection permits until it closes.
+#[derive(Debug)]
+pub(crate) struct Counted {
+    stream: TlsStream<TcpStream>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Connected for Counted {
+    type ConnectInfo = <TlsStream<TcpStream> as Connected>::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.stream.connect_info()
+    }
+}
+
+impl AsyncRead for Counted {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Counted {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
 /// Accepts TCP connections, completes TLS handshakes concurrently, and yields the finished
-/// streams. Failed handshakes (wrong CA, no certificate, TLS 1.2) are logged and dropped.
+/// streams. At most `max_connections` are open at once, handshakes included: a connection
+/// over that is closed at once (and logged, at most once a second). Failed handshakes (wrong
+/// CA, no certificate, TLS 1.2) are logged and dropped.
 pub(crate) fn incoming(
     plane: &'static str,
     listener: TcpListener,
     config: Arc<rustls::ServerConfig>,
-) -> ReceiverStream<Result<TlsStream<tokio::net::TcpStream>, std::io::Error>> {
+    max_connections: usize,
+) -> ReceiverStream<Result<Counted, std::io::Error>> {
     let (tx, rx) = mpsc::channel(256);
     let acceptor = TlsAcceptor::from(config);
+    let permits = Arc::new(Semaphore::new(max_connections));
     tokio::spawn(async move {
+        let mut turned_away = 0u64;
+        let mut last_said = tokio::time::Instant::now();
         let mut backoff = ACCEPT_BACKOFF_MIN;
         loop {
             let (tcp, peer) = match listener.accept().await {
@@ -133,13 +205,33 @@ pub(crate) fn incoming(
             if tx.is_closed() {
                 break;
             }
+            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                drop(tcp);
+                turned_away += 1;
+                if last_said.elapsed() >= Duration::from_secs(1) {
+                    tracing::warn!(
+                        plane,
+                        max_connections,
+                        turned_away,
+                        "connection limit reached; connections closed"
+                    );
+                    last_said = tokio::time::Instant::now();
+                    turned_away = 0;
+                }
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
-                        let _ = tx.send(Ok(stream)).await;
+                        let _ = tx
+                            .send(Ok(Counted {
+                                stream,
+                                _permit: permit,
+                            }))
+                            .await;
                     }
                     Ok(Err(e)) => tracing::info!(plane, %peer, error = %e, "tls handshake refused"),
                     Err(_) => tracing::info!(plane, %peer, "tls handshake timed out"),

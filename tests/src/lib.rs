@@ -92,6 +92,11 @@ impl Server {
         }
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Everything the server has written to stderr so far.
     pub fn log(&self) -> String {
         self.log.lock().unwrap().clone()

@@ -600,7 +600,7 @@ fn recorded_request_ids(dir: &Path) -> HashSet<String> {
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
         .filter_map(|l| {
-            l["record"]["event"]["request_id"]
+            l["record"]["event"]["client_request_id"]
                 .as_str()
                 .map(str::to_owned)
         })

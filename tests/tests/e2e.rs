@@ -409,9 +409,14 @@ fn reflection_lists_each_planes_services() {
     let server = Server::start(KMS, dir.path());
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        for (who, addr, service) in [
-            ("workload", &server.data, "kms.v1.DataPlane"),
-            ("operator", &server.admin, "kms.v1.Admin"),
+        for (who, addr, service, other) in [
+            ("workload", &server.data, "kms.v1.DataPlane", "kms.v1.Admin"),
+            (
+                "operator",
+                &server.admin,
+                "kms.v1.Admin",
+                "kms.v1.DataPlane",
+            ),
         ] {
             let channel = server.client_tls(who).channel(addr).await.unwrap();
             let mut client = ServerReflectionClient::new(channel);
@@ -432,6 +437,8 @@ fn reflection_lists_each_planes_services() {
             let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
             assert!(names.contains(&service), "{names:?}");
             assert!(names.contains(&"grpc.health.v1.Health"), "{names:?}");
+            // A listener describes only what it serves.
+            assert!(!names.contains(&other), "{names:?}");
         }
     });
 }

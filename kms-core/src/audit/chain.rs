@@ -71,9 +71,13 @@ pub struct AuditEvent {
     /// The grant used, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grant_id: Option<String>,
-    /// The request id (the caller's `x-request-id`, or one the server assigned).
+    /// The request id the server assigned (random, unique per request).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
+    /// The caller's own `x-request-id`, when it sent a well-formed one (at most 64 of
+    /// `A-Z a-z 0-9 . _ -`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_request_id: Option<String>,
     /// Time spent serving the request, in microseconds, up to the audit write.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latency_us: Option<u64>,

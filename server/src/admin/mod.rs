@@ -35,7 +35,7 @@ use serde::Serialize;
 use tonic::{Request, Response, Status};
 
 pub(crate) use self::status::{core, to_status};
-use crate::audit::{status_word, tag, Audit};
+use crate::audit::{status_word, Audit, RequestTag};
 use crate::governance::Governance;
 use crate::identity::operator;
 use crate::policy_stats::PolicyStats;
@@ -110,7 +110,7 @@ impl AdminService {
         T: Send + 'static,
         F: FnOnce(&Kms, &dyn Store) -> Result<T, Status> + Send + 'static,
     {
-        let (operator, request_id) = self.who(request)?;
+        let (operator, ids) = self.who(request)?;
         let kms = self.kms.clone();
         let store = self.store.clone();
         let result = tokio::task::spawn_blocking(move || f(&kms, store.as_ref()))
@@ -120,9 +120,9 @@ impl AdminService {
         event.action = action.into();
         event.status = status_word(result.as_ref().err());
         event.set_caller(Principal::Operator(operator), "mtls");
-        event.request_id = Some(request_id.clone());
+        ids.stamp(&mut event);
         self.audit.record(event).await?;
-        result.map(|r| tag(Response::new(r), &request_id))
+        result.map(Response::new)
     }
 
     /// Runs one governance read, recorded with who read what.
@@ -145,12 +145,14 @@ impl AdminService {
         self.read(action, request, event, move |_, _| f(&gov)).await
     }
 
-    /// The operator making `request` and the request's id.
-    fn who<R>(&self, request: &Request<R>) -> Result<(OperatorId, String), Status> {
-        Ok((
-            operator(request)?,
-            self.audit.request_id(request.metadata()),
-        ))
+    /// The operator making `request` (as the gate identified it) and the request's ids.
+    fn who<R>(&self, request: &Request<R>) -> Result<(OperatorId, RequestTag), Status> {
+        crate::gate::Taken::mark(request);
+        let operator = match request.extensions().get::<OperatorId>() {
+            Some(id) => id.clone(),
+            None => operator(request)?,
+        };
+        Ok((operator, RequestTag::of(request)))
     }
 
     /// The record that `operator` asked for `action`, to be written before anything changes.
@@ -158,12 +160,12 @@ impl AdminService {
         &self,
         action: &'static str,
         request: &Request<R>,
-    ) -> Result<(OperatorId, String, AuditEvent), Status> {
-        let (operator, request_id) = self.who(request)?;
+    ) -> Result<(OperatorId, AuditEvent), Status> {
+        let (operator, ids) = self.who(request)?;
         let mut intent = AuditEvent::new(action, "requested");
         intent.set_caller(Principal::Operator(operator.clone()), "mtls");
-        intent.request_id = Some(request_id.clone());
-        Ok((operator, request_id, intent))
+        ids.stamp(&mut intent);
+        Ok((operator, intent))
     }
 
     /// Records a change's outcome. The change is made (or refused) and its request is on
@@ -194,7 +196,7 @@ impl AdminService {
     where
         F: FnOnce(&Kms) -> Result<KeyRecord, Status> + Send + 'static,
     {
-        let (operator, request_id, mut intent) = self.intent(action, request)?;
+        let (operator, mut intent) = self.intent(action, request)?;
         intent.key = key.as_ref().map(ToString::to_string);
         self.audit.record(intent.clone()).await?;
 
@@ -214,7 +216,7 @@ impl AdminService {
             done.after = object_hash(after);
         }
         self.outcome(done, &operator, &result).await;
-        result.map(|r| tag(Response::new(keys::metadata(&r)), &request_id))
+        result.map(|r| Response::new(keys::metadata(&r)))
     }
 
     /// Runs one governance change through approvals and the audit log, recorded as requested
@@ -232,7 +234,7 @@ impl AdminService {
         T: Send + 'static,
         F: FnOnce(&Governance, &str) -> Result<Changed<B, T>, Status> + Send + 'static,
     {
-        let (operator, request_id, mut intent) = self.intent(action, request)?;
+        let (operator, mut intent) = self.intent(action, request)?;
         intent.detail.insert("target".into(), target.clone());
         self.audit.record(intent.clone()).await?;
 
@@ -259,7 +261,7 @@ impl AdminService {
             done.after = changed.after.as_ref().and_then(object_hash);
         }
         self.outcome(done, &operator, &result).await;
-        result.map(|c| tag(Response::new(c.answer), &request_id))
+        result.map(|c| Response::new(c.answer))
     }
 }
 

@@ -21,12 +21,12 @@ use api::v1::{
     RevokeGrantRequest, RevokeGrantResponse,
 };
 use kms_core::audit::AuditEvent;
-use kms_core::{Caller, KeyRef, Kms};
+use kms_core::{Caller, KeyRef, Kms, Principal};
 use tonic::{Request, Response, Status};
 
 pub(crate) use self::status::NOT_FOUND_OR_DENIED;
-use crate::audit::{data_event, settle, status_word, tag, Audit, Facts};
-use crate::governance::Governance;
+use crate::audit::{data_event, settle, status_word, Audit, Facts, RequestTag};
+use crate::governance::{Authenticated, Governance, Refusal};
 
 /// When a request started, for the latency in its audit record.
 #[expect(
@@ -64,7 +64,8 @@ impl DataService {
         Self { kms, audit, gov }
     }
 
-    /// The authenticated, admitted caller and the request's id. A refused caller's request is
+    /// The admitted caller and the request's ids. The gate has authenticated the caller; here
+    /// its registration (and grant, reserving `uses`) is checked. A refused caller's request is
     /// recorded (with the reason) and answered here.
     async fn admit<T>(
         &self,
@@ -72,39 +73,48 @@ impl DataService {
         request: &Request<T>,
         started: Instant,
         uses: usize,
-    ) -> Result<(Caller, String), Status> {
-        let request_id = self.audit.request_id(request.metadata());
-        let certs = request.peer_certs();
+    ) -> Result<(Caller, RequestTag), Status> {
+        crate::gate::Taken::mark(request);
+        let ids = RequestTag::of(request);
+        let Some(who) = request.extensions().get::<Authenticated>().cloned() else {
+            // The gate authenticates every data-plane request; without it, refuse.
+            return Err(Status::internal("internal error"));
+        };
         let uses = u64::try_from(uses).unwrap_or(u64::MAX);
         let identified = if request.metadata().contains_key(crate::GRANT_HEADER) {
             // Reserving grant uses is a synced store write: keep it off the async workers.
             let gov = self.gov.clone();
             let metadata = request.metadata().clone();
-            tokio::task::spawn_blocking(move || {
-                gov.identify(certs.as_ref().map(|c| c.as_slice()), &metadata, uses)
-            })
-            .await
-            .map_err(|_| Status::internal("internal error"))?
+            tokio::task::spawn_blocking(move || gov.identify(who, &metadata, uses))
+                .await
+                .map_err(|_| Status::internal("internal error"))?
         } else {
-            self.gov.identify(
-                certs.as_ref().map(|c| c.as_slice()),
-                request.metadata(),
-                uses,
-            )
+            self.gov.identify(who, request.metadata(), uses)
         };
         match identified {
-            Ok(caller) => Ok((caller, request_id)),
-            Err(refusal) => {
-                let mut event = AuditEvent::new(action, status_word(Some(&refusal.status)));
-                event.set_caller(refusal.principal, refusal.auth);
-                event.decision = Some("deny".into());
-                event.reason = Some(refusal.reason.into());
-                event.request_id = Some(request_id);
-                event.latency_us =
-                    Some(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
-                self.audit.record(event).await?;
-                Err(refusal.status)
-            }
+            Ok(caller) => Ok((caller, ids)),
+            Err(refusal) => Err(self.refuse(action, refusal, &ids, started).await),
+        }
+    }
+
+    /// Records a refused request (with the reason) and gives the status to answer: the
+    /// refusal's, or the audit status if the record cannot be written.
+    async fn refuse(
+        &self,
+        action: &'static str,
+        refusal: Refusal,
+        ids: &RequestTag,
+        started: Instant,
+    ) -> Status {
+        let mut event = AuditEvent::new(action, status_word(Some(&refusal.status)));
+        event.set_caller(refusal.principal, refusal.auth);
+        event.decision = Some("deny".into());
+        event.reason = Some(refusal.reason.into());
+        ids.stamp(&mut event);
+        event.latency_us = Some(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
+        match self.audit.record(event).await {
+            Ok(()) => refusal.status,
+            Err(unrecorded) => unrecorded,
         }
     }
 
@@ -153,7 +163,7 @@ impl DataService {
         F: FnOnce(&DataService, &Caller, Req, &mut Facts) -> Result<Resp, Status> + Send + 'static,
     {
         let started = request_clock();
-        let (caller, request_id) = self.admit(action, &request, started, uses).await?;
+        let (caller, ids) = self.admit(action, &request, started, uses).await?;
         let req = request.into_inner();
         let runs = runs(self, &req);
         // The caller goes into the call and comes back with its result: no copy.
@@ -168,20 +178,13 @@ impl DataService {
         if result.is_err() {
             self.release(&caller, 1).await;
         }
-        let event = data_event(
-            action,
-            &caller,
-            request_id.clone(),
-            started,
-            facts,
-            result.as_ref().err(),
-        );
+        let event = data_event(action, &caller, &ids, started, facts, result.as_ref().err());
         self.audit.record(event).await?;
-        result.map(|r| tag(Response::new(r), &request_id))
+        result.map(Response::new)
     }
 
-    /// A batch: refused whole if over [`MAX_BATCH`] items; otherwise the caller is admitted
-    /// once (reserving a grant use per item), every item runs on the blocking pool (a batch
+    /// A batch: refused whole (and recorded) if over [`MAX_BATCH`] items; otherwise the caller
+    /// is admitted once (reserving a grant use per item), every item runs on the blocking pool (a batch
     /// holds a worker for up to 1000 operations), every item is recorded (one group-committed
     /// write for all of them), and the results are answered in order. If any record cannot be
     /// written, the whole batch is refused.
@@ -190,16 +193,34 @@ impl DataService {
         action: &'static str,
         request: Request<Vec<Item>>,
         op: F,
-    ) -> Result<(Vec<Result<Out, Status>>, String), Status>
+    ) -> Result<Vec<Result<Out, Status>>, Status>
     where
         Item: Send + 'static,
         Out: Send + 'static,
         F: Fn(&DataService, &Caller, Item, &mut Facts) -> Result<Out, Status> + Send + 'static,
     {
         let started = request_clock();
-        ops::check_batch(request.get_ref().len())?;
         let uses = request.get_ref().len();
-        let (caller, request_id) = self.admit(action, &request, started, uses).await?;
+        if let Err(status) = ops::check_batch(uses) {
+            // Authenticated by the gate, refused before any use of a grant is reserved.
+            crate::gate::Taken::mark(&request);
+            let refusal = Refusal {
+                principal: request
+                    .extensions()
+                    .get::<Authenticated>()
+                    .map_or(Principal::Anonymous, |a| Principal::Workload(a.id.clone())),
+                auth: request
+                    .extensions()
+                    .get::<Authenticated>()
+                    .map_or("none", |a| a.method.as_str()),
+                reason: "request.batch_too_large",
+                status,
+            };
+            return Err(self
+                .refuse(action, refusal, &RequestTag::of(&request), started)
+                .await);
+        }
+        let (caller, ids) = self.admit(action, &request, started, uses).await?;
         let items = request.into_inner();
         let (done, caller) = self
             .call(Runs::Blocking, move |svc| {
@@ -221,21 +242,14 @@ impl DataService {
         let mut pending = Vec::with_capacity(done.len());
         let mut results = Vec::with_capacity(done.len());
         for (result, facts) in done {
-            let event = data_event(
-                action,
-                &caller,
-                request_id.clone(),
-                started,
-                facts,
-                result.as_ref().err(),
-            );
+            let event = data_event(action, &caller, &ids, started, facts, result.as_ref().err());
             pending.extend(self.audit.submit(event));
             results.push(result);
         }
         for p in pending {
             settle(p.wait().await)?;
         }
-        Ok((results, request_id))
+        Ok(results)
     }
 
     /// Where a call naming `key` runs.
@@ -350,7 +364,7 @@ impl DataPlane for DataService {
         request: Request<BatchGenerateDataKeyRequest>,
     ) -> Result<Response<BatchGenerateDataKeyResponse>, Status> {
         let with_plaintext = !request.get_ref().without_plaintext;
-        let (results, request_id) = self
+        let results = self
             .batch(
                 "data.BatchGenerateDataKey",
                 request.map(|r| r.items),
@@ -368,17 +382,14 @@ impl DataPlane for DataService {
                 }),
             })
             .collect();
-        Ok(tag(
-            Response::new(BatchGenerateDataKeyResponse { results }),
-            &request_id,
-        ))
+        Ok(Response::new(BatchGenerateDataKeyResponse { results }))
     }
 
     async fn batch_decrypt(
         &self,
         request: Request<BatchDecryptRequest>,
     ) -> Result<Response<BatchDecryptResponse>, Status> {
-        let (results, request_id) = self
+        let results = self
             .batch("data.BatchDecrypt", request.map(|r| r.items), ops::decrypt)
             .await?;
         let results = results
@@ -390,10 +401,7 @@ impl DataPlane for DataService {
                 }),
             })
             .collect();
-        Ok(tag(
-            Response::new(BatchDecryptResponse { results }),
-            &request_id,
-        ))
+        Ok(Response::new(BatchDecryptResponse { results }))
     }
 
     async fn create_grant(
