@@ -13,14 +13,15 @@ use api::v1::QueryAuditRequest;
 use clap::{Args, Subcommand};
 use kms_core::audit::{
     key_seq, public_key_from_pem, seq_key, signer_id, split_record, stored_checkpoints,
-    stored_signers, verify_store, Checkpoint, ExportLine, RecordBody, Report, Signers, Verifier,
+    stored_signers, verify_store, Checkpoint, ExpectedHead, ExportLine, RecordBody, Report,
+    Signers, Verifier, VerifyOptions,
 };
 use kms_core::store::{Store, Table};
 use kms_core::RocksStore;
 
 use crate::connect::{ConnectArgs, Plane};
 use crate::error::{read, Error};
-use crate::output::emit;
+use crate::output::{emit, rfc3339};
 
 /// `kms audit ...`
 #[derive(Subcommand, Debug)]
@@ -49,6 +50,20 @@ pub(crate) struct VerifyArgs {
     /// Start at this sequence number (records before it are not checked).
     #[arg(long)]
     from: Option<u64>,
+    /// A head known from elsewhere, as SEQ:HASH (a checkpoint's `seq` and `head`, kept by a
+    /// SIEM or printed by an earlier verify): the log must hold exactly that record, so a log
+    /// cut before it is reported as truncated.
+    #[arg(long, value_name = "SEQ:HASH", conflicts_with = "expect_checkpoint")]
+    expect_head: Option<String>,
+    /// Like --expect-head, from the last checkpoint line of an export kept elsewhere (its
+    /// signature is checked too).
+    #[arg(long, value_name = "FILE")]
+    expect_checkpoint: Option<PathBuf>,
+    /// Exit 0 even if records after the last signed checkpoint (or expected head) are not
+    /// covered by a signature. Without it, such a tail fails the check: nothing proves that
+    /// records were not dropped from it.
+    #[arg(long)]
+    allow_unanchored: bool,
 }
 
 /// Options of `kms audit export`.
@@ -140,11 +155,14 @@ fn trusted_keys(path: &Path) -> Result<Signers, Error> {
 
 fn verify(args: &VerifyArgs, conn: &ConnectArgs, as_json: bool) -> Result<(), Error> {
     let trusted = args.public_key.as_deref().map(trusted_keys).transpose()?;
+    let (expected, extra) = expected_head(args)?;
     let report = match &args.file {
-        Some(file) => verify_file(file, trusted.as_ref(), args.from)?,
+        Some(file) => verify_file(file, trusted.as_ref(), args.from, expected, extra)?,
         None => {
             let store = open_store(&conn.data_dir)?;
-            verify_store(&store, trusted.as_ref(), args.from)?
+            // A checkpoint from elsewhere is checked with the ones in the store.
+            let options = VerifyOptions::new(args.from, expected, extra.into_iter().collect());
+            verify_store(&store, trusted.as_ref(), options)?
         }
     };
     if trusted.is_none() {
@@ -153,23 +171,84 @@ fn verify(args: &VerifyArgs, conn: &ConnectArgs, as_json: bool) -> Result<(), Er
              itself; pass --public-key with a copy kept elsewhere to rule out a replaced key",
         );
     }
-    print_report(&report, as_json)?;
-    match report.first_bad_seq {
-        None => Ok(()),
-        Some(seq) => Err(Error::AuditBroken {
+    let unanchored_tail = report.ok && report.unanchored > 0 && !args.allow_unanchored;
+    print_report(&report, unanchored_tail, as_json)?;
+    if let Some(seq) = report.first_bad_seq {
+        return Err(Error::AuditBroken {
             seq,
             problem: report.problem.unwrap_or_default(),
-        }),
+        });
     }
+    if unanchored_tail {
+        let last = report.last_seq.unwrap_or_default();
+        return Err(Error::AuditUnanchored {
+            from: last.saturating_sub(report.unanchored).saturating_add(1),
+            last,
+        });
+    }
+    Ok(())
+}
+
+/// The head given with --expect-head or --expect-checkpoint, and for the latter the
+/// checkpoint itself (so that its signature is checked).
+fn expected_head(args: &VerifyArgs) -> Result<(Option<ExpectedHead>, Option<Checkpoint>), Error> {
+    if let Some(text) = &args.expect_head {
+        let bad = || {
+            Error::Usage(format!(
+                "--expect-head {text}: expected SEQ:HASH, a sequence number and the record's \
+                 64-digit hex hash"
+            ))
+        };
+        let (seq, hash) = text.split_once(':').ok_or_else(bad)?;
+        let seq: u64 = seq.trim().parse().map_err(|_| bad())?;
+        let hash: [u8; 32] = hex::decode(hash.trim())
+            .ok()
+            .and_then(|h| h.try_into().ok())
+            .ok_or_else(bad)?;
+        return Ok((Some(ExpectedHead { seq, hash }), None));
+    }
+    let Some(path) = &args.expect_checkpoint else {
+        return Ok((None, None));
+    };
+    let mut last = None;
+    for_each_line(path, |n, line| {
+        if line.kind == "checkpoint" {
+            last = Some(line.as_checkpoint().ok_or_else(|| bad_line(path, n))?);
+        }
+        Ok(())
+    })?;
+    let cp =
+        last.ok_or_else(|| Error::Usage(format!("{}: no checkpoint line in it", path.display())))?;
+    let hash: [u8; 32] = hex::decode(&cp.head)
+        .ok()
+        .and_then(|h| h.try_into().ok())
+        .ok_or_else(|| {
+            Error::Usage(format!(
+                "{}: the checkpoint's head is not a hash",
+                path.display()
+            ))
+        })?;
+    Ok((Some(ExpectedHead { seq: cp.seq, hash }), Some(cp)))
 }
 
 fn eprintln_note(note: &str) {
     let _ = writeln!(std::io::stderr().lock(), "note: {note}");
 }
 
-fn print_report(report: &Report, as_json: bool) -> Result<(), Error> {
+fn print_report(report: &Report, unanchored_tail: bool, as_json: bool) -> Result<(), Error> {
     if as_json {
-        let value = serde_json::to_value(report).map_err(|e| Error::Usage(e.to_string()))?;
+        let mut value = serde_json::to_value(report).map_err(|e| Error::Usage(e.to_string()))?;
+        if let Some(object) = value.as_object_mut() {
+            if let (Some(cp), Some(seen)) = (
+                &report.last_checkpoint,
+                object
+                    .get_mut("last_checkpoint")
+                    .and_then(|v| v.as_object_mut()),
+            ) {
+                seen.insert("time".into(), rfc3339(cp.time_ms / 1000));
+            }
+            object.insert("unanchored_accepted".into(), (!unanchored_tail).into());
+        }
         return emit(true, &value);
     }
     let range = match (report.first_seq, report.last_seq) {
@@ -187,10 +266,23 @@ fn print_report(report: &Report, as_json: bool) -> Result<(), Error> {
             report.problem.as_deref().unwrap_or("unknown")
         ),
     };
+    if let Some(cp) = &report.last_checkpoint {
+        text.push_str(&format!(
+            "; last signed checkpoint: record {} at {}",
+            cp.seq,
+            rfc3339(cp.time_ms / 1000)
+                .as_str()
+                .unwrap_or("an unknown time")
+        ));
+    }
+    if report.expected_head == Some(true) {
+        text.push_str("; the expected head is in the log");
+    }
     if report.ok && report.unanchored > 0 {
         text.push_str(&format!(
-            "; the last {} records are not yet covered by a signed checkpoint",
-            report.unanchored
+            "; the last {} records are not covered by a signed checkpoint{}",
+            report.unanchored,
+            if unanchored_tail { "" } else { " (accepted)" }
         ));
     }
     text.push('\n');
@@ -204,7 +296,13 @@ fn print_report(report: &Report, as_json: bool) -> Result<(), Error> {
 }
 
 /// Two passes: signers and checkpoints first, then the records in file order.
-fn verify_file(path: &Path, trusted: Option<&Signers>, from: Option<u64>) -> Result<Report, Error> {
+fn verify_file(
+    path: &Path,
+    trusted: Option<&Signers>,
+    from: Option<u64>,
+    expected: Option<ExpectedHead>,
+    extra: Option<Checkpoint>,
+) -> Result<Report, Error> {
     let mut signers = Signers::new();
     let mut checkpoints = Vec::new();
     let mut first_record = None;
@@ -227,7 +325,11 @@ fn verify_file(path: &Path, trusted: Option<&Signers>, from: Option<u64>) -> Res
     // An export may start anywhere; it is checked from its first record.
     let from = from.or(first_record.filter(|&s| s > 1));
     let keys = trusted.unwrap_or(&signers);
+    checkpoints.extend(extra);
     let mut verifier = Verifier::new(keys, checkpoints, from);
+    if let Some(head) = expected {
+        verifier = verifier.expect_head(head);
+    }
     for_each_line(path, |n, line| {
         if line.kind == "record" {
             match line.as_record() {

@@ -54,6 +54,19 @@ pub(crate) enum Error {
         /// What is wrong there.
         problem: String,
     },
+    /// `kms audit verify` found the log intact but its tail not covered by any signature.
+    #[error(
+        "audit log intact, but records {from}..{last} are not covered by a signed checkpoint: \
+         they could have been dropped or rewritten unseen. Verify again after the next \
+         checkpoint, give a head kept elsewhere (--expect-head, --expect-checkpoint), or \
+         accept the tail with --allow-unanchored"
+    )]
+    AuditUnanchored {
+        /// The first unsigned record.
+        from: u64,
+        /// The last record.
+        last: u64,
+    },
     /// The development PKI could not be generated.
     #[error("development pki")]
     Pki(#[from] rcgen::Error),

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use hsm_bridge::test_support::TestToken;
 use hsm_bridge::Pkcs11Hsm;
-use kms_core::audit::{verify_store, AuditConfig, AuditEvent, AuditLog};
+use kms_core::audit::{verify_store, AuditConfig, AuditEvent, AuditLog, VerifyOptions};
 use kms_core::store::{Change, Store, Table};
 use kms_core::{Clock, EncryptionContext, RocksStore};
 
@@ -115,14 +115,14 @@ fn records_chain_are_checkpointed_and_continue_after_reopen() {
             Some(&62),
             "the close signs a final checkpoint: {cps:?}"
         );
-        let report = verify_store(store.as_ref(), None, None).unwrap();
+        let report = verify_store(store.as_ref(), None, VerifyOptions::default()).unwrap();
         assert!(report.ok, "{report:?}");
         assert_eq!((report.records, report.anchored_to), (62, Some(62)));
     }
     let (store, log) = h.open(config);
     assert_eq!(append(&log, 1), vec![63]);
     log.close();
-    let report = verify_store(store.as_ref(), None, None).unwrap();
+    let report = verify_store(store.as_ref(), None, VerifyOptions::default()).unwrap();
     assert!(report.ok, "{report:?}");
     assert_eq!(report.records, 63);
 }
@@ -138,7 +138,7 @@ fn records_left_unsigned_by_a_crash_are_anchored_when_the_hsm_is_attached() {
         append(&log, 4);
         assert!(checkpoint_seqs(&store).is_empty());
         drop(log);
-        let report = verify_store(store.as_ref(), None, None).unwrap();
+        let report = verify_store(store.as_ref(), None, VerifyOptions::default()).unwrap();
         assert_eq!((report.ok, report.unanchored), (true, 4));
         // The writer thread lets go of the store once it sees the log dropped; only then can
         // the directory be opened again.
@@ -193,7 +193,7 @@ fn retention_prunes_at_a_checkpoint_and_stays_verifiable() {
     h.advance(2 * DAY_MS);
     append(&log, 1); // record 7; the prune that follows writes record 8
     log.close();
-    let report = verify_store(store.as_ref(), None, None).unwrap();
+    let report = verify_store(store.as_ref(), None, VerifyOptions::default()).unwrap();
     assert!(report.ok, "{report:?}");
     assert_eq!(report.first_seq, Some(6), "{report:?}");
     assert_eq!(report.last_seq, Some(8), "{report:?}");
@@ -209,7 +209,7 @@ fn retention_prunes_at_a_checkpoint_and_stays_verifiable() {
             key: 6u64.to_be_bytes().to_vec(),
         }])
         .unwrap();
-    let report = verify_store(store.as_ref(), None, None).unwrap();
+    let report = verify_store(store.as_ref(), None, VerifyOptions::default()).unwrap();
     assert!(!report.ok);
     assert_eq!(report.first_bad_seq, Some(6), "{report:?}");
 }

@@ -187,6 +187,213 @@ fn verify_names_the_first_edited_deleted_swapped_or_truncated_record() {
     assert_eq!(report["first_bad_seq"], 6, "{report}");
 }
 
+/// A stopped dev server's directory whose log has two runs: records 1..=m signed by the first
+/// run's shutdown checkpoint, m+1..=n by the second's. Returns (dir, m, n).
+fn two_runs() -> (tempfile::TempDir, u64, u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ends = Vec::new();
+    for run in 0..2 {
+        let server = Server::start(KMS, dir.path());
+        if run == 0 {
+            server.kms_json(&["key", "create", "--alias", "t"]);
+        }
+        for i in 0..6 {
+            server.kms_json(&[
+                "data",
+                "generate-key",
+                "--key",
+                "t",
+                "--context",
+                &format!("n={i}"),
+            ]);
+        }
+        server.stop();
+        let (code, report) = verify(dir.path(), &[]);
+        assert_eq!(code, 0, "{report}");
+        ends.push(report["last_checkpoint"]["seq"].as_u64().unwrap());
+    }
+    (dir, ends[0], ends[1])
+}
+
+/// Lines of an export, with `keep` deciding which stay, written to `name`.
+fn rewrite(dir: &Path, from: &str, name: &str, edit: impl Fn(Vec<Value>) -> Vec<Value>) {
+    let text = std::fs::read_to_string(dir.join(from)).unwrap();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let out: Vec<String> = edit(lines).iter().map(Value::to_string).collect();
+    std::fs::write(dir.join(name), out.join("\n") + "\n").unwrap();
+}
+
+fn seq_of(line: &Value) -> u64 {
+    line["seq"].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn verify_names_the_kind_of_break_and_a_cut_before_a_known_head() {
+    let (dir, m, n) = two_runs();
+    assert!(m + 6 <= n, "two runs of records: {m} {n}");
+    let d = dir.path();
+    assert!(kms(d, &["audit", "public-key", "--out", "signer.pem"])
+        .status
+        .success());
+    assert!(kms(
+        d,
+        &["audit", "export", "--since", "1", "--out", "full.jsonl"]
+    )
+    .status
+    .success());
+    let file = |name: &str| {
+        vec![
+            "--file".to_owned(),
+            name.to_owned(),
+            "--public-key".to_owned(),
+            "signer.pem".to_owned(),
+        ]
+    };
+    let check = |name: &str, extra: &[&str]| {
+        let mut args = file(name);
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        verify(d, &args)
+    };
+
+    let (code, report) = check("full.jsonl", &[]);
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(report["last_checkpoint"]["seq"], n, "{report}");
+    assert!(report["last_checkpoint"]["time"]
+        .as_str()
+        .unwrap()
+        .ends_with('Z'));
+    let full = std::fs::read_to_string(d.join("full.jsonl")).unwrap();
+    let head = full
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .rfind(|l| l["type"] == "checkpoint")
+        .unwrap()["head"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // Cut after m+3, with the later checkpoints dropped too: the chain is intact, but its
+    // tail is unsigned, which fails unless accepted...
+    let cut = m + 3;
+    rewrite(d, "full.jsonl", "cut.jsonl", |lines| {
+        lines
+            .into_iter()
+            .filter(|l| {
+                l["type"] == "signer"
+                    || seq_of(l) <= cut && (l["type"] == "record" || seq_of(l) <= m)
+            })
+            .collect()
+    });
+    let (code, report) = check("cut.jsonl", &[]);
+    assert_eq!((code, &report["ok"]), (1, &Value::Bool(true)), "{report}");
+    assert_eq!(report["unanchored"], 3, "{report}");
+    assert_eq!(report["unanchored_accepted"], false, "{report}");
+    assert_eq!(report["last_checkpoint"]["seq"], m, "{report}");
+    let (code, report) = check("cut.jsonl", &["--allow-unanchored"]);
+    assert_eq!(code, 0, "{report}");
+    // ...and against a head kept elsewhere it is a truncation, named by its first missing
+    // record, whether the head is given as SEQ:HASH or as the export that holds it.
+    for extra in [
+        vec!["--expect-head".to_owned(), format!("{n}:{head}")],
+        vec!["--expect-checkpoint".to_owned(), "full.jsonl".to_owned()],
+    ] {
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let (code, report) = check("cut.jsonl", &extra);
+        assert_eq!(code, 1, "{report}");
+        assert_eq!(report["kind"], "truncated", "{report}");
+        assert_eq!(report["first_bad_seq"], cut + 1, "{report}");
+        assert_eq!(report["expected_head"], false, "{report}");
+        let (code, report) = check("full.jsonl", &extra);
+        assert_eq!(
+            (code, &report["expected_head"]),
+            (0, &Value::Bool(true)),
+            "{report}"
+        );
+    }
+    // The data directory is checked against a known head the same way.
+    let (code, report) = verify(d, &["--expect-head", &format!("{}:{head}", n + 5)]);
+    assert_eq!(
+        (code, &report["kind"], &report["first_bad_seq"]),
+        (1, &Value::from("truncated"), &Value::from(n + 1)),
+        "{report}"
+    );
+
+    // Two records swapped, and one repeated: named at the first record out of place.
+    let (a, b) = (m + 2, m + 3);
+    rewrite(d, "full.jsonl", "swapped.jsonl", |mut lines| {
+        let i = lines
+            .iter()
+            .position(|l| l["type"] == "record" && seq_of(l) == a)
+            .unwrap();
+        lines.swap(i, i + 1);
+        assert_eq!(seq_of(&lines[i]), b);
+        lines
+    });
+    let (code, report) = check("swapped.jsonl", &[]);
+    assert_eq!(
+        (code, &report["kind"], &report["first_bad_seq"]),
+        (1, &Value::from("reordered"), &Value::from(a)),
+        "{report}"
+    );
+    rewrite(d, "full.jsonl", "repeated.jsonl", |mut lines| {
+        let i = lines
+            .iter()
+            .position(|l| l["type"] == "record" && seq_of(l) == a)
+            .unwrap();
+        let again = lines[i].clone();
+        lines.insert(i + 1, again);
+        lines
+    });
+    let (code, report) = check("repeated.jsonl", &[]);
+    assert_eq!(
+        (code, &report["kind"], &report["first_bad_seq"]),
+        (1, &Value::from("duplicated"), &Value::from(a)),
+        "{report}"
+    );
+
+    // Record m+2 rewritten and the chain recomputed over everything after it: only the
+    // signed head shows it, so the break is named from the first record after the last good
+    // checkpoint, as an edit, with its range.
+    let (code, report) = tamper_and_verify(d, |s| {
+        let mut prev: Option<[u8; 32]> = None;
+        for seq in a..=n {
+            let v = value(s, seq);
+            let mut body = String::from_utf8(v[32..].to_vec()).unwrap();
+            if seq == a {
+                let forged = body.replace("\"status\":\"ok\"", "\"status\":\"PermissionDenied\"");
+                assert_ne!(forged, body);
+                body = forged;
+            }
+            if let Some(p) = prev {
+                let record: Value = serde_json::from_str(&body).unwrap();
+                let old = record["prev"].as_str().unwrap().to_owned();
+                body = body.replace(&old, &hex(&p));
+            }
+            let hash = kms_core::audit::record_hash(body.as_bytes());
+            let mut v = hash.to_vec();
+            v.extend_from_slice(body.as_bytes());
+            put(s, seq, v);
+            prev = Some(hash);
+        }
+    });
+    assert_eq!(
+        (code, &report["kind"], &report["first_bad_seq"]),
+        (1, &Value::from("edited"), &Value::from(m + 1)),
+        "{report}"
+    );
+    assert!(
+        report["problem"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("{}..{n}", m + 1)),
+        "{report}"
+    );
+}
+
 #[test]
 fn exported_log_verifies_offline_and_tampering_in_the_file_is_found() {
     let (dir, records) = stopped_server_with_history();
@@ -618,7 +825,17 @@ fn sigkill_under_load_loses_no_acknowledged_record() {
     // likely to show if responses ever ran ahead of their records.
     for round in 0..3 {
         let acknowledged = load_then_kill(server.take().unwrap());
+        // Killed, the server signed nothing after its last checkpoint: the chain is intact,
+        // and verify says the tail is unsigned unless told to accept that.
         let (code, report) = verify(dir.path(), &[]);
+        if report["unanchored"].as_u64().unwrap() > 0 {
+            assert_eq!(
+                (code, &report["ok"]),
+                (1, &Value::Bool(true)),
+                "round {round}: {report}"
+            );
+        }
+        let (code, report) = verify(dir.path(), &["--allow-unanchored"]);
         assert_eq!(code, 0, "round {round}: {report}");
         let recorded = recorded_request_ids(dir.path());
         let missing: Vec<&String> = acknowledged
@@ -906,6 +1123,7 @@ fn a_failed_hsm_login_is_on_record() {
     let text = String::from_utf8_lossy(&export.stdout);
     assert!(text.contains("\"action\":\"hsm.open_failed\""), "{text}");
     assert!(!text.contains("wrong-pin-000000"));
-    let (code, report) = verify(dir.path(), &[]);
+    // The failed start could not sign (the HSM was not open): its records are chained only.
+    let (code, report) = verify(dir.path(), &["--allow-unanchored"]);
     assert_eq!(code, 0, "{report}");
 }

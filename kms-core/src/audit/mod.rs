@@ -35,7 +35,7 @@ pub use chain::{
 };
 pub use log::{AuditConfig, AuditError, AuditLog, Pending, SIGNING_KEY_LABEL};
 pub use query::{query, AuditPage, AuditQuery, FoundRecord, MAX_PAGE, MAX_SCAN};
-pub use verify::{Report, Signers, Verifier};
+pub use verify::{BreakKind, CheckpointSeen, ExpectedHead, Report, Signers, Verifier};
 
 use crate::error::Error;
 use crate::store::{Row, Store, Table};
@@ -62,13 +62,45 @@ pub fn stored_checkpoints(store: &dyn Store) -> Result<Vec<Result<Checkpoint, u6
         .collect())
 }
 
-/// Verifies the log in `store` from `from` (the first record otherwise), page by page.
+/// What `verify_store` checks beyond the log itself.
+#[derive(Clone, Debug, Default)]
+#[non_exhaustive]
+pub struct VerifyOptions {
+    /// Start at this sequence number (the first record otherwise).
+    pub from: Option<u64>,
+    /// A head known from elsewhere that the log must hold.
+    pub expected: Option<ExpectedHead>,
+    /// Checkpoints kept elsewhere, checked with the stored ones.
+    pub extra_checkpoints: Vec<Checkpoint>,
+}
+
+impl VerifyOptions {
+    /// Options from their parts.
+    pub fn new(
+        from: Option<u64>,
+        expected: Option<ExpectedHead>,
+        extra_checkpoints: Vec<Checkpoint>,
+    ) -> Self {
+        Self {
+            from,
+            expected,
+            extra_checkpoints,
+        }
+    }
+}
+
+/// Verifies the log in `store` (see [`VerifyOptions`]), page by page.
 /// `signers` are the trusted public keys; `None` trusts the ones recorded in the store.
 pub fn verify_store(
     store: &dyn Store,
     signers: Option<&Signers>,
-    from: Option<u64>,
+    options: VerifyOptions,
 ) -> Result<Report, Error> {
+    let VerifyOptions {
+        from,
+        expected,
+        extra_checkpoints,
+    } = options;
     let recorded;
     let signers = match signers {
         Some(s) => s,
@@ -78,11 +110,15 @@ pub fn verify_store(
         }
     };
     let mut unreadable = Vec::new();
-    let checkpoints: Vec<Checkpoint> = stored_checkpoints(store)?
+    let mut checkpoints: Vec<Checkpoint> = stored_checkpoints(store)?
         .into_iter()
         .filter_map(|c| c.map_err(|seq| unreadable.push(seq)).ok())
         .collect();
+    checkpoints.extend(extra_checkpoints);
     let mut verifier = Verifier::new(signers, checkpoints, from);
+    if let Some(head) = expected {
+        verifier = verifier.expect_head(head);
+    }
     let mut next = seq_key(from.unwrap_or(0)).to_vec();
     loop {
         let page = store.scan_from(Table::AuditRecords, &next, 4096)?;
@@ -101,6 +137,7 @@ pub fn verify_store(
         if report.first_bad_seq.is_none_or(|s| seq < s) {
             report.ok = false;
             report.first_bad_seq = Some(seq);
+            report.kind = Some(BreakKind::Unreadable);
             report.problem = Some(format!("checkpoint {seq} is unreadable"));
         }
     }
