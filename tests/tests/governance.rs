@@ -242,12 +242,7 @@ fn authorisation_matrix() {
         "permit (principal == Workload::\"spiffe://test.example/allowed\", action, resource);",
     );
     ok(&["policy", "put", "matrix-allowed", "--file", &policy]);
-    let agent_policy = write(
-        dir.path(),
-        "agent.cedar",
-        "permit (principal == Workload::\"spiffe://test.example/agent\", action, resource) when { context has grant };",
-    );
-    ok(&["policy", "put", "matrix-agent", "--file", &agent_policy]);
+    // The agent has no policy of its own: a grant is its permission.
     for (selector, expires) in [
         ("spiffe://test.example/agent", "30d"),
         ("spiffe://test.example/allowed", "30d"),
@@ -640,6 +635,32 @@ fn authorisation_matrix() {
         assert!(allowed_records
             .iter()
             .all(|e| e["policy_ids"] == serde_json::json!(["matrix-allowed"])));
+
+        // A grant of only ReEncrypt moves a blob to the key's current version without being
+        // able to open it.
+        let rewrap = mint(&["ReEncrypt"], &[], 600, 0).await;
+        let mut agent = client(&server, Some(agent_cert.clone())).await;
+        let outcomes = every_rpc(&mut agent, &key, &blob, Some(&rewrap.token)).await;
+        for (rpc, outcome) in &outcomes {
+            match *rpc {
+                "ReEncrypt" => assert!(outcome.is_ok(), "ReEncrypt under a ReEncrypt grant: {outcome:?}"),
+                _ => {
+                    let s = outcome.as_ref().unwrap_err();
+                    assert_eq!((s.code(), s.message().to_owned()), not_found, "{rpc}");
+                }
+            }
+        }
+        // A policy that forbids the grantee's request still refuses it under a grant.
+        let forbid = write(
+            dir.path(),
+            "forbid-agent.cedar",
+            "forbid (principal == Workload::\"spiffe://test.example/agent\", action, resource) when { context has grant };",
+        );
+        ok(&["policy", "put", "matrix-forbid-agent", "--file", &forbid]);
+        for (rpc, outcome) in every_rpc(&mut agent, &key, &blob, Some(&live.token)).await {
+            let s = outcome.unwrap_err();
+            assert_eq!((s.code(), s.message().to_owned()), not_found, "{rpc} under a forbid");
+        }
     });
 
     // Calls were counted against the registration.

@@ -89,7 +89,10 @@ impl Kms {
         let blob = Blob::parse(ciphertext)?;
         let source = self.entry(&KeyRef::Id(blob.header.key_id))?;
         let dest = self.entry(destination)?;
-        let open_ok = self.permit(caller, &source, Op::Decrypt, source_context)?;
+        // Opening the source is a decryption to policy, but a grant need only allow
+        // re-encryption: a grantee may move blobs to a newer version without reading them.
+        let open_ok =
+            self.permit_as(caller, &source, Op::Decrypt, Op::ReEncrypt, source_context)?;
         let seal_ok = self.permit(caller, &dest, Op::ReEncrypt, destination_context)?;
         let plaintext = self.open_blob(&source, &blob, source_context, &open_ok)?;
         let mut sealed = self.seal(
@@ -114,8 +117,9 @@ impl Kms {
 
     /// Authorises first, then checks state: a caller who may not use a key learns nothing
     /// of its state. A caller presenting a grant needs the grant to cover the key, the
-    /// operation and the context, the grant's creator to be allowed the same request, and the
-    /// policies to allow the caller itself under the grant.
+    /// operation and the context, and the grant's creator to be allowed the same request; the
+    /// grant is then the caller's permission (it needs no policy of its own), but a policy
+    /// that forbids the caller's request still refuses it.
     fn permit(
         &self,
         caller: &Caller,
@@ -123,15 +127,28 @@ impl Kms {
         op: Op,
         context: &EncryptionContext,
     ) -> Result<PolicyDecision, Error> {
+        self.permit_as(caller, entry, op, op, context)
+    }
+
+    /// [`Self::permit`] for `op`, where a presented grant must allow `grant_op`.
+    fn permit_as(
+        &self,
+        caller: &Caller,
+        entry: &KeyEntry,
+        op: Op,
+        grant_op: Op,
+        context: &EncryptionContext,
+    ) -> Result<PolicyDecision, Error> {
         let now_unix = self.deps.clock.now_unix();
-        let mut creator_policies = Vec::new();
+        // Under a grant: the creator's permission for the same request.
+        let mut by_creator = None;
         if let Some(g) = &caller.grant {
             let grant = &g.grant;
             let refused = |reason| Err(Error::GrantRefused { reason });
             if grant.key_id != entry.record.id {
                 return refused("grant.other_key");
             }
-            if !grant.allows_op(op) {
+            if !grant.allows_op(grant_op) {
                 return refused("grant.operation_not_granted");
             }
             if !grant.context_satisfied(context) {
@@ -152,7 +169,7 @@ impl Kms {
                 now_unix,
             };
             match authorize(self.deps.authorizer.as_ref(), &creator_request) {
-                Ok(d) => creator_policies = d.into_policies(),
+                Ok(d) => by_creator = Some(d),
                 Err(_) => return refused("grant.creator_not_allowed"),
             }
         }
@@ -163,8 +180,20 @@ impl Kms {
             context,
             now_unix,
         };
-        let mut ok = authorize(self.deps.authorizer.as_ref(), &request)?;
-        ok.add_policies(creator_policies);
+        let ok = match (
+            authorize(self.deps.authorizer.as_ref(), &request),
+            by_creator,
+        ) {
+            (Ok(mut own), Some(creator)) => {
+                own.add_policies(creator.into_policies());
+                own
+            }
+            (Ok(own), None) => own,
+            // No policy permits or forbids the grantee: the grant, backed by its creator's
+            // permission, is the grantee's permission.
+            (Err(Error::Denied { policies }), Some(creator)) if policies.is_empty() => creator,
+            (Err(e), _) => return Err(e),
+        };
         if entry.record.state != KeyState::Enabled {
             return Err(Error::KeyState {
                 id: entry.record.id,
