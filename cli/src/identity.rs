@@ -22,6 +22,9 @@ pub(crate) enum IdentityCommand {
     Update(Update),
     /// Deactivate a registration: its workloads are refused from the next request.
     Deactivate(Deactivate),
+    /// Make a deactivated registration active again (counts as an owner review; its expiry
+    /// still applies).
+    Reactivate(Reactivate),
     /// Show a registration, with its last-seen time and calls by action.
     Describe(Describe),
     /// Report active registrations that need attention: not seen for --stale-days (or never
@@ -74,6 +77,12 @@ pub(crate) struct Update {
 
 #[derive(clap::Args, Debug)]
 pub(crate) struct Deactivate {
+    /// The registration's selector.
+    selector: String,
+}
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct Reactivate {
     /// The registration's selector.
     selector: String,
 }
@@ -133,6 +142,7 @@ pub(crate) async fn run(
         IdentityCommand::Register(c) => c.run(&mut client, as_json).await,
         IdentityCommand::Update(c) => c.run(&mut client, as_json).await,
         IdentityCommand::Deactivate(c) => c.run(&mut client, as_json).await,
+        IdentityCommand::Reactivate(c) => c.run(&mut client, as_json).await,
         IdentityCommand::Describe(c) => c.run(&mut client, as_json).await,
         IdentityCommand::Report(c) => c.run(&mut client, as_json).await,
         IdentityCommand::List(c) => c.run(&mut client, as_json).await,
@@ -195,6 +205,17 @@ impl Deactivate {
         let Self { selector } = self;
         let w = client
             .deactivate_workload(WorkloadRequest { selector })
+            .await?
+            .into_inner();
+        emit(as_json, &workload_json(&w))
+    }
+}
+
+impl Reactivate {
+    async fn run(self, client: &mut AdminClient, as_json: bool) -> Result<(), Error> {
+        let Self { selector } = self;
+        let w = client
+            .reactivate_workload(WorkloadRequest { selector })
             .await?
             .into_inner();
         emit(as_json, &workload_json(&w))

@@ -77,6 +77,8 @@ enum Command {
 
 /// Runs the `kms` command with the process's arguments and returns its exit code.
 pub fn main() -> ExitCode {
+    // Everything kms writes (the store, the audit log, keys, exports) is for its owner only.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),

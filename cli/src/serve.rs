@@ -70,6 +70,7 @@ pub(crate) fn prepare(args: &ServeArgs, data_dir: &Path) -> Result<Prepared, Err
     if let Some(conf) = &config.hsm.softhsm2_conf {
         hsm_bridge::softhsm::use_conf(conf);
     }
+    owner_only(&config.data_dir)?;
     // The store and the audit log open first, so that a failure to open the HSM is on record.
     let store = Arc::new(RocksStore::open(&config.data_dir.join("store"))?);
     let clock = Arc::new(SystemClock);
@@ -138,6 +139,40 @@ pub(crate) fn prepare(args: &ServeArgs, data_dir: &Path) -> Result<Prepared, Err
         endpoints: config.data_dir.join("endpoints.json"),
         dev: args.dev,
     })
+}
+
+/// Takes group and other permissions off everything under `dir` (files an earlier version
+/// created 0644, say); what is created from now on is owner-only by the process umask.
+/// Symbolic links are not followed.
+fn owner_only(dir: &Path) -> Result<(), Error> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(path) = pending.pop() {
+        let file_err = |source| Error::File {
+            what: "cannot restrict the permissions of",
+            path: path.clone(),
+            source,
+        };
+        let meta = match std::fs::symlink_metadata(&path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(file_err(e)),
+        };
+        if meta.file_type().is_symlink() {
+            continue;
+        }
+        let mode = meta.permissions().mode();
+        if mode & 0o077 != 0 {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode & 0o700))
+                .map_err(file_err)?;
+        }
+        if meta.is_dir() {
+            for entry in std::fs::read_dir(&path).map_err(file_err)? {
+                pending.push(entry.map_err(file_err)?.path());
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The configuration file: `--config`, or the development layout's (created on first use).

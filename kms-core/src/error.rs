@@ -11,8 +11,8 @@ use crate::op::Op;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// Another key already has this alias.
-    #[error("alias {alias} is already in use")]
+    /// Another key already has this alias, or one that differs from it only in case.
+    #[error("alias {alias} is already in use (aliases must differ in more than case)")]
     AliasTaken {
         /// The alias.
         alias: Alias,

@@ -594,6 +594,16 @@ fn authorisation_matrix() {
         ] {
             assert_eq!(count(reason), 7, "records with reason {reason}");
         }
+        // A refused certificate's claimed identity is kept, marked unverified.
+        for reason in ["svid.expired", "svid.ca_as_leaf", "svid.untrusted"] {
+            assert!(
+                records
+                    .iter()
+                    .filter(|r| r["event"]["reason"] == reason)
+                    .all(|r| r["event"]["principal"] == "unverified:spiffe://test.example/allowed"),
+                "{reason}"
+            );
+        }
         // Uses under a grant carry its id; the grant's creation is on record.
         let live_uses = records
             .iter()

@@ -514,3 +514,108 @@ fn reflection_outside_dev_needs_an_authenticated_caller_and_can_be_off() {
         let _ = server.stop();
     }
 }
+
+/// Paths under `dir` (not following links) whose mode gives group or others any access.
+fn shared_paths(dir: &Path) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut out = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(p) = pending.pop() {
+        let meta = std::fs::symlink_metadata(&p).unwrap();
+        if meta.file_type().is_symlink() {
+            continue;
+        }
+        if meta.permissions().mode() & 0o077 != 0 {
+            out.push(format!("{} {:o}", p.display(), meta.permissions().mode()));
+        }
+        if meta.is_dir() {
+            for e in std::fs::read_dir(&p).unwrap() {
+                pending.push(e.unwrap().path());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn the_data_directory_and_exports_are_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(KMS, dir.path(), "warn");
+    server.kms_json(&["key", "create", "--alias", "soft"]);
+    server.kms_json(&["data", "generate-key", "--key", "soft"]);
+    let _ = server.stop();
+    let data = dir.path().join(".kms");
+    assert_eq!(shared_paths(&data), Vec::<String>::new());
+    let out = Command::new(KMS)
+        .current_dir(dir.path())
+        .args(["audit", "export", "--since", "1", "--out", "audit.jsonl"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mode = std::fs::metadata(dir.path().join("audit.jsonl"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    // Files an earlier version left readable are tightened at the next start.
+    let store = data.join("store");
+    let some_file = std::fs::read_dir(&store)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.is_file())
+        .unwrap();
+    std::fs::set_permissions(&some_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::set_permissions(&store, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let server = Server::start_with(KMS, dir.path(), "warn");
+    let _ = server.stop();
+    assert_eq!(shared_paths(&data), Vec::<String>::new());
+}
+
+#[test]
+fn registrations_can_be_reactivated_and_aliases_differ_in_more_than_case() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(KMS, dir.path(), "warn");
+    let selector = "spiffe://dev.sovereign-kms.local/jobs/nightly";
+    server.kms_json(&[
+        "identity",
+        "register",
+        selector,
+        "--owner",
+        "ops",
+        "--purpose",
+        "tests",
+        "--expires",
+        "30d",
+    ]);
+    let off = server.kms_json(&["identity", "deactivate", selector]);
+    assert_eq!(off["active"], false, "{off}");
+    let on = server.kms_json(&["identity", "reactivate", selector]);
+    assert_eq!(on["active"], true, "{on}");
+    assert_eq!(
+        server.kms_json(&["identity", "describe", selector])["active"],
+        true
+    );
+
+    server.kms_json(&["key", "create", "--alias", "Demo"]);
+    for args in [
+        vec!["key", "create", "--alias", "demo"],
+        vec!["key", "create", "--alias", "DEMO"],
+    ] {
+        let out = server.kms(&args);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("alias Demo is already in use"), "{err}");
+    }
+    let other = server.kms_json(&["key", "create", "--alias", "other"]);
+    let out = server.kms(&["key", "alias", "dEMO", other["key_id"].as_str().unwrap()]);
+    assert!(
+        !out.status.success(),
+        "an alias differing only in case was set"
+    );
+}

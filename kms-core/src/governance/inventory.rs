@@ -380,7 +380,7 @@ impl Inventory {
     }
 
     /// Changes a registration (and counts as an owner review). Reactivates nothing: a
-    /// deactivated registration stays deactivated.
+    /// deactivated registration stays deactivated until [`Inventory::reactivate`].
     pub fn update(
         &self,
         selector: &Selector,
@@ -422,6 +422,23 @@ impl Inventory {
         w.active = false;
         w.updated_at = self.clock.now_unix();
         w.updated_by = by.to_owned();
+        Ok((before, self.save(w)?))
+    }
+
+    /// Makes a deactivated registration active again; this counts as an owner review. Its
+    /// expiry still applies (an expired registration needs a new one through `update`).
+    pub fn reactivate(
+        &self,
+        selector: &Selector,
+        by: &str,
+    ) -> Result<(Arc<Workload>, Arc<Workload>), Error> {
+        let before = self.get(selector)?;
+        let mut w = Workload::clone(&before);
+        w.active = true;
+        let now = self.clock.now_unix();
+        w.updated_at = now;
+        w.updated_by = by.to_owned();
+        w.reviewed_at = now;
         Ok((before, self.save(w)?))
     }
 

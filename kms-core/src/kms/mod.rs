@@ -121,6 +121,21 @@ struct Cache {
     aliases: HashMap<Alias, KeyId>,
 }
 
+impl Cache {
+    /// The alias that `alias` would clash with, and its key: the same alias, or one that
+    /// differs only in case (`Demo` and `demo` are too alike to name two keys). A scan, but
+    /// only on admin changes.
+    fn alias_owner(&self, alias: &Alias) -> Option<(Alias, KeyId)> {
+        if let Some(id) = self.aliases.get(alias) {
+            return Some((alias.clone(), *id));
+        }
+        self.aliases
+            .iter()
+            .find(|(a, _)| a.as_str().eq_ignore_ascii_case(alias.as_str()))
+            .map(|(a, id)| (a.clone(), *id))
+    }
+}
+
 #[derive(Clone)]
 struct KeyEntry {
     record: KeyRecord,
@@ -151,10 +166,8 @@ impl Kms {
     pub fn create_key(&self, spec: NewKey) -> Result<KeyRecord, Error> {
         let _admin = self.admin.lock();
         if let Some(alias) = &spec.alias {
-            if self.cache.read().aliases.contains_key(alias) {
-                return Err(Error::AliasTaken {
-                    alias: alias.clone(),
-                });
+            if let Some((taken, _)) = self.cache.read().alias_owner(alias) {
+                return Err(Error::AliasTaken { alias: taken });
             }
         }
         let mut id_bytes = [0u8; 16];
@@ -254,9 +267,9 @@ impl Kms {
     pub fn set_alias(&self, alias: Alias, key: &KeyRef) -> Result<KeyRecord, Error> {
         let _admin = self.admin.lock();
         let mut updated = self.entry(key)?.as_ref().clone();
-        if let Some(owner) = self.cache.read().aliases.get(&alias) {
-            if *owner != updated.record.id {
-                return Err(Error::AliasTaken { alias });
+        if let Some((taken, owner)) = self.cache.read().alias_owner(&alias) {
+            if owner != updated.record.id {
+                return Err(Error::AliasTaken { alias: taken });
             }
         }
         let old = updated.record.alias.replace(alias.clone());

@@ -103,6 +103,27 @@ pub(super) async fn deactivate(
     .await
 }
 
+pub(super) async fn reactivate(
+    svc: &AdminService,
+    request: Request<WorkloadRequest>,
+) -> Result<Response<WorkloadInfo>, Status> {
+    let selector = selector(&request.get_ref().selector)?;
+    svc.gov_change(
+        "admin.ReactivateWorkload",
+        &request,
+        selector.to_string(),
+        move |gov, who| {
+            let (before, after) = core(gov.inventory.reactivate(&selector, who))?;
+            Ok(Changed {
+                before: Some(Workload::clone(&before)),
+                after: Some(Workload::clone(&after)),
+                answer: workload_info(&after, gov.inventory.usage(&after.selector)),
+            })
+        },
+    )
+    .await
+}
+
 pub(super) async fn describe(
     svc: &AdminService,
     request: Request<WorkloadRequest>,

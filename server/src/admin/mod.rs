@@ -295,6 +295,7 @@ routes! {
     register_workload(RegisterWorkloadRequest) -> WorkloadInfo => inventory::register;
     update_workload(UpdateWorkloadRequest) -> WorkloadInfo => inventory::update;
     deactivate_workload(WorkloadRequest) -> WorkloadInfo => inventory::deactivate;
+    reactivate_workload(WorkloadRequest) -> WorkloadInfo => inventory::reactivate;
     describe_workload(WorkloadRequest) -> WorkloadInfo => inventory::describe;
     list_workloads(ListWorkloadsRequest) -> ListWorkloadsResponse => inventory::list;
     put_policy(PutPolicyRequest) -> PolicyInfo => policy::put;
