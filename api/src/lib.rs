@@ -32,6 +32,42 @@ pub const DATA_FILE_DESCRIPTOR_SET: &[u8] =
 pub const ADMIN_FILE_DESCRIPTOR_SET: &[u8] =
     tonic::include_file_descriptor_set!("kms_admin_descriptor");
 
+/// Plaintext-carrying messages wipe their secret fields when dropped, on both sides of the
+/// wire: a server's response is dropped once encoded, a request once decoded and used. (The
+/// encoded bytes themselves are in gRPC and HTTP/2 buffers this crate does not own; see
+/// SECURITY.md.) Their fields are taken with `std::mem::take`, not moved out.
+mod wiped_on_drop {
+    use zeroize::Zeroize;
+
+    use crate::v1::{
+        CreateGrantResponse, DecryptResponse, EncryptRequest, GenerateDataKeyResponse,
+    };
+
+    impl Drop for GenerateDataKeyResponse {
+        fn drop(&mut self) {
+            self.plaintext.zeroize();
+        }
+    }
+
+    impl Drop for DecryptResponse {
+        fn drop(&mut self) {
+            self.plaintext.zeroize();
+        }
+    }
+
+    impl Drop for EncryptRequest {
+        fn drop(&mut self) {
+            self.plaintext.zeroize();
+        }
+    }
+
+    impl Drop for CreateGrantResponse {
+        fn drop(&mut self) {
+            self.token.zeroize();
+        }
+    }
+}
+
 /// Plaintext-carrying messages print field lengths, never bytes.
 mod redacted_debug {
     use std::fmt;
@@ -89,18 +125,12 @@ mod redacted_debug {
         #[test]
         fn debug_never_prints_plaintext() {
             let canary = b"CANARY-PLAINTEXT-7f3a".to_vec();
-            let gdk = GenerateDataKeyResponse {
-                plaintext: canary.clone(),
-                ..Default::default()
-            };
-            let dec = DecryptResponse {
-                plaintext: canary.clone(),
-                ..Default::default()
-            };
-            let enc = EncryptRequest {
-                plaintext: canary.clone(),
-                ..Default::default()
-            };
+            let mut gdk = GenerateDataKeyResponse::default();
+            gdk.plaintext.clone_from(&canary);
+            let mut dec = DecryptResponse::default();
+            dec.plaintext.clone_from(&canary);
+            let mut enc = EncryptRequest::default();
+            enc.plaintext.clone_from(&canary);
             let batch = crate::v1::GenerateDataKeyResult {
                 result: Some(crate::v1::generate_data_key_result::Result::Ok(gdk.clone())),
             };

@@ -231,11 +231,16 @@ impl GenerateKey {
                 .into_inner();
             (r.key_id, r.key_version, None, r.ciphertext)
         } else {
-            let r = client
+            let mut r = client
                 .generate_data_key(with_purpose(request, purpose)?)
                 .await?
                 .into_inner();
-            (r.key_id, r.key_version, Some(r.plaintext), r.ciphertext)
+            (
+                std::mem::take(&mut r.key_id),
+                r.key_version,
+                Some(std::mem::take(&mut r.plaintext)),
+                std::mem::take(&mut r.ciphertext),
+            )
         };
         let mut out = serde_json::Map::new();
         out.insert("key_id".into(), key_id.into());
@@ -263,7 +268,7 @@ impl Decrypt {
             context,
             plaintext_out,
         } = self;
-        let r = client
+        let mut r = client
             .decrypt(with_purpose(
                 DecryptRequest {
                     ciphertext: input.bytes()?,
@@ -274,9 +279,12 @@ impl Decrypt {
             .await?
             .into_inner();
         let mut out = serde_json::Map::new();
-        out.insert("key_id".into(), r.key_id.into());
+        out.insert("key_id".into(), std::mem::take(&mut r.key_id).into());
         out.insert("key_version".into(), r.key_version.into());
-        if let Some(p) = secret_field(Some(r.plaintext), plaintext_out.as_ref())? {
+        if let Some(p) = secret_field(
+            Some(std::mem::take(&mut r.plaintext)),
+            plaintext_out.as_ref(),
+        )? {
             out.insert("plaintext".into(), p.into());
         }
         emit(as_json, &Value::Object(out))

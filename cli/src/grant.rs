@@ -134,11 +134,12 @@ impl Create {
             })
             .await?
             .into_inner();
+        let mut r = r;
         let mut out = serde_json::Map::new();
         out.insert("grant_id".into(), r.grant_id.clone().into());
         out.insert("key_id".into(), r.key_id.clone().into());
         out.insert("expires_at".into(), rfc3339(r.expires_at));
-        let mut token = r.token;
+        let mut token = std::mem::take(&mut r.token);
         match token_out {
             Some(path) => {
                 crate::error::write_private(&path, token.as_bytes())?;

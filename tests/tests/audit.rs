@@ -631,13 +631,13 @@ fn no_secret_reaches_the_logs_or_the_audit_log() {
                 .into_inner();
             for item in batch.results {
                 if let Some(api::v1::generate_data_key_result::Result::Ok(ok)) = item.result {
-                    deks.push(ok.plaintext);
+                    deks.push(ok.plaintext.clone());
                 }
             }
             // Refused requests are recorded too: wrong context, unknown key.
             assert!(data
                 .decrypt(DecryptRequest {
-                    ciphertext: g.ciphertext,
+                    ciphertext: g.ciphertext.clone(),
                     encryption_context: [("tenant".to_owned(), "other".to_owned())].into(),
                 })
                 .await
@@ -668,7 +668,7 @@ fn no_secret_reaches_the_logs_or_the_audit_log() {
             .into_inner();
         tokens.push(grant.token.clone());
         let mut with_grant = tonic::Request::new(DecryptRequest {
-            ciphertext: g.ciphertext,
+            ciphertext: g.ciphertext.clone(),
             encryption_context: ctx(),
         });
         with_grant

@@ -288,7 +288,7 @@ fn authorisation_matrix() {
             .await
             .unwrap()
             .into_inner()
-            .ciphertext;
+            .ciphertext.clone();
 
         // What "no such key" looks like to an allowed caller: every refusal below that is not
         // about authentication must look exactly the same.

@@ -302,11 +302,11 @@ impl DataPlane for DataService {
             1,
             |svc, req| svc.key_runs(&req.key),
             |svc, caller, req, facts| {
-                ops::generate(svc, caller, req, false, facts).map(|resp| {
+                ops::generate(svc, caller, req, false, facts).map(|mut resp| {
                     GenerateDataKeyWithoutPlaintextResponse {
-                        key_id: resp.key_id,
+                        key_id: std::mem::take(&mut resp.key_id),
                         key_version: resp.key_version,
-                        ciphertext: resp.ciphertext,
+                        ciphertext: std::mem::take(&mut resp.ciphertext),
                     }
                 })
             },

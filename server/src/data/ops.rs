@@ -130,12 +130,14 @@ pub(super) fn encrypt(
     req: EncryptRequest,
     facts: &mut Facts,
 ) -> Result<EncryptResponse, Status> {
-    // Into a secret and wiped first, so that no error path below leaves it behind.
-    let mut raw = req.plaintext;
-    let plaintext = Plaintext::from_slice(&raw);
-    zeroize::Zeroize::zeroize(&mut raw);
+    // Into a secret and wiped first, so that no error path below leaves it behind (the
+    // request wipes its own copy when dropped, too).
+    let mut req = req;
+    let plaintext = Plaintext::from_slice(&req.plaintext);
+    zeroize::Zeroize::zeroize(&mut req.plaintext);
     let key = parse_key(&req.key, facts)?;
-    let ctx = EncryptionContext::from_pairs(req.encryption_context).map_err(|e| to_status(&e))?;
+    let ctx = EncryptionContext::from_pairs(std::mem::take(&mut req.encryption_context))
+        .map_err(|e| to_status(&e))?;
     facts.context(&svc.audit, &ctx);
     let sealed = svc
         .kms
