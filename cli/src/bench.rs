@@ -28,7 +28,9 @@ use crate::output::emit;
 #[derive(Args, Debug)]
 pub(crate) struct BenchArgs {
     /// Operation to measure.
-    #[arg(long, value_parser = ["generate-data-key", "decrypt", "health"])]
+    /// `refusal-timing` times a key the caller is forbidden against one that does not exist,
+    /// interleaved, one caller (see --pairs).
+    #[arg(long, value_parser = ["generate-data-key", "decrypt", "health", "refusal-timing"])]
     op: String,
     /// Protection level of the key the benchmark creates.
     #[arg(long, default_value = "software", value_parser = ["software", "hsm"])]
@@ -37,11 +39,14 @@ pub(crate) struct BenchArgs {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
     batch: u32,
     /// Concurrent callers.
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10_000))]
-    concurrency: u32,
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10_000), required_unless_present = "pairs")]
+    concurrency: Option<u32>,
     /// Seconds to run.
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=3600))]
-    duration: u64,
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=3600), required_unless_present = "pairs")]
+    duration: Option<u64>,
+    /// refusal-timing only: how many (forbidden, unknown) pairs to time.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pairs: Option<u32>,
     /// HTTP/2 connections to spread callers over (default: one per 16 callers, at most 8).
     #[arg(long)]
     connections: Option<u32>,
@@ -154,6 +159,25 @@ struct WorkerResult {
 // Over 80 lines for a reason: one linear run whose report names every input and measurement;
 // a report helper would only take them all as arguments.
 pub(crate) async fn run(args: BenchArgs, conn: &ConnectArgs, as_json: bool) -> Result<(), Error> {
+    match (args.op.as_str(), args.pairs) {
+        ("refusal-timing", Some(pairs)) => {
+            return refusal_timing(&args, pairs, conn, as_json).await
+        }
+        ("refusal-timing", None) => {
+            return Err(Error::Usage("--op refusal-timing needs --pairs N".into()))
+        }
+        (_, Some(_)) => {
+            return Err(Error::Usage(
+                "--pairs applies to --op refusal-timing only".into(),
+            ))
+        }
+        _ => {}
+    }
+    let (Some(concurrency), Some(duration)) = (args.concurrency, args.duration) else {
+        return Err(Error::Usage(
+            "--concurrency and --duration are required".into(),
+        ));
+    };
     if args.distinct_contexts && args.op != "generate-data-key" {
         return Err(Error::Usage(
             "--distinct-contexts applies to --op generate-data-key only".into(),
@@ -163,7 +187,7 @@ pub(crate) async fn run(args: BenchArgs, conn: &ConnectArgs, as_json: bool) -> R
     let (data_addr, data_tls) = conn.resolve(Plane::Data)?;
     let connections = args
         .connections
-        .unwrap_or_else(|| args.concurrency.div_ceil(16).min(8))
+        .unwrap_or_else(|| concurrency.div_ceil(16).min(8))
         .max(1);
     let mut channels = Vec::new();
     for _ in 0..connections {
@@ -181,7 +205,8 @@ pub(crate) async fn run(args: BenchArgs, conn: &ConnectArgs, as_json: bool) -> R
         .await;
     let job = job_for(&args, admin_tls.admin(&admin_addr).await?, &channels).await?;
 
-    let duration = Duration::from_secs(args.duration);
+    let duration_s = duration;
+    let duration = Duration::from_secs(duration);
     let started = now();
     let deadline = started + duration;
     let batch = args.batch;
@@ -189,7 +214,7 @@ pub(crate) async fn run(args: BenchArgs, conn: &ConnectArgs, as_json: bool) -> R
     for channel in channels
         .iter()
         .cycle()
-        .take(usize::try_from(args.concurrency).unwrap_or(1))
+        .take(usize::try_from(concurrency).unwrap_or(1))
     {
         let channel = channel.clone();
         let job = job.clone();
@@ -213,9 +238,9 @@ pub(crate) async fn run(args: BenchArgs, conn: &ConnectArgs, as_json: bool) -> R
         "op": args.op,
         "protection": if matches!(job, Job::Health) { "-" } else { args.protection.as_str() },
         "batch": batch,
-        "concurrency": args.concurrency,
+        "concurrency": concurrency,
         "connections": connections,
-        "duration_s": args.duration,
+        "duration_s": duration_s,
         "ops_per_sec": (ops * 10.0).round() / 10.0,
         "p50_us": hist.value_at_quantile(0.50),
         "p90_us": hist.value_at_quantile(0.90),
@@ -235,6 +260,98 @@ pub(crate) async fn run(args: BenchArgs, conn: &ConnectArgs, as_json: bool) -> R
         "policy_decision_max_ns": policy.as_ref().map(|p| p.decision_max_ns),
         "distinct_contexts": args.distinct_contexts,
         "distinct_entry": args.distinct_contexts.then_some(args.distinct_entry.as_str()),
+    });
+    emit(as_json, &report)
+}
+
+/// Times `pairs` interleaved requests (the order alternating within each pair) for a key the
+/// caller is forbidden (created with a label a forbid policy names) and for a key that does
+/// not exist; both are answered with the same status and message, and should take the same
+/// time.
+async fn refusal_timing(
+    args: &BenchArgs,
+    pairs: u32,
+    conn: &ConnectArgs,
+    as_json: bool,
+) -> Result<(), Error> {
+    use api::v1::PutPolicyRequest;
+    let (admin_addr, admin_tls) = conn.resolve(Plane::Admin)?;
+    let (data_addr, data_tls) = conn.resolve(Plane::Data)?;
+    let mut admin = admin_tls.admin(&admin_addr).await?;
+    let key = admin
+        .create_key(CreateKeyRequest {
+            alias: String::new(),
+            protection: match args.protection.as_str() {
+                "hsm" => api::v1::Protection::Hsm,
+                _ => api::v1::Protection::Software,
+            }
+            .into(),
+            labels: [("timing".to_owned(), "forbidden".to_owned())].into(),
+        })
+        .await?
+        .into_inner()
+        .key_id;
+    admin
+        .put_policy(PutPolicyRequest {
+            id: "bench-timing-forbidden".into(),
+            text: "forbid (principal, action, resource)\nwhen { resource.hasTag(\"timing\") && \
+                   resource.getTag(\"timing\") == \"forbidden\" };\n"
+                .into(),
+        })
+        .await?;
+    let unknown = "00000000-0000-4000-8000-00000000beef".to_owned();
+    let mut data = api::DataClient::new(data_tls.channel(&data_addr).await?);
+    let mut hists = [new_histogram()?, new_histogram()?];
+    let mut refused = [0u64; 2];
+    for i in 0..pairs {
+        let order = if i % 2 == 0 { [0, 1] } else { [1, 0] };
+        for which in order {
+            let request = GenerateDataKeyRequest {
+                key: if which == 0 {
+                    key.clone()
+                } else {
+                    unknown.clone()
+                },
+                ..Default::default()
+            };
+            let t = now();
+            let answer = data.generate_data_key(request).await;
+            let us = u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX);
+            if let Some(h) = hists.get_mut(which) {
+                let _ = h.record(us);
+            }
+            if let (Err(s), Some(n)) = (answer, refused.get_mut(which)) {
+                if s.code() == tonic::Code::PermissionDenied {
+                    *n += 1;
+                }
+            }
+        }
+    }
+    let _ = admin
+        .delete_policy(api::v1::PolicyRequest {
+            id: "bench-timing-forbidden".into(),
+        })
+        .await;
+    let [forbidden, missing] = &hists;
+    let summary = |h: &Histogram<u64>, n: u64| {
+        json!({
+            "p10_us": h.value_at_quantile(0.10),
+            "p50_us": h.value_at_quantile(0.50),
+            "p90_us": h.value_at_quantile(0.90),
+            "mean_us": (h.mean() * 10.0).round() / 10.0,
+            "refused": n,
+        })
+    };
+    let median_gap = i64::try_from(forbidden.value_at_quantile(0.5)).unwrap_or(i64::MAX)
+        - i64::try_from(missing.value_at_quantile(0.5)).unwrap_or(i64::MAX);
+    let report = json!({
+        "op": "refusal-timing",
+        "protection": args.protection,
+        "pairs": pairs,
+        "forbidden": summary(forbidden, refused[0]),
+        "unknown": summary(missing, refused[1]),
+        "median_gap_us": median_gap,
+        "mean_gap_us": ((forbidden.mean() - missing.mean()) * 10.0).round() / 10.0,
     });
     emit(as_json, &report)
 }

@@ -29,6 +29,16 @@ impl Clock for FixedClock {
     }
 }
 
+/// Denies everything, counting the decisions it was asked for.
+#[derive(Default)]
+struct CountingDeny(std::sync::atomic::AtomicUsize);
+impl Authorizer for CountingDeny {
+    fn decide(&self, _: &AccessRequest<'_>) -> Verdict {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Verdict::deny(Vec::new())
+    }
+}
+
 /// Denies everything: to check that refusals come before any key material is used.
 struct DenyAll;
 impl Authorizer for DenyAll {
@@ -366,6 +376,46 @@ macro_rules! conformance {
                     h.kms().generate_data_key(&caller(), &unknown, &c),
                     Err(Error::KeyNotFound { .. })
                 ));
+            }
+
+            #[test]
+            fn an_unknown_key_is_decided_on_like_a_forbidden_one() {
+                // The same decisions are made, so the two answers take the same work.
+                let mut h = Harness::new();
+                let key = h.key(P);
+                let c = ctx(&[]);
+                let dk = h.kms().generate_data_key(&caller(), &key, &c).unwrap();
+                let counting = Arc::new(CountingDeny::default());
+                h.reopen(counting.clone());
+                let unknown_id: kms_core::KeyId =
+                    "00000000-0000-4000-8000-000000000000".parse().unwrap();
+                let unknown = KeyRef::Id(unknown_id);
+                let mut unknown_blob = dk.ciphertext.clone();
+                // The blob header's key id (after magic, format and algorithm).
+                unknown_blob[6..22].copy_from_slice(&unknown_id.to_bytes());
+                let p = Plaintext::from_slice(b"x");
+                let kms = h.kms();
+                let decisions = |f: &dyn Fn() -> bool| {
+                    let before = counting.0.load(std::sync::atomic::Ordering::Relaxed);
+                    assert!(f(), "refused");
+                    counting.0.load(std::sync::atomic::Ordering::Relaxed) - before
+                };
+                for (forbidden, missing) in [
+                    (
+                        decisions(&|| kms.generate_data_key(&caller(), &key, &c).is_err()),
+                        decisions(&|| kms.generate_data_key(&caller(), &unknown, &c).is_err()),
+                    ),
+                    (
+                        decisions(&|| kms.encrypt(&caller(), &key, &p, &c).is_err()),
+                        decisions(&|| kms.encrypt(&caller(), &unknown, &p, &c).is_err()),
+                    ),
+                    (
+                        decisions(&|| kms.decrypt(&caller(), &dk.ciphertext, &c).is_err()),
+                        decisions(&|| kms.decrypt(&caller(), &unknown_blob, &c).is_err()),
+                    ),
+                ] {
+                    assert_eq!((forbidden, missing), (1, 1));
+                }
             }
 
             #[test]

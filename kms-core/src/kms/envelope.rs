@@ -1,6 +1,8 @@
 //! The data-plane operations: authorise (grant, creator, caller), check state, then seal or
 //! open with the version's key. Nothing here runs before the authorizer has allowed it.
 
+use std::sync::Arc;
+
 use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce};
 use zeroize::Zeroize;
 
@@ -10,8 +12,8 @@ use crate::context::EncryptionContext;
 use crate::error::Error;
 use crate::governance::authz::{authorize, AccessRequest, Caller, PolicyDecision};
 use crate::governance::grants::{check_new, AuthorizedGrant, NewGrant};
-use crate::ids::KeyRef;
-use crate::key::KeyState;
+use crate::ids::{KeyId, KeyRef, KeyVersion};
+use crate::key::{KeyRecord, KeyState, Labels, Protection};
 use crate::op::Op;
 use crate::secret::{Dek, Plaintext};
 
@@ -23,7 +25,7 @@ impl Kms {
         key: &KeyRef,
         context: &EncryptionContext,
     ) -> Result<DataKey, Error> {
-        let entry = self.entry(key)?;
+        let entry = self.entry_for(caller, key, Op::GenerateDataKey, context)?;
         let ok = self.permit(caller, &entry, Op::GenerateDataKey, context)?;
         let rng = &self.deps.rng;
         let dek = Dek::init_with(|buf| rng.fill(buf))?;
@@ -52,7 +54,7 @@ impl Kms {
                 max: MAX_PLAINTEXT_LEN,
             });
         }
-        let entry = self.entry(key)?;
+        let entry = self.entry_for(caller, key, Op::Encrypt, context)?;
         let ok = self.permit(caller, &entry, Op::Encrypt, context)?;
         self.seal(&entry, plaintext.expose_secret(), context, ok)
     }
@@ -65,7 +67,12 @@ impl Kms {
         context: &EncryptionContext,
     ) -> Result<Opened, Error> {
         let blob = Blob::parse(ciphertext)?;
-        let entry = self.entry(&KeyRef::Id(blob.header.key_id))?;
+        let entry = self.entry_for(
+            caller,
+            &KeyRef::Id(blob.header.key_id),
+            Op::Decrypt,
+            context,
+        )?;
         let ok = self.permit(caller, &entry, Op::Decrypt, context)?;
         let plaintext = self.open_blob(&entry, &blob, context, &ok)?;
         Ok(Opened {
@@ -87,8 +94,13 @@ impl Kms {
         destination_context: &EncryptionContext,
     ) -> Result<ReEncrypted, Error> {
         let blob = Blob::parse(ciphertext)?;
-        let source = self.entry(&KeyRef::Id(blob.header.key_id))?;
-        let dest = self.entry(destination)?;
+        let source = self.entry_for(
+            caller,
+            &KeyRef::Id(blob.header.key_id),
+            Op::Decrypt,
+            source_context,
+        )?;
+        let dest = self.entry_for(caller, destination, Op::ReEncrypt, destination_context)?;
         // Opening the source is a decryption to policy, but a grant need only allow
         // re-encryption: a grantee may move blobs to a newer version without reading them.
         let open_ok =
@@ -113,6 +125,30 @@ impl Kms {
             source_key_version: blob.header.key_version,
             sealed,
         })
+    }
+
+    /// The entry for `key`. For a key that does not exist, a decision is still made, on a
+    /// stand-in record, before "not found" is answered: an unknown key then costs what a
+    /// forbidden one does, so the time of the answer does not tell them apart.
+    fn entry_for(
+        &self,
+        caller: &Caller,
+        key: &KeyRef,
+        op: Op,
+        context: &EncryptionContext,
+    ) -> Result<Arc<KeyEntry>, Error> {
+        let found = self.entry(key);
+        if found.is_err() {
+            let stand_in = stand_in(key);
+            let _same_work = self.deps.authorizer.decide(&AccessRequest {
+                caller,
+                op,
+                key: &stand_in,
+                context,
+                now_unix: self.deps.clock.now_unix(),
+            });
+        }
+        found
     }
 
     /// Authorises first, then checks state: a caller who may not use a key learns nothing
@@ -349,4 +385,23 @@ fn software_open(
         .map_err(|_| Error::DecryptFailed);
     buf.zeroize();
     result
+}
+
+/// A record for a key that does not exist, for [`Kms::entry_for`]'s decision: named as the
+/// caller named it, with nothing else.
+fn stand_in(key: &KeyRef) -> KeyRecord {
+    let (id, alias) = match key {
+        KeyRef::Id(id) => (*id, None),
+        KeyRef::Alias(alias) => (KeyId::from_random_bytes([0; 16]), Some(alias.clone())),
+    };
+    KeyRecord {
+        id,
+        alias,
+        labels: Labels::default(),
+        protection: Protection::Software,
+        state: KeyState::Enabled,
+        current_version: KeyVersion::FIRST,
+        created_at: 0,
+        updated_at: 0,
+    }
 }
