@@ -75,6 +75,46 @@ enum Command {
     Bench(bench::BenchArgs),
 }
 
+/// Every leaf subcommand of `kms` (except `serve`, which would run until stopped) with a
+/// placeholder for each required argument: for tests that run each one and check that none
+/// panics, whatever it is given.
+#[doc(hidden)]
+pub fn minimal_invocations() -> Vec<Vec<String>> {
+    use clap::CommandFactory;
+    let mut out = Vec::new();
+    let mut pending = vec![(Vec::<String>::new(), Cli::command())];
+    while let Some((path, mut cmd)) = pending.pop() {
+        cmd.build();
+        if cmd.has_subcommands() {
+            for sub in cmd.get_subcommands() {
+                if sub.get_name() == "serve" || sub.get_name() == "help" {
+                    continue;
+                }
+                let mut p = path.clone();
+                p.push(sub.get_name().to_owned());
+                pending.push((p, sub.clone()));
+            }
+            continue;
+        }
+        let mut args = path;
+        for arg in cmd.get_arguments().filter(|a| a.is_required_set()) {
+            let takes_value = arg.get_num_args().is_some_and(|n| n.takes_values());
+            match arg.get_long() {
+                Some(long) => {
+                    args.push(format!("--{long}"));
+                    if takes_value {
+                        args.push("x".into());
+                    }
+                }
+                None => args.push("x".into()),
+            }
+        }
+        out.push(args);
+    }
+    out.sort();
+    out
+}
+
 /// Runs the `kms` command with the process's arguments and returns its exit code.
 pub fn main() -> ExitCode {
     // Everything kms writes (the store, the audit log, keys, exports) is for its owner only.

@@ -442,3 +442,24 @@ fn reflection_lists_each_planes_services() {
         }
     });
 }
+
+#[test]
+fn every_subcommand_runs_without_panicking() {
+    // Each with placeholders for its required arguments, against a running dev server: most
+    // are refused (bad input, no such key), none may panic.
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(KMS, dir.path());
+    let invocations = kms_cli::minimal_invocations();
+    assert!(invocations.len() > 30, "{invocations:?}");
+    assert!(invocations.iter().any(|i| i == &["policy", "get", "x"]));
+    for args in &invocations {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = server.kms(&args);
+        let err = stderr(&out);
+        assert!(
+            !err.contains("panicked") && out.status.code().is_some_and(|c| c != 101),
+            "kms {args:?} panicked or was killed ({:?}): {err}",
+            out.status
+        );
+    }
+}
