@@ -127,6 +127,60 @@ impl Kms {
         })
     }
 
+    /// Whether `caller`'s `op` on `key` under `context` will reach the HSM: the key exists, is
+    /// HSM-protected and enabled, and the caller may use it. It makes the decision the
+    /// operation will make (which then finds it in the decision cache), for unknown and
+    /// software keys too, so that where a server runs the call, and so how long its answer
+    /// takes, says nothing of whether a refused key exists.
+    pub fn reaches_hsm(
+        &self,
+        caller: &Caller,
+        key: &KeyRef,
+        op: Op,
+        context: &EncryptionContext,
+    ) -> bool {
+        self.reaches_hsm_as(caller, key, op, op, context)
+    }
+
+    /// [`Self::reaches_hsm`] for opening `ciphertext` (to decrypt it, or as the source of a
+    /// re-encryption).
+    pub fn opening_reaches_hsm(
+        &self,
+        caller: &Caller,
+        ciphertext: &[u8],
+        context: &EncryptionContext,
+        for_re_encrypt: bool,
+    ) -> bool {
+        let Ok(blob) = Blob::parse(ciphertext) else {
+            return false;
+        };
+        let grant_op = if for_re_encrypt {
+            Op::ReEncrypt
+        } else {
+            Op::Decrypt
+        };
+        let key = KeyRef::Id(blob.header.key_id);
+        self.reaches_hsm_as(caller, &key, Op::Decrypt, grant_op, context)
+    }
+
+    fn reaches_hsm_as(
+        &self,
+        caller: &Caller,
+        key: &KeyRef,
+        op: Op,
+        grant_op: Op,
+        context: &EncryptionContext,
+    ) -> bool {
+        let Ok(entry) = self.entry_for(caller, key, op, context) else {
+            return false;
+        };
+        // Decided whatever the protection, so that every path makes one decision here.
+        let allowed = self
+            .permit_as(caller, &entry, op, grant_op, context)
+            .is_ok();
+        allowed && entry.record.protection == Protection::Hsm
+    }
+
     /// The entry for `key`. For a key that does not exist, a decision is still made, on a
     /// stand-in record, before "not found" is answered: an unknown key then costs what a
     /// forbidden one does, so the time of the answer does not tell them apart.

@@ -291,13 +291,6 @@ impl Kms {
         Ok(record)
     }
 
-    /// True when operations under this key run in the HSM and so block on it; async callers
-    /// move those off their workers. Software keys and unknown keys answer from memory.
-    pub fn runs_in_hsm(&self, key: &KeyRef) -> bool {
-        self.entry(key)
-            .is_ok_and(|e| e.record.protection == Protection::Hsm)
-    }
-
     fn entry(&self, key: &KeyRef) -> Result<Arc<KeyEntry>, Error> {
         let cache = self.cache.read();
         let id = match key {

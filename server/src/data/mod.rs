@@ -21,7 +21,9 @@ use api::v1::{
     RevokeGrantRequest, RevokeGrantResponse,
 };
 use kms_core::audit::AuditEvent;
-use kms_core::{Caller, KeyRef, Kms, Principal};
+use std::collections::HashMap;
+
+use kms_core::{Caller, EncryptionContext, KeyRef, Kms, Op, Principal};
 use tonic::{Request, Response, Status};
 
 pub(crate) use self::status::NOT_FOUND_OR_DENIED;
@@ -154,7 +156,7 @@ impl DataService {
         action: &'static str,
         request: Request<Req>,
         uses: usize,
-        runs: impl FnOnce(&Self, &Req) -> Runs,
+        runs: impl FnOnce(&Self, &Caller, &Req) -> Runs,
         op: F,
     ) -> Result<Response<Resp>, Status>
     where
@@ -165,7 +167,7 @@ impl DataService {
         let started = request_clock();
         let (caller, ids) = self.admit(action, &request, started, uses).await?;
         let req = request.into_inner();
-        let runs = runs(self, &req);
+        let runs = runs(self, &caller, &req);
         // The caller goes into the call and comes back with its result: no copy.
         let (result, facts, caller) = self
             .call(runs, move |svc| {
@@ -252,23 +254,44 @@ impl DataService {
         Ok(results)
     }
 
-    /// Where a call naming `key` runs.
-    fn key_runs(&self, key: &str) -> Runs {
-        let in_hsm = key
-            .parse::<KeyRef>()
-            .is_ok_and(|k| self.kms.runs_in_hsm(&k));
-        if in_hsm {
+    /// Where `caller`'s `op` on `key` runs: on the blocking pool only if it will reach the
+    /// HSM. The core decides that with the same decision the operation makes, for every key
+    /// (unknown ones included), so a refusal is answered in place whatever the key is.
+    fn key_runs(
+        &self,
+        caller: &Caller,
+        key: &str,
+        op: Op,
+        context: &HashMap<String, String>,
+    ) -> Runs {
+        let (Ok(key), Ok(context)) = (
+            key.parse::<KeyRef>(),
+            EncryptionContext::from_pairs(context.clone()),
+        ) else {
+            return Runs::InPlace;
+        };
+        if self.kms.reaches_hsm(caller, &key, op, &context) {
             Runs::Blocking
         } else {
             Runs::InPlace
         }
     }
 
-    /// Where opening `blob` runs.
-    fn blob_runs(&self, blob: &[u8]) -> Runs {
-        let in_hsm = kms_core::blob::Blob::parse(blob)
-            .is_ok_and(|b| self.kms.runs_in_hsm(&KeyRef::Id(b.header.key_id)));
-        if in_hsm {
+    /// Where opening `blob` runs (to decrypt it, or as a re-encryption's source).
+    fn blob_runs(
+        &self,
+        caller: &Caller,
+        blob: &[u8],
+        context: &HashMap<String, String>,
+        for_re_encrypt: bool,
+    ) -> Runs {
+        let Ok(context) = EncryptionContext::from_pairs(context.clone()) else {
+            return Runs::InPlace;
+        };
+        if self
+            .kms
+            .opening_reaches_hsm(caller, blob, &context, for_re_encrypt)
+        {
             Runs::Blocking
         } else {
             Runs::InPlace
@@ -286,7 +309,14 @@ impl DataPlane for DataService {
             "data.GenerateDataKey",
             request,
             1,
-            |svc, req| svc.key_runs(&req.key),
+            |svc, caller, req| {
+                svc.key_runs(
+                    caller,
+                    &req.key,
+                    Op::GenerateDataKey,
+                    &req.encryption_context,
+                )
+            },
             |svc, caller, req, facts| ops::generate(svc, caller, req, true, facts),
         )
         .await
@@ -300,7 +330,14 @@ impl DataPlane for DataService {
             "data.GenerateDataKeyWithoutPlaintext",
             request,
             1,
-            |svc, req| svc.key_runs(&req.key),
+            |svc, caller, req| {
+                svc.key_runs(
+                    caller,
+                    &req.key,
+                    Op::GenerateDataKey,
+                    &req.encryption_context,
+                )
+            },
             |svc, caller, req, facts| {
                 ops::generate(svc, caller, req, false, facts).map(|mut resp| {
                     GenerateDataKeyWithoutPlaintextResponse {
@@ -322,7 +359,9 @@ impl DataPlane for DataService {
             "data.Decrypt",
             request,
             1,
-            |svc, req| svc.blob_runs(&req.ciphertext),
+            |svc, caller, req| {
+                svc.blob_runs(caller, &req.ciphertext, &req.encryption_context, false)
+            },
             ops::decrypt,
         )
         .await
@@ -336,7 +375,7 @@ impl DataPlane for DataService {
             "data.Encrypt",
             request,
             1,
-            |svc, req| svc.key_runs(&req.key),
+            |svc, caller, req| svc.key_runs(caller, &req.key, Op::Encrypt, &req.encryption_context),
             ops::encrypt,
         )
         .await
@@ -350,9 +389,29 @@ impl DataPlane for DataService {
             "data.ReEncrypt",
             request,
             1,
-            |svc, req| match svc.blob_runs(&req.ciphertext) {
-                Runs::Blocking => Runs::Blocking,
-                Runs::InPlace => svc.key_runs(&req.destination_key),
+            |svc, caller, req| {
+                let source = svc.blob_runs(
+                    caller,
+                    &req.ciphertext,
+                    &req.source_encryption_context,
+                    true,
+                );
+                let destination_context = if req.destination_context_set {
+                    &req.destination_encryption_context
+                } else {
+                    &req.source_encryption_context
+                };
+                let destination = svc.key_runs(
+                    caller,
+                    &req.destination_key,
+                    Op::ReEncrypt,
+                    destination_context,
+                );
+                if source == Runs::Blocking || destination == Runs::Blocking {
+                    Runs::Blocking
+                } else {
+                    Runs::InPlace
+                }
             },
             ops::re_encrypt,
         )
@@ -413,7 +472,7 @@ impl DataPlane for DataService {
             "data.CreateGrant",
             request,
             0,
-            |_, _| Runs::Blocking,
+            |_, _, _| Runs::Blocking,
             ops::create_grant,
         )
         .await
@@ -427,7 +486,7 @@ impl DataPlane for DataService {
             "data.RevokeGrant",
             request,
             0,
-            |_, _| Runs::Blocking,
+            |_, _, _| Runs::Blocking,
             ops::revoke_grant,
         )
         .await
