@@ -176,6 +176,25 @@ impl Server {
     }
 }
 
+/// Every audit event in the log of a stopped server's directory `dir` (`kms audit export`).
+pub fn audit_events(bin: &str, dir: &Path) -> Vec<Value> {
+    let out = Command::new(bin)
+        .current_dir(dir)
+        .args(["audit", "export", "--since", "1"])
+        .output()
+        .expect("run kms audit export");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|l| l.get("record").map(|r| r["event"].clone()))
+        .collect()
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();

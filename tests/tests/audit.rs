@@ -797,20 +797,9 @@ fn load_then_kill(server: Server) -> Vec<String> {
 
 /// Request ids in the audit log of a stopped server's directory.
 fn recorded_request_ids(dir: &Path) -> HashSet<String> {
-    let out = kms(dir, &["audit", "export", "--since", "1"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter_map(|l| {
-            l["record"]["event"]["client_request_id"]
-                .as_str()
-                .map(str::to_owned)
-        })
+    kms_tests::audit_events(KMS, dir)
+        .iter()
+        .filter_map(|e| e["client_request_id"].as_str().map(str::to_owned))
         .collect()
 }
 

@@ -169,23 +169,8 @@ fn rss(pid: u32) -> u64 {
     kb * 1024
 }
 
-/// Every audit record of a stopped server's directory.
 fn records(dir: &Path) -> Vec<Value> {
-    let out = Command::new(KMS)
-        .current_dir(dir)
-        .args(["audit", "export", "--since", "1"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter_map(|l| l.get("record").map(|r| r["event"].clone()))
-        .collect()
+    kms_tests::audit_events(KMS, dir)
 }
 
 /// Codes as gRPC numbers them.

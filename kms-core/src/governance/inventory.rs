@@ -417,12 +417,7 @@ impl Inventory {
         selector: &Selector,
         by: &str,
     ) -> Result<(Arc<Workload>, Arc<Workload>), Error> {
-        let before = self.get(selector)?;
-        let mut w = Workload::clone(&before);
-        w.active = false;
-        w.updated_at = self.clock.now_unix();
-        w.updated_by = by.to_owned();
-        Ok((before, self.save(w)?))
+        self.set_active(selector, false, by)
     }
 
     /// Makes a deactivated registration active again; this counts as an owner review. Its
@@ -432,13 +427,24 @@ impl Inventory {
         selector: &Selector,
         by: &str,
     ) -> Result<(Arc<Workload>, Arc<Workload>), Error> {
+        self.set_active(selector, true, by)
+    }
+
+    fn set_active(
+        &self,
+        selector: &Selector,
+        active: bool,
+        by: &str,
+    ) -> Result<(Arc<Workload>, Arc<Workload>), Error> {
         let before = self.get(selector)?;
         let mut w = Workload::clone(&before);
-        w.active = true;
+        w.active = active;
         let now = self.clock.now_unix();
         w.updated_at = now;
         w.updated_by = by.to_owned();
-        w.reviewed_at = now;
+        if active {
+            w.reviewed_at = now;
+        }
         Ok((before, self.save(w)?))
     }
 
