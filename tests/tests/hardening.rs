@@ -108,7 +108,9 @@ async fn call(
     let mut framed = vec![0u8];
     framed.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
     framed.extend_from_slice(message);
-    body_out.send_data(Bytes::from(framed), true).unwrap();
+    // A refusal may come (and the stream close) before the body is sent: the gate answers
+    // from the headers alone. The answer is what counts.
+    let _ = body_out.send_data(Bytes::from(framed), true);
     let response = response.await.unwrap();
     let (parts, mut body) = response.into_parts();
     let header =
