@@ -21,12 +21,12 @@ pub(crate) enum IdentityCommand {
     /// Change a registration (counts as an owner review).
     Update(Update),
     /// Deactivate a registration: its workloads are refused from the next request.
-    Deactivate(Deactivate),
+    Deactivate(Registration),
     /// Make a deactivated registration active again (counts as an owner review; its expiry
     /// still applies).
-    Reactivate(Reactivate),
+    Reactivate(Registration),
     /// Show a registration, with its last-seen time and calls by action.
-    Describe(Describe),
+    Describe(Registration),
     /// Report active registrations that need attention: not seen for --stale-days (or never
     /// seen since registration that long ago), expiring within --expiring-days, or without an
     /// owner review for --review-days; and enabled keys that no active registration may use
@@ -75,20 +75,9 @@ pub(crate) struct Update {
     clear_labels: bool,
 }
 
+/// One registration, named by its selector (`deactivate`, `reactivate`, `describe`).
 #[derive(clap::Args, Debug)]
-pub(crate) struct Deactivate {
-    /// The registration's selector.
-    selector: String,
-}
-
-#[derive(clap::Args, Debug)]
-pub(crate) struct Reactivate {
-    /// The registration's selector.
-    selector: String,
-}
-
-#[derive(clap::Args, Debug)]
-pub(crate) struct Describe {
+pub(crate) struct Registration {
     /// The registration's selector.
     selector: String,
 }
@@ -141,9 +130,18 @@ pub(crate) async fn run(
     match cmd {
         IdentityCommand::Register(c) => c.run(&mut client, as_json).await,
         IdentityCommand::Update(c) => c.run(&mut client, as_json).await,
-        IdentityCommand::Deactivate(c) => c.run(&mut client, as_json).await,
-        IdentityCommand::Reactivate(c) => c.run(&mut client, as_json).await,
-        IdentityCommand::Describe(c) => c.run(&mut client, as_json).await,
+        IdentityCommand::Deactivate(Registration { selector }) => {
+            let w = client.deactivate_workload(WorkloadRequest { selector });
+            emit(as_json, &workload_json(&w.await?.into_inner()))
+        }
+        IdentityCommand::Reactivate(Registration { selector }) => {
+            let w = client.reactivate_workload(WorkloadRequest { selector });
+            emit(as_json, &workload_json(&w.await?.into_inner()))
+        }
+        IdentityCommand::Describe(Registration { selector }) => {
+            let w = client.describe_workload(WorkloadRequest { selector });
+            emit(as_json, &workload_json(&w.await?.into_inner()))
+        }
         IdentityCommand::Report(c) => c.run(&mut client, as_json).await,
         IdentityCommand::List(c) => c.run(&mut client, as_json).await,
     }
@@ -194,39 +192,6 @@ impl Update {
                     None => 0,
                 },
             })
-            .await?
-            .into_inner();
-        emit(as_json, &workload_json(&w))
-    }
-}
-
-impl Deactivate {
-    async fn run(self, client: &mut AdminClient, as_json: bool) -> Result<(), Error> {
-        let Self { selector } = self;
-        let w = client
-            .deactivate_workload(WorkloadRequest { selector })
-            .await?
-            .into_inner();
-        emit(as_json, &workload_json(&w))
-    }
-}
-
-impl Reactivate {
-    async fn run(self, client: &mut AdminClient, as_json: bool) -> Result<(), Error> {
-        let Self { selector } = self;
-        let w = client
-            .reactivate_workload(WorkloadRequest { selector })
-            .await?
-            .into_inner();
-        emit(as_json, &workload_json(&w))
-    }
-}
-
-impl Describe {
-    async fn run(self, client: &mut AdminClient, as_json: bool) -> Result<(), Error> {
-        let Self { selector } = self;
-        let w = client
-            .describe_workload(WorkloadRequest { selector })
             .await?
             .into_inner();
         emit(as_json, &workload_json(&w))

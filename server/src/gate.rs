@@ -248,12 +248,14 @@ impl Shared {
         let started = monotonic();
         let ids = RequestTag::new(request.headers());
         let taken = Taken::default();
-        let path = request.uri().path().to_owned();
-        let route = Route::of(self.plane, &path);
+        // A `Uri` clone shares its bytes: no copy of the path unless a record needs it.
+        let uri = request.uri().clone();
+        let path = uri.path();
+        let route = Route::of(self.plane, path);
         request.extensions_mut().insert(ids.clone());
         request.extensions_mut().insert(taken.clone());
         let mut response = match self.admit(&mut request, route) {
-            Err(refused) => self.refuse(refused, &path, &ids, started).await,
+            Err(refused) => self.refuse(refused, path, &ids, started).await,
             Ok(()) => {
                 let admitted = request.extensions().get::<Admitted>().cloned();
                 let response = match inner.call(request).await {
@@ -264,7 +266,7 @@ impl Shared {
                 match failed {
                     // Refused by the codec or the router before the service took it.
                     Some(status) if !taken.is_set() && route != Route::Health => {
-                        self.refused_before_service(status, admitted, &path, &ids, started)
+                        self.refused_before_service(status, admitted, path, &ids, started)
                             .await
                     }
                     _ => response,
@@ -291,7 +293,7 @@ impl Shared {
             .extensions()
             .get::<TlsConnectInfo<TcpConnectInfo>>()
             .and_then(TlsConnectInfo::peer_certs);
-        let principal = match self.plane {
+        let (principal, auth) = match self.plane {
             Plane::Data => {
                 let who = self
                     .gov
@@ -300,9 +302,9 @@ impl Shared {
                         anonymous: true,
                         refusal,
                     })?;
-                let principal = Principal::Workload(who.id.clone());
+                let admitted = (Principal::Workload(who.id.clone()), who.method.as_str());
                 request.extensions_mut().insert(who);
-                principal
+                admitted
             }
             Plane::Admin => {
                 let operator = crate::identity::operator_from(certs.as_deref().map(Vec::as_slice))
@@ -331,42 +333,31 @@ impl Shared {
                     });
                 }
                 request.extensions_mut().insert(operator.id);
-                principal
+                (principal, "mtls")
             }
         };
-        let auth = match self.plane {
-            Plane::Data => request
-                .extensions()
-                .get::<crate::governance::Authenticated>()
-                .map_or("none", |a| a.method.as_str()),
-            Plane::Admin => "mtls",
+        let unserved = match route {
+            Route::Unserved => Some("request.unserved_method"),
+            Route::Reflection if self.reflection == Reflection::Off => {
+                Some("request.reflection_off")
+            }
+            _ => None,
         };
-        match route {
-            Route::Unserved => Err(Refused {
+        if let Some(reason) = unserved {
+            return Err(Refused {
                 anonymous: false,
                 refusal: Refusal {
                     principal,
                     auth,
-                    reason: "request.unserved_method",
+                    reason,
                     status: Status::unimplemented(UNSERVED),
                 },
-            }),
-            Route::Reflection if self.reflection == Reflection::Off => Err(Refused {
-                anonymous: false,
-                refusal: Refusal {
-                    principal,
-                    auth,
-                    reason: "request.reflection_off",
-                    status: Status::unimplemented(UNSERVED),
-                },
-            }),
-            _ => {
-                request
-                    .extensions_mut()
-                    .insert(Admitted { principal, auth });
-                Ok(())
-            }
+            });
         }
+        request
+            .extensions_mut()
+            .insert(Admitted { principal, auth });
+        Ok(())
     }
 
     /// Records a refusal made here (within the budget, if the caller proved no identity) and

@@ -102,13 +102,9 @@ pub struct Verifier<'a> {
     from: Option<u64>,
     checkpoints: BTreeMap<u64, Checkpoint>,
     prev: Option<(u64, Hash)>,
-    /// The highest sequence number read so far.
-    max_seen: Option<u64>,
     /// Sequence numbers skipped so far (a later record may still fill one: then it was
     /// reordered, not missing).
     skipped: BTreeSet<u64>,
-    /// The last record proven by a checkpoint or the expected head.
-    last_anchor: Option<u64>,
     expected: Option<ExpectedHead>,
     prune_claim: Option<u64>,
     report: Report,
@@ -127,9 +123,7 @@ impl<'a> Verifier<'a> {
             from,
             checkpoints: BTreeMap::new(),
             prev: None,
-            max_seen: None,
             skipped: BTreeSet::new(),
-            last_anchor: None,
             expected: None,
             prune_claim: None,
             report: Report::default(),
@@ -159,15 +153,14 @@ impl<'a> Verifier<'a> {
 
     /// The first record not yet proven by an anchor.
     fn unproven_from(&self) -> u64 {
-        match self.last_anchor {
+        match self.report.anchored_to {
             Some(a) => a.saturating_add(1),
             None => self.from.unwrap_or(1),
         }
     }
 
     fn anchor(&mut self, seq: u64) {
-        self.last_anchor = Some(self.last_anchor.map_or(seq, |a| a.max(seq)));
-        self.report.anchored_to = self.last_anchor;
+        self.report.anchored_to = Some(self.report.anchored_to.map_or(seq, |a| a.max(seq)));
     }
 
     fn check_signature(&self, cp: &Checkpoint) -> Result<(), String> {
@@ -203,7 +196,8 @@ impl<'a> Verifier<'a> {
         }
         self.report.records = self.report.records.saturating_add(1);
         self.report.first_seq.get_or_insert(seq);
-        match self.max_seen {
+        // `last_seq` is the highest read so far: a lower one returns early below.
+        match self.report.last_seq {
             Some(max) if seq <= max => {
                 if self.skipped.remove(&seq) {
                     self.bad(
@@ -241,7 +235,6 @@ impl<'a> Verifier<'a> {
             }
             _ => {}
         }
-        self.max_seen = Some(seq);
         self.report.last_seq = Some(seq);
         let prev = self
             .prev

@@ -206,15 +206,10 @@ impl DataService {
         if let Err(status) = ops::check_batch(uses) {
             // Authenticated by the gate, refused before any use of a grant is reserved.
             crate::gate::Taken::mark(&request);
+            let who = request.extensions().get::<Authenticated>();
             let refusal = Refusal {
-                principal: request
-                    .extensions()
-                    .get::<Authenticated>()
-                    .map_or(Principal::Anonymous, |a| Principal::Workload(a.id.clone())),
-                auth: request
-                    .extensions()
-                    .get::<Authenticated>()
-                    .map_or("none", |a| a.method.as_str()),
+                principal: who.map_or(Principal::Anonymous, |a| Principal::Workload(a.id.clone())),
+                auth: who.map_or("none", |a| a.method.as_str()),
                 reason: "request.batch_too_large",
                 status,
             };
