@@ -1,0 +1,238 @@
+//! The init ceremony as consumed-by-value states (see `docs/CUSTODY.md`).
+//!
+//! ```text
+//! Checked ──derive──▶ Derived ──seal──▶ Sealed      (then the host writes files and commits)
+//! ```
+//!
+//! Each step takes its state by value, so a step cannot run twice or out of order, and the
+//! recovery secret lives only in `Derived`: `seal` consumes it, so it is wiped when the shares
+//! and every escrow seal are made. Writing the share files and the one synced store write are
+//! the host's (the crate opens neither files nor the store).
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use aws_lc_rs::rand::SecureRandom;
+
+use crate::seal::{Purpose, RecoveryKeyRecord, RecoveryPublicKey};
+use crate::share::{Custodian, CustodianName, Share, ShareEnvelope};
+use crate::transcript::{
+    CeremonyKind, EscrowPin, TokenInfo, Transcript, TranscriptCustodian, TRANSCRIPT_FORMAT,
+};
+use crate::{CeremonyId, Epoch, Error, RecoverySecret};
+
+/// Parameters checked: 2 <= k <= n <= 255, names unique.
+#[derive(Debug)]
+pub struct Checked {
+    threshold: u8,
+    custodians: Vec<Custodian>,
+}
+
+impl Checked {
+    /// Checks the threshold and the custodians.
+    pub fn new(threshold: usize, custodians: Vec<Custodian>) -> Result<Self, Error> {
+        let n = custodians.len();
+        let bad = Error::Threshold {
+            threshold,
+            custodians: n,
+        };
+        if !(2 <= threshold && threshold <= n && n <= 255) {
+            return Err(bad);
+        }
+        let mut names = BTreeSet::new();
+        for c in &custodians {
+            if !names.insert(c.name.clone()) {
+                return Err(Error::CustodianTwice {
+                    name: c.name.to_string(),
+                });
+            }
+        }
+        let threshold = u8::try_from(threshold).map_err(|_| bad)?;
+        Ok(Self {
+            threshold,
+            custodians,
+        })
+    }
+
+    /// Makes the recovery secret and the recovery key pair.
+    pub fn derive(self, rng: &dyn SecureRandom) -> Result<Derived, Error> {
+        let ceremony_id = CeremonyId::new_v4_from(rng)?;
+        let secret = RecoverySecret::generate(rng)?;
+        let record = RecoveryKeyRecord::create(&secret, ceremony_id, Epoch::FIRST, rng)?;
+        Ok(Derived {
+            checked: self,
+            secret,
+            record,
+        })
+    }
+}
+
+/// The secret exists; nothing is sealed yet.
+pub struct Derived {
+    checked: Checked,
+    secret: RecoverySecret,
+    record: RecoveryKeyRecord,
+}
+
+/// Something to escrow at init: material that exists before the ceremony (software versions,
+/// the grant MAC key, the audit context-digest key).
+pub struct EscrowInput<'a> {
+    /// What it is.
+    pub purpose: Purpose,
+    /// What it is bound to.
+    pub aad: Vec<u8>,
+    /// The material; the caller keeps it in a secret type.
+    pub material: &'a [u8],
+}
+
+/// What the host tells the ceremony about itself, for the transcript.
+#[derive(Clone, Debug)]
+pub struct HostFacts {
+    /// The token.
+    pub token: TokenInfo,
+    /// The audit signer's public key, hex.
+    pub audit_signer: String,
+    /// The escrow key pin, when the token holds one.
+    pub escrow_key: Option<EscrowPin>,
+    /// Now, Unix seconds.
+    pub time: u64,
+}
+
+impl Derived {
+    /// The recovery public key, to seal to.
+    pub fn public(&self) -> &RecoveryPublicKey {
+        &self.record.public
+    }
+
+    /// The ceremony id.
+    pub fn ceremony_id(&self) -> CeremonyId {
+        self.record.ceremony_id
+    }
+
+    /// Seals every input to the recovery public key, splits the secret, seals each share to
+    /// its custodian, and writes the transcript. Consumes the secret.
+    pub fn seal(
+        self,
+        rng: &dyn SecureRandom,
+        facts: HostFacts,
+        inputs: &[EscrowInput<'_>],
+    ) -> Result<Sealed, Error> {
+        let Derived {
+            checked,
+            secret,
+            record,
+        } = self;
+        let seals = inputs
+            .iter()
+            .map(|i| record.public.seal(rng, i.purpose, &i.aad, i.material))
+            .collect::<Result<Vec<_>, _>>()?;
+        let n = checked.custodians.len();
+        let shares = Share::split(&secret, n, usize::from(checked.threshold))?;
+        let mut nonce = [0u8; 32];
+        rng.fill(&mut nonce).map_err(|_| Error::Random)?;
+        let custodians = checked
+            .custodians
+            .iter()
+            .zip(&shares)
+            .map(|(c, s)| TranscriptCustodian {
+                name: c.name.to_string(),
+                index: s.index(),
+                recipient: c.recipient.to_string(),
+                commitment: hex::encode(s.commitment(record.ceremony_id)),
+            })
+            .collect();
+        let mut transcript = Transcript {
+            format: TRANSCRIPT_FORMAT.to_owned(),
+            kind: CeremonyKind::Init,
+            ceremony_id: record.ceremony_id,
+            epoch: record.epoch,
+            threshold: checked.threshold,
+            custodians,
+            recovery_public_key: record.public.clone(),
+            escrow_key: facts.escrow_key,
+            token: facts.token,
+            audit_signer: facts.audit_signer,
+            nonce: hex::encode(nonce),
+            time: facts.time,
+            mac: String::new(),
+        };
+        transcript.mac_with(&secret)?;
+        drop(secret);
+        let transcript_sha256 = transcript.sha256()?;
+        let count = u8::try_from(n).map_err(|_| Error::Internal("custodian count"))?;
+        let mut share_files = Vec::with_capacity(n);
+        for (c, share) in checked.custodians.iter().zip(shares) {
+            let envelope = ShareEnvelope {
+                ceremony_id: record.ceremony_id,
+                epoch: record.epoch,
+                custodian: c.name.clone(),
+                threshold: checked.threshold,
+                custodians: count,
+                transcript_sha256,
+                share,
+            };
+            share_files.push((c.name.clone(), envelope.seal_to(&c.recipient)?));
+        }
+        Ok(Sealed {
+            record,
+            transcript,
+            transcript_sha256,
+            share_files,
+            seals,
+        })
+    }
+}
+
+impl fmt::Debug for Derived {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Derived")
+            .field("checked", &self.checked)
+            .field("ceremony_id", &self.record.ceremony_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Everything the host writes: no secret is left in it.
+#[derive(Debug)]
+pub struct Sealed {
+    /// The recovery key record for the store.
+    pub record: RecoveryKeyRecord,
+    /// The transcript.
+    pub transcript: Transcript,
+    /// Its hash.
+    pub transcript_sha256: [u8; 32],
+    /// One age file per custodian, in custodian order.
+    pub share_files: Vec<(CustodianName, Vec<u8>)>,
+    /// One seal per escrow input, in input order.
+    pub seals: Vec<Vec<u8>>,
+}
+
+/// Checks a decrypted share against a ceremony's transcript: same ceremony, epoch and
+/// transcript hash, the custodian at that index, and the commitment recorded at init.
+/// Returns the transcript's entry for the custodian.
+pub fn check_share<'t>(
+    transcript: &'t Transcript,
+    envelope: &ShareEnvelope,
+) -> Result<&'t TranscriptCustodian, Error> {
+    let fault = |fault| Err(Error::Transcript { fault });
+    if envelope.ceremony_id != transcript.ceremony_id || envelope.epoch != transcript.epoch {
+        return fault("the share is of another ceremony or epoch");
+    }
+    if envelope.transcript_sha256 != transcript.sha256()? {
+        return fault("the share names another transcript");
+    }
+    let Some(entry) = transcript
+        .custodians
+        .iter()
+        .find(|c| c.index == envelope.share.index())
+    else {
+        return fault("no custodian has the share's index");
+    };
+    if entry.name != envelope.custodian.as_str() {
+        return fault("the share's custodian is not the one at its index");
+    }
+    if entry.commitment != hex::encode(envelope.share.commitment(transcript.ceremony_id)) {
+        return fault("the share does not match the commitment recorded at init");
+    }
+    Ok(entry)
+}
