@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing sovereign-kms needs on Debian or Ubuntu, if missing:
 # SoftHSM2 (the development and test HSM), clang/libclang (RocksDB's bindings), and
-# cargo-nextest (the test runner: one process per test, so each test gets its own token).
+# cargo-nextest (the test runner: one process per test, so each test gets its own token), and
+# age (custody tests decrypt share files with the standard tool, as a custodian would).
 set -euo pipefail
 
 need=()
@@ -10,6 +11,7 @@ command -v clang >/dev/null 2>&1 || need+=(clang)
 ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1 || ls /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1 || need+=(libclang-dev)
 command -v g++ >/dev/null 2>&1 || need+=(g++)
 command -v make >/dev/null 2>&1 || need+=(make)
+command -v age >/dev/null 2>&1 || need+=(age)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "install-deps: installing ${need[*]}" >&2

@@ -33,6 +33,9 @@ pub(crate) enum Error {
     /// The key service could not start.
     #[error("key service: {0}")]
     Core(#[from] kms_core::Error),
+    /// A ceremony input (share, identity, custodian, transcript) was refused.
+    #[error(transparent)]
+    Recovery(#[from] recovery::Error),
     /// The server could not start.
     #[error(transparent)]
     Server(#[from] server::Error),

@@ -12,6 +12,7 @@
 
 mod audit;
 mod bench;
+mod ceremony;
 mod config;
 mod connect;
 mod data;
@@ -73,6 +74,10 @@ enum Command {
     Audit(audit::AuditCommand),
     /// Load-test a running server and report throughput and latency.
     Bench(bench::BenchArgs),
+    /// Custody ceremonies on the data directory (server stopped): init, verify a share,
+    /// status.
+    #[command(subcommand)]
+    Ceremony(ceremony::CeremonyCommand),
 }
 
 /// Every leaf subcommand of `kms` (except `serve`, which would run until stopped) with a
@@ -139,8 +144,10 @@ pub fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<(), Error> {
     // The server opens the HSM before any runtime thread exists: SoftHSM2's configuration is
     // process-wide environment, set once here.
-    let prepared = match &cli.command {
-        Command::Serve(args) => Some(serve::prepare(args, &cli.connect.data_dir)?),
+    let prepared = match cli.command {
+        Command::Serve(ref args) => Some(serve::prepare(args, &cli.connect.data_dir)?),
+        // Ceremonies open the token too, and need no runtime.
+        Command::Ceremony(cmd) => return ceremony::run(cmd, &cli.connect.data_dir, cli.json),
         _ => None,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -162,7 +169,9 @@ fn run(cli: Cli) -> Result<(), Error> {
             (Command::Grant(cmd), _) => grant::run(cmd, &cli.connect, cli.json).await,
             (Command::Audit(cmd), _) => audit::run(cmd, &cli.connect, cli.json).await,
             (Command::Bench(args), _) => bench::run(args, &cli.connect, cli.json).await,
-            (Command::Serve(_), None) => Err(Error::Usage("internal: serve not prepared".into())),
+            (Command::Serve(_), None) | (Command::Ceremony(_), _) => {
+                Err(Error::Usage("internal: command not prepared".into()))
+            }
         }
     })
 }

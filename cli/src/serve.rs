@@ -97,6 +97,12 @@ pub(crate) fn prepare(args: &ServeArgs, data_dir: &Path) -> Result<Prepared, Err
     )?;
     if args.dev {
         seed_dev_governance(&gov, &audit_log)?;
+        let offline = crate::ceremony::Offline {
+            store: store.clone(),
+            audit_log: audit_log.clone(),
+            hsm: hsm.clone(),
+        };
+        dev_custody(&offline, &config.data_dir)?;
     }
     gov.load_bundles()?;
     let stats = PolicyStats::new();
@@ -139,6 +145,80 @@ pub(crate) fn prepare(args: &ServeArgs, data_dir: &Path) -> Result<Prepared, Err
         endpoints: config.data_dir.join("endpoints.json"),
         dev: args.dev,
     })
+}
+
+/// Opens what a ceremony needs, with the server stopped: the store, the audit log and the
+/// token (logged in as the user), and the governance stores, so that the grant MAC key exists
+/// to be escrowed.
+pub(crate) fn open_offline(config_path: &Path) -> Result<crate::ceremony::Offline, Error> {
+    let config = Config::load(config_path)?;
+    if let Some(conf) = &config.hsm.softhsm2_conf {
+        hsm_bridge::softhsm::use_conf(conf);
+    }
+    owner_only(&config.data_dir)?;
+    let store = Arc::new(
+        RocksStore::open(&config.data_dir.join("store")).map_err(|e| {
+            Error::Usage(format!(
+                "cannot open the store under {} ({e}); ceremonies run with the server stopped",
+                config.data_dir.display()
+            ))
+        })?,
+    );
+    let clock = Arc::new(SystemClock);
+    let audit_log = Arc::new(AuditLog::open(
+        store.clone(),
+        clock.clone(),
+        config.audit.settings(),
+    )?);
+    let hsm = open_hsm(&config, config_path, &audit_log)?;
+    let rng: Arc<dyn Rng> = Arc::new(SystemRng::new());
+    open_governance(&config, &store, &clock, &rng, hsm.as_ref())?;
+    Ok(crate::ceremony::Offline {
+        store,
+        audit_log,
+        hsm,
+    })
+}
+
+/// The development custodians: `alice`, `bob` and `carol`, threshold 2, their age identities
+/// and share files in `DATA_DIR/custodians/`. Runs the init ceremony on the first start.
+const DEV_CUSTODIANS: [&str; 3] = ["alice", "bob", "carol"];
+
+fn dev_custody(offline: &crate::ceremony::Offline, data_dir: &Path) -> Result<(), Error> {
+    if kms_core::custody::load(offline.store.as_ref())?.is_some() {
+        return Ok(());
+    }
+    let dir = data_dir.join("custodians");
+    std::fs::create_dir_all(&dir).map_err(|source| Error::File {
+        what: "cannot create",
+        path: dir.clone(),
+        source,
+    })?;
+    let mut specs = Vec::new();
+    for name in DEV_CUSTODIANS {
+        let key = dir.join(format!("{name}.key"));
+        let identity = if key.exists() {
+            let text = secrecy::SecretString::from(crate::input::text_file(&key)?);
+            recovery::parse_identity(&text, &key).map_err(Error::from)?
+        } else {
+            let identity = age::x25519::Identity::generate();
+            let text = format!(
+                "# development custodian {name} (never use outside development)\n# public key: {}\n{}\n",
+                identity.to_public(),
+                secrecy::ExposeSecret::expose_secret(&identity.to_string())
+            );
+            std::fs::write(&key, text).map_err(|source| Error::File {
+                what: "cannot write",
+                path: key.clone(),
+                source,
+            })?;
+            identity
+        };
+        specs.push(format!("{name}={}", identity.to_public()));
+    }
+    let summary = crate::ceremony::init(offline, 2, &specs, &dir)?;
+    tracing::info!(dir = %dir.display(), transcript_sha256 = %summary["transcript_sha256"], "development custody initialised: alice, bob, carol, threshold 2");
+    Ok(())
 }
 
 /// Takes group and other permissions off everything under `dir` (files an earlier version
@@ -188,7 +268,7 @@ fn config_path(args: &ServeArgs, data_dir: &Path) -> Result<PathBuf, Error> {
 
 /// Opens the token, recording a failure to open it and every retried HSM call in the audit
 /// log, and attaches it to the log (which signs checkpoints with it).
-fn open_hsm(
+pub(crate) fn open_hsm(
     config: &Config,
     config_path: &Path,
     audit_log: &Arc<AuditLog>,
@@ -236,7 +316,7 @@ fn open_hsm(
 }
 
 /// The inventory, policies, grants and authenticator, loaded from the store.
-fn open_governance(
+pub(crate) fn open_governance(
     config: &Config,
     store: &Arc<RocksStore>,
     clock: &Arc<SystemClock>,

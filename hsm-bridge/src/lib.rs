@@ -40,7 +40,7 @@ pub use config::{
 pub use cryptoki::context::Function;
 pub use cryptoki::error::RvError;
 pub use error::{Error, Result};
-pub use token::Pkcs11Hsm;
+pub use token::{Pkcs11Hsm, TokenFacts};
 
 /// Length of an AES-GCM nonce in bytes (96 bits, SP 800-38D §8.2.1 deterministic IV length).
 pub const GCM_NONCE_LEN: usize = 12;

@@ -308,6 +308,32 @@ impl Pkcs11Hsm {
     pub fn token_label(&self) -> &str {
         &self.label
     }
+
+    /// What `C_GetTokenInfo` says of the token: label, manufacturer, model, serial number
+    /// (trimmed of PKCS#11's space padding), for ceremony transcripts.
+    pub fn token_info(&self) -> Result<TokenFacts> {
+        let info = self.ctx.get_token_info(self.slot)?;
+        Ok(TokenFacts {
+            label: info.label().trim().to_owned(),
+            manufacturer: info.manufacturer_id().trim().to_owned(),
+            model: info.model().trim().to_owned(),
+            serial: info.serial_number().trim().to_owned(),
+        })
+    }
+}
+
+/// A token's identity as `C_GetTokenInfo` reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TokenFacts {
+    /// Label.
+    pub label: String,
+    /// Manufacturer id.
+    pub manufacturer: String,
+    /// Model.
+    pub model: String,
+    /// Serial number.
+    pub serial: String,
 }
 
 impl fmt::Debug for Pkcs11Hsm {

@@ -83,6 +83,18 @@ pub enum Error {
         /// The selector.
         selector: Selector,
     },
+    /// Custody is already initialised on this deployment.
+    #[error("custody is already initialised (ceremony {ceremony}); a reshare replaces it")]
+    CustodyInitialised {
+        /// The ceremony on record.
+        ceremony: String,
+    },
+    /// The operation needs custody, which is not initialised.
+    #[error("custody is not initialised: run `kms ceremony init` first")]
+    CustodyMissing,
+    /// The recovery authority refused (a share, a transcript, a seal).
+    #[error(transparent)]
+    Recovery(#[from] recovery::Error),
     /// The HSM failed.
     #[error("hsm")]
     Hsm(#[source] hsm_bridge::Error),
@@ -233,7 +245,11 @@ impl Error {
     /// The class of this error.
     pub fn class(&self) -> ErrorClass {
         match self {
-            Error::AliasTaken { .. } | Error::WorkloadExists { .. } => ErrorClass::Conflict,
+            Error::AliasTaken { .. }
+            | Error::CustodyInitialised { .. }
+            | Error::WorkloadExists { .. } => ErrorClass::Conflict,
+            Error::CustodyMissing => ErrorClass::Precondition,
+            Error::Recovery(_) => ErrorClass::Internal,
             Error::Blob(_)
             | Error::GrantTtl { .. }
             | Error::ExpiryTooFar { .. }

@@ -115,6 +115,26 @@ pub struct VersionRecord {
     pub created_at: u64,
     /// Its material.
     pub material: StoredMaterial,
+    /// Its escrow to the recovery authority; absent only for versions made before custody was
+    /// initialised (and, until the trusted escrow key is built, `hsm` versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub escrow: Option<Escrow>,
+}
+
+/// How a version is escrowed.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Escrow {
+    /// The material sealed to the recovery public key (purpose `software-version`, bound to
+    /// [`kek_wrap_aad`]), under the recovery key of `ceremony`.
+    Sealed {
+        /// The ceremony whose recovery key it is sealed to.
+        ceremony: recovery::CeremonyId,
+        /// The hybrid seal.
+        #[serde(with = "crate::custody::b64")]
+        sealed: Vec<u8>,
+    },
 }
 
 /// How a version's material is kept. Neither form is usable without the HSM.

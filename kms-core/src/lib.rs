@@ -29,6 +29,7 @@ pub mod audit;
 pub mod blob;
 mod clock;
 pub mod context;
+pub mod custody;
 mod error;
 pub mod governance;
 mod ids;
@@ -46,7 +47,7 @@ pub use governance::authz::{
 };
 pub use ids::{Alias, KeyId, KeyRef, KeyVersion, OperatorId, Principal};
 pub use key::{
-    kek_wrap_aad, KeyRecord, KeyState, Labels, Protection, StoredMaterial, VersionRecord,
+    kek_wrap_aad, Escrow, KeyRecord, KeyState, Labels, Protection, StoredMaterial, VersionRecord,
 };
 pub use kms::{DataKey, Deps, Kms, NewKey, Opened, ReEncrypted, Sealed};
 pub use op::Op;

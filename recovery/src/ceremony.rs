@@ -12,7 +12,7 @@
 use std::collections::BTreeSet;
 use std::fmt;
 
-use aws_lc_rs::rand::SecureRandom;
+use crate::Random;
 
 use crate::seal::{Purpose, RecoveryKeyRecord, RecoveryPublicKey};
 use crate::share::{Custodian, CustodianName, Share, ShareEnvelope};
@@ -55,7 +55,7 @@ impl Checked {
     }
 
     /// Makes the recovery secret and the recovery key pair.
-    pub fn derive(self, rng: &dyn SecureRandom) -> Result<Derived, Error> {
+    pub fn derive(self, rng: &dyn Random) -> Result<Derived, Error> {
         let ceremony_id = CeremonyId::new_v4_from(rng)?;
         let secret = RecoverySecret::generate(rng)?;
         let record = RecoveryKeyRecord::create(&secret, ceremony_id, Epoch::FIRST, rng)?;
@@ -113,7 +113,7 @@ impl Derived {
     /// its custodian, and writes the transcript. Consumes the secret.
     pub fn seal(
         self,
-        rng: &dyn SecureRandom,
+        rng: &dyn Random,
         facts: HostFacts,
         inputs: &[EscrowInput<'_>],
     ) -> Result<Sealed, Error> {

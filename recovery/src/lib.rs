@@ -32,7 +32,6 @@ mod transcript;
 
 use std::fmt;
 
-use aws_lc_rs::rand::SecureRandom;
 use serde::{Deserialize, Serialize};
 
 pub use error::{Error, ShareFault};
@@ -46,6 +45,20 @@ pub use transcript::{
     CeremonyKind, EscrowPin, TokenInfo, Transcript, TranscriptCustodian, TRANSCRIPT_FORMAT,
 };
 
+/// Randomness for secrets, nonces and ids. Implemented for aws-lc-rs's `SystemRandom`; the
+/// KMS passes its own generator. (X25519 and ML-KEM key generation draw from aws-lc-rs's own
+/// generator, which its safe API does not let a caller replace.)
+pub trait Random {
+    /// Fills `out` completely.
+    fn fill(&self, out: &mut [u8]) -> Result<(), Error>;
+}
+
+impl Random for aws_lc_rs::rand::SystemRandom {
+    fn fill(&self, out: &mut [u8]) -> Result<(), Error> {
+        aws_lc_rs::rand::SecureRandom::fill(self, out).map_err(|_| Error::Random)
+    }
+}
+
 /// A ceremony's id: a random UUID.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -53,7 +66,7 @@ pub struct CeremonyId(uuid::Uuid);
 
 impl CeremonyId {
     /// A fresh random id.
-    pub fn new_v4_from(rng: &dyn SecureRandom) -> Result<Self, Error> {
+    pub fn new_v4_from(rng: &dyn Random) -> Result<Self, Error> {
         let mut bytes = [0u8; 16];
         rng.fill(&mut bytes).map_err(|_| Error::Random)?;
         Ok(Self(uuid::Builder::from_random_bytes(bytes).into_uuid()))

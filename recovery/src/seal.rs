@@ -11,11 +11,11 @@
 
 use std::fmt;
 
+use crate::Random;
 use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
 use aws_lc_rs::agreement::{self, PrivateKey, UnparsedPublicKey, X25519};
 use aws_lc_rs::hkdf::{Salt, HKDF_SHA256};
 use aws_lc_rs::kem::{Ciphertext, DecapsulationKey, EncapsulationKey, ML_KEM_768};
-use aws_lc_rs::rand::SecureRandom;
 use base64::engine::general_purpose::STANDARD as B64;
 use secrecy::{ExposeSecret, ExposeSecretMut, SecretBox, SecretSlice};
 use serde::{Deserialize, Serialize};
@@ -90,7 +90,7 @@ impl RecoveryPublicKey {
     /// it, and only with both its X25519 and its ML-KEM secret.
     pub fn seal(
         &self,
-        rng: &dyn SecureRandom,
+        rng: &dyn Random,
         purpose: Purpose,
         aad: &[u8],
         plaintext: &[u8],
@@ -216,7 +216,7 @@ impl RecoveryKeyRecord {
         secret: &RecoverySecret,
         ceremony_id: CeremonyId,
         epoch: Epoch,
-        rng: &dyn SecureRandom,
+        rng: &dyn Random,
     ) -> Result<Self, Error> {
         let x = x25519_private(secret, ceremony_id)?;
         let x_public = x

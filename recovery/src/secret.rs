@@ -2,8 +2,8 @@
 
 use std::fmt;
 
+use crate::Random;
 use aws_lc_rs::hkdf::{Salt, HKDF_SHA256};
-use aws_lc_rs::rand::SecureRandom;
 use secrecy::{ExposeSecret, ExposeSecretMut, SecretBox};
 
 use crate::{CeremonyId, Error};
@@ -41,7 +41,7 @@ pub struct RecoverySecret(SecretBox<[u8; SECRET_LEN]>);
 
 impl RecoverySecret {
     /// A fresh secret from `rng`.
-    pub fn generate(rng: &dyn SecureRandom) -> Result<Self, Error> {
+    pub fn generate(rng: &dyn Random) -> Result<Self, Error> {
         let mut secret = SecretBox::new(Box::new([0u8; SECRET_LEN]));
         rng.fill(secret.expose_secret_mut())
             .map_err(|_| Error::Random)?;

@@ -29,8 +29,10 @@ use crate::store::{Change, Store, Table};
 pub const SIGNING_KEY_LABEL: &str = "sovereign-kms-audit-signing-v1";
 /// Most records written in one batch.
 const MAX_BATCH: usize = 4096;
-const CONTEXT_KEY: &[u8] = b"context_key";
-const CONTEXT_KEY_AAD: &[u8] = b"sovereign-kms/audit-context-key/v1";
+/// Store key of the wrapped context-digest key in [`Table::AuditMeta`].
+pub(crate) const CONTEXT_KEY: &[u8] = b"context_key";
+/// AAD of its wrap under the root key.
+pub(crate) const CONTEXT_KEY_AAD: &[u8] = b"sovereign-kms/audit-context-key/v1";
 const CONTEXT_KEY_LEN: usize = 32;
 /// Store key prefix of the signers' public points in [`Table::AuditMeta`].
 pub(crate) const SIGNER_PREFIX: &[u8] = b"signer/";

@@ -34,6 +34,7 @@ pub use chain::{
     PRUNED_ACTION,
 };
 pub use log::{AuditConfig, AuditError, AuditLog, Pending, SIGNING_KEY_LABEL};
+pub(crate) use log::{CONTEXT_KEY, CONTEXT_KEY_AAD};
 pub use query::{query, AuditPage, AuditQuery, FoundRecord, MAX_PAGE, MAX_SCAN};
 pub use verify::{BreakKind, CheckpointSeen, ExpectedHead, Report, Signers, Verifier};
 

@@ -29,8 +29,10 @@ use crate::ids::KeyId;
 use crate::op::Op;
 use crate::store::{Change, Row, Store, Table};
 
-const MAC_KEY: &[u8] = b"\0mac_key";
-const MAC_KEY_AAD: &[u8] = b"sovereign-kms/grant-mac-key/v1";
+/// Store key of the wrapped grant MAC key in [`Table::Grants`].
+pub(crate) const MAC_KEY: &[u8] = b"\0mac_key";
+/// AAD of its wrap under the root key.
+pub(crate) const MAC_KEY_AAD: &[u8] = b"sovereign-kms/grant-mac-key/v1";
 const TOKEN_PREFIX: &str = "kmsg1.";
 
 /// Grant settings.

@@ -47,29 +47,36 @@ pub(super) fn load(deps: &Deps) -> Result<Cache, Error> {
 pub(super) fn materialize(hsm: &dyn Hsm, record: &VersionRecord) -> Result<VersionKey, Error> {
     match &record.material {
         StoredMaterial::Hsm { label } => Ok(VersionKey::Hsm(hsm.find_aes_key(label)?)),
-        StoredMaterial::Software { wrapped } => {
-            let (nonce, sealed) = wrapped
-                .split_first_chunk::<NONCE_LEN>()
-                .ok_or(Error::Internal("wrapped key material truncated"))?;
-            let aad = kek_wrap_aad(record.key_id, record.version);
-            let plain = hsm
-                .aes_gcm_decrypt(hsm.root_key(), nonce, &aad, sealed)
-                .map_err(|e| {
-                    tracing::error!(key_id = %record.key_id, version = %record.version, error = %e,
-                        "key version does not unwrap under this token's root key");
-                    Error::from(e)
-                })?;
-            let kek = Kek::init_with(|buf| {
-                let bytes: &[u8; KEK_LEN] = plain
-                    .expose_secret()
-                    .try_into()
-                    .map_err(|_| Error::Internal("unwrapped key material has the wrong length"))?;
-                buf.copy_from_slice(bytes);
-                Ok(())
-            })?;
-            Ok(VersionKey::Software(aead_key(&kek)?))
-        }
+        StoredMaterial::Software { .. } => Ok(VersionKey::Software(aead_key(&unwrap_software(
+            hsm, record,
+        )?)?)),
     }
+}
+
+/// Unwraps a software version's material under the root key.
+pub(crate) fn unwrap_software(hsm: &dyn Hsm, record: &VersionRecord) -> Result<Kek, Error> {
+    let StoredMaterial::Software { wrapped } = &record.material else {
+        return Err(Error::Internal("not a software version"));
+    };
+    let (nonce, sealed) = wrapped
+        .split_first_chunk::<NONCE_LEN>()
+        .ok_or(Error::Internal("wrapped key material truncated"))?;
+    let aad = kek_wrap_aad(record.key_id, record.version);
+    let plain = hsm
+        .aes_gcm_decrypt(hsm.root_key(), nonce, &aad, sealed)
+        .map_err(|e| {
+            tracing::error!(key_id = %record.key_id, version = %record.version, error = %e,
+                "key version does not unwrap under this token's root key");
+            Error::from(e)
+        })?;
+    Kek::init_with(|buf| {
+        let bytes: &[u8; KEK_LEN] = plain
+            .expose_secret()
+            .try_into()
+            .map_err(|_| Error::Internal("unwrapped key material has the wrong length"))?;
+        buf.copy_from_slice(bytes);
+        Ok(())
+    })
 }
 
 pub(super) fn aead_key(kek: &Kek) -> Result<LessSafeKey, Error> {
@@ -97,7 +104,7 @@ pub(super) fn put_key(record: &KeyRecord) -> Result<Change, Error> {
     })
 }
 
-pub(super) fn put_version(record: &VersionRecord) -> Result<Change, Error> {
+pub(crate) fn put_version(record: &VersionRecord) -> Result<Change, Error> {
     let mut key = record.key_id.to_bytes().to_vec();
     key.extend_from_slice(&record.version.get().to_be_bytes());
     Ok(Change::Put {

@@ -17,14 +17,16 @@ use aws_lc_rs::aead::LessSafeKey;
 use hsm_bridge::{Hsm, TokenKey};
 use parking_lot::{Mutex, RwLock};
 
-use self::material::{aead_key, load, put_alias, put_key, put_version};
+use self::material::{aead_key, load, put_alias, put_key};
+pub(crate) use self::material::{put_version, unwrap_software};
 use crate::blob::NONCE_LEN;
 use crate::clock::{Clock, Rng};
+use crate::custody::RecoveryRng;
 use crate::error::Error;
 use crate::governance::authz::Authorizer;
 use crate::ids::{Alias, KeyId, KeyRef, KeyVersion};
 use crate::key::{
-    kek_wrap_aad, KeyRecord, KeyState, Labels, Protection, StoredMaterial, VersionRecord,
+    kek_wrap_aad, Escrow, KeyRecord, KeyState, Labels, Protection, StoredMaterial, VersionRecord,
 };
 use crate::op::Op;
 use crate::secret::{Dek, Kek, Plaintext};
@@ -110,6 +112,9 @@ pub struct Opened {
 /// The key service.
 pub struct Kms {
     deps: Deps,
+    /// The recovery public key every new software version is sealed to, once custody is
+    /// initialised (it is read at open: init runs with the server stopped).
+    recovery: Option<(recovery::CeremonyId, recovery::RecoveryPublicKey)>,
     cache: RwLock<Cache>,
     /// Serialises read-modify-write changes to key records.
     admin: Mutex<()>,
@@ -154,9 +159,16 @@ impl Kms {
     /// Loads every key from the store and makes each version usable.
     pub fn open(deps: Deps) -> Result<Self, Error> {
         let cache = load(&deps)?;
-        tracing::info!(keys = cache.keys.len(), "key store loaded");
+        let recovery = crate::custody::load(deps.store.as_ref())?
+            .map(|c| (c.record.ceremony_id, c.record.public));
+        tracing::info!(
+            keys = cache.keys.len(),
+            custody = recovery.is_some(),
+            "key store loaded"
+        );
         Ok(Self {
             deps,
+            recovery,
             cache: RwLock::new(cache),
             admin: Mutex::new(()),
         })
@@ -308,6 +320,7 @@ impl Kms {
         version: KeyVersion,
     ) -> Result<(VersionRecord, VersionKey), Error> {
         let hsm = self.deps.hsm.as_ref();
+        let mut escrow = None;
         let (material, key) = match record.protection {
             Protection::Hsm => {
                 let label = format!("sovereign-kms/kek/{}/v{}", record.id, version);
@@ -326,6 +339,20 @@ impl Kms {
                     &aad,
                     kek.expose_secret(),
                 )?);
+                // Escrow in the same record, so the version and its escrow are one write; a
+                // failed seal creates no version.
+                if let Some((ceremony, public)) = &self.recovery {
+                    let sealed = public.seal(
+                        &RecoveryRng(self.deps.rng.as_ref()),
+                        recovery::Purpose::SoftwareVersion,
+                        &aad,
+                        kek.expose_secret(),
+                    )?;
+                    escrow = Some(Escrow::Sealed {
+                        ceremony: *ceremony,
+                        sealed,
+                    });
+                }
                 (
                     StoredMaterial::Software { wrapped },
                     VersionKey::Software(aead_key(&kek)?),
@@ -337,6 +364,7 @@ impl Kms {
             version,
             created_at: self.deps.clock.now_unix(),
             material,
+            escrow,
         };
         Ok((record, key))
     }

@@ -34,11 +34,14 @@ pub enum Table {
     Policies,
     /// `grant/<id>` → grant, `uses/<id>` → uses so far, and the wrapped token key.
     Grants,
+    /// The recovery authority: key record, transcript, escrow seals of the grant MAC and
+    /// context-digest keys, and which custodians have verified their shares.
+    Custody,
 }
 
 impl Table {
     /// Every table, for opening.
-    pub const ALL: [Table; 11] = [
+    pub const ALL: [Table; 12] = [
         Table::Aliases,
         Table::Keys,
         Table::Versions,
@@ -50,6 +53,7 @@ impl Table {
         Table::WorkloadUsage,
         Table::Policies,
         Table::Grants,
+        Table::Custody,
     ];
 
     /// Column family name.
@@ -66,6 +70,7 @@ impl Table {
             Table::WorkloadUsage => "workload_usage",
             Table::Policies => "policies",
             Table::Grants => "grants",
+            Table::Custody => "custody",
         }
     }
 }
