@@ -217,7 +217,7 @@ fn dev_custody(offline: &crate::ceremony::Offline, data_dir: &Path) -> Result<()
         specs.push(format!("{name}={}", identity.to_public()));
     }
     let summary = crate::ceremony::init(offline, 2, &specs, &dir)?;
-    tracing::info!(dir = %dir.display(), transcript_sha256 = %summary["transcript_sha256"], "development custody initialised: alice, bob, carol, threshold 2");
+    tracing::info!(dir = %dir.display(), transcript_sha256 = %summary.get("transcript_sha256").unwrap_or(&serde_json::Value::Null), "development custody initialised: alice, bob, carol, threshold 2");
     Ok(())
 }
 
