@@ -202,16 +202,19 @@ fn dev_custody(offline: &crate::ceremony::Offline, data_dir: &Path) -> Result<()
             recovery::parse_identity(&text, &key).map_err(Error::from)?
         } else {
             let identity = age::x25519::Identity::generate();
-            let text = format!(
+            // The identity file's text holds the private key: kept in a secret type.
+            let text = secrecy::SecretString::from(format!(
                 "# development custodian {name} (never use outside development)\n# public key: {}\n{}\n",
                 identity.to_public(),
                 secrecy::ExposeSecret::expose_secret(&identity.to_string())
-            );
-            std::fs::write(&key, text).map_err(|source| Error::File {
-                what: "cannot write",
-                path: key.clone(),
-                source,
-            })?;
+            ));
+            std::fs::write(&key, secrecy::ExposeSecret::expose_secret(&text)).map_err(
+                |source| Error::File {
+                    what: "cannot write",
+                    path: key.clone(),
+                    source,
+                },
+            )?;
             identity
         };
         specs.push(format!("{name}={}", identity.to_public()));

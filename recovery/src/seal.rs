@@ -131,9 +131,9 @@ impl RecoveryPublicKey {
         out.extend_from_slice(eph_public.as_ref());
         out.extend_from_slice(ct_kem.as_ref());
         out.extend_from_slice(&nonce);
-        let body_at = out.len();
-        out.extend_from_slice(plaintext);
-        let mut body = out.split_off(body_at);
+        // Sealed in place: the buffer holds the plaintext until it is overwritten with the
+        // ciphertext.
+        let mut body = plaintext.to_vec();
         let tag = key
             .seal_in_place_separate_tag(
                 Nonce::assume_unique_for_key(nonce),
