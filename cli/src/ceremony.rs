@@ -11,7 +11,7 @@ use hsm_bridge::Pkcs11Hsm;
 use kms_core::audit::{AuditEvent, AuditLog};
 use kms_core::custody::{self, Verified};
 use kms_core::{RocksStore, SystemClock};
-use recovery::ceremony::{check_share, Checked, EscrowInput, HostFacts};
+use recovery::ceremony::check_share;
 use recovery::{parse_identity, Custodian, ShareEnvelope, TokenInfo};
 use secrecy::SecretString;
 use serde_json::{json, Value};
@@ -53,6 +53,13 @@ pub(crate) struct InitArgs {
     /// Where to write NAME.share.age for each custodian and transcript.json.
     #[arg(long, value_name = "DIR")]
     out_dir: PathBuf,
+    /// A file holding the token's Security Officer PIN (never a flag).
+    #[arg(long, value_name = "FILE", conflicts_with = "so_pin_env")]
+    so_pin_file: Option<PathBuf>,
+    /// The environment variable holding the Security Officer PIN (default: KMS_SO_PIN;
+    /// a development deployment uses its own secrets/so.pin).
+    #[arg(long, value_name = "VAR")]
+    so_pin_env: Option<String>,
     #[command(flatten)]
     config: ConfigArg,
 }
@@ -77,13 +84,57 @@ pub(crate) fn run(cmd: CeremonyCommand, data_dir: &Path, as_json: bool) -> Resul
     match cmd {
         CeremonyCommand::Init(args) => {
             let config_path = config_path(&args.config, data_dir)?;
-            let opened = crate::serve::open_offline(&config_path)?;
-            let result = init(&opened, args.threshold, &args.custodians, &args.out_dir);
-            opened.audit_log.close();
-            emit(as_json, &result?)
+            let so_pin = so_pin(&args, &config_path)?;
+            let summary = run_init(
+                &config_path,
+                args.threshold,
+                &args.custodians,
+                &args.out_dir,
+                &so_pin,
+            )?;
+            emit(as_json, &summary)
         }
         CeremonyCommand::VerifyShare(args) => verify(&args, data_dir, as_json),
         CeremonyCommand::Status(args) => status(&args, data_dir, as_json),
+    }
+}
+
+/// The environment variable read for the Security Officer PIN unless told otherwise.
+const SO_PIN_ENV: &str = "KMS_SO_PIN";
+
+/// The Security Officer PIN: from `--so-pin-file`, the variable `--so-pin-env` names,
+/// `KMS_SO_PIN`, or, for a development deployment, its `secrets/so.pin`. Never a flag.
+fn so_pin(args: &InitArgs, config_path: &Path) -> Result<SecretString, Error> {
+    let from_file = |path: &Path| -> Result<SecretString, Error> {
+        let text = SecretString::from(crate::input::text_file(path)?);
+        Ok(SecretString::from(
+            secrecy::ExposeSecret::expose_secret(&text)
+                .trim_end_matches(['\r', '\n'])
+                .to_owned(),
+        ))
+    };
+    if let Some(path) = &args.so_pin_file {
+        return from_file(path);
+    }
+    let var = args.so_pin_env.as_deref().unwrap_or(SO_PIN_ENV);
+    if let Ok(pin) = std::env::var(var) {
+        return Ok(SecretString::from(pin));
+    }
+    if args.so_pin_env.is_some() {
+        return Err(Error::Usage(format!(
+            "the Security Officer PIN variable {var} is not set"
+        )));
+    }
+    let dev_pin = config_path
+        .parent()
+        .map(|dir| dir.join("secrets/so.pin"))
+        .filter(|p| p.is_file());
+    match dev_pin {
+        Some(path) => from_file(&path),
+        None => Err(Error::Usage(format!(
+            "init imports the trusted escrow key as the token's Security Officer: give \
+             --so-pin-file FILE or set {SO_PIN_ENV}"
+        ))),
     }
 }
 
@@ -108,53 +159,105 @@ pub(crate) struct Offline {
     pub(crate) hsm: Arc<Pkcs11Hsm>,
 }
 
-/// The init ceremony on an open deployment; returns the summary it prints.
-pub(crate) fn init(
-    opened: &Offline,
+/// The init ceremony on the deployment `config_path` names, server stopped; returns the
+/// summary it prints.
+///
+/// Order (docs/CUSTODY.md): input and deployment checks; a fresh escrow key, imported by the
+/// Security Officer before this process logs in as the user (the one step that cannot be
+/// undone); then the token is opened as the user and everything else is made in memory; the
+/// share files and transcript are written (removable); one synced store write commits.
+pub(crate) fn run_init(
+    config_path: &Path,
     threshold: usize,
     custodians: &[String],
     out_dir: &Path,
+    so_pin: &SecretString,
 ) -> Result<Value, Error> {
     let custodians = custodians
         .iter()
         .map(|c| Custodian::parse(c))
         .collect::<Result<Vec<_>, _>>()
         .map_err(Error::from)?;
-    let checked = Checked::new(threshold, custodians.clone()).map_err(Error::from)?;
-    let store = opened.store.as_ref();
-    if let Some(existing) = custody::load(store)? {
-        return Err(kms_core::Error::CustodyInitialised {
-            ceremony: existing.record.ceremony_id.to_string(),
-        }
-        .into());
+    recovery::ceremony::Checked::new(threshold, custodians.clone()).map_err(Error::from)?;
+    let config = crate::config::Config::load(config_path)?;
+    if let Some(conf) = &config.hsm.softhsm2_conf {
+        hsm_bridge::softhsm::use_conf(conf);
+    }
+    if let Some(ceremony) = recorded_ceremony(&config.data_dir)? {
+        return Err(kms_core::Error::CustodyInitialised { ceremony }.into());
     }
     prepare_out_dir(out_dir, &custodians)?;
     let rng = aws_lc_rs::rand::SystemRandom::new();
-    let derived = checked.derive(&rng).map_err(Error::from)?;
-    let items = custody::escrowable(store, opened.hsm.as_ref())?;
-    let inputs: Vec<EscrowInput<'_>> = items
-        .iter()
-        .map(|i| EscrowInput {
-            purpose: i.purpose,
-            aad: i.aad.clone(),
-            material: i.material(),
-        })
-        .collect();
+    let escrow_key = custody::NewEscrowKey::generate(&rng)?;
+    let module = match &config.hsm.module {
+        Some(m) => m.clone(),
+        None => hsm_bridge::find_softhsm2_module()?,
+    };
+    escrow_key
+        .import(&module, &config.hsm.token_label, so_pin)
+        .map_err(|e| match e {
+            kms_core::Error::Hsm(hsm_bridge::Error::Login {
+                rv: hsm_bridge::RvError::UserAnotherAlreadyLoggedIn,
+                ..
+            }) => Error::Usage(
+                "the token has a user logged in: stop the server before running a ceremony".into(),
+            ),
+            other => other.into(),
+        })?;
+    let pin = escrow_key.pin().clone();
+    tracing::info!(escrow_key_id = %pin.id, check_value = %pin.check_value, "trusted escrow key imported by the security officer");
+    let opened = crate::serve::open_offline(config_path)?;
+    let result = init(&opened, threshold, custodians, out_dir, escrow_key);
+    opened.audit_log.close();
+    if result.is_err() {
+        tracing::error!(escrow_key_id = %pin.id, "init failed after the escrow key import; the token keeps an unpinned escrow key, which `kms hsm inspect` flags and the KMS never wraps under");
+    }
+    result
+}
+
+/// The ceremony on record in the store under `data_dir`, if any (read-only; no store yet is
+/// none).
+pub(crate) fn recorded_ceremony(data_dir: &Path) -> Result<Option<String>, Error> {
+    let path = data_dir.join("store");
+    if !path.exists() {
+        return Ok(None);
+    }
+    let store = RocksStore::open_read_only(&path).map_err(|e| {
+        Error::Usage(format!(
+            "cannot open the store at {} ({e}); ceremonies run with the server stopped",
+            path.display()
+        ))
+    })?;
+    Ok(custody::load(&store)?.map(|c| c.record.ceremony_id.to_string()))
+}
+
+/// The in-memory steps, the files and the commit, on an open deployment.
+fn init(
+    opened: &Offline,
+    threshold: usize,
+    custodians: Vec<Custodian>,
+    out_dir: &Path,
+    escrow_key: custody::NewEscrowKey,
+) -> Result<Value, Error> {
+    let store = opened.store.as_ref();
+    let rng = aws_lc_rs::rand::SystemRandom::new();
     let token = opened.hsm.token_info()?;
-    let facts = HostFacts {
-        token: TokenInfo {
-            label: token.label,
-            manufacturer: token.manufacturer,
-            model: token.model,
-            serial: token.serial,
-        },
+    let plan = custody::InitPlan {
+        threshold,
+        custodians,
         audit_signer: opened.audit_log.signer().unwrap_or_default().to_owned(),
-        escrow_key: None,
         time: now_unix(),
     };
-    let sealed = derived.seal(&rng, facts, &inputs).map_err(Error::from)?;
-    drop(inputs);
-    let escrowed = items.len();
+    let token = TokenInfo {
+        label: token.label,
+        manufacturer: token.manufacturer,
+        model: token.model,
+        serial: token.serial,
+    };
+    let prepared =
+        custody::prepare_init(store, opened.hsm.as_ref(), token, &rng, plan, escrow_key)?;
+    let sealed = prepared.sealed();
+    let escrowed = prepared.escrowed();
     let mut files = Vec::new();
     for (name, bytes) in &sealed.share_files {
         files.push((out_dir.join(format!("{name}.share.age")), bytes.clone()));
@@ -164,13 +267,18 @@ pub(crate) fn init(
         sealed.transcript.canonical().map_err(Error::from)?,
     ));
     write_all(&files)?;
-    // The commit point: before it, only the files written above exist (removed on failure).
-    if let Err(e) = custody::commit_init(store, &sealed, items) {
-        for (path, _) in &files {
-            let _ = std::fs::remove_file(path);
+    let pin = prepared.escrow_pin().clone();
+    // The commit point: before it, only the files above (removed here) and the imported
+    // escrow key, whose value was never stored, exist.
+    let sealed = match custody::commit_init(store, prepared) {
+        Ok(sealed) => sealed,
+        Err(e) => {
+            for (path, _) in &files {
+                let _ = std::fs::remove_file(path);
+            }
+            return Err(e.into());
         }
-        return Err(e.into());
-    }
+    };
     let sha = hex::encode(sealed.transcript_sha256);
     let names: Vec<String> = sealed
         .share_files
@@ -187,6 +295,10 @@ pub(crate) fn init(
         .insert("threshold".into(), threshold.to_string());
     event.detail.insert("custodians".into(), names.join(","));
     event.detail.insert("escrowed".into(), escrowed.to_string());
+    event.detail.insert("escrow_key_id".into(), pin.id.to_hex());
+    event
+        .detail
+        .insert("escrow_key_check_value".into(), pin.check_value.to_hex());
     opened
         .audit_log
         .submit(event)
@@ -202,6 +314,11 @@ pub(crate) fn init(
         "transcript_sha256": sha,
         "out_dir": out_dir.display().to_string(),
         "escrowed": escrowed,
+        "escrow_key": {
+            "label": pin.label,
+            "id": pin.id.to_hex(),
+            "check_value": pin.check_value.to_hex(),
+        },
     }))
 }
 

@@ -71,6 +71,11 @@ pub(crate) fn prepare(args: &ServeArgs, data_dir: &Path) -> Result<Prepared, Err
         hsm_bridge::softhsm::use_conf(conf);
     }
     owner_only(&config.data_dir)?;
+    if args.dev {
+        // Before the token is opened as the user: the ceremony's Security Officer step needs
+        // a process with no user logged in.
+        dev_custody(&config_path, &config.data_dir)?;
+    }
     // The store and the audit log open first, so that a failure to open the HSM is on record.
     let store = Arc::new(RocksStore::open(&config.data_dir.join("store"))?);
     let clock = Arc::new(SystemClock);
@@ -97,12 +102,6 @@ pub(crate) fn prepare(args: &ServeArgs, data_dir: &Path) -> Result<Prepared, Err
     )?;
     if args.dev {
         seed_dev_governance(&gov, &audit_log)?;
-        let offline = crate::ceremony::Offline {
-            store: store.clone(),
-            audit_log: audit_log.clone(),
-            hsm: hsm.clone(),
-        };
-        dev_custody(&offline, &config.data_dir)?;
     }
     gov.load_bundles()?;
     let stats = PolicyStats::new();
@@ -184,8 +183,8 @@ pub(crate) fn open_offline(config_path: &Path) -> Result<crate::ceremony::Offlin
 /// and share files in `DATA_DIR/custodians/`. Runs the init ceremony on the first start.
 const DEV_CUSTODIANS: [&str; 3] = ["alice", "bob", "carol"];
 
-fn dev_custody(offline: &crate::ceremony::Offline, data_dir: &Path) -> Result<(), Error> {
-    if kms_core::custody::load(offline.store.as_ref())?.is_some() {
+fn dev_custody(config_path: &Path, data_dir: &Path) -> Result<(), Error> {
+    if crate::ceremony::recorded_ceremony(data_dir)?.is_some() {
         return Ok(());
     }
     let dir = data_dir.join("custodians");
@@ -219,7 +218,9 @@ fn dev_custody(offline: &crate::ceremony::Offline, data_dir: &Path) -> Result<()
         };
         specs.push(format!("{name}={}", identity.to_public()));
     }
-    let summary = crate::ceremony::init(offline, 2, &specs, &dir)?;
+    let so_pin_file = data_dir.join("secrets/so.pin");
+    let so_pin = secrecy::SecretString::from(crate::input::text_file(&so_pin_file)?);
+    let summary = crate::ceremony::run_init(config_path, 2, &specs, &dir, &so_pin)?;
     tracing::info!(dir = %dir.display(), transcript_sha256 = %summary.get("transcript_sha256").unwrap_or(&serde_json::Value::Null), "development custody initialised: alice, bob, carol, threshold 2");
     Ok(())
 }

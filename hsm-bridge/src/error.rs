@@ -57,6 +57,31 @@ pub enum Error {
         /// The object label that was looked up.
         label: String,
     },
+    /// No key object has this `CKA_ID`.
+    #[error("no key with CKA_ID {id} on the token")]
+    ObjectMissing {
+        /// The id, hex.
+        id: String,
+    },
+    /// Two objects answer to one name (a planted object would shadow the real one), or an
+    /// object does not match what the KMS recorded of it. The KMS refuses to choose.
+    #[error("token objects are ambiguous: {what}; remove the object that is not the KMS's")]
+    ObjectAmbiguous {
+        /// Which name or id, and what is wrong.
+        what: String,
+    },
+    /// The trusted escrow key, or a key escrowed under it, is not as the ceremony pinned it.
+    #[error("escrow: {what}")]
+    Escrow {
+        /// What is wrong, in fixed words.
+        what: &'static str,
+    },
+    /// The token does not enforce what `hsm` escrow relies on (see `docs/CUSTODY.md`).
+    #[error("token self-test failed: {what}; hsm protection is unavailable on this token")]
+    SelfTest {
+        /// What the token did wrong, in fixed words.
+        what: &'static str,
+    },
     /// Authenticated decryption failed. Opaque by design: no reason, no key identity.
     #[error("decryption failed")]
     DecryptFailed,

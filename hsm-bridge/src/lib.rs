@@ -25,6 +25,7 @@
 
 mod config;
 mod error;
+mod escrow;
 mod pool;
 pub mod softhsm;
 #[cfg(feature = "test-support")]
@@ -40,6 +41,10 @@ pub use config::{
 pub use cryptoki::context::Function;
 pub use cryptoki::error::RvError;
 pub use error::{Error, Result};
+pub use escrow::{
+    import_trusted_escrow_key, CheckValue, EscrowPin, EscrowedKey, ObjectId, ObjectReport,
+    CHECK_VALUE_LEN, OBJECT_ID_LEN,
+};
 pub use token::{Pkcs11Hsm, TokenFacts};
 
 /// Length of an AES-GCM nonce in bytes (96 bits, SP 800-38D §8.2.1 deterministic IV length).
@@ -49,7 +54,7 @@ pub const GCM_TAG_LEN: usize = 16;
 
 /// A handle to a key object on the token. It names the key; it holds no key bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TokenKey(cryptoki::object::ObjectHandle);
+pub struct TokenKey(pub(crate) cryptoki::object::ObjectHandle);
 
 /// Length of an ECDSA P-256 signature as the fixed-width pair r ‖ s.
 pub const ECDSA_P256_SIG_LEN: usize = 64;
@@ -110,11 +115,36 @@ pub trait Hsm: Send + Sync {
     /// The root wrapping key.
     fn root_key(&self) -> TokenKey;
 
-    /// Generates a token-resident, sensitive, non-extractable AES-256 key labelled `label`.
-    fn generate_aes_key(&self, label: &str) -> Result<TokenKey>;
+    /// Generates a token-resident, sensitive, non-extractable AES-256 key that only encrypts
+    /// and decrypts, labelled `label` with `CKA_ID` `id`. It is not escrowed: `hsm` key
+    /// versions use [`Hsm::generate_escrowed_key`].
+    fn generate_aes_key(&self, label: &str, id: &ObjectId) -> Result<TokenKey>;
 
-    /// Finds a token-resident AES key by label.
+    /// Generates an AES-256 key in the token, wraps it once under the trusted escrow key
+    /// `escrow` names (`CKM_AES_KEY_WRAP_PAD`), records its check value, locks it
+    /// non-extractable and reads its attributes back, all in one session. Any failed step
+    /// destroys the object; the generate is never retried.
+    fn generate_escrowed_key(
+        &self,
+        label: &str,
+        id: &ObjectId,
+        escrow: &EscrowPin,
+    ) -> Result<EscrowedKey>;
+
+    /// Finds a token-resident AES key by label; more than one with the label is refused.
     fn find_aes_key(&self, label: &str) -> Result<TokenKey>;
+
+    /// Finds the one AES key with `CKA_ID` `id` and checks its check value, so a planted
+    /// object cannot stand in for it.
+    fn find_key_by_id(&self, id: &ObjectId, check_value: &CheckValue) -> Result<TokenKey>;
+
+    /// Destroys a token key (one whose creation could not be recorded).
+    fn destroy_key(&self, key: TokenKey) -> Result<()>;
+
+    /// The token self-test `hsm` escrow relies on: a `CKA_WRAP_WITH_TRUSTED` key does not wrap
+    /// under an untrusted key, the user cannot make a key trusted, and, when `escrow` is
+    /// given, the pinned escrow key is present with the expected attributes and check value.
+    fn escrow_self_test(&self, escrow: Option<&EscrowPin>) -> Result<()>;
 
     /// AES-256-GCM encryption inside the token; returns ciphertext with the 16-byte tag.
     fn aes_gcm_encrypt(

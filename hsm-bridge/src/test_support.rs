@@ -17,6 +17,7 @@ pub struct TestToken {
     dir: tempfile::TempDir,
     label: String,
     user_pin: SecretString,
+    so_pin: SecretString,
 }
 
 impl TestToken {
@@ -37,6 +38,7 @@ impl TestToken {
             dir,
             label,
             user_pin,
+            so_pin,
         })
     }
 
@@ -58,6 +60,11 @@ impl TestToken {
     /// The token label.
     pub fn label(&self) -> &str {
         &self.label
+    }
+
+    /// The token's Security Officer PIN.
+    pub fn so_pin(&self) -> &SecretString {
+        &self.so_pin
     }
 
     /// A configuration that opens this token with the right PIN.

@@ -16,6 +16,7 @@ use zeroize::Zeroize;
 
 use crate::config::HsmConfig;
 use crate::error::{rv_is_device_fault, Error, Result};
+use crate::escrow::{self, CheckValue, EscrowPin, EscrowedKey, ObjectId};
 use crate::pool::SessionPool;
 use crate::{
     Hsm, HsmEvent, HsmObserver, KeyAttributes, SigningKey, TokenKey, ECDSA_P256_SIG_LEN,
@@ -47,20 +48,7 @@ impl Pkcs11Hsm {
     /// root wrapping key.
     pub fn open(config: &HsmConfig) -> Result<Self> {
         let module = config.module.clone();
-        let ctx = Pkcs11::new(&module).map_err(|source| Error::ModuleLoad {
-            module: module.clone(),
-            source,
-        })?;
-        match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
-            Ok(()) => {}
-            Err(cryptoki::error::Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
-            Err(source) => {
-                return Err(Error::ModuleLoad {
-                    module: module.clone(),
-                    source,
-                })
-            }
-        }
+        let ctx = load_module(&module)?;
         let slot = find_slot(&ctx, &config.token_label, &module)?;
         let login = ctx.open_rw_session(slot)?;
         match login.login(UserType::User, Some(&config.user_pin)) {
@@ -73,13 +61,14 @@ impl Pkcs11Hsm {
             }
             Err(other) => return Err(Error::Cryptoki(other)),
         }
+        let root_id = root_key_id(&config.root_key_label);
         let root = match find_key(&login, &config.root_key_label)? {
             Some(handle) => TokenKey(handle),
             None => {
                 tracing::info!(label = %config.root_key_label, "creating root wrapping key in the token");
                 TokenKey(login.generate_key(
                     &Mechanism::AesKeyGen,
-                    &aes_key_template(&config.root_key_label),
+                    &aes_key_template(&config.root_key_label, &root_id),
                 )?)
             }
         };
@@ -123,6 +112,23 @@ impl Pkcs11Hsm {
         }
     }
 
+    /// Runs `op` once on a pooled session, never retried: for steps such as a generate that
+    /// must not run twice. A failed session is closed.
+    pub(crate) fn run_one<T>(&self, op: impl FnOnce(&Session) -> Result<T>) -> Result<T> {
+        let mut guard = self.pool.take(&self.ctx, self.slot)?;
+        let session = guard
+            .session()
+            .ok_or(Error::Internal("pool guard without session"))?;
+        let result = op(session);
+        if let Err(Error::Pkcs11 { rv, .. }) = &result {
+            guard.discard();
+            if rv_is_device_fault(*rv) {
+                self.pool.drain();
+            }
+        }
+        result
+    }
+
     fn run_once<T>(&self, op: &impl Fn(&Session) -> cryptoki::error::Result<T>) -> Result<T> {
         let mut guard = self.pool.take(&self.ctx, self.slot)?;
         let session = guard
@@ -164,23 +170,85 @@ impl Hsm for Pkcs11Hsm {
         self.root
     }
 
-    fn generate_aes_key(&self, label: &str) -> Result<TokenKey> {
+    fn generate_aes_key(&self, label: &str, id: &ObjectId) -> Result<TokenKey> {
         if label.is_empty() {
             return Err(Error::InvalidArgument {
                 what: "empty key label",
             });
         }
-        let template = aes_key_template(label);
-        self.run(|s| s.generate_key(&Mechanism::AesKeyGen, &template))
+        let template = aes_key_template(label, id);
+        self.run_one(|s| Ok(s.generate_key(&Mechanism::AesKeyGen, &template)?))
             .map(TokenKey)
     }
 
+    fn generate_escrowed_key(
+        &self,
+        label: &str,
+        id: &ObjectId,
+        escrow: &EscrowPin,
+    ) -> Result<EscrowedKey> {
+        if label.is_empty() {
+            return Err(Error::InvalidArgument {
+                what: "empty key label",
+            });
+        }
+        self.run_one(|s| escrow::generate_escrowed(s, label, id, escrow))
+    }
+
+    fn find_key_by_id(&self, id: &ObjectId, check_value: &CheckValue) -> Result<TokenKey> {
+        let op = |s: &Session| -> Result<ObjectHandle> {
+            let handle = escrow::find_by_id(s, id)?;
+            let raw = s
+                .get_attributes(handle, &[AttributeType::CheckValue])?
+                .into_iter()
+                .find_map(|a| match a {
+                    Attribute::CheckValue(v) => Some(v),
+                    _ => None,
+                });
+            if raw.as_deref() != Some(check_value.0.as_slice()) {
+                return Err(Error::ObjectAmbiguous {
+                    what: format!("the key with CKA_ID {id} has another check value"),
+                });
+            }
+            Ok(handle)
+        };
+        match self.run_one(op) {
+            Err(e) if e.is_retryable() => {
+                self.retrying(&e);
+                self.run_one(op)
+            }
+            other => other,
+        }
+        .map(TokenKey)
+    }
+
+    fn destroy_key(&self, key: TokenKey) -> Result<()> {
+        self.run_one(|s| Ok(s.destroy_object(key.0)?))
+    }
+
+    fn escrow_self_test(&self, escrow: Option<&EscrowPin>) -> Result<()> {
+        self.run_one(|s| {
+            escrow::self_test(s)?;
+            if let Some(pin) = escrow {
+                escrow::pinned_escrow_key(s, pin)?;
+            }
+            Ok(())
+        })
+    }
+
     fn find_aes_key(&self, label: &str) -> Result<TokenKey> {
-        self.run(|s| find_key(s, label))?
-            .map(TokenKey)
-            .ok_or_else(|| Error::KeyNotFound {
-                label: label.to_owned(),
-            })
+        let op = |s: &Session| find_key(s, label);
+        match self.run_one(op) {
+            Err(e) if e.is_retryable() => {
+                self.retrying(&e);
+                self.run_one(op)
+            }
+            other => other,
+        }?
+        .map(TokenKey)
+        .ok_or_else(|| Error::KeyNotFound {
+            label: label.to_owned(),
+        })
     }
 
     fn aes_gcm_encrypt(
@@ -255,7 +323,7 @@ impl Hsm for Pkcs11Hsm {
                 what: "empty key label",
             });
         }
-        let found = self.run(|s| {
+        let found = self.run_one(|s| {
             let private = find_object(s, ObjectClass::PRIVATE_KEY, KeyType::EC, label)?;
             let public = find_object(s, ObjectClass::PUBLIC_KEY, KeyType::EC, label)?;
             Ok(private.zip(public))
@@ -360,7 +428,24 @@ fn is_bad_ciphertext(e: &Error) -> bool {
     )
 }
 
-fn find_slot(ctx: &Pkcs11, label: &str, module: &std::path::Path) -> Result<Slot> {
+/// Loads and initialises a PKCS#11 module (a second initialisation in one process is fine).
+pub(crate) fn load_module(module: &std::path::Path) -> Result<Pkcs11> {
+    let ctx = Pkcs11::new(module).map_err(|source| Error::ModuleLoad {
+        module: module.to_path_buf(),
+        source,
+    })?;
+    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(()) | Err(cryptoki::error::Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {
+            Ok(ctx)
+        }
+        Err(source) => Err(Error::ModuleLoad {
+            module: module.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+pub(crate) fn find_slot(ctx: &Pkcs11, label: &str, module: &std::path::Path) -> Result<Slot> {
     for slot in ctx.get_slots_with_token()? {
         let info = ctx.get_token_info(slot)?;
         if info.label().trim_end() == label {
@@ -373,14 +458,20 @@ fn find_slot(ctx: &Pkcs11, label: &str, module: &std::path::Path) -> Result<Slot
     })
 }
 
-fn find_key(session: &Session, label: &str) -> cryptoki::error::Result<Option<ObjectHandle>> {
+fn find_key(session: &Session, label: &str) -> Result<Option<ObjectHandle>> {
     let template = [
         Attribute::Class(ObjectClass::SECRET_KEY),
         Attribute::KeyType(KeyType::AES),
         Attribute::Label(label.as_bytes().to_vec()),
     ];
     let found = session.find_objects(&template)?;
-    Ok(found.into_iter().next())
+    match found.as_slice() {
+        [] => Ok(None),
+        [one] => Ok(Some(*one)),
+        _ => Err(Error::ObjectAmbiguous {
+            what: format!("more than one AES key is labelled {label:?}"),
+        }),
+    }
 }
 
 fn find_object(
@@ -388,23 +479,35 @@ fn find_object(
     class: ObjectClass,
     key_type: KeyType,
     label: &str,
-) -> cryptoki::error::Result<Option<ObjectHandle>> {
+) -> Result<Option<ObjectHandle>> {
     let template = [
         Attribute::Class(class),
         Attribute::KeyType(key_type),
         Attribute::Label(label.as_bytes().to_vec()),
     ];
-    Ok(session.find_objects(&template)?.into_iter().next())
+    match session.find_objects(&template)?.as_slice() {
+        [] => Ok(None),
+        [one] => Ok(Some(*one)),
+        _ => Err(Error::ObjectAmbiguous {
+            what: format!("more than one {class} is labelled {label:?}"),
+        }),
+    }
 }
 
 /// Templates for a P-256 key pair: (public, private). The private key signs and does nothing
 /// else, and never leaves the token.
 fn p256_templates(label: &str) -> (Vec<Attribute>, Vec<Attribute>) {
+    let id = root_key_id(label).0.to_vec();
     let public = vec![
         Attribute::Token(true),
         Attribute::Private(false),
         Attribute::Verify(true),
+        Attribute::Encrypt(false),
+        Attribute::Wrap(false),
+        Attribute::Derive(false),
+        Attribute::Modifiable(false),
         Attribute::EcParams(P256_EC_PARAMS.to_vec()),
+        Attribute::Id(id.clone()),
         Attribute::Label(label.as_bytes().to_vec()),
     ];
     let private = vec![
@@ -416,6 +519,9 @@ fn p256_templates(label: &str) -> (Vec<Attribute>, Vec<Attribute>) {
         Attribute::Decrypt(false),
         Attribute::Unwrap(false),
         Attribute::Derive(false),
+        Attribute::Modifiable(false),
+        Attribute::Copyable(false),
+        Attribute::Id(id),
         Attribute::Label(label.as_bytes().to_vec()),
     ];
     (public, private)
@@ -436,8 +542,19 @@ fn uncompressed_point(raw: &[u8]) -> Result<[u8; P256_POINT_LEN]> {
     }
 }
 
-/// An AES-256 token key that never leaves the HSM.
-fn aes_key_template(label: &str) -> Vec<Attribute> {
+/// The root key's `CKA_ID`: its label's bytes, so that it is found the same way on every
+/// token (at most 16 bytes; a longer label is cut).
+fn root_key_id(label: &str) -> ObjectId {
+    let mut id = [0u8; crate::escrow::OBJECT_ID_LEN];
+    for (slot, byte) in id.iter_mut().zip(label.bytes()) {
+        *slot = byte;
+    }
+    ObjectId(id)
+}
+
+/// An AES-256 token key that never leaves the HSM and only encrypts and decrypts. Every usage
+/// flag is set, so no token default decides one.
+fn aes_key_template(label: &str, id: &ObjectId) -> Vec<Attribute> {
     vec![
         Attribute::Class(ObjectClass::SECRET_KEY),
         Attribute::KeyType(KeyType::AES),
@@ -450,6 +567,12 @@ fn aes_key_template(label: &str) -> Vec<Attribute> {
         Attribute::Decrypt(true),
         Attribute::Wrap(false),
         Attribute::Unwrap(false),
+        Attribute::Sign(false),
+        Attribute::Verify(false),
+        Attribute::Derive(false),
+        Attribute::Modifiable(false),
+        Attribute::Copyable(false),
+        Attribute::Id(id.0.to_vec()),
         Attribute::Label(label.as_bytes().to_vec()),
     ]
 }

@@ -15,7 +15,7 @@ use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::object::{Attribute, ObjectClass};
 use cryptoki::session::UserType;
 use hsm_bridge::test_support::TestToken;
-use hsm_bridge::{Error, Hsm, HsmConfig, Pkcs11Hsm, RvError, DEFAULT_ROOT_KEY_LABEL};
+use hsm_bridge::{Error, Hsm, HsmConfig, ObjectId, Pkcs11Hsm, RvError, DEFAULT_ROOT_KEY_LABEL};
 use secrecy::{ExposeSecret, SecretString};
 
 fn token() -> TestToken {
@@ -74,7 +74,7 @@ fn root_key_is_created_once_and_never_extractable() {
 fn gcm_round_trips_and_rejects_tampering() {
     let t = token();
     let hsm = Pkcs11Hsm::open(&t.config().unwrap()).unwrap();
-    let key = hsm.generate_aes_key("kek-1").unwrap();
+    let key = hsm.generate_aes_key("kek-1", &ObjectId([1; 16])).unwrap();
     let attrs = hsm.key_attributes(key).unwrap();
     assert!(attrs.sensitive && !attrs.extractable && attrs.token);
     assert_eq!(hsm.find_aes_key("kek-1").unwrap(), key);
@@ -108,7 +108,7 @@ fn gcm_round_trips_and_rejects_tampering() {
     // A refused decryption leaves the pool usable.
     assert!(hsm.aes_gcm_decrypt(key, &nonce, b"header", &ct).is_ok());
 
-    let other = hsm.generate_aes_key("kek-2").unwrap();
+    let other = hsm.generate_aes_key("kek-2", &ObjectId([2; 16])).unwrap();
     assert!(matches!(
         hsm.aes_gcm_decrypt(other, &nonce, b"header", &ct),
         Err(Error::DecryptFailed)
@@ -174,7 +174,7 @@ fn pool_serves_concurrent_callers_one_session_each() {
     let mut config = t.config().unwrap();
     config.max_sessions = 2;
     let hsm = Arc::new(Pkcs11Hsm::open(&config).unwrap());
-    let key = hsm.generate_aes_key("shared").unwrap();
+    let key = hsm.generate_aes_key("shared", &ObjectId([3; 16])).unwrap();
     let threads: Vec<_> = (0..8u8)
         .map(|i| {
             let hsm = hsm.clone();

@@ -6,10 +6,10 @@
 
 use std::collections::BTreeMap;
 
-use hsm_bridge::{Hsm, GCM_NONCE_LEN};
-use recovery::ceremony::Sealed;
-use recovery::{Purpose, RecoveryKeyRecord, Transcript};
-use secrecy::{ExposeSecret, SecretSlice};
+use hsm_bridge::{CheckValue, Hsm, ObjectId, GCM_NONCE_LEN};
+use recovery::ceremony::{Checked, EscrowInput, HostFacts, Sealed};
+use recovery::{Custodian, Purpose, RecoveryKeyRecord, RecoveryPrivateKey, TokenInfo, Transcript};
+use secrecy::{ExposeSecret, SecretBox, SecretSlice, SecretString};
 use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
@@ -23,6 +23,8 @@ const RECORD: &[u8] = b"recovery";
 const TRANSCRIPT: &[u8] = b"transcript";
 const SEAL_PREFIX: &[u8] = b"seal/";
 const VERIFIED_PREFIX: &[u8] = b"verified/";
+/// Name of the trusted escrow key's seal.
+pub const ESCROW_KEY_SEAL: &str = "escrow-key";
 
 /// The recovery authority on record.
 #[derive(Debug)]
@@ -182,13 +184,258 @@ fn versions(store: &dyn Store) -> Result<Vec<VersionRecord>, Error> {
         .collect()
 }
 
-/// The one synced write that makes init take effect: the recovery key record, the
-/// transcript, and every seal `sealed` made for `items` (in order). Refused if custody exists.
-pub fn commit_init(
-    store: &dyn Store,
-    sealed: &Sealed,
+/// What the init ceremony is asked to do.
+#[derive(Debug)]
+pub struct InitPlan {
+    /// k.
+    pub threshold: usize,
+    /// The n custodians.
+    pub custodians: Vec<Custodian>,
+    /// The audit signer's public key, hex, for the transcript.
+    pub audit_signer: String,
+    /// Now, Unix seconds.
+    pub time: u64,
+}
+
+/// A fresh trusted escrow key, made on the ceremony host: its value (a secret, wiped on drop)
+/// and the pin the transcript will carry.
+pub struct NewEscrowKey {
+    pin: hsm_bridge::EscrowPin,
+    value: SecretBox<[u8; 32]>,
+}
+
+impl NewEscrowKey {
+    /// 32 random bytes from the host's generator, a random `CKA_ID`, and the check value.
+    pub fn generate(rng: &dyn recovery::Random) -> Result<Self, Error> {
+        let mut id = [0u8; hsm_bridge::OBJECT_ID_LEN];
+        rng.fill(&mut id)?;
+        let id = ObjectId(id);
+        let mut value = SecretBox::new(Box::new([0u8; 32]));
+        rng.fill(secrecy::ExposeSecretMut::expose_secret_mut(&mut value))?;
+        let pin = hsm_bridge::EscrowPin {
+            label: format!("sovereign-kms/escrow/{id}"),
+            id,
+            check_value: check_value(value.expose_secret())?,
+        };
+        Ok(Self { pin, value })
+    }
+
+    /// What pins it.
+    pub fn pin(&self) -> &hsm_bridge::EscrowPin {
+        &self.pin
+    }
+
+    /// The step that cannot be undone: the token's Security Officer imports the key. Run it
+    /// before this process logs in as the user (see [`hsm_bridge::import_trusted_escrow_key`]).
+    pub fn import(
+        &self,
+        module: &std::path::Path,
+        token_label: &str,
+        so_pin: &SecretString,
+    ) -> Result<(), Error> {
+        hsm_bridge::import_trusted_escrow_key(module, token_label, so_pin, &self.pin, &self.value)?;
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for NewEscrowKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NewEscrowKey")
+            .field("pin", &self.pin)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An init ceremony made in memory: the secret is already gone; only the seals, shares and
+/// transcript remain, to be written.
+pub struct Prepared {
+    sealed: Sealed,
     items: Vec<Escrowable>,
-) -> Result<(), Error> {
+    escrow_pin: hsm_bridge::EscrowPin,
+}
+
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared")
+            .field("ceremony_id", &self.sealed.record.ceremony_id)
+            .field("escrow_pin", &self.escrow_pin)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Prepared {
+    /// The shares, transcript and seals, to write out.
+    pub fn sealed(&self) -> &Sealed {
+        &self.sealed
+    }
+
+    /// How many items are escrowed (existing software versions, deployment keys and the
+    /// escrow key itself).
+    pub fn escrowed(&self) -> usize {
+        self.items.len()
+    }
+
+    /// The trusted escrow key the transcript pins.
+    pub fn escrow_pin(&self) -> &hsm_bridge::EscrowPin {
+        &self.escrow_pin
+    }
+}
+
+/// The PKCS#11 check value of an AES-256 key, in software: the first three bytes of AES-ECB
+/// over a zero block. The ceremony pins the escrow key by it before the token sees the key.
+pub fn check_value(key: &[u8; 32]) -> Result<CheckValue, Error> {
+    use aws_lc_rs::cipher::{EncryptingKey, UnboundCipherKey, AES_256};
+    let enc = UnboundCipherKey::new(&AES_256, key)
+        .and_then(EncryptingKey::ecb)
+        .map_err(|_| Error::Internal("aes-256-ecb key setup"))?;
+    let mut block = [0u8; 16];
+    enc.encrypt(&mut block)
+        .map_err(|_| Error::Internal("aes-256-ecb"))?;
+    let [a, b, c, ..] = block;
+    Ok(CheckValue([a, b, c]))
+}
+
+/// The associated data of the escrow key's seal: its name and `CKA_ID`.
+pub fn escrow_key_aad(id: &ObjectId) -> Vec<u8> {
+    let mut aad = ESCROW_KEY_SEAL.as_bytes().to_vec();
+    aad.push(b'/');
+    aad.extend_from_slice(&id.0);
+    aad
+}
+
+/// The init ceremony in memory (protocol: `docs/CUSTODY.md`): checks, the token self-test
+/// with the imported escrow key, the recovery secret and key pair, every seal (the escrow
+/// key's value among them), the shares and the transcript. Nothing is written.
+pub fn prepare_init(
+    store: &dyn Store,
+    hsm: &dyn Hsm,
+    token: TokenInfo,
+    rng: &dyn recovery::Random,
+    plan: InitPlan,
+    escrow_key: NewEscrowKey,
+) -> Result<Prepared, Error> {
+    let checked = Checked::new(plan.threshold, plan.custodians)?;
+    if let Some(existing) = load(store)? {
+        return Err(Error::CustodyInitialised {
+            ceremony: existing.record.ceremony_id.to_string(),
+        });
+    }
+    let NewEscrowKey {
+        pin: escrow_pin,
+        value: escrow_value,
+    } = escrow_key;
+    hsm.escrow_self_test(Some(&escrow_pin))?;
+    let derived = checked.derive(rng)?;
+    let mut items = escrowable(store, hsm)?;
+    items.push(Escrowable {
+        purpose: Purpose::EscrowKey,
+        aad: escrow_key_aad(&escrow_pin.id),
+        material: SecretSlice::from(escrow_value.expose_secret().to_vec()),
+        target: Target::Named(ESCROW_KEY_SEAL),
+    });
+    drop(escrow_value);
+    let inputs: Vec<EscrowInput<'_>> = items
+        .iter()
+        .map(|i| EscrowInput {
+            purpose: i.purpose,
+            aad: i.aad.clone(),
+            material: i.material(),
+        })
+        .collect();
+    let facts = HostFacts {
+        token,
+        audit_signer: plan.audit_signer,
+        escrow_key: Some(recovery::EscrowPin {
+            label: escrow_pin.label.clone(),
+            id: escrow_pin.id.to_hex(),
+            check_value: escrow_pin.check_value.to_hex(),
+        }),
+        time: plan.time,
+    };
+    let sealed = derived.seal(rng, facts, &inputs)?;
+    drop(inputs);
+    Ok(Prepared {
+        sealed,
+        items,
+        escrow_pin,
+    })
+}
+
+/// The trusted escrow key a transcript pins, in the token's terms.
+pub fn escrow_pin(transcript: &Transcript) -> Result<Option<hsm_bridge::EscrowPin>, Error> {
+    let Some(pin) = &transcript.escrow_key else {
+        return Ok(None);
+    };
+    let bad = |_| Error::Internal("the transcript's escrow pin is malformed");
+    Ok(Some(hsm_bridge::EscrowPin {
+        label: pin.label.clone(),
+        id: ObjectId::from_hex(&pin.id).map_err(bad)?,
+        check_value: CheckValue::from_hex(&pin.check_value).map_err(bad)?,
+    }))
+}
+
+/// Opens a version's escrow with the recovery private key and the store alone (no HSM): a
+/// software version's seal, or an `hsm` version's wrap under the escrow key, whose own seal
+/// is opened first. The recovery ceremony restores keys from this.
+pub fn open_escrow(
+    store: &dyn Store,
+    private: &RecoveryPrivateKey,
+    record: &VersionRecord,
+) -> Result<crate::secret::Kek, Error> {
+    let aad = kek_wrap_aad(record.key_id, record.version);
+    let raw: SecretSlice<u8> = match &record.escrow {
+        None => return Err(Error::Internal("the version is not escrowed")),
+        Some(Escrow::Sealed { sealed, .. }) => {
+            private.open(Purpose::SoftwareVersion, &aad, sealed)?
+        }
+        Some(Escrow::Wrapped {
+            escrow_key_id,
+            wrapped,
+            ..
+        }) => {
+            let id = ObjectId::from_hex(escrow_key_id)
+                .map_err(|_| Error::Internal("malformed escrow key id"))?;
+            let seal = named_seal(store, ESCROW_KEY_SEAL)?
+                .ok_or(Error::Internal("no escrow key seal on record"))?;
+            let value = private.open(Purpose::EscrowKey, &escrow_key_aad(&id), &seal)?;
+            use aws_lc_rs::key_wrap::{AesKek, KeyWrapPadded, AES_256};
+            let kek = AesKek::new(&AES_256, value.expose_secret())
+                .map_err(|_| Error::Internal("escrow key setup"))?;
+            let mut out = SecretBox::new(Box::new([0u8; 48]));
+            let len = kek
+                .unwrap_with_padding(
+                    wrapped,
+                    secrecy::ExposeSecretMut::expose_secret_mut(&mut out),
+                )
+                .map_err(|_| Error::Internal("the escrowed wrap does not open"))?
+                .len();
+            SecretSlice::from(
+                out.expose_secret()
+                    .get(..len)
+                    .ok_or(Error::Internal("unwrap length"))?
+                    .to_vec(),
+            )
+        }
+    };
+    crate::secret::Kek::init_with(|buf| {
+        let bytes: &[u8; crate::secret::KEK_LEN] = raw
+            .expose_secret()
+            .try_into()
+            .map_err(|_| Error::Internal("escrowed material has the wrong length"))?;
+        buf.copy_from_slice(bytes);
+        Ok(())
+    })
+}
+
+/// The one synced write that makes init take effect: the recovery key record, the
+/// transcript, and every seal the ceremony made. Refused if custody exists.
+pub fn commit_init(store: &dyn Store, prepared: Prepared) -> Result<Sealed, Error> {
+    let Prepared { sealed, items, .. } = prepared;
+    commit_sealed(store, &sealed, items)?;
+    Ok(sealed)
+}
+
+fn commit_sealed(store: &dyn Store, sealed: &Sealed, items: Vec<Escrowable>) -> Result<(), Error> {
     if let Some(existing) = load(store)? {
         return Err(Error::CustodyInitialised {
             ceremony: existing.record.ceremony_id.to_string(),

@@ -92,6 +92,16 @@ pub enum Error {
     /// The operation needs custody, which is not initialised.
     #[error("custody is not initialised: run `kms ceremony init` first")]
     CustodyMissing,
+    /// An `hsm` key version was asked for before custody exists: such versions are escrowed
+    /// under the trusted escrow key that the init ceremony imports.
+    #[error("hsm keys are escrowed when they are created and custody is not initialised: run `kms ceremony init` first (software keys work without it)")]
+    HsmNeedsCustody,
+    /// `hsm` protection cannot escrow on this token (why); software protection still works.
+    #[error("hsm protection is unavailable: {reason}")]
+    HsmEscrowUnavailable {
+        /// What the token or the records lack.
+        reason: String,
+    },
     /// The recovery authority refused (a share, a transcript, a seal).
     #[error(transparent)]
     Recovery(#[from] recovery::Error),
@@ -248,7 +258,9 @@ impl Error {
             Error::AliasTaken { .. }
             | Error::CustodyInitialised { .. }
             | Error::WorkloadExists { .. } => ErrorClass::Conflict,
-            Error::CustodyMissing => ErrorClass::Precondition,
+            Error::CustodyMissing | Error::HsmNeedsCustody | Error::HsmEscrowUnavailable { .. } => {
+                ErrorClass::Precondition
+            }
             Error::Recovery(_) => ErrorClass::Internal,
             Error::Blob(_)
             | Error::GrantTtl { .. }

@@ -135,6 +135,18 @@ pub enum Escrow {
         #[serde(with = "crate::custody::b64")]
         sealed: Vec<u8>,
     },
+    /// An `hsm` version wrapped in the token under the trusted escrow key of `ceremony`
+    /// (`CKM_AES_KEY_WRAP_PAD`, RFC 5649). The escrow key's value is itself sealed to the
+    /// recovery public key.
+    Wrapped {
+        /// The ceremony whose escrow key it is wrapped under.
+        ceremony: recovery::CeremonyId,
+        /// The escrow key's `CKA_ID`, hex.
+        escrow_key_id: String,
+        /// The wrapped key.
+        #[serde(with = "crate::custody::b64")]
+        wrapped: Vec<u8>,
+    },
 }
 
 /// How a version's material is kept. Neither form is usable without the HSM.
@@ -142,10 +154,17 @@ pub enum Escrow {
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum StoredMaterial {
-    /// A token object found by this label.
+    /// A token object, found by `CKA_ID` and check value (by label alone for versions made
+    /// before objects had ids).
     Hsm {
         /// The `CKA_LABEL` of the token key.
         label: String,
+        /// Its `CKA_ID`, hex.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<String>,
+        /// Its check value, hex.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        check_value: Option<String>,
     },
     /// 32 bytes sealed with AES-256-GCM under the root key: 12-byte nonce then ciphertext and
     /// tag. The AAD binds the key id and version, so records cannot be swapped.

@@ -9,6 +9,8 @@
 //! One conformance suite, instantiated per protection level, on a real SoftHSM2 token and a
 //! real RocksDB directory. Run with `cargo nextest` (one token per test process).
 
+mod common;
+
 use std::sync::Arc;
 
 use hsm_bridge::test_support::TestToken;
@@ -58,8 +60,14 @@ impl Harness {
     fn new() -> Self {
         let token = TestToken::create().expect("SoftHSM2 token");
         token.activate();
+        // Custody first: `hsm` versions are escrowed at creation and refused without it.
+        let escrow = common::escrow_key(&token);
         let hsm = Arc::new(Pkcs11Hsm::open(&token.config().unwrap()).unwrap());
         let store_dir = tempfile::tempdir().unwrap();
+        {
+            let store = RocksStore::open(store_dir.path()).unwrap();
+            common::init_custody(&store, hsm.as_ref(), escrow);
+        }
         let mut h = Self {
             token,
             hsm,

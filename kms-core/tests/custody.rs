@@ -11,12 +11,13 @@
     reason = "test code: a failed step is a failed test"
 )]
 
+mod common;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use aws_lc_rs::rand::SystemRandom;
 use hsm_bridge::test_support::TestToken;
-use hsm_bridge::Pkcs11Hsm;
+use hsm_bridge::{Hsm, Pkcs11Hsm};
 use kms_core::custody;
 use kms_core::governance::authz::danger::AllowAuthenticated;
 use kms_core::store::{Store, Table};
@@ -24,9 +25,7 @@ use kms_core::{
     AuthMethod, Caller, Clock, Deps, EncryptionContext, Escrow, KeyRef, Kms, Labels, NewKey,
     Protection, RocksStore, SystemRng, VersionRecord,
 };
-use recovery::ceremony::{Checked, EscrowInput, HostFacts};
-use recovery::{combine, Custodian, Purpose, ShareEnvelope, TokenInfo};
-use secrecy::ExposeSecret;
+use recovery::{combine, Custodian, ShareEnvelope};
 
 struct FixedClock;
 impl Clock for FixedClock {
@@ -78,10 +77,50 @@ fn open_blob(kek: &[u8], blob: &[u8]) -> Vec<u8> {
         .to_vec()
 }
 
+fn new_key(kms: &Kms, protection: Protection) -> KeyRef {
+    let record = kms
+        .create_key(NewKey {
+            alias: None,
+            labels: Labels::default(),
+            protection,
+        })
+        .unwrap();
+    KeyRef::Id(record.id)
+}
+
+#[test]
+fn hsm_keys_are_refused_before_custody_with_an_error_naming_the_ceremony() {
+    let token = TestToken::create().expect("SoftHSM2 token");
+    token.activate();
+    let hsm = Arc::new(Pkcs11Hsm::open(&token.config().unwrap()).unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(RocksStore::open(dir.path()).unwrap());
+    let kms = open_kms(&hsm, &store);
+    let err = kms
+        .create_key(NewKey {
+            alias: None,
+            labels: Labels::default(),
+            protection: Protection::Hsm,
+        })
+        .unwrap_err();
+    assert!(matches!(err, kms_core::Error::HsmNeedsCustody), "{err}");
+    assert!(err.to_string().contains("kms ceremony init"), "{err}");
+    // Nothing was made in the token or the store.
+    assert!(hsm.inspect().unwrap().iter().all(|o| !o
+        .label
+        .as_deref()
+        .unwrap_or("")
+        .starts_with("sovereign-kms/kek/")));
+    assert!(store.scan(Table::Versions).unwrap().is_empty());
+    // Software keys work without custody.
+    software_key(&kms);
+}
+
 #[test]
 fn k_shares_and_the_store_alone_open_every_escrowed_version() {
     let token = TestToken::create().expect("SoftHSM2 token");
     token.activate();
+    let escrow = common::escrow_key(&token);
     let hsm = Arc::new(Pkcs11Hsm::open(&token.config().unwrap()).unwrap());
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(RocksStore::open(dir.path()).unwrap());
@@ -95,76 +134,50 @@ fn k_shares_and_the_store_alone_open_every_escrowed_version() {
     assert_eq!(custody::unescrowed(store.as_ref()).unwrap().len(), 1);
 
     // Init, as the ceremony runs it with the server stopped.
-    let rng = SystemRandom::new();
-    let identities: Vec<_> = (0..3).map(|_| age::x25519::Identity::generate()).collect();
-    let custodians = ["alice", "bob", "carol"]
-        .iter()
-        .zip(&identities)
-        .map(|(n, id)| Custodian::parse(&format!("{n}={}", id.to_public())).unwrap())
-        .collect();
-    let derived = Checked::new(2, custodians).unwrap().derive(&rng).unwrap();
-    let items = custody::escrowable(store.as_ref(), hsm.as_ref()).unwrap();
-    assert_eq!(
-        items.len(),
-        1,
-        "one software version (no grant or audit key in this store)"
-    );
-    let inputs: Vec<_> = items
-        .iter()
-        .map(|i| EscrowInput {
-            purpose: i.purpose,
-            aad: i.aad.clone(),
-            material: i.material(),
-        })
-        .collect();
-    let facts = HostFacts {
-        token: TokenInfo {
-            label: "t".into(),
-            manufacturer: "m".into(),
-            model: "SoftHSM v2".into(),
-            serial: "1".into(),
-        },
-        audit_signer: String::new(),
-        escrow_key: None,
-        time: 1_800_000_000,
-    };
-    let sealed = derived.seal(&rng, facts, &inputs).unwrap();
-    drop(inputs);
-    custody::commit_init(store.as_ref(), &sealed, items).unwrap();
+    let (sealed, identities) = common::init_custody(store.as_ref(), hsm.as_ref(), escrow);
     assert!(custody::unescrowed(store.as_ref()).unwrap().is_empty());
-    // A second init is refused.
-    let again = Checked::new(
-        2,
-        vec![
-            Custodian::parse(&format!("x={}", identities[0].to_public())).unwrap(),
-            Custodian::parse(&format!("y={}", identities[1].to_public())).unwrap(),
-        ],
-    )
-    .unwrap()
-    .derive(&rng)
-    .unwrap()
-    .seal(
-        &rng,
-        HostFacts {
-            token: sealed.transcript.token.clone(),
+    let pin = custody::escrow_pin(&sealed.transcript).unwrap().unwrap();
+    hsm.escrow_self_test(Some(&pin)).unwrap();
+    // A second init is refused before anything is made.
+    let again = custody::prepare_init(
+        store.as_ref(),
+        hsm.as_ref(),
+        sealed.transcript.token.clone(),
+        &aws_lc_rs::rand::SystemRandom::new(),
+        custody::InitPlan {
+            threshold: 2,
+            custodians: vec![
+                Custodian::parse(&format!("x={}", identities[0].to_public())).unwrap(),
+                Custodian::parse(&format!("y={}", identities[1].to_public())).unwrap(),
+            ],
             audit_signer: String::new(),
-            escrow_key: None,
             time: 0,
         },
-        &[],
-    )
-    .unwrap();
+        custody::NewEscrowKey::generate(&aws_lc_rs::rand::SystemRandom::new()).unwrap(),
+    );
     assert!(matches!(
-        custody::commit_init(store.as_ref(), &again, Vec::new()),
+        again,
         Err(kms_core::Error::CustodyInitialised { .. })
     ));
 
-    // After init: a rotation and a new key are escrowed as they are created.
+    // After init: rotations and new keys of both levels are escrowed as they are created.
     let kms = open_kms(&hsm, &store);
     kms.rotate_key(&before).unwrap();
     blobs.push(kms.generate_data_key(&caller(), &before, &ctx).unwrap());
     let after = software_key(&kms);
     blobs.push(kms.generate_data_key(&caller(), &after, &ctx).unwrap());
+    let hsm_key = new_key(&kms, Protection::Hsm);
+    blobs.push(kms.generate_data_key(&caller(), &hsm_key, &ctx).unwrap());
+    kms.rotate_key(&hsm_key).unwrap();
+    blobs.push(kms.generate_data_key(&caller(), &hsm_key, &ctx).unwrap());
+    drop(kms);
+    // A restart finds the hsm versions by CKA_ID and check value.
+    let kms = open_kms(&hsm, &store);
+    let reopened = kms.decrypt(&caller(), &blobs[3].ciphertext, &ctx).unwrap();
+    assert_eq!(
+        reopened.plaintext.expose_secret(),
+        blobs[3].plaintext.expose_secret()
+    );
     drop(kms);
     drop(hsm);
     drop(token);
@@ -187,25 +200,27 @@ fn k_shares_and_the_store_alone_open_every_escrowed_version() {
         .iter()
         .map(|row| serde_json::from_slice(&row.value).unwrap())
         .collect();
-    assert_eq!(versions.len(), 3);
+    assert_eq!(versions.len(), 5);
     for dk in &blobs {
         let v = versions
             .iter()
             .find(|v| v.key_id == dk.key_id && v.version == dk.key_version)
             .unwrap();
-        let Some(Escrow::Sealed { ceremony, sealed }) = &v.escrow else {
-            panic!("version {} of {} is not escrowed", v.version, v.key_id)
-        };
-        assert_eq!(*ceremony, record.ceremony_id);
-        let aad = kms_core::kek_wrap_aad(v.key_id, v.version);
-        let kek = private
-            .open(Purpose::SoftwareVersion, &aad, sealed)
-            .unwrap();
+        match &v.escrow {
+            Some(Escrow::Sealed { ceremony, .. } | Escrow::Wrapped { ceremony, .. }) => {
+                assert_eq!(*ceremony, record.ceremony_id)
+            }
+            _ => panic!("version {} of {} is not escrowed", v.version, v.key_id),
+        }
+        let kek = custody::open_escrow(store.as_ref(), &private, v).unwrap();
         assert_eq!(
             open_blob(kek.expose_secret(), &dk.ciphertext),
             dk.plaintext.expose_secret()
         );
     }
+    assert!(versions
+        .iter()
+        .any(|v| matches!(v.escrow, Some(Escrow::Wrapped { .. }))));
     // One share is not enough.
     assert!(combine(&shares[..1]).is_err());
 }

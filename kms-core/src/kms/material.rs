@@ -46,7 +46,17 @@ pub(super) fn load(deps: &Deps) -> Result<Cache, Error> {
 /// Turns a stored version into a usable one: find the token object, or unwrap the material.
 pub(super) fn materialize(hsm: &dyn Hsm, record: &VersionRecord) -> Result<VersionKey, Error> {
     match &record.material {
-        StoredMaterial::Hsm { label } => Ok(VersionKey::Hsm(hsm.find_aes_key(label)?)),
+        StoredMaterial::Hsm {
+            id: Some(id),
+            check_value: Some(check_value),
+            ..
+        } => {
+            let bad = |_| Error::Internal("malformed token object id or check value on record");
+            let id = hsm_bridge::ObjectId::from_hex(id).map_err(bad)?;
+            let check_value = hsm_bridge::CheckValue::from_hex(check_value).map_err(bad)?;
+            Ok(VersionKey::Hsm(hsm.find_key_by_id(&id, &check_value)?))
+        }
+        StoredMaterial::Hsm { label, .. } => Ok(VersionKey::Hsm(hsm.find_aes_key(label)?)),
         StoredMaterial::Software { .. } => Ok(VersionKey::Software(aead_key(&unwrap_software(
             hsm, record,
         )?)?)),

@@ -115,9 +115,26 @@ pub struct Kms {
     /// The recovery public key every new software version is sealed to, once custody is
     /// initialised (it is read at open: init runs with the server stopped).
     recovery: Option<(recovery::CeremonyId, recovery::RecoveryPublicKey)>,
+    /// Whether new `hsm` versions can be made: they are escrowed under the pinned trusted
+    /// key, which needs custody and a token that passed the self-test at open.
+    hsm_escrow: HsmEscrow,
     cache: RwLock<Cache>,
     /// Serialises read-modify-write changes to key records.
     admin: Mutex<()>,
+}
+
+/// Whether `hsm` versions can be created, decided once at open.
+#[derive(Clone, Debug)]
+enum HsmEscrow {
+    /// Custody and the pinned escrow key are in place and the token passed its self-test.
+    Ready {
+        ceremony: recovery::CeremonyId,
+        pin: hsm_bridge::EscrowPin,
+    },
+    /// Custody is not initialised.
+    NoCustody,
+    /// Custody exists but pins no escrow key, or the token failed its self-test (the reason).
+    Unavailable(String),
 }
 
 #[derive(Default)]
@@ -159,16 +176,36 @@ impl Kms {
     /// Loads every key from the store and makes each version usable.
     pub fn open(deps: Deps) -> Result<Self, Error> {
         let cache = load(&deps)?;
-        let recovery = crate::custody::load(deps.store.as_ref())?
-            .map(|c| (c.record.ceremony_id, c.record.public));
+        let custody = crate::custody::load(deps.store.as_ref())?;
+        let hsm_escrow = match &custody {
+            None => HsmEscrow::NoCustody,
+            Some(c) => match crate::custody::escrow_pin(&c.transcript)? {
+                None => HsmEscrow::Unavailable(
+                    "the ceremony on record pins no trusted escrow key".into(),
+                ),
+                Some(pin) => match deps.hsm.escrow_self_test(Some(&pin)) {
+                    Ok(()) => HsmEscrow::Ready {
+                        ceremony: c.record.ceremony_id,
+                        pin,
+                    },
+                    Err(e) => {
+                        tracing::error!(error = %e, "hsm protection is unavailable: the token failed its escrow self-test");
+                        HsmEscrow::Unavailable(e.to_string())
+                    }
+                },
+            },
+        };
+        let recovery = custody.map(|c| (c.record.ceremony_id, c.record.public));
         tracing::info!(
             keys = cache.keys.len(),
             custody = recovery.is_some(),
+            hsm_escrow = matches!(hsm_escrow, HsmEscrow::Ready { .. }),
             "key store loaded"
         );
         Ok(Self {
             deps,
             recovery,
+            hsm_escrow,
             cache: RwLock::new(cache),
             admin: Mutex::new(()),
         })
@@ -201,7 +238,7 @@ impl Kms {
         if let Some(alias) = &record.alias {
             changes.push(put_alias(alias, id));
         }
-        self.deps.store.write(changes)?;
+        self.write_version(changes, &key)?;
         let entry = KeyEntry {
             record: record.clone(),
             versions: BTreeMap::from([(KeyVersion::FIRST, Arc::new(key))]),
@@ -252,9 +289,10 @@ impl Kms {
         updated.record.current_version = next;
         updated.record.updated_at = self.deps.clock.now_unix();
         let (version, key) = self.new_version(&updated.record, next)?;
-        self.deps
-            .store
-            .write(vec![put_version(&version)?, put_key(&updated.record)?])?;
+        self.write_version(
+            vec![put_version(&version)?, put_key(&updated.record)?],
+            &key,
+        )?;
         updated.versions.insert(next, Arc::new(key));
         let record = updated.record.clone();
         self.install(updated, None);
@@ -323,9 +361,32 @@ impl Kms {
         let mut escrow = None;
         let (material, key) = match record.protection {
             Protection::Hsm => {
+                let (ceremony, pin) = match &self.hsm_escrow {
+                    HsmEscrow::Ready { ceremony, pin } => (*ceremony, pin),
+                    HsmEscrow::NoCustody => return Err(Error::HsmNeedsCustody),
+                    HsmEscrow::Unavailable(reason) => {
+                        return Err(Error::HsmEscrowUnavailable {
+                            reason: reason.clone(),
+                        })
+                    }
+                };
                 let label = format!("sovereign-kms/kek/{}/v{}", record.id, version);
-                let handle = hsm.generate_aes_key(&label)?;
-                (StoredMaterial::Hsm { label }, VersionKey::Hsm(handle))
+                let mut id = [0u8; hsm_bridge::OBJECT_ID_LEN];
+                self.deps.rng.fill(&mut id)?;
+                let made = hsm.generate_escrowed_key(&label, &hsm_bridge::ObjectId(id), pin)?;
+                escrow = Some(Escrow::Wrapped {
+                    ceremony,
+                    escrow_key_id: pin.id.to_hex(),
+                    wrapped: made.wrapped,
+                });
+                (
+                    StoredMaterial::Hsm {
+                        label,
+                        id: Some(made.id.to_hex()),
+                        check_value: Some(made.check_value.to_hex()),
+                    },
+                    VersionKey::Hsm(made.key),
+                )
             }
             Protection::Software => {
                 let kek = Kek::init_with(|buf| hsm.random(buf).map_err(Error::from))?;
@@ -367,6 +428,20 @@ impl Kms {
             escrow,
         };
         Ok((record, key))
+    }
+
+    /// Writes a new version's records; if the write fails, a token object made for it is
+    /// destroyed, so no key exists that the store does not know.
+    fn write_version(&self, changes: Vec<Change>, key: &VersionKey) -> Result<(), Error> {
+        let written = self.deps.store.write(changes);
+        if written.is_err() {
+            if let VersionKey::Hsm(handle) = key {
+                if let Err(e) = self.deps.hsm.destroy_key(*handle) {
+                    tracing::error!(error = %e, "could not destroy the token key of a version that was not written");
+                }
+            }
+        }
+        written
     }
 
     fn install(&self, entry: KeyEntry, removed_alias: Option<Alias>) {
