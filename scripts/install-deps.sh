@@ -2,7 +2,8 @@
 # Installs what building and testing sovereign-kms needs on Debian or Ubuntu, if missing:
 # SoftHSM2 (the development and test HSM), clang/libclang (RocksDB's bindings), and
 # cargo-nextest (the test runner: one process per test, so each test gets its own token), and
-# age (custody tests decrypt share files with the standard tool, as a custodian would).
+# age (custody tests decrypt share files with the standard tool, as a custodian would), and
+# opensc's pkcs11-tool (tests read token objects with it, as an auditor would).
 set -euo pipefail
 
 need=()
@@ -12,6 +13,7 @@ ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1 || ls /usr/lib/x86_64-linux-
 command -v g++ >/dev/null 2>&1 || need+=(g++)
 command -v make >/dev/null 2>&1 || need+=(make)
 command -v age >/dev/null 2>&1 || need+=(age)
+command -v pkcs11-tool >/dev/null 2>&1 || need+=(opensc)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "install-deps: installing ${need[*]}" >&2

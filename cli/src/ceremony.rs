@@ -139,7 +139,15 @@ fn so_pin(args: &InitArgs, config_path: &Path) -> Result<SecretString, Error> {
 }
 
 fn config_path(arg: &ConfigArg, data_dir: &Path) -> Result<PathBuf, Error> {
-    if let Some(path) = &arg.config {
+    config_path_or_dev(arg.config.as_ref(), data_dir)
+}
+
+/// `--config`, or the development config under `data_dir` when it exists.
+pub(crate) fn config_path_or_dev(
+    config: Option<&PathBuf>,
+    data_dir: &Path,
+) -> Result<PathBuf, Error> {
+    if let Some(path) = config {
         return Ok(path.clone());
     }
     let dev = DevLayout::new(data_dir.to_path_buf()).config();

@@ -19,6 +19,7 @@ mod data;
 mod dev;
 mod error;
 mod grant;
+mod hsm;
 mod identity;
 mod input;
 mod key;
@@ -78,6 +79,9 @@ enum Command {
     /// status.
     #[command(subcommand)]
     Ceremony(ceremony::CeremonyCommand),
+    /// The token as an auditor sees it: every object, its security attributes and its role.
+    #[command(subcommand)]
+    Hsm(hsm::HsmCommand),
 }
 
 /// Every leaf subcommand of `kms` (except `serve`, which would run until stopped) with a
@@ -148,6 +152,7 @@ fn run(cli: Cli) -> Result<(), Error> {
         Command::Serve(ref args) => Some(serve::prepare(args, &cli.connect.data_dir)?),
         // Ceremonies open the token too, and need no runtime.
         Command::Ceremony(cmd) => return ceremony::run(cmd, &cli.connect.data_dir, cli.json),
+        Command::Hsm(cmd) => return hsm::run(cmd, &cli.connect.data_dir, cli.json),
         _ => None,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -169,7 +174,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             (Command::Grant(cmd), _) => grant::run(cmd, &cli.connect, cli.json).await,
             (Command::Audit(cmd), _) => audit::run(cmd, &cli.connect, cli.json).await,
             (Command::Bench(args), _) => bench::run(args, &cli.connect, cli.json).await,
-            (Command::Serve(_), None) | (Command::Ceremony(_), _) => {
+            (Command::Serve(_), None) | (Command::Ceremony(_), _) | (Command::Hsm(_), _) => {
                 Err(Error::Usage("internal: command not prepared".into()))
             }
         }

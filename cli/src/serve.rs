@@ -270,13 +270,8 @@ fn config_path(args: &ServeArgs, data_dir: &Path) -> Result<PathBuf, Error> {
     }
 }
 
-/// Opens the token, recording a failure to open it and every retried HSM call in the audit
-/// log, and attaches it to the log (which signs checkpoints with it).
-pub(crate) fn open_hsm(
-    config: &Config,
-    config_path: &Path,
-    audit_log: &Arc<AuditLog>,
-) -> Result<Arc<Pkcs11Hsm>, Error> {
+/// How to reach the token a config names, with the user PIN it points to.
+pub(crate) fn hsm_config(config: &Config, config_path: &Path) -> Result<HsmConfig, Error> {
     let module = match &config.hsm.module {
         Some(m) => m.clone(),
         None => find_softhsm2_module()?,
@@ -289,6 +284,17 @@ pub(crate) fn open_hsm(
     if let Some(n) = config.hsm.max_sessions {
         hsm_config.max_sessions = n;
     }
+    Ok(hsm_config)
+}
+
+/// Opens the token, recording a failure to open it and every retried HSM call in the audit
+/// log, and attaches it to the log (which signs checkpoints with it).
+pub(crate) fn open_hsm(
+    config: &Config,
+    config_path: &Path,
+    audit_log: &Arc<AuditLog>,
+) -> Result<Arc<Pkcs11Hsm>, Error> {
+    let hsm_config = hsm_config(config, config_path)?;
     let hsm = match Pkcs11Hsm::open(&hsm_config) {
         Ok(hsm) => Arc::new(hsm),
         Err(e) => {

@@ -228,6 +228,12 @@ fn version_key_template(label: &str, id: &ObjectId) -> Vec<Attribute> {
 /// Reads one attribute on its own, so that a sensitive or unknown one does not hide the
 /// others (`get_attributes` drops sensitive attributes and fails on some unavailable ones).
 fn one(session: &Session, object: ObjectHandle, kind: AttributeType) -> Option<Attribute> {
+    // Asked for its size first: an attribute the token marks unavailable (the generation
+    // mechanism of an imported key) or sensitive is skipped, not decoded.
+    match session.get_attribute_info(object, &[kind]).ok()?.first()? {
+        cryptoki::object::AttributeInfo::Available(_) => {}
+        _ => return None,
+    }
     session
         .get_attributes(object, &[kind])
         .ok()
@@ -305,8 +311,13 @@ pub(crate) fn report(session: &Session, object: ObjectHandle) -> ObjectReport {
         sign: b(A::Sign),
         verify: b(A::Verify),
         derive: b(A::Derive),
-        key_gen_mechanism: match one(session, object, A::KeyGenMechanism) {
-            Some(Attribute::KeyGenMechanism(m)) => Some(m.to_string()),
+        // Only a key generated in the token has one; SoftHSM2 answers CK_UNAVAILABLE_INFORMATION
+        // in the value for an imported key, which cryptoki cannot decode.
+        key_gen_mechanism: match b(A::Local) {
+            Some(true) => match one(session, object, A::KeyGenMechanism) {
+                Some(Attribute::KeyGenMechanism(m)) => Some(m.to_string()),
+                _ => None,
+            },
             _ => None,
         },
         allowed_mechanisms: match one(session, object, A::AllowedMechanisms) {

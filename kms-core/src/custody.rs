@@ -171,6 +171,11 @@ pub fn unescrowed(store: &dyn Store) -> Result<Vec<(KeyId, KeyVersion, Protectio
         .collect())
 }
 
+/// Every key version record in the store.
+pub fn version_records(store: &dyn Store) -> Result<Vec<VersionRecord>, Error> {
+    versions(store)
+}
+
 fn versions(store: &dyn Store) -> Result<Vec<VersionRecord>, Error> {
     store
         .scan(Table::Versions)?

@@ -83,12 +83,9 @@ fn dev_init_shares_open_with_age_and_every_custodian_verifies() {
     let transcript = std::fs::read(custodians.join("transcript.json")).unwrap();
     let sha = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &transcript);
     assert_eq!(s["transcript_sha256"], hex::encode(sha.as_ref()));
-    // Software versions are escrowed (the one made after init at creation); none is left.
+    // Every version is escrowed (the one made after init at creation); none is left.
     let unescrowed = s["unescrowed_versions"].as_array().unwrap();
-    assert!(
-        unescrowed.iter().all(|v| v["protection"] == "hsm"),
-        "{unescrowed:?}"
-    );
+    assert!(unescrowed.is_empty(), "{unescrowed:?}");
 
     // Every share file is a standard age file for its custodian.
     let mut decrypted_shares = Vec::new();
@@ -261,5 +258,228 @@ fn bad_init_input_is_refused_with_clear_errors() {
         assert!(!out.status.success());
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(says), "{all:?}: {err}");
+    }
+}
+
+/// `pkcs11-tool -O` on the development token, as an auditor runs it.
+fn pkcs11_tool_objects(dir: &Path) -> String {
+    let kms_dir = dir.join(".kms");
+    let pin = std::fs::read_to_string(kms_dir.join("secrets/user.pin")).unwrap();
+    let module = hsm_bridge_module();
+    let out = Command::new("pkcs11-tool")
+        .current_dir(dir)
+        .env("SOFTHSM2_CONF", kms_dir.join("softhsm2.conf"))
+        .args(["--module", &module, "--token-label", "sovereign-kms-dev"])
+        .args(["--login", "--pin", pin.trim(), "-O"])
+        .output()
+        .expect("pkcs11-tool is installed (opensc, scripts/install-deps.sh)");
+    assert!(
+        out.status.success(),
+        "pkcs11-tool: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn hsm_bridge_module() -> String {
+    [
+        "/usr/lib/softhsm/libsofthsm2.so",
+        "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+        "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
+        "/usr/local/lib/softhsm/libsofthsm2.so",
+    ]
+    .into_iter()
+    .find(|p| Path::new(p).is_file())
+    .expect("SoftHSM2 module")
+    .to_owned()
+}
+
+fn b64(text: &Value) -> Vec<u8> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD
+        .decode(text.as_str().unwrap())
+        .unwrap()
+}
+
+/// Opens a blob with a bare AES-256-GCM key, from the documented layout (empty context),
+/// with aws-lc.
+fn open_blob(kek: &[u8], blob: &[u8]) -> Option<Vec<u8>> {
+    use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
+    let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, kek).unwrap());
+    let nonce = Nonce::try_assume_unique_for_key(&blob[26..38]).unwrap();
+    let mut aad = blob[..38].to_vec();
+    aad.extend_from_slice(&0u16.to_be_bytes());
+    let mut body = blob[38..].to_vec();
+    key.open_in_place(nonce, Aad::from(aad), &mut body)
+        .ok()
+        .map(|p| p.to_vec())
+}
+
+#[test]
+fn k_decrypted_shares_and_the_store_alone_open_every_version_of_both_levels() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let server = Server::start(KMS, dir);
+    // Keys of both levels, each rotated, and a data key under every version, through the
+    // data plane.
+    let mut blobs = Vec::new();
+    for (alias, protection) in [("soft", "software"), ("hard", "hsm")] {
+        server.kms_json(&[
+            "key",
+            "create",
+            "--alias",
+            alias,
+            "--protection",
+            protection,
+        ]);
+        blobs.push(server.kms_json(&["data", "generate-key", "--key", alias]));
+        server.kms_json(&["key", "rotate", alias]);
+        blobs.push(server.kms_json(&["data", "generate-key", "--key", alias]));
+    }
+    let log = server.stop();
+    assert!(status(dir)["unescrowed_versions"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+
+    // An auditor's view with the standard tool: escrowed hsm versions are sensitive, always
+    // sensitive and local, and not extractable (so not "never extractable" either).
+    let objects = pkcs11_tool_objects(dir);
+    // One block per object: a heading line, then its indented attribute lines.
+    let mut blocks: Vec<String> = Vec::new();
+    for line in objects.lines() {
+        match blocks.last_mut() {
+            Some(block) if line.starts_with(' ') => {
+                block.push('\n');
+                block.push_str(line);
+            }
+            _ => blocks.push(line.to_owned()),
+        }
+    }
+    let versions: Vec<&String> = blocks
+        .iter()
+        .filter(|o| o.starts_with("Secret Key Object") && o.contains("sovereign-kms/kek/"))
+        .collect();
+    assert_eq!(versions.len(), 2, "{objects}");
+    for o in &versions {
+        assert!(
+            o.contains("Access:     sensitive, always sensitive, local"),
+            "{o}"
+        );
+        assert!(!o.contains("extractable"), "{o}");
+        assert!(o.contains("Usage:      encrypt, decrypt"), "{o}");
+    }
+
+    // kms hsm inspect: the attributes pkcs11-tool does not print, and a role for each object.
+    let out = kms(dir, &["hsm", "inspect", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(rows.iter().all(|r| r["flagged"] == false), "{rows:?}");
+    let escrow: Vec<&Value> = rows
+        .iter()
+        .filter(|r| r["kms_role"] == "escrow-key")
+        .collect();
+    assert_eq!(escrow.len(), 1);
+    let e = escrow[0];
+    assert_eq!(e["trusted"], true);
+    assert_eq!(e["modifiable"], false);
+    assert_eq!(e["destroyable"], false);
+    assert_eq!(
+        (e["wrap"].clone(), e["unwrap"].clone()),
+        (true.into(), false.into())
+    );
+    for usage in ["encrypt", "decrypt", "sign", "verify", "derive"] {
+        assert_eq!(e[usage], false, "{usage}");
+    }
+    assert_eq!(
+        e["allowed_mechanisms"],
+        serde_json::json!(["CKM_AES_KEY_WRAP_PAD"])
+    );
+    let hsm_versions: Vec<&Value> = rows
+        .iter()
+        .filter(|r| r["kms_role"] == "key-version")
+        .collect();
+    assert_eq!(hsm_versions.len(), 2);
+    for v in &hsm_versions {
+        assert_eq!(v["wrap_with_trusted"], true);
+        assert_eq!(v["extractable"], false);
+        assert_eq!(v["always_sensitive"], true);
+        assert_eq!(v["never_extractable"], false);
+        assert_eq!(v["local"], true);
+        assert_eq!(v["escrowed"], true);
+    }
+    for role in ["root-key", "audit-signing-key"] {
+        assert!(rows.iter().any(|r| r["kms_role"] == role), "{role}");
+    }
+
+    // Recovery: alice's and carol's shares, decrypted with age, and the store; no token.
+    let custodians = dir.join(".kms/custodians");
+    let share = |name: &str| {
+        let plain = age_decrypt(
+            &custodians.join(format!("{name}.key")),
+            &custodians.join(format!("{name}.share.age")),
+        );
+        let path = std::path::PathBuf::from(format!("{name}.share.json"));
+        (
+            path.clone(),
+            recovery::ShareEnvelope::parse(&plain, &path).unwrap(),
+        )
+    };
+    let shares = vec![share("alice"), share("carol")];
+    assert!(
+        recovery::combine(&shares[..1]).is_err(),
+        "one share must not be enough"
+    );
+    let secret = recovery::combine(&shares).unwrap();
+    let store = kms_core::RocksStore::open_read_only(&dir.join(".kms/store")).unwrap();
+    let custody = kms_core::custody::load(&store).unwrap().unwrap();
+    let private = custody.record.private_key(&secret).unwrap();
+    let records = kms_core::custody::version_records(&store).unwrap();
+    assert_eq!(records.len(), 4);
+    let audit_text = serde_json::to_string(&audit_events(KMS, dir)).unwrap();
+    for dk in &blobs {
+        let record = records
+            .iter()
+            .find(|r| {
+                r.key_id.to_string() == dk["key_id"].as_str().unwrap()
+                    && u64::from(r.version.get()) == dk["key_version"].as_u64().unwrap()
+            })
+            .unwrap();
+        let kek = kms_core::custody::open_escrow(&store, &private, record).unwrap();
+        assert_eq!(format!("{kek:?}"), "Kek(<redacted>)");
+        let kek = kek.expose_secret();
+        assert_eq!(
+            open_blob(kek, &b64(&dk["ciphertext"])).unwrap(),
+            b64(&dk["plaintext"])
+        );
+        // Leak canary: no escrowed key reaches the server's log or the audit log.
+        for form in [hex::encode(kek), {
+            use base64::Engine as _;
+            base64::engine::general_purpose::STANDARD.encode(kek)
+        }] {
+            assert!(!log.contains(&form), "an escrowed key is in the log");
+            assert!(
+                !audit_text.contains(&form),
+                "an escrowed key is in the audit log"
+            );
+        }
+        assert!(!format!("{record:?}").contains(&hex::encode(kek)));
+    }
+    // The recovery secret and the shares do not print.
+    assert_eq!(format!("{secret:?}"), "RecoverySecret(<redacted>)");
+    for (_, envelope) in &shares {
+        let text = format!("{envelope:?}");
+        assert!(
+            text.contains("Share(index") && text.contains("<redacted>"),
+            "{text}"
+        );
     }
 }
