@@ -29,8 +29,9 @@ use crate::output::emit;
 pub(crate) struct BenchArgs {
     /// Operation to measure.
     /// `refusal-timing` times a key the caller is forbidden against one that does not exist,
-    /// interleaved, one caller (see --pairs).
-    #[arg(long, value_parser = ["generate-data-key", "decrypt", "health", "refusal-timing"])]
+    /// interleaved, one caller (see --pairs). `create-key` and `rotate-key` time key lifecycle
+    /// on the admin plane (each new version is escrowed), one caller, for --duration.
+    #[arg(long, value_parser = ["generate-data-key", "decrypt", "health", "refusal-timing", "create-key", "rotate-key"])]
     op: String,
     /// Protection level of the key the benchmark creates.
     #[arg(long, default_value = "software", value_parser = ["software", "hsm"])]
@@ -38,8 +39,8 @@ pub(crate) struct BenchArgs {
     /// Items per RPC; 1 uses the single-item RPC, more uses the batch RPC.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
     batch: u32,
-    /// Concurrent callers.
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10_000), required_unless_present = "pairs")]
+    /// Concurrent callers (data-plane ops; key lifecycle ops run one caller).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     concurrency: Option<u32>,
     /// Seconds to run.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=3600), required_unless_present = "pairs")]
@@ -171,6 +172,14 @@ pub(crate) async fn run(args: BenchArgs, conn: &ConnectArgs, as_json: bool) -> R
                 "--pairs applies to --op refusal-timing only".into(),
             ))
         }
+        ("create-key" | "rotate-key", None) => {
+            if args.concurrency.is_some_and(|c| c != 1) {
+                return Err(Error::Usage(
+                    "--op create-key and rotate-key run one caller (the server serialises key changes)".into(),
+                ));
+            }
+            return lifecycle(&args, conn, as_json).await;
+        }
         _ => {}
     }
     let (Some(concurrency), Some(duration)) = (args.concurrency, args.duration) else {
@@ -260,6 +269,63 @@ pub(crate) async fn run(args: BenchArgs, conn: &ConnectArgs, as_json: bool) -> R
         "policy_decision_max_ns": policy.as_ref().map(|p| p.decision_max_ns),
         "distinct_contexts": args.distinct_contexts,
         "distinct_entry": args.distinct_contexts.then_some(args.distinct_entry.as_str()),
+    });
+    emit(as_json, &report)
+}
+
+/// Times key creation or rotation, one request after another for --duration seconds (the
+/// server serialises key changes, so more callers would only queue). Each new version is
+/// escrowed inside its store write, so this is the cost of escrow at creation.
+async fn lifecycle(args: &BenchArgs, conn: &ConnectArgs, as_json: bool) -> Result<(), Error> {
+    let duration = args
+        .duration
+        .ok_or_else(|| Error::Usage("--duration is required".into()))?;
+    let (admin_addr, admin_tls) = conn.resolve(Plane::Admin)?;
+    let mut admin = admin_tls.admin(&admin_addr).await?;
+    let protection = match args.protection.as_str() {
+        "hsm" => api::v1::Protection::Hsm,
+        _ => api::v1::Protection::Software,
+    };
+    let create = CreateKeyRequest {
+        alias: String::new(),
+        protection: protection.into(),
+        labels: [("purpose".to_owned(), "benchmark".to_owned())].into(),
+    };
+    let key = admin.create_key(create.clone()).await?.into_inner().key_id;
+    let mut hist = new_histogram()?;
+    let (mut errors, mut first_error) = (0u64, None);
+    let start = now();
+    while start.elapsed() < Duration::from_secs(duration) {
+        let t = now();
+        let answer = if args.op == "rotate-key" {
+            admin
+                .rotate_key(api::v1::KeyRequest { key: key.clone() })
+                .await
+                .map(drop)
+        } else {
+            admin.create_key(create.clone()).await.map(drop)
+        };
+        let us = u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let _ = hist.record(us);
+        if let Err(s) = answer {
+            errors += 1;
+            first_error.get_or_insert_with(|| s.message().to_owned());
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let report = json!({
+        "op": args.op,
+        "protection": args.protection,
+        "concurrency": 1,
+        "duration_s": (secs * 10.0).round() / 10.0,
+        "ops_per_sec": ((items_f64(hist.len()) / secs) * 10.0).round() / 10.0,
+        "p50_us": hist.value_at_quantile(0.50),
+        "p90_us": hist.value_at_quantile(0.90),
+        "p99_us": hist.value_at_quantile(0.99),
+        "max_us": hist.max(),
+        "requests": hist.len(),
+        "errors": errors,
+        "first_error": first_error,
     });
     emit(as_json, &report)
 }

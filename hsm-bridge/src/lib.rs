@@ -138,6 +138,10 @@ pub trait Hsm: Send + Sync {
     /// object cannot stand in for it.
     fn find_key_by_id(&self, id: &ObjectId, check_value: &CheckValue) -> Result<TokenKey>;
 
+    /// Every AES secret key on the token that has a 16-byte `CKA_ID` and a check value, in one
+    /// pass (for loading many versions at start without one search each).
+    fn aes_keys_by_id(&self) -> Result<Vec<(ObjectId, CheckValue, TokenKey)>>;
+
     /// Destroys a token key (one whose creation could not be recorded).
     fn destroy_key(&self, key: TokenKey) -> Result<()>;
 

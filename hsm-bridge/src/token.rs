@@ -41,6 +41,9 @@ pub struct Pkcs11Hsm {
     module: PathBuf,
     label: String,
     observer: std::sync::OnceLock<HsmObserver>,
+    /// The pinned escrow key, once checked: it can be neither changed nor destroyed, so its
+    /// handle stays good for the life of the login.
+    escrow_key: Mutex<Option<(EscrowPin, ObjectHandle)>>,
 }
 
 impl Pkcs11Hsm {
@@ -68,7 +71,7 @@ impl Pkcs11Hsm {
                 tracing::info!(label = %config.root_key_label, "creating root wrapping key in the token");
                 TokenKey(login.generate_key(
                     &Mechanism::AesKeyGen,
-                    &aes_key_template(&config.root_key_label, &root_id),
+                    &aes_key_template(&config.root_key_label, &root_id, false),
                 )?)
             }
         };
@@ -81,6 +84,7 @@ impl Pkcs11Hsm {
             module,
             label: config.token_label.clone(),
             observer: std::sync::OnceLock::new(),
+            escrow_key: Mutex::new(None),
         })
     }
 
@@ -127,6 +131,18 @@ impl Pkcs11Hsm {
             }
         }
         result
+    }
+
+    /// [`Pkcs11Hsm::run_one`], retried once on a fresh session after a session loss or device
+    /// error: for lookups, which are safe to repeat.
+    fn run_lookup<T>(&self, op: impl Fn(&Session) -> Result<T>) -> Result<T> {
+        match self.run_one(&op) {
+            Err(e) if e.is_retryable() => {
+                self.retrying(&e);
+                self.run_one(&op)
+            }
+            other => other,
+        }
     }
 
     fn run_once<T>(&self, op: &impl Fn(&Session) -> cryptoki::error::Result<T>) -> Result<T> {
@@ -176,7 +192,7 @@ impl Hsm for Pkcs11Hsm {
                 what: "empty key label",
             });
         }
-        let template = aes_key_template(label, id);
+        let template = aes_key_template(label, id, false);
         self.run_one(|s| Ok(s.generate_key(&Mechanism::AesKeyGen, &template)?))
             .map(TokenKey)
     }
@@ -192,7 +208,23 @@ impl Hsm for Pkcs11Hsm {
                 what: "empty key label",
             });
         }
-        self.run_one(|s| escrow::generate_escrowed(s, label, id, escrow))
+        let cached = self
+            .escrow_key
+            .lock()
+            .as_ref()
+            .filter(|(pin, _)| pin == escrow)
+            .map(|(_, handle)| *handle);
+        self.run_one(|s| {
+            let handle = match cached {
+                Some(handle) => handle,
+                None => {
+                    let handle = escrow::pinned_escrow_key(s, escrow)?;
+                    *self.escrow_key.lock() = Some((escrow.clone(), handle));
+                    handle
+                }
+            };
+            escrow::generate_escrowed(s, label, id, handle)
+        })
     }
 
     fn find_key_by_id(&self, id: &ObjectId, check_value: &CheckValue) -> Result<TokenKey> {
@@ -212,14 +244,37 @@ impl Hsm for Pkcs11Hsm {
             }
             Ok(handle)
         };
-        match self.run_one(op) {
-            Err(e) if e.is_retryable() => {
-                self.retrying(&e);
-                self.run_one(op)
+        self.run_lookup(op).map(TokenKey)
+    }
+
+    fn aes_keys_by_id(&self) -> Result<Vec<(ObjectId, CheckValue, TokenKey)>> {
+        self.run_lookup(|s: &Session| {
+            let objects = s.find_objects(&[
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(KeyType::AES),
+            ])?;
+            let mut out = Vec::with_capacity(objects.len());
+            for object in objects {
+                let (mut id, mut cv) = (None, None);
+                for a in
+                    s.get_attributes(object, &[AttributeType::Id, AttributeType::CheckValue])?
+                {
+                    match a {
+                        Attribute::Id(v) => {
+                            id = <[u8; crate::OBJECT_ID_LEN]>::try_from(v.as_slice()).ok()
+                        }
+                        Attribute::CheckValue(v) => {
+                            cv = <[u8; crate::CHECK_VALUE_LEN]>::try_from(v.as_slice()).ok()
+                        }
+                        _ => {}
+                    }
+                }
+                if let (Some(id), Some(cv)) = (id, cv) {
+                    out.push((ObjectId(id), CheckValue(cv), TokenKey(object)));
+                }
             }
-            other => other,
-        }
-        .map(TokenKey)
+            Ok(out)
+        })
     }
 
     fn destroy_key(&self, key: TokenKey) -> Result<()> {
@@ -230,25 +285,19 @@ impl Hsm for Pkcs11Hsm {
         self.run_one(|s| {
             escrow::self_test(s)?;
             if let Some(pin) = escrow {
-                escrow::pinned_escrow_key(s, pin)?;
+                let handle = escrow::pinned_escrow_key(s, pin)?;
+                *self.escrow_key.lock() = Some((pin.clone(), handle));
             }
             Ok(())
         })
     }
 
     fn find_aes_key(&self, label: &str) -> Result<TokenKey> {
-        let op = |s: &Session| find_key(s, label);
-        match self.run_one(op) {
-            Err(e) if e.is_retryable() => {
-                self.retrying(&e);
-                self.run_one(op)
-            }
-            other => other,
-        }?
-        .map(TokenKey)
-        .ok_or_else(|| Error::KeyNotFound {
-            label: label.to_owned(),
-        })
+        self.run_lookup(|s: &Session| find_key(s, label))?
+            .map(TokenKey)
+            .ok_or_else(|| Error::KeyNotFound {
+                label: label.to_owned(),
+            })
     }
 
     fn aes_gcm_encrypt(
@@ -552,9 +601,11 @@ fn root_key_id(label: &str) -> ObjectId {
     ObjectId(id)
 }
 
-/// An AES-256 token key that never leaves the HSM and only encrypts and decrypts. Every usage
-/// flag is set, so no token default decides one.
-fn aes_key_template(label: &str, id: &ObjectId) -> Vec<Attribute> {
+/// An AES-256 token key that only encrypts and decrypts. Every usage flag is set, so no token
+/// default decides one. A fixed key never leaves the HSM and cannot be changed; an escrowed one
+/// can be wrapped only under a trusted key, and stays modifiable so that it can be locked
+/// non-extractable once it has been (see `docs/CUSTODY.md`).
+pub(crate) fn aes_key_template(label: &str, id: &ObjectId, escrowed: bool) -> Vec<Attribute> {
     vec![
         Attribute::Class(ObjectClass::SECRET_KEY),
         Attribute::KeyType(KeyType::AES),
@@ -562,7 +613,8 @@ fn aes_key_template(label: &str, id: &ObjectId) -> Vec<Attribute> {
         Attribute::Token(true),
         Attribute::Private(true),
         Attribute::Sensitive(true),
-        Attribute::Extractable(false),
+        Attribute::Extractable(escrowed),
+        Attribute::WrapWithTrusted(escrowed),
         Attribute::Encrypt(true),
         Attribute::Decrypt(true),
         Attribute::Wrap(false),
@@ -570,8 +622,9 @@ fn aes_key_template(label: &str, id: &ObjectId) -> Vec<Attribute> {
         Attribute::Sign(false),
         Attribute::Verify(false),
         Attribute::Derive(false),
-        Attribute::Modifiable(false),
+        Attribute::Modifiable(escrowed),
         Attribute::Copyable(false),
+        Attribute::Destroyable(true),
         Attribute::Id(id.0.to_vec()),
         Attribute::Label(label.as_bytes().to_vec()),
     ]

@@ -174,9 +174,14 @@ fn a_key_whose_escrow_cannot_be_made_is_not_left_on_the_token() {
         .unwrap()
         .iter()
         .all(|o| o.id.as_deref() != Some(&ObjectId([6; 16]).to_hex())));
-    // An id already on the token is refused, so one id never names two keys.
+    // Two objects with one id (a planted copy) are refused, not chosen between.
+    let first = hsm
+        .generate_escrowed_key("v", &ObjectId([6; 16]), &pin)
+        .unwrap();
+    hsm.generate_escrowed_key("planted", &ObjectId([6; 16]), &pin)
+        .unwrap();
     assert!(matches!(
-        hsm.generate_escrowed_key("v", &pin.id, &pin),
+        hsm.find_key_by_id(&first.id, &first.check_value),
         Err(Error::ObjectAmbiguous { .. })
     ));
 }

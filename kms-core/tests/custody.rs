@@ -53,14 +53,7 @@ fn caller() -> Caller {
 }
 
 fn software_key(kms: &Kms) -> KeyRef {
-    let record = kms
-        .create_key(NewKey {
-            alias: None,
-            labels: Labels::default(),
-            protection: Protection::Software,
-        })
-        .unwrap();
-    KeyRef::Id(record.id)
+    new_key(kms, Protection::Software)
 }
 
 /// Opens a blob with a bare AES-256-GCM key, from the documented layout, with ring.
@@ -223,4 +216,43 @@ fn k_shares_and_the_store_alone_open_every_escrowed_version() {
         .any(|v| matches!(v.escrow, Some(Escrow::Wrapped { .. }))));
     // One share is not enough.
     assert!(combine(&shares[..1]).is_err());
+}
+
+#[test]
+fn an_escrow_key_that_is_not_the_pinned_one_refuses_hsm_protection_only() {
+    let token = TestToken::create().expect("SoftHSM2 token");
+    token.activate();
+    let escrow = common::escrow_key(&token);
+    let hsm = Arc::new(Pkcs11Hsm::open(&token.config().unwrap()).unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(RocksStore::open(dir.path()).unwrap());
+    common::init_custody(store.as_ref(), hsm.as_ref(), escrow);
+    // The record now pins another check value than the token's key has.
+    let raw = store.get(Table::Custody, b"transcript").unwrap().unwrap();
+    let mut transcript: serde_json::Value = serde_json::from_slice(&raw).unwrap();
+    transcript["escrow_key"]["check_value"] = "000000".into();
+    store
+        .write(vec![kms_core::store::Change::Put {
+            table: Table::Custody,
+            key: b"transcript".to_vec(),
+            value: serde_json::to_vec(&transcript).unwrap(),
+        }])
+        .unwrap();
+    let kms = open_kms(&hsm, &store);
+    let err = kms
+        .create_key(NewKey {
+            alias: None,
+            labels: Labels::default(),
+            protection: Protection::Hsm,
+        })
+        .unwrap_err();
+    assert!(
+        matches!(err, kms_core::Error::HsmEscrowUnavailable { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("check value"), "{err}");
+    // Software protection keeps working.
+    let soft = software_key(&kms);
+    kms.generate_data_key(&caller(), &soft, &EncryptionContext::default())
+        .unwrap();
 }

@@ -1,10 +1,10 @@
 //! Store records of keys, versions and aliases, and how a stored version becomes usable.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use aws_lc_rs::aead::{LessSafeKey, UnboundKey, AES_256_GCM};
-use hsm_bridge::Hsm;
+use hsm_bridge::{CheckValue, Hsm, ObjectId, TokenKey};
 use secrecy::ExposeSecret;
 
 use super::{Cache, Deps, KeyEntry, VersionKey};
@@ -18,9 +18,10 @@ use crate::store::{Change, Table};
 pub(super) fn load(deps: &Deps) -> Result<Cache, Error> {
     let mut cache = Cache::default();
     let mut versions: BTreeMap<KeyId, BTreeMap<KeyVersion, Arc<VersionKey>>> = BTreeMap::new();
+    let mut index = None;
     for row in deps.store.scan(Table::Versions)? {
         let record: VersionRecord = decode(Table::Versions, &row.value)?;
-        let key = materialize(deps.hsm.as_ref(), &record)?;
+        let key = materialize(deps.hsm.as_ref(), &record, &mut index)?;
         versions
             .entry(record.key_id)
             .or_default()
@@ -43,8 +44,16 @@ pub(super) fn load(deps: &Deps) -> Result<Cache, Error> {
     Ok(cache)
 }
 
-/// Turns a stored version into a usable one: find the token object, or unwrap the material.
-pub(super) fn materialize(hsm: &dyn Hsm, record: &VersionRecord) -> Result<VersionKey, Error> {
+/// The token's AES keys by `CKA_ID`, read once at load.
+type TokenIndex = HashMap<ObjectId, Vec<(CheckValue, TokenKey)>>;
+
+/// Turns a stored version into a usable one: find the token object (by id and check value,
+/// through `index`, which is read from the token on first need), or unwrap the material.
+pub(super) fn materialize(
+    hsm: &dyn Hsm,
+    record: &VersionRecord,
+    index: &mut Option<TokenIndex>,
+) -> Result<VersionKey, Error> {
     match &record.material {
         StoredMaterial::Hsm {
             id: Some(id),
@@ -52,9 +61,29 @@ pub(super) fn materialize(hsm: &dyn Hsm, record: &VersionRecord) -> Result<Versi
             ..
         } => {
             let bad = |_| Error::Internal("malformed token object id or check value on record");
-            let id = hsm_bridge::ObjectId::from_hex(id).map_err(bad)?;
-            let check_value = hsm_bridge::CheckValue::from_hex(check_value).map_err(bad)?;
-            Ok(VersionKey::Hsm(hsm.find_key_by_id(&id, &check_value)?))
+            let id = ObjectId::from_hex(id).map_err(bad)?;
+            let check_value = CheckValue::from_hex(check_value).map_err(bad)?;
+            let index = match index {
+                Some(index) => index,
+                None => {
+                    let mut built = TokenIndex::new();
+                    for (id, cv, key) in hsm.aes_keys_by_id()? {
+                        built.entry(id).or_default().push((cv, key));
+                    }
+                    index.insert(built)
+                }
+            };
+            // The same rule as a single lookup: exactly one key with the id, and its check
+            // value is the recorded one.
+            match index.get(&id).map(Vec::as_slice) {
+                Some([(cv, key)]) if *cv == check_value => Ok(VersionKey::Hsm(*key)),
+                None | Some([]) => Err(Error::from(hsm_bridge::Error::ObjectMissing {
+                    id: id.to_hex(),
+                })),
+                Some(_) => Err(Error::from(hsm_bridge::Error::ObjectAmbiguous {
+                    what: format!("CKA_ID {id}: more than one key, or another check value"),
+                })),
+            }
         }
         StoredMaterial::Hsm { label, .. } => Ok(VersionKey::Hsm(hsm.find_aes_key(label)?)),
         StoredMaterial::Software { .. } => Ok(VersionKey::Software(aead_key(&unwrap_software(
