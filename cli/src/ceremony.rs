@@ -25,8 +25,9 @@ use crate::output::emit;
 /// The custody ceremonies.
 #[derive(Subcommand, Debug)]
 pub(crate) enum CeremonyCommand {
-    /// Create the recovery authority: split a fresh recovery secret among custodians (one age
-    /// share file each) and escrow every existing software key version. Server stopped.
+    /// Create the recovery authority: import the trusted escrow key as the token's Security
+    /// Officer, split a fresh recovery secret among custodians (one age share file each) and
+    /// escrow every existing software key version. Server stopped.
     Init(InitArgs),
     /// Check a custodian's share against the ceremony transcript and record them as verified.
     #[command(name = "verify-share")]
