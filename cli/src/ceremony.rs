@@ -9,9 +9,9 @@ use std::sync::Arc;
 use clap::{Args, Subcommand};
 use hsm_bridge::Pkcs11Hsm;
 use kms_core::audit::{AuditEvent, AuditLog};
-use kms_core::custody::{self, Verified};
+use kms_core::custody;
 use kms_core::{RocksStore, SystemClock};
-use recovery::ceremony::check_share;
+use recovery::ceremony::ShareClaim;
 use recovery::{parse_identity, Custodian, ShareEnvelope, TokenInfo};
 use secrecy::SecretString;
 use serde_json::{json, Value};
@@ -81,7 +81,12 @@ pub(crate) struct VerifyArgs {
 }
 
 /// Runs a ceremony command (blocking; before any async runtime exists).
-pub(crate) fn run(cmd: CeremonyCommand, data_dir: &Path, as_json: bool) -> Result<(), Error> {
+pub(crate) fn run(
+    cmd: CeremonyCommand,
+    conn: &crate::connect::ConnectArgs,
+    as_json: bool,
+) -> Result<(), Error> {
+    let data_dir = conn.data_dir.as_path();
     match cmd {
         CeremonyCommand::Init(args) => {
             let config_path = config_path(&args.config, data_dir)?;
@@ -95,7 +100,7 @@ pub(crate) fn run(cmd: CeremonyCommand, data_dir: &Path, as_json: bool) -> Resul
             )?;
             emit(as_json, &summary)
         }
-        CeremonyCommand::VerifyShare(args) => verify(&args, data_dir, as_json),
+        CeremonyCommand::VerifyShare(args) => verify(&args, conn, as_json),
         CeremonyCommand::Status(args) => status(&args, data_dir, as_json),
     }
 }
@@ -399,7 +404,11 @@ fn write_all(files: &[(PathBuf, Vec<u8>)]) -> Result<(), Error> {
     Ok(())
 }
 
-fn verify(args: &VerifyArgs, data_dir: &Path, as_json: bool) -> Result<(), Error> {
+fn verify(
+    args: &VerifyArgs,
+    conn: &crate::connect::ConnectArgs,
+    as_json: bool,
+) -> Result<(), Error> {
     let envelope = match (&args.share, &args.identity, &args.decrypted) {
         (Some(share), Some(identity), None) => {
             let text = SecretString::from(crate::input::text_file(identity)?);
@@ -418,28 +427,30 @@ fn verify(args: &VerifyArgs, data_dir: &Path, as_json: bool) -> Result<(), Error
             ))
         }
     };
-    let config_path = config_path(&args.config, data_dir)?;
+    let claim = ShareClaim::of(&envelope);
+    drop(envelope);
+    let config_path = config_path(&args.config, &conn.data_dir)?;
     let config = crate::config::Config::load(&config_path)?;
-    let store = Arc::new(open_store(&config.data_dir)?);
+    let store_path = config.data_dir.join("store");
+    let store = match RocksStore::open(&store_path) {
+        Ok(store) => Arc::new(store),
+        // The server holds the store: it records the verification.
+        Err(e) if held_by_server(&e) => {
+            tracing::info!("the store is in use by a running server; recording the verification through the admin plane");
+            return verify_online(&claim, conn, as_json);
+        }
+        Err(e) => return Err(e.into()),
+    };
     let custody = custody::load(store.as_ref())?.ok_or(kms_core::Error::CustodyMissing)?;
-    let entry = check_share(&custody.transcript, &envelope).map_err(Error::from)?;
-    let at = now_unix();
-    custody::record_verified(
-        store.as_ref(),
-        &entry.name,
-        &Verified {
-            index: entry.index,
-            at,
-        },
-    )?;
+    let (name, index) = custody::verify_claim(store.as_ref(), &claim, now_unix())?;
     let audit_log = AuditLog::open(
         store.clone(),
         Arc::new(SystemClock),
         config.audit.settings(),
     )?;
     let mut event = AuditEvent::new("ceremony.share_verified", "ok");
-    event.detail.insert("custodian".into(), entry.name.clone());
-    event.detail.insert("index".into(), entry.index.to_string());
+    event.detail.insert("custodian".into(), name.clone());
+    event.detail.insert("index".into(), index.to_string());
     event
         .detail
         .insert("ceremony_id".into(), custody.record.ceremony_id.to_string());
@@ -450,22 +461,68 @@ fn verify(args: &VerifyArgs, data_dir: &Path, as_json: bool) -> Result<(), Error
     emit(
         as_json,
         &json!({
-            "custodian": entry.name,
-            "index": entry.index,
+            "custodian": name,
+            "index": index,
             "verified": true,
             "transcript_sha256": hex::encode(custody.transcript.sha256().map_err(Error::from)?),
         }),
     )
 }
 
-fn open_store(data_dir: &Path) -> Result<RocksStore, Error> {
-    let path = data_dir.join("store");
-    RocksStore::open(&path).map_err(|e| {
-        Error::Usage(format!(
-            "cannot open the store at {} ({e}); ceremonies run with the server stopped",
-            path.display()
-        ))
-    })
+/// Whether the store failed to open because another process (a running server) holds its
+/// lock: RocksDB says so only in the error's source.
+fn held_by_server(e: &kms_core::Error) -> bool {
+    let mut cause: Option<&dyn std::error::Error> = Some(e);
+    while let Some(c) = cause {
+        if c.to_string().contains("lock") {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
+/// Sends a checked claim to the running server (admin plane), which checks it against the
+/// ceremony on record, records the custodian as verified and audits it. No share is sent.
+fn verify_online(
+    claim: &ShareClaim,
+    conn: &crate::connect::ConnectArgs,
+    as_json: bool,
+) -> Result<(), Error> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| Error::File {
+            what: "cannot start the async runtime for",
+            path: "the admin client".into(),
+            source,
+        })?;
+    let request = api::v1::ShareVerificationRequest {
+        ceremony_id: claim.ceremony_id.to_string(),
+        epoch: claim.epoch.get(),
+        custodian: claim.custodian.clone(),
+        index: u32::from(claim.index),
+        transcript_sha256: hex::encode(claim.transcript_sha256),
+        commitment: hex::encode(claim.commitment),
+    };
+    let answer = runtime.block_on(async {
+        let mut client = conn.admin().await?;
+        Ok::<_, Error>(
+            client
+                .record_share_verification(request)
+                .await?
+                .into_inner(),
+        )
+    })?;
+    emit(
+        as_json,
+        &json!({
+            "custodian": answer.custodian,
+            "index": answer.index,
+            "verified": answer.verified,
+            "transcript_sha256": hex::encode(claim.transcript_sha256),
+        }),
+    )
 }
 
 fn status(args: &ConfigArg, data_dir: &Path, as_json: bool) -> Result<(), Error> {

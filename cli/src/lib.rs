@@ -151,7 +151,7 @@ fn run(cli: Cli) -> Result<(), Error> {
     let prepared = match cli.command {
         Command::Serve(ref args) => Some(serve::prepare(args, &cli.connect.data_dir)?),
         // Ceremonies open the token too, and need no runtime.
-        Command::Ceremony(cmd) => return ceremony::run(cmd, &cli.connect.data_dir, cli.json),
+        Command::Ceremony(cmd) => return ceremony::run(cmd, &cli.connect, cli.json),
         Command::Hsm(cmd) => return hsm::run(cmd, &cli.connect.data_dir, cli.json),
         _ => None,
     };

@@ -492,6 +492,26 @@ pub fn named_seal(store: &dyn Store, name: &str) -> Result<Option<Vec<u8>>, Erro
     store.get(Table::Custody, &key)
 }
 
+/// Checks a custodian's claim (see [`recovery::ceremony::ShareClaim`]) against the ceremony
+/// on record and records them as verified at `at`; returns their name and index.
+pub fn verify_claim(
+    store: &dyn Store,
+    claim: &recovery::ceremony::ShareClaim,
+    at: u64,
+) -> Result<(String, u8), Error> {
+    let custody = load(store)?.ok_or(Error::CustodyMissing)?;
+    let entry = recovery::ceremony::check_claim(&custody.transcript, claim)?;
+    record_verified(
+        store,
+        &entry.name,
+        &Verified {
+            index: entry.index,
+            at,
+        },
+    )?;
+    Ok((entry.name.clone(), entry.index))
+}
+
 /// Records that a custodian verified their share.
 pub fn record_verified(store: &dyn Store, name: &str, verified: &Verified) -> Result<(), Error> {
     let mut key = VERIFIED_PREFIX.to_vec();

@@ -261,6 +261,8 @@ impl Error {
             Error::CustodyMissing | Error::HsmNeedsCustody | Error::HsmEscrowUnavailable { .. } => {
                 ErrorClass::Precondition
             }
+            // A custodian's share or claim that does not match the ceremony on record.
+            Error::Recovery(recovery::Error::Transcript { .. }) => ErrorClass::Precondition,
             Error::Recovery(_) => ErrorClass::Internal,
             Error::Blob(_)
             | Error::GrantTtl { .. }

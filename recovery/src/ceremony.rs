@@ -207,6 +207,39 @@ pub struct Sealed {
     pub seals: Vec<Vec<u8>>,
 }
 
+/// What a custodian states after checking their share on their own machine: which ceremony,
+/// who, and the commitment they recomputed from the share. It holds no secret: the server
+/// that records a verification never sees a share.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShareClaim {
+    /// The ceremony.
+    pub ceremony_id: CeremonyId,
+    /// Its epoch.
+    pub epoch: Epoch,
+    /// The custodian's name.
+    pub custodian: String,
+    /// Their share's index.
+    pub index: u8,
+    /// The transcript hash the share carries.
+    pub transcript_sha256: [u8; 32],
+    /// The commitment recomputed from the share.
+    pub commitment: [u8; 32],
+}
+
+impl ShareClaim {
+    /// The claim a decrypted share supports.
+    pub fn of(envelope: &ShareEnvelope) -> Self {
+        Self {
+            ceremony_id: envelope.ceremony_id,
+            epoch: envelope.epoch,
+            custodian: envelope.custodian.as_str().to_owned(),
+            index: envelope.share.index(),
+            transcript_sha256: envelope.transcript_sha256,
+            commitment: envelope.share.commitment(envelope.ceremony_id),
+        }
+    }
+}
+
 /// Checks a decrypted share against a ceremony's transcript: same ceremony, epoch and
 /// transcript hash, the custodian at that index, and the commitment recorded at init.
 /// Returns the transcript's entry for the custodian.
@@ -214,24 +247,32 @@ pub fn check_share<'t>(
     transcript: &'t Transcript,
     envelope: &ShareEnvelope,
 ) -> Result<&'t TranscriptCustodian, Error> {
+    check_claim(transcript, &ShareClaim::of(envelope))
+}
+
+/// Checks a custodian's claim against a ceremony's transcript (see [`check_share`]).
+pub fn check_claim<'t>(
+    transcript: &'t Transcript,
+    claim: &ShareClaim,
+) -> Result<&'t TranscriptCustodian, Error> {
     let fault = |fault| Err(Error::Transcript { fault });
-    if envelope.ceremony_id != transcript.ceremony_id || envelope.epoch != transcript.epoch {
+    if claim.ceremony_id != transcript.ceremony_id || claim.epoch != transcript.epoch {
         return fault("the share is of another ceremony or epoch");
     }
-    if envelope.transcript_sha256 != transcript.sha256()? {
+    if claim.transcript_sha256 != transcript.sha256()? {
         return fault("the share names another transcript");
     }
     let Some(entry) = transcript
         .custodians
         .iter()
-        .find(|c| c.index == envelope.share.index())
+        .find(|c| c.index == claim.index)
     else {
         return fault("no custodian has the share's index");
     };
-    if entry.name != envelope.custodian.as_str() {
+    if entry.name != claim.custodian {
         return fault("the share's custodian is not the one at its index");
     }
-    if entry.commitment != hex::encode(envelope.share.commitment(transcript.ceremony_id)) {
+    if entry.commitment != hex::encode(claim.commitment) {
         return fault("the share does not match the commitment recorded at init");
     }
     Ok(entry)

@@ -78,6 +78,17 @@ impl CeremonyId {
     }
 }
 
+impl std::str::FromStr for CeremonyId {
+    type Err = Error;
+    fn from_str(text: &str) -> Result<Self, Error> {
+        uuid::Uuid::parse_str(text)
+            .map(Self)
+            .map_err(|_| Error::Transcript {
+                fault: "not a ceremony id",
+            })
+    }
+}
+
 impl fmt::Display for CeremonyId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.0.fmt(f)
@@ -96,5 +107,10 @@ impl Epoch {
     /// The number.
     pub fn get(self) -> u32 {
         self.0
+    }
+
+    /// An epoch from its number (0 is none).
+    pub fn new(n: u32) -> Option<Self> {
+        (n > 0).then_some(Self(n))
     }
 }

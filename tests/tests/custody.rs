@@ -483,3 +483,74 @@ fn k_decrypted_shares_and_the_store_alone_open_every_version_of_both_levels() {
         );
     }
 }
+
+#[test]
+fn a_custodian_verifies_while_the_server_runs_and_a_wrong_claim_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let server = Server::start(KMS, dir);
+    let custodians = dir.join(".kms/custodians");
+    let plain = age_decrypt(
+        &custodians.join("carol.key"),
+        &custodians.join("carol.share.age"),
+    );
+    std::fs::write(dir.join("carol.share.json"), &plain).unwrap();
+    // The same share, claimed for another custodian: the server refuses it.
+    let mut forged: Value = serde_json::from_slice(&plain).unwrap();
+    forged["custodian"] = "bob".into();
+    std::fs::write(dir.join("forged.share.json"), forged.to_string()).unwrap();
+    let out = kms(
+        dir,
+        &[
+            "ceremony",
+            "verify-share",
+            "--decrypted",
+            "forged.share.json",
+        ],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not the one at its index"), "{err}");
+
+    let out = kms(
+        dir,
+        &[
+            "ceremony",
+            "verify-share",
+            "--decrypted",
+            "carol.share.json",
+            "--json",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(answer["custodian"], "carol");
+    assert_eq!(answer["verified"], true);
+    // Status reads the store beside the running server.
+    let s = status(dir);
+    let verified: Vec<bool> = s["custodians"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["verified"] == true)
+        .collect();
+    assert_eq!(verified, [false, false, true]);
+    let log = server.stop();
+    // The share never reached the server: not in its log, not in the audit log.
+    let share = serde_json::from_slice::<Value>(&plain).unwrap()["share"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(!log.contains(&share));
+    let events = audit_events(KMS, dir);
+    assert!(!serde_json::to_string(&events).unwrap().contains(&share));
+    assert!(events
+        .iter()
+        .any(|e| e["action"] == "ceremony.share_verified"
+            && e["status"] == "ok"
+            && e["detail"]["custodian"] == "carol"));
+}

@@ -8,6 +8,7 @@
 //! changes) or [`AdminService::gov_change`] (governance changes, through the approvals seam).
 
 mod audit;
+mod custody;
 mod grants;
 mod inventory;
 mod keys;
@@ -25,8 +26,9 @@ use api::v1::{
     ListTrustBundlesRequest, ListTrustBundlesResponse, ListWorkloadsRequest, ListWorkloadsResponse,
     PolicyInfo, PolicyRequest, PolicyStatsRequest, PolicyStatsResponse, PutPolicyRequest,
     QueryAuditRequest, QueryAuditResponse, RegisterWorkloadRequest, RevokeGrantsRequest,
-    RevokeGrantsResponse, SetTrustBundleRequest, TestPolicyRequest, TestPolicyResponse,
-    TrustBundle, TrustDomainRequest, UpdateWorkloadRequest, WorkloadInfo, WorkloadRequest,
+    RevokeGrantsResponse, SetTrustBundleRequest, ShareVerification, ShareVerificationRequest,
+    TestPolicyRequest, TestPolicyResponse, TrustBundle, TrustDomainRequest, UpdateWorkloadRequest,
+    WorkloadInfo, WorkloadRequest,
 };
 use kms_core::audit::{object_hash, AuditEvent};
 use kms_core::governance::approvals::ChangeRequest;
@@ -306,6 +308,7 @@ routes! {
     policy_stats(PolicyStatsRequest) -> PolicyStatsResponse => policy::stats;
     list_grants(ListGrantsRequest) -> ListGrantsResponse => grants::list;
     revoke_grants(RevokeGrantsRequest) -> RevokeGrantsResponse => grants::revoke;
+    record_share_verification(ShareVerificationRequest) -> ShareVerification => custody::record_verification;
 }
 
 /// A key id or alias as an operator sent it.
