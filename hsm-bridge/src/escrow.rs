@@ -213,8 +213,9 @@ fn one(session: &Session, object: ObjectHandle, kind: AttributeType) -> Option<A
         .and_then(|v| v.into_iter().next())
 }
 
-fn one_bool(session: &Session, object: ObjectHandle, kind: AttributeType) -> Option<bool> {
-    match one(session, object, kind)? {
+/// The value of a boolean attribute.
+fn as_bool(attribute: &Attribute) -> Option<bool> {
+    match attribute {
         Attribute::Token(v)
         | Attribute::Private(v)
         | Attribute::Sensitive(v)
@@ -233,9 +234,13 @@ fn one_bool(session: &Session, object: ObjectHandle, kind: AttributeType) -> Opt
         | Attribute::Unwrap(v)
         | Attribute::Sign(v)
         | Attribute::Verify(v)
-        | Attribute::Derive(v) => Some(v),
+        | Attribute::Derive(v) => Some(*v),
         _ => None,
     }
+}
+
+fn one_bool(session: &Session, object: ObjectHandle, kind: AttributeType) -> Option<bool> {
+    as_bool(&one(session, object, kind)?)
 }
 
 fn one_bytes(session: &Session, object: ObjectHandle, kind: AttributeType) -> Option<Vec<u8>> {
@@ -412,23 +417,7 @@ fn check_locked(session: &Session, key: ObjectHandle, id: &ObjectId) -> Result<C
         let got = read
             .iter()
             .find(|a| a.attribute_type() == kind)
-            .and_then(|a| match a {
-                Attribute::Token(v)
-                | Attribute::Private(v)
-                | Attribute::Sensitive(v)
-                | Attribute::AlwaysSensitive(v)
-                | Attribute::Local(v)
-                | Attribute::Extractable(v)
-                | Attribute::WrapWithTrusted(v)
-                | Attribute::Encrypt(v)
-                | Attribute::Decrypt(v)
-                | Attribute::Wrap(v)
-                | Attribute::Unwrap(v)
-                | Attribute::Sign(v)
-                | Attribute::Verify(v)
-                | Attribute::Derive(v) => Some(*v),
-                _ => None,
-            });
+            .and_then(as_bool);
         if got != Some(want) {
             tracing::error!(attribute = ?kind, want, "escrowed key read back wrong");
             return Err(wrong());

@@ -70,15 +70,17 @@ fn open_blob(kek: &[u8], blob: &[u8]) -> Vec<u8> {
         .to_vec()
 }
 
+fn try_key(kms: &Kms, protection: Protection) -> Result<KeyRef, kms_core::Error> {
+    kms.create_key(NewKey {
+        alias: None,
+        labels: Labels::default(),
+        protection,
+    })
+    .map(|record| KeyRef::Id(record.id))
+}
+
 fn new_key(kms: &Kms, protection: Protection) -> KeyRef {
-    let record = kms
-        .create_key(NewKey {
-            alias: None,
-            labels: Labels::default(),
-            protection,
-        })
-        .unwrap();
-    KeyRef::Id(record.id)
+    try_key(kms, protection).unwrap()
 }
 
 #[test]
@@ -89,13 +91,7 @@ fn hsm_keys_are_refused_before_custody_with_an_error_naming_the_ceremony() {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(RocksStore::open(dir.path()).unwrap());
     let kms = open_kms(&hsm, &store);
-    let err = kms
-        .create_key(NewKey {
-            alias: None,
-            labels: Labels::default(),
-            protection: Protection::Hsm,
-        })
-        .unwrap_err();
+    let err = try_key(&kms, Protection::Hsm).unwrap_err();
     assert!(matches!(err, kms_core::Error::HsmNeedsCustody), "{err}");
     assert!(err.to_string().contains("kms ceremony init"), "{err}");
     // Nothing was made in the token or the store.
@@ -239,13 +235,7 @@ fn an_escrow_key_that_is_not_the_pinned_one_refuses_hsm_protection_only() {
         }])
         .unwrap();
     let kms = open_kms(&hsm, &store);
-    let err = kms
-        .create_key(NewKey {
-            alias: None,
-            labels: Labels::default(),
-            protection: Protection::Hsm,
-        })
-        .unwrap_err();
+    let err = try_key(&kms, Protection::Hsm).unwrap_err();
     assert!(
         matches!(err, kms_core::Error::HsmEscrowUnavailable { .. }),
         "{err}"
