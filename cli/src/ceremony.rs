@@ -222,10 +222,20 @@ pub(crate) fn run_init(
     tracing::info!(escrow_key_id = %pin.id, check_value = %pin.check_value, "trusted escrow key imported by the security officer");
     let opened = crate::serve::open_offline(config_path)?;
     let result = init(&opened, threshold, custodians, out_dir, escrow_key);
-    opened.audit_log.close();
-    if result.is_err() {
+    if let Err(e) = &result {
         tracing::error!(escrow_key_id = %pin.id, "init failed after the escrow key import; the token keeps an unpinned escrow key, which `kms hsm inspect` flags and the KMS never wraps under");
+        // The failure is on record, with the key it left behind.
+        let mut event = AuditEvent::new("ceremony.init", "error");
+        event.reason = Some(e.to_string());
+        event.detail.insert("escrow_key_id".into(), pin.id.to_hex());
+        event
+            .detail
+            .insert("escrow_key_check_value".into(), pin.check_value.to_hex());
+        if opened.audit_log.submit(event).wait_blocking().is_err() {
+            tracing::error!("the failed init could not be audited");
+        }
     }
+    opened.audit_log.close();
     result
 }
 

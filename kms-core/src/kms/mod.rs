@@ -183,7 +183,15 @@ impl Kms {
                 None => HsmEscrow::Unavailable(
                     "the ceremony on record pins no trusted escrow key".into(),
                 ),
-                Some(pin) => match deps.hsm.escrow_self_test(Some(&pin)) {
+                // A lost session or a device fault says nothing of the token's rules: once
+                // more before `hsm` protection is refused for this run.
+                Some(pin) => match deps.hsm.escrow_self_test(Some(&pin)).or_else(|e| {
+                    if e.is_retryable() {
+                        deps.hsm.escrow_self_test(Some(&pin))
+                    } else {
+                        Err(e)
+                    }
+                }) {
                     Ok(()) => HsmEscrow::Ready {
                         ceremony: c.record.ceremony_id,
                         pin,
