@@ -70,6 +70,23 @@ fn open_blob(kek: &[u8], blob: &[u8]) -> Vec<u8> {
         .to_vec()
 }
 
+/// A fresh token with an imported escrow key, opened as the user, and a fresh store.
+fn deployment() -> (
+    TestToken,
+    kms_core::custody::NewEscrowKey,
+    Arc<Pkcs11Hsm>,
+    tempfile::TempDir,
+    Arc<RocksStore>,
+) {
+    let token = TestToken::create().expect("SoftHSM2 token");
+    token.activate();
+    let escrow = common::escrow_key(&token);
+    let hsm = Arc::new(Pkcs11Hsm::open(&token.config().unwrap()).unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(RocksStore::open(dir.path()).unwrap());
+    (token, escrow, hsm, dir, store)
+}
+
 fn try_key(kms: &Kms, protection: Protection) -> Result<KeyRef, kms_core::Error> {
     kms.create_key(NewKey {
         alias: None,
@@ -107,12 +124,7 @@ fn hsm_keys_are_refused_before_custody_with_an_error_naming_the_ceremony() {
 
 #[test]
 fn k_shares_and_the_store_alone_open_every_escrowed_version() {
-    let token = TestToken::create().expect("SoftHSM2 token");
-    token.activate();
-    let escrow = common::escrow_key(&token);
-    let hsm = Arc::new(Pkcs11Hsm::open(&token.config().unwrap()).unwrap());
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(RocksStore::open(dir.path()).unwrap());
+    let (token, escrow, hsm, _dir, store) = deployment();
     let ctx = EncryptionContext::default();
 
     // Before init: a software key with one version, unescrowed.
@@ -216,12 +228,7 @@ fn k_shares_and_the_store_alone_open_every_escrowed_version() {
 
 #[test]
 fn an_escrow_key_that_is_not_the_pinned_one_refuses_hsm_protection_only() {
-    let token = TestToken::create().expect("SoftHSM2 token");
-    token.activate();
-    let escrow = common::escrow_key(&token);
-    let hsm = Arc::new(Pkcs11Hsm::open(&token.config().unwrap()).unwrap());
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(RocksStore::open(dir.path()).unwrap());
+    let (_token, escrow, hsm, _dir, store) = deployment();
     common::init_custody(store.as_ref(), hsm.as_ref(), escrow);
     // The record now pins another check value than the token's key has.
     let raw = store.get(Table::Custody, b"transcript").unwrap().unwrap();
