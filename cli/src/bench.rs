@@ -77,18 +77,22 @@ pub(crate) struct BenchArgs {
 /// registrations.
 async fn populate(
     admin: &mut api::AdminClient,
+    conn: &ConnectArgs,
     policies: u32,
     identities: u32,
 ) -> Result<(), Error> {
     use api::v1::{PutPolicyRequest, RegisterWorkloadRequest};
+    let approvers = std::sync::Arc::new(crate::approval::DevApprovers::connect(conn).await?);
     if policies > 0 {
-        admin
+        let p = admin
             .put_policy(PutPolicyRequest {
                 id: "bench-restricted-hours".into(),
                 text: include_str!("../../examples/policies/restricted-hours.cedar").into(),
             })
-            .await?;
-        admin
+            .await?
+            .into_inner();
+        approvers.settle(p.approval.as_ref()).await?;
+        let p = admin
             .put_policy(PutPolicyRequest {
                 id: "bench-blocked-requests".into(),
                 text: "forbid (principal, action, resource)\nwhen {\n  \
@@ -96,7 +100,9 @@ async fn populate(
                        context.encryption_context.getTag(\"request\") == \"blocked\"\n};\n"
                     .into(),
             })
-            .await?;
+            .await?
+            .into_inner();
+        approvers.settle(p.approval.as_ref()).await?;
     }
     for i in 0..policies {
         let text = format!(
@@ -105,12 +111,14 @@ async fn populate(
              when {{\n  context.encryption_context.hasTag(\"tenant\") &&\n  \
              context.encryption_context.getTag(\"tenant\") == \"t{i}\"\n}};\n"
         );
-        admin
+        let p = admin
             .put_policy(PutPolicyRequest {
                 id: format!("bench-{i}"),
                 text,
             })
-            .await?;
+            .await?
+            .into_inner();
+        approvers.settle(p.approval.as_ref()).await?;
     }
     // Registrations in parallel: each is its own synced write and two audit records.
     let expires_at = unix_now().saturating_add(30 * 86_400);
@@ -118,10 +126,11 @@ async fn populate(
     let mut tasks = Vec::new();
     for w in 0..workers {
         let mut admin = admin.clone();
+        let approvers = approvers.clone();
         tasks.push(tokio::spawn(async move {
             let mut i = w;
             while i < identities {
-                admin
+                let r = admin
                     .register_workload(RegisterWorkloadRequest {
                         selector: format!("spiffe://bench.example/svc-{i}"),
                         owner: format!("team-{}", i % 100),
@@ -129,10 +138,12 @@ async fn populate(
                         labels: [("tier".to_owned(), "prod".to_owned())].into(),
                         expires_at,
                     })
-                    .await?;
+                    .await?
+                    .into_inner();
+                approvers.settle(r.approval.as_ref()).await?;
                 i += workers;
             }
-            Ok::<(), tonic::Status>(())
+            Ok::<(), Error>(())
         }));
     }
     for t in tasks {
@@ -204,7 +215,7 @@ pub(crate) async fn run(args: BenchArgs, conn: &ConnectArgs, as_json: bool) -> R
     }
     if args.add_policies > 0 || args.add_identities > 0 {
         let mut admin = admin_tls.admin(&admin_addr).await?;
-        populate(&mut admin, args.add_policies, args.add_identities).await?;
+        populate(&mut admin, conn, args.add_policies, args.add_identities).await?;
     }
     // Policy evaluation times are measured in the server; start a fresh measurement.
     let _ = admin_tls
@@ -357,14 +368,17 @@ async fn refusal_timing(
         .await?
         .into_inner()
         .key_id;
-    admin
+    let approvers = crate::approval::DevApprovers::connect(conn).await?;
+    let p = admin
         .put_policy(PutPolicyRequest {
             id: "bench-timing-forbidden".into(),
             text: "forbid (principal, action, resource)\nwhen { resource.hasTag(\"timing\") && \
                    resource.getTag(\"timing\") == \"forbidden\" };\n"
                 .into(),
         })
-        .await?;
+        .await?
+        .into_inner();
+    approvers.settle(p.approval.as_ref()).await?;
     let unknown = "00000000-0000-4000-8000-00000000beef".to_owned();
     let mut data = api::DataClient::new(data_tls.channel(&data_addr).await?);
     let mut hists = [new_histogram()?, new_histogram()?];
@@ -393,11 +407,14 @@ async fn refusal_timing(
             }
         }
     }
-    let _ = admin
+    if let Ok(p) = admin
         .delete_policy(api::v1::PolicyRequest {
             id: "bench-timing-forbidden".into(),
         })
-        .await;
+        .await
+    {
+        let _ = approvers.settle(p.into_inner().approval.as_ref()).await;
+    }
     let [forbidden, missing] = &hists;
     let summary = |h: &Histogram<u64>, n: u64| {
         json!({

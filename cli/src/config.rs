@@ -35,6 +35,19 @@
 //! [grants]                                   # optional; the default
 //! max_ttl_secs = 3600                        # longest task grant
 //!
+//! [approvals]                                # optional; the defaults
+//! required = 2                               # approvals from operators other than the requester
+//! expiry = "24h"                             # a request expires unless approved by then
+//!
+//! # Operators registered on first start, when the operator inventory is empty; afterwards
+//! # `kms operator register|update|deactivate` (gated by approvals) manage them.
+//! [[operator]]
+//! name = "alice"
+//! identity = "spiffe://operators.example.org/alice"  # or certificate = "alice.pem"
+//! owner = "security team"
+//! roles = ["operator"]                       # and/or "auditor"
+//! expires_in = "365d"                        # the default
+//!
 //! [audit]                                    # optional; these are the defaults
 //! checkpoint_every = 10000                   # sign a checkpoint after this many records
 //! checkpoint_interval_secs = 60              # ... and at least this often
@@ -70,6 +83,98 @@ pub(crate) struct Config {
     pub(crate) grants: GrantsSection,
     #[serde(default)]
     pub(crate) jwt: JwtSection,
+    #[serde(default)]
+    pub(crate) approvals: ApprovalsSection,
+    /// Operators registered when the operator inventory is empty (first start only).
+    #[serde(default)]
+    pub(crate) operator: Vec<OperatorSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ApprovalsSection {
+    #[serde(default = "default_required")]
+    pub(crate) required: u32,
+    /// How long a request waits for its approvals (`24h`, `90m`).
+    #[serde(default = "default_expiry", with = "humantime_serde_compat")]
+    pub(crate) expiry: std::time::Duration,
+}
+
+impl Default for ApprovalsSection {
+    fn default() -> Self {
+        Self {
+            required: default_required(),
+            expiry: default_expiry(),
+        }
+    }
+}
+
+fn default_required() -> u32 {
+    2
+}
+
+fn default_expiry() -> std::time::Duration {
+    std::time::Duration::from_secs(86_400)
+}
+
+impl ApprovalsSection {
+    /// The approval rules this section seeds (every gatable action gated).
+    pub(crate) fn rules(
+        &self,
+        file: &Path,
+    ) -> Result<kms_core::governance::approvals::ApprovalRules, Error> {
+        let gated = kms_core::governance::approvals::GATED_ACTIONS
+            .iter()
+            .map(|a| (*a).to_owned())
+            .collect();
+        kms_core::governance::approvals::ApprovalRules::new(
+            self.required,
+            self.expiry.as_secs(),
+            gated,
+        )
+        .map_err(|e| Error::Config {
+            file: file.to_path_buf(),
+            setting: "approvals",
+            problem: e.to_string(),
+        })
+    }
+}
+
+/// `humantime` durations in the config (`"24h"`).
+mod humantime_serde_compat {
+    use serde::{Deserialize, Deserializer};
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<std::time::Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// One `[[operator]]` of the bootstrap.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct OperatorSection {
+    pub(crate) name: String,
+    /// The certificate's identity (URI SAN or `x509-sha256:<hex>`), or
+    pub(crate) identity: Option<String>,
+    /// the certificate itself (PEM), whose identity is taken as the admin plane takes it.
+    pub(crate) certificate: Option<PathBuf>,
+    pub(crate) owner: String,
+    #[serde(default = "default_roles")]
+    pub(crate) roles: Vec<String>,
+    /// How long the registration lasts from first start (`365d`).
+    #[serde(default = "default_operator_lifetime", with = "humantime_serde_compat")]
+    pub(crate) expires_in: std::time::Duration,
+}
+
+fn default_roles() -> Vec<String> {
+    vec!["operator".into()]
+}
+
+fn default_operator_lifetime() -> std::time::Duration {
+    std::time::Duration::from_secs(365 * 86_400)
 }
 
 #[derive(Debug, Deserialize)]
@@ -316,6 +421,11 @@ impl Config {
             }
         }
         abs(&mut config.tls.admin_client_ca);
+        for o in &mut config.operator {
+            if let Some(p) = o.certificate.as_mut() {
+                abs(p);
+            }
+        }
         if let Some(p) = config.hsm.pin_file.as_mut() {
             abs(p);
         }

@@ -19,9 +19,14 @@ pub(crate) struct ConnectArgs {
     /// Server address (host:port); defaults to the one the dev server recorded.
     #[arg(long, global = true, env = "KMS_SERVER")]
     pub(crate) server: Option<String>,
-    /// Client certificate (PEM); defaults to the dev workload or operator certificate.
+    /// Client certificate (PEM); defaults to the dev workload certificate on the data plane
+    /// and to `operator1`'s on the admin plane.
     #[arg(long, global = true, requires = "client_key")]
     pub(crate) client_cert: Option<PathBuf>,
+    /// Act as NAME: use DATA_DIR/pki/NAME.pem and NAME.key as the client certificate (the dev
+    /// operators are operator1, operator2, operator3 and auditor).
+    #[arg(long = "as", value_name = "NAME", global = true, conflicts_with_all = ["client_cert", "client_key"])]
+    pub(crate) as_name: Option<String>,
     /// Client private key (PEM).
     #[arg(long, global = true, requires = "client_cert")]
     pub(crate) client_key: Option<PathBuf>,
@@ -80,9 +85,23 @@ impl ConnectArgs {
             Some(s) => s.clone(),
             None => recorded_addr(&layout, plane)?,
         };
-        let who = match plane {
-            Plane::Admin => "operator",
-            Plane::Data => "workload",
+        let who = match (plane, &self.as_name) {
+            (_, Some(name)) => {
+                let plain = !name.is_empty()
+                    && name
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+                    && !name.starts_with('.');
+                if !plain {
+                    return Err(Error::Usage(format!(
+                        "--as {name:?}: a certificate name (letters, digits, _ - .) under {}",
+                        layout.pki("").display()
+                    )));
+                }
+                name.as_str()
+            }
+            (Plane::Admin, None) => "operator1",
+            (Plane::Data, None) => "workload",
         };
         let cert = self
             .client_cert
@@ -92,6 +111,15 @@ impl ConnectArgs {
             .client_key
             .clone()
             .unwrap_or_else(|| layout.pki(&format!("{who}.key")));
+        if let Some(name) = &self.as_name {
+            if !cert.exists() {
+                return Err(Error::Usage(format!(
+                    "--as {name}: {} does not exist (on a dev server, `kms dev issue-operator \
+                     {name}` makes it)",
+                    cert.display()
+                )));
+            }
+        }
         let ca = self
             .server_ca
             .clone()

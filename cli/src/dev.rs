@@ -8,7 +8,9 @@
 //!   tokens/               the SoftHSM2 token "sovereign-kms-dev"
 //!   secrets/user.pin      random user PIN (0600); secrets/so.pin likewise
 //!   store/                RocksDB
-//!   pki/                  server CA, workload CA, operator CA, their leaf certificates
+//!   pki/                  server CA, workload CA, operator CA (its key too, 0600), their
+//!                         leaf certificates: server, workload, operator1-3, auditor
+//!   dev-clock-offset      seconds the development clock runs ahead (`kms dev advance-clock`)
 //!   endpoints.json        the addresses the running server bound, for client commands
 //! ```
 
@@ -17,7 +19,7 @@ use std::path::{Path, PathBuf};
 use kms_core::{Rng, SystemRng};
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose, SanType,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use secrecy::SecretString;
 
@@ -29,8 +31,20 @@ pub(crate) const DEV_TOKEN_LABEL: &str = "sovereign-kms-dev";
 pub(crate) const DEV_TRUST_DOMAIN: &str = "dev.sovereign-kms.local";
 /// Identity of the development workload certificate.
 pub(crate) const DEV_WORKLOAD_ID: &str = "spiffe://dev.sovereign-kms.local/workload/demo";
-/// Identity of the development operator certificate.
-pub(crate) const DEV_OPERATOR_ID: &str = "spiffe://operators.sovereign-kms.local/operator/dev";
+/// Identity prefix of the development operator certificates (`.../operator/NAME`).
+pub(crate) const DEV_OPERATOR_PREFIX: &str = "spiffe://operators.sovereign-kms.local/operator/";
+/// The development operators, with their roles: three operators (M = 2 needs a requester and
+/// two others) and one auditor.
+pub(crate) const DEV_OPERATORS: [(&str, &str); 4] = [
+    ("operator1", "operator"),
+    ("operator2", "operator"),
+    ("operator3", "operator"),
+    ("auditor", "auditor"),
+];
+/// Common name of the development operator CA.
+const OPERATOR_CA_NAME: &str = "sovereign-kms dev operator CA";
+/// Where the development clock's offset is kept (seconds added to the wall clock).
+pub(crate) const CLOCK_OFFSET_FILE: &str = "dev-clock-offset";
 
 /// Paths inside a development directory.
 pub(crate) struct DevLayout {
@@ -110,10 +124,16 @@ pub(crate) fn ensure(layout: &DevLayout) -> Result<PathBuf, Error> {
         mkdir(&layout.root.join("pki"))?;
         make_pki(layout)?;
     }
-    // Written on first start; rewritten when it predates trust bundles (it is generated, and
-    // holds nothing an operator set).
+    if !layout.pki("auditor.pem").exists() {
+        // A directory made before the operator inventory: a new operator CA and the four
+        // operators (the server and workload PKI are kept).
+        tracing::info!("creating development operator certificates");
+        make_operator_pki(layout)?;
+    }
+    // Written on first start; rewritten when it predates the operator inventory (it is
+    // generated, and holds nothing an operator set).
     let outdated = std::fs::read_to_string(layout.config())
-        .map(|text| text.contains("data_client_ca"))
+        .map(|text| !text.contains("[approvals]"))
         .unwrap_or(true);
     if outdated {
         write_public(&layout.config(), dev_config_text().as_bytes())?;
@@ -141,6 +161,15 @@ fn random_pin(rng: &SystemRng) -> Result<SecretString, Error> {
 }
 
 fn dev_config_text() -> String {
+    let operators: String = DEV_OPERATORS
+        .iter()
+        .map(|(name, role)| {
+            format!(
+                "\n[[operator]]\nname = \"{name}\"\ncertificate = \"pki/{name}.pem\"\n\
+                 owner = \"development\"\nroles = [\"{role}\"]\n"
+            )
+        })
+        .collect();
     format!(
         "# Written by `kms serve --dev`. Paths are relative to this file.\n\
          data_dir = \".\"\n\n\
@@ -157,11 +186,15 @@ fn dev_config_text() -> String {
          admin_client_ca = \"pki/operator-ca.pem\"\n\n\
          [[trust_bundle]]\n\
          trust_domain = \"{DEV_TRUST_DOMAIN}\"\n\
-         bundle = \"pki/workload-ca.pem\"\n"
+         bundle = \"pki/workload-ca.pem\"\n\n\
+         [approvals]\n\
+         required = 2\n\
+         expiry = \"24h\"\n\
+         {operators}"
     )
 }
 
-fn ca(name: &str) -> Result<CertifiedIssuer<'static, KeyPair>, Error> {
+fn ca_params(name: &str) -> Result<CertificateParams, Error> {
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     params.distinguished_name.push(DnType::CommonName, name);
     params
@@ -169,11 +202,61 @@ fn ca(name: &str) -> Result<CertifiedIssuer<'static, KeyPair>, Error> {
         .push(DnType::OrganizationName, "sovereign-kms development");
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    Ok(CertifiedIssuer::self_signed(params, KeyPair::generate()?)?)
+    Ok(params)
+}
+
+fn ca(name: &str) -> Result<CertifiedIssuer<'static, KeyPair>, Error> {
+    Ok(CertifiedIssuer::self_signed(
+        ca_params(name)?,
+        KeyPair::generate()?,
+    )?)
+}
+
+/// The development operator CA, from its key in `pki/operator-ca.key`: the issuer of
+/// further operator certificates. Its name and key usages are the ones [`ca`] gave it, so the
+/// certificates it signs chain to `pki/operator-ca.pem`.
+fn operator_issuer(layout: &DevLayout) -> Result<Issuer<'static, KeyPair>, Error> {
+    let path = layout.pki("operator-ca.key");
+    let pem = String::from_utf8(crate::error::read(&path)?)
+        .map_err(|_| Error::Usage(format!("{} is not a PEM private key", path.display())))?;
+    let key = KeyPair::from_pem(&pem)?;
+    Ok(Issuer::new(ca_params(OPERATOR_CA_NAME)?, key))
+}
+
+/// Writes `pki/NAME.pem` and `pki/NAME.key`: an operator certificate from the development
+/// operator CA, with the URI SAN `spiffe://operators.sovereign-kms.local/operator/NAME`.
+/// Returns that identity.
+pub(crate) fn issue_operator(layout: &DevLayout, name: &str) -> Result<String, Error> {
+    let issuer = operator_issuer(layout)?;
+    let identity = format!("{DEV_OPERATOR_PREFIX}{name}");
+    let (cert, key) = leaf(
+        &issuer,
+        &format!("dev {name}"),
+        vec![SanType::URI(identity.as_str().try_into()?)],
+        ExtendedKeyUsagePurpose::ClientAuth,
+    )?;
+    write_private(&layout.pki(&format!("{name}.key")), key.as_bytes())?;
+    write_public(&layout.pki(&format!("{name}.pem")), cert.as_bytes())?;
+    Ok(identity)
+}
+
+/// A new development operator CA (its key kept, 0600) and the four development operators.
+fn make_operator_pki(layout: &DevLayout) -> Result<(), Error> {
+    let operator_ca = ca(OPERATOR_CA_NAME)?;
+    write_private(
+        &layout.pki("operator-ca.key"),
+        operator_ca.key().serialize_pem().as_bytes(),
+    )?;
+    write_public(&layout.pki("operator-ca.pem"), operator_ca.pem().as_bytes())?;
+    // auditor.pem, the last, marks the set as complete.
+    for (name, _) in DEV_OPERATORS {
+        issue_operator(layout, name)?;
+    }
+    Ok(())
 }
 
 fn leaf(
-    issuer: &CertifiedIssuer<'static, KeyPair>,
+    issuer: &Issuer<'_, KeyPair>,
     name: &str,
     sans: Vec<SanType>,
     usage: ExtendedKeyUsagePurpose,
@@ -196,7 +279,6 @@ fn make_pki(layout: &DevLayout) -> Result<(), Error> {
 
     let server_ca = ca("sovereign-kms dev server CA")?;
     let workload_ca = ca("sovereign-kms dev workload CA")?;
-    let operator_ca = ca("sovereign-kms dev operator CA")?;
     let server = leaf(
         &server_ca,
         "localhost",
@@ -209,24 +291,127 @@ fn make_pki(layout: &DevLayout) -> Result<(), Error> {
         vec![uri(DEV_WORKLOAD_ID)?],
         ExtendedKeyUsagePurpose::ClientAuth,
     )?;
-    let operator = leaf(
-        &operator_ca,
-        "dev operator",
-        vec![uri(DEV_OPERATOR_ID)?],
-        ExtendedKeyUsagePurpose::ClientAuth,
-    )?;
 
     write_public(&layout.pki("server-ca.pem"), server_ca.pem().as_bytes())?;
     write_public(&layout.pki("workload-ca.pem"), workload_ca.pem().as_bytes())?;
-    write_public(&layout.pki("operator-ca.pem"), operator_ca.pem().as_bytes())?;
-    for (name, (cert, key)) in [
-        ("operator", operator),
-        ("workload", workload),
-        ("server", server),
-    ] {
+    make_operator_pki(layout)?;
+    for (name, (cert, key)) in [("workload", workload), ("server", server)] {
         write_private(&layout.pki(&format!("{name}.key")), key.as_bytes())?;
         // server.pem is written last of all: its presence marks the PKI as complete.
         write_public(&layout.pki(&format!("{name}.pem")), cert.as_bytes())?;
     }
     Ok(())
+}
+
+/// The clock of a development server: the wall clock plus the offset in
+/// `DATA_DIR/dev-clock-offset` (seconds; absent means 0), re-read at most every 50 ms, so
+/// that tests can move time forward (expiries, waiting periods) without waiting. Only
+/// `kms serve --dev` uses it.
+pub(crate) struct DevClock {
+    path: PathBuf,
+    offset_secs: std::sync::atomic::AtomicU64,
+    read_at_ms: std::sync::atomic::AtomicU64,
+}
+
+impl DevClock {
+    pub(crate) fn new(data_dir: &Path) -> Self {
+        Self {
+            path: data_dir.join(CLOCK_OFFSET_FILE),
+            offset_secs: std::sync::atomic::AtomicU64::new(read_offset(
+                &data_dir.join(CLOCK_OFFSET_FILE),
+            )),
+            read_at_ms: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+}
+
+/// The offset in `path`, 0 when absent or unreadable.
+pub(crate) fn read_offset(path: &Path) -> u64 {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+impl kms_core::Clock for DevClock {
+    fn now_unix(&self) -> u64 {
+        self.now_unix_ms() / 1000
+    }
+
+    fn now_unix_ms(&self) -> u64 {
+        use std::sync::atomic::Ordering;
+        let wall = kms_core::SystemClock.now_unix_ms();
+        if wall.saturating_sub(self.read_at_ms.load(Ordering::Relaxed)) >= 50 {
+            self.read_at_ms.store(wall, Ordering::Relaxed);
+            self.offset_secs
+                .store(read_offset(&self.path), Ordering::Relaxed);
+        }
+        wall.saturating_add(
+            self.offset_secs
+                .load(Ordering::Relaxed)
+                .saturating_mul(1000),
+        )
+    }
+}
+
+/// `kms dev`: helpers for a development directory.
+#[derive(clap::Subcommand, Debug)]
+pub(crate) enum DevCommand {
+    /// Issue another operator certificate from the development operator CA
+    /// (DATA_DIR/pki/NAME.pem and NAME.key). Registering it is a gated change:
+    /// `kms operator register NAME --cert DATA_DIR/pki/NAME.pem --owner ... --role ...`.
+    IssueOperator {
+        /// Certificate name: 1-64 of a-z 0-9 _ - .
+        name: String,
+    },
+    /// Move the development server's clock forward (for expiries and waiting periods in
+    /// tests and drills); a running `kms serve --dev` sees it within 50 ms.
+    AdvanceClock {
+        /// How far: 25h, 8d, 90m.
+        by: humantime::Duration,
+    },
+}
+
+pub(crate) fn run(cmd: DevCommand, data_dir: &Path, as_json: bool) -> Result<(), Error> {
+    let layout = DevLayout::new(data_dir.to_path_buf());
+    match cmd {
+        DevCommand::IssueOperator { name } => {
+            name.parse::<kms_core::governance::operators::OperatorName>()?;
+            let cert = layout.pki(&format!("{name}.pem"));
+            if cert.exists() {
+                return Err(Error::Usage(format!(
+                    "{} exists already; choose another name",
+                    cert.display()
+                )));
+            }
+            if !layout.pki("operator-ca.key").exists() {
+                return Err(Error::Usage(format!(
+                    "no development operator CA key in {} (start `kms serve --dev` once)",
+                    layout.pki("").display()
+                )));
+            }
+            let identity = issue_operator(&layout, &name)?;
+            crate::output::emit(
+                as_json,
+                &serde_json::json!({
+                    "name": name,
+                    "identity": identity,
+                    "certificate": cert.display().to_string(),
+                    "key": layout.pki(&format!("{name}.key")).display().to_string(),
+                }),
+            )
+        }
+        DevCommand::AdvanceClock { by } => {
+            let path = layout.root.join(CLOCK_OFFSET_FILE);
+            let offset = read_offset(&path).saturating_add(by.as_secs());
+            write_private(&path, offset.to_string().as_bytes())?;
+            // The server re-reads the offset at most every 50 ms.
+            #[expect(
+                clippy::disallowed_methods,
+                reason = "waits once for a running dev server to see the new offset"
+            )]
+            std::thread::sleep(std::time::Duration::from_millis(120));
+            crate::output::emit(as_json, &serde_json::json!({ "offset_secs": offset }))
+        }
+    }
 }

@@ -8,6 +8,7 @@ use api::AdminClient;
 use clap::Subcommand;
 use serde_json::{json, Value};
 
+use crate::approval::emit_change;
 use crate::connect::ConnectArgs;
 use crate::error::Error;
 use crate::input::{now_unix, pairs, when};
@@ -132,11 +133,13 @@ pub(crate) async fn run(
         IdentityCommand::Update(c) => c.run(&mut client, as_json).await,
         IdentityCommand::Deactivate(Registration { selector }) => {
             let w = client.deactivate_workload(WorkloadRequest { selector });
-            emit(as_json, &workload_json(&w.await?.into_inner()))
+            let w = w.await?.into_inner();
+            emit_change(as_json, w.approval.as_ref(), || workload_json(&w))
         }
         IdentityCommand::Reactivate(Registration { selector }) => {
             let w = client.reactivate_workload(WorkloadRequest { selector });
-            emit(as_json, &workload_json(&w.await?.into_inner()))
+            let w = w.await?.into_inner();
+            emit_change(as_json, w.approval.as_ref(), || workload_json(&w))
         }
         IdentityCommand::Describe(Registration { selector }) => {
             let w = client.describe_workload(WorkloadRequest { selector });
@@ -166,7 +169,7 @@ impl Register {
             })
             .await?
             .into_inner();
-        emit(as_json, &workload_json(&w))
+        emit_change(as_json, w.approval.as_ref(), || workload_json(&w))
     }
 }
 
@@ -194,7 +197,7 @@ impl Update {
             })
             .await?
             .into_inner();
-        emit(as_json, &workload_json(&w))
+        emit_change(as_json, w.approval.as_ref(), || workload_json(&w))
     }
 }
 

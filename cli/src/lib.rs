@@ -10,6 +10,7 @@
 //!                └▶ key / data / bench ─▶ api client ─▶ gRPC over mTLS
 //! ```
 
+mod approval;
 mod audit;
 mod bench;
 mod ceremony;
@@ -23,6 +24,7 @@ mod hsm;
 mod identity;
 mod input;
 mod key;
+mod operator;
 mod output;
 mod policy;
 mod serve;
@@ -82,6 +84,15 @@ enum Command {
     /// The token as an auditor sees it: every object, its security attributes and its role.
     #[command(subcommand)]
     Hsm(hsm::HsmCommand),
+    /// The operator inventory: who may use the admin plane, with which role (admin plane).
+    #[command(subcommand)]
+    Operator(operator::OperatorCommand),
+    /// M-of-N approvals of gated changes: list, show, approve, reject, cancel (admin plane).
+    #[command(subcommand, alias = "approvals")]
+    Approval(approval::ApprovalCommand),
+    /// Development helpers: more operator certificates, a faster clock.
+    #[command(subcommand)]
+    Dev(dev::DevCommand),
 }
 
 /// Every leaf subcommand of `kms` (except `serve`, which would run until stopped) with a
@@ -153,6 +164,7 @@ fn run(cli: Cli) -> Result<(), Error> {
         // Ceremonies open the token too, and need no runtime.
         Command::Ceremony(cmd) => return ceremony::run(cmd, &cli.connect, cli.json),
         Command::Hsm(cmd) => return hsm::run(cmd, &cli.connect.data_dir, cli.json),
+        Command::Dev(cmd) => return dev::run(cmd, &cli.connect.data_dir, cli.json),
         _ => None,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -174,9 +186,12 @@ fn run(cli: Cli) -> Result<(), Error> {
             (Command::Grant(cmd), _) => grant::run(cmd, &cli.connect, cli.json).await,
             (Command::Audit(cmd), _) => audit::run(cmd, &cli.connect, cli.json).await,
             (Command::Bench(args), _) => bench::run(args, &cli.connect, cli.json).await,
-            (Command::Serve(_), None) | (Command::Ceremony(_), _) | (Command::Hsm(_), _) => {
-                Err(Error::Usage("internal: command not prepared".into()))
-            }
+            (Command::Operator(cmd), _) => operator::run(cmd, &cli.connect, cli.json).await,
+            (Command::Approval(cmd), _) => approval::run(cmd, &cli.connect, cli.json).await,
+            (Command::Serve(_), None)
+            | (Command::Ceremony(_), _)
+            | (Command::Hsm(_), _)
+            | (Command::Dev(_), _) => Err(Error::Usage("internal: command not prepared".into())),
         }
     })
 }

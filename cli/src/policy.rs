@@ -10,6 +10,7 @@ use api::AdminClient;
 use clap::Subcommand;
 use serde_json::{json, Value};
 
+use crate::approval::emit_change;
 use crate::connect::ConnectArgs;
 use crate::error::Error;
 use crate::input::{pairs, text_file, when};
@@ -176,7 +177,7 @@ impl Put {
             .put_policy(PutPolicyRequest { id, text })
             .await?
             .into_inner();
-        emit(as_json, &policy_json(&p))
+        emit_change(as_json, p.approval.as_ref(), || policy_json(&p))
     }
 }
 
@@ -229,7 +230,7 @@ impl Delete {
             .delete_policy(PolicyRequest { id })
             .await?
             .into_inner();
-        emit(as_json, &policy_json(&p))
+        emit_change(as_json, p.approval.as_ref(), || policy_json(&p))
     }
 }
 

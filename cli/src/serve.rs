@@ -8,9 +8,10 @@ use std::sync::Arc;
 use clap::Args;
 use hsm_bridge::{find_softhsm2_module, HsmConfig, HsmEvent, Pkcs11Hsm};
 use kms_core::audit::{object_hash, AuditEvent, AuditLog};
-use kms_core::governance::approvals::SingleOperator;
+use kms_core::governance::approvals::Approvals;
 use kms_core::governance::grants::Grants;
 use kms_core::governance::inventory::{Inventory, NewWorkload, Selector};
+use kms_core::governance::operators::{NewOperator, Operators};
 use kms_core::governance::policy::Policies;
 use kms_core::governance::trust::TrustBundleRecord;
 use kms_core::{Clock, Deps, Kms, Labels, Rng, RocksStore, Store, SystemClock, SystemRng};
@@ -78,7 +79,12 @@ pub(crate) fn prepare(args: &ServeArgs, data_dir: &Path) -> Result<Prepared, Err
     }
     // The store and the audit log open first, so that a failure to open the HSM is on record.
     let store = Arc::new(RocksStore::open(&config.data_dir.join("store"))?);
-    let clock = Arc::new(SystemClock);
+    let clock: Arc<dyn Clock> = if args.dev {
+        // Tests move this clock forward (`kms dev advance-clock`); never outside --dev.
+        Arc::new(dev::DevClock::new(&config.data_dir))
+    } else {
+        Arc::new(SystemClock)
+    };
     let audit_log = Arc::new(AuditLog::open(
         store.clone(),
         clock.clone(),
@@ -88,11 +94,14 @@ pub(crate) fn prepare(args: &ServeArgs, data_dir: &Path) -> Result<Prepared, Err
     let rng: Arc<dyn Rng> = Arc::new(SystemRng::new());
     let gov = Arc::new(open_governance(
         &config,
+        &config_path,
         &store,
         &clock,
         &rng,
         hsm.as_ref(),
     )?);
+    seed_operators(&config, &config_path, &gov, &audit_log)?;
+    report_approvals(&gov, &audit_log)?;
     seed_trust_bundles(
         &config,
         &config_path,
@@ -163,7 +172,7 @@ pub(crate) fn open_offline(config_path: &Path) -> Result<crate::ceremony::Offlin
             ))
         })?,
     );
-    let clock = Arc::new(SystemClock);
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let audit_log = Arc::new(AuditLog::open(
         store.clone(),
         clock.clone(),
@@ -171,7 +180,7 @@ pub(crate) fn open_offline(config_path: &Path) -> Result<crate::ceremony::Offlin
     )?);
     let hsm = open_hsm(&config, config_path, &audit_log)?;
     let rng: Arc<dyn Rng> = Arc::new(SystemRng::new());
-    open_governance(&config, &store, &clock, &rng, hsm.as_ref())?;
+    open_governance(&config, config_path, &store, &clock, &rng, hsm.as_ref())?;
     Ok(crate::ceremony::Offline {
         store,
         audit_log,
@@ -328,11 +337,27 @@ pub(crate) fn open_hsm(
 /// The inventory, policies, grants and authenticator, loaded from the store.
 pub(crate) fn open_governance(
     config: &Config,
+    config_path: &Path,
     store: &Arc<RocksStore>,
-    clock: &Arc<SystemClock>,
+    clock: &Arc<dyn Clock>,
     rng: &Arc<dyn Rng>,
     hsm: &dyn hsm_bridge::Hsm,
 ) -> Result<Governance, Error> {
+    let opened = Approvals::open(
+        store.clone(),
+        config.approvals.rules(config_path)?,
+        clock.now_unix(),
+    )?;
+    if opened.config_differs {
+        tracing::warn!(
+            "the [approvals] settings in the config differ from the stored approval rules; \
+             the stored rules apply (change them with `kms approval set-rules`)"
+        );
+    }
+    for r in &opened.interrupted {
+        tracing::warn!(approval = %r.id, change = %r.action, target = %r.target,
+            "an approved change was interrupted by a stop; it is marked failed");
+    }
     let inventory = Arc::new(Inventory::open(
         store.clone(),
         clock.clone(),
@@ -351,9 +376,12 @@ pub(crate) fn open_governance(
         policies,
         grants,
         authn: Arc::new(Authenticator::new(clock.clone(), config.jwt.settings())),
-        approvals: Arc::new(SingleOperator),
+        operators: Arc::new(Operators::open(store.clone())?),
+        approvals: Arc::new(opened.approvals),
+        approval_lock: tokio::sync::Mutex::new(()),
         store: store.clone(),
         clock: clock.clone(),
+        rng: rng.clone(),
     })
 }
 
@@ -526,6 +554,122 @@ fn seed_trust_bundles(
         tracing::info!(trust_domain = %b.trust_domain, "trust bundle stored from the config");
     }
     Ok(())
+}
+
+/// Registers the config's `[[operator]]` entries when the operator inventory is empty (the
+/// bootstrap); afterwards the inventory changes only through approvals.
+fn seed_operators(
+    config: &Config,
+    config_path: &Path,
+    gov: &Governance,
+    log: &AuditLog,
+) -> Result<(), Error> {
+    if !gov.operators.is_empty() {
+        return Ok(());
+    }
+    let now = gov.clock.now_unix();
+    let mut news = Vec::new();
+    for o in &config.operator {
+        let bad = |problem: String| Error::Config {
+            file: config_path.to_path_buf(),
+            setting: "operator",
+            problem: format!("{}: {problem}", o.name),
+        };
+        let identity = match (&o.identity, &o.certificate) {
+            (Some(id), None) => id
+                .parse()
+                .map_err(|e: kms_core::Error| bad(e.to_string()))?,
+            (None, Some(path)) => {
+                let pem = crate::error::read(path)?;
+                let der = rustls_pemfile_der(&pem)
+                    .ok_or_else(|| bad(format!("{} holds no certificate", path.display())))?;
+                server::operator_identity(&der)
+                    .ok_or_else(|| bad(format!("{} does not parse", path.display())))?
+            }
+            _ => return Err(bad("give exactly one of identity and certificate".into())),
+        };
+        let roles = o
+            .roles
+            .iter()
+            .map(|r| r.parse())
+            .collect::<Result<_, kms_core::Error>>()
+            .map_err(|e| bad(e.to_string()))?;
+        let new = NewOperator {
+            identity,
+            name: o
+                .name
+                .parse()
+                .map_err(|e: kms_core::Error| bad(e.to_string()))?,
+            owner: o.owner.clone(),
+            roles,
+            expires_at: now.saturating_add(o.expires_in.as_secs()),
+        };
+        gov.operators
+            .check_new(&new, now)
+            .map_err(|e| bad(e.to_string()))?;
+        news.push(new);
+    }
+    for new in news {
+        let name = new.name.to_string();
+        let op = gov.operators.register(new, SEEDER, now)?;
+        record_seed(
+            log,
+            "admin.RegisterOperator",
+            &name,
+            object_hash(op.as_ref()),
+        )?;
+        tracing::info!(operator = %name, identity = %op.identity, "operator registered from the config");
+    }
+    Ok(())
+}
+
+/// The first certificate of a PEM file, as DER.
+fn rustls_pemfile_der(pem: &[u8]) -> Option<Vec<u8>> {
+    use rustls_pki_types::pem::PemObject;
+    rustls_pki_types::CertificateDer::pem_slice_iter(pem)
+        .next()?
+        .ok()
+        .map(|c| c.as_ref().to_vec())
+}
+
+/// Says at start, in the log and the audit log, when no gated change can reach its quorum.
+fn report_approvals(gov: &Governance, log: &AuditLog) -> Result<(), Error> {
+    let rules = gov.approvals.rules();
+    let now = gov.clock.now_unix();
+    let operators = gov
+        .operators
+        .count_with(kms_core::governance::operators::Role::Operator, now);
+    let needed = usize::try_from(rules.required)
+        .unwrap_or(usize::MAX)
+        .saturating_add(1);
+    if operators >= needed {
+        tracing::info!(
+            required = rules.required,
+            operators,
+            "approvals: M-of-N in force"
+        );
+        return Ok(());
+    }
+    tracing::warn!(
+        required = rules.required,
+        operators,
+        "approvals: only {operators} active operator(s) are registered, and a gated change needs \
+         {} approval(s) from operators other than its requester: no gated change can run until \
+         at least {needed} are registered",
+        rules.required
+    );
+    let mut event = AuditEvent::new("approval.quorum_unreachable", "warning");
+    event.principal = Some(SEEDER.into());
+    event
+        .detail
+        .insert("operators".into(), operators.to_string());
+    event
+        .detail
+        .insert("required".into(), rules.required.to_string());
+    log.submit(event)
+        .wait_blocking()
+        .map(|_| ())
+        .map_err(|e| Error::Usage(format!("cannot record a start-up warning: {e}")))
 }
 
 /// The development policy: the development workload may use every key.

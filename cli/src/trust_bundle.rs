@@ -7,6 +7,7 @@ use api::AdminClient;
 use clap::Subcommand;
 use serde_json::{json, Value};
 
+use crate::approval::emit_change;
 use crate::connect::ConnectArgs;
 use crate::error::Error;
 use crate::input::text_file;
@@ -79,7 +80,7 @@ impl Set {
             })
             .await?
             .into_inner();
-        emit(as_json, &bundle_json(&b))
+        emit_change(as_json, b.approval.as_ref(), || bundle_json(&b))
     }
 }
 
@@ -90,7 +91,7 @@ impl Remove {
             .delete_trust_bundle(TrustDomainRequest { trust_domain })
             .await?
             .into_inner();
-        emit(as_json, &bundle_json(&b))
+        emit_change(as_json, b.approval.as_ref(), || bundle_json(&b))
     }
 }
 

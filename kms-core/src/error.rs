@@ -1,6 +1,7 @@
 //! The one error type of the core.
 
 use crate::blob::BlobError;
+use crate::governance::approvals::ApprovalError;
 use crate::governance::inventory::Selector;
 use crate::governance::policy::{PolicyName, PolicyProblem};
 use crate::ids::{Alias, KeyId, KeyRef, KeyVersion};
@@ -77,6 +78,21 @@ pub enum Error {
         /// The selector.
         selector: Selector,
     },
+    /// An operator with this name or identity is already registered.
+    #[error("operator {name} is already registered (names and identities are unique)")]
+    OperatorExists {
+        /// The registered operator's name.
+        name: String,
+    },
+    /// No operator with this name is registered.
+    #[error("operator {name} is not registered")]
+    OperatorNotFound {
+        /// The name asked for.
+        name: String,
+    },
+    /// A step on an approval request was refused.
+    #[error(transparent)]
+    Approval(#[from] crate::governance::approvals::ApprovalError),
     /// No workload with this selector is registered.
     #[error("workload {selector} is not registered")]
     WorkloadNotFound {
@@ -219,6 +235,23 @@ pub enum InvalidInput {
     /// An expiry in the past.
     #[error("expiry (must be in the future)")]
     Expiry,
+    /// Operator name syntax.
+    #[error("operator name (1-64 of a-z 0-9 _ - ., starting with a letter or digit)")]
+    OperatorName,
+    /// Operator identity syntax.
+    #[error("operator identity (a URI such as spiffe://operators.example.org/alice, or x509-sha256:<64 hex digits>)")]
+    OperatorIdentity,
+    /// Operator roles.
+    #[error("operator roles (one or more of operator, auditor)")]
+    OperatorRoles,
+    /// Approval rules.
+    #[error("approval rules (required 1-16, expiry 1m-30d, gated actions among the gatable ones and always admin.SetApprovalRules)")]
+    ApprovalRules,
+    /// Approval state name.
+    #[error(
+        "approval state (pending, approved, executed, failed, rejected, cancelled or expired)"
+    )]
+    ApprovalState,
     /// Operation name.
     #[error("operation (GenerateDataKey, Decrypt, Encrypt, ReEncrypt or CreateGrant)")]
     Operation,
@@ -257,7 +290,16 @@ impl Error {
         match self {
             Error::AliasTaken { .. }
             | Error::CustodyInitialised { .. }
+            | Error::OperatorExists { .. }
             | Error::WorkloadExists { .. } => ErrorClass::Conflict,
+            Error::Approval(a) => match a {
+                ApprovalError::NotFound { .. }
+                | ApprovalError::NotRequester { .. }
+                | ApprovalError::OwnRequest { .. } => ErrorClass::NotFoundOrDenied,
+                ApprovalError::AlreadyApproved { .. } | ApprovalError::NotPending { .. } => {
+                    ErrorClass::Precondition
+                }
+            },
             Error::CustodyMissing | Error::HsmNeedsCustody | Error::HsmEscrowUnavailable { .. } => {
                 ErrorClass::Precondition
             }
@@ -276,6 +318,7 @@ impl Error {
             | Error::GrantExceedsCreator { .. }
             | Error::GrantRefused { .. }
             | Error::KeyNotFound { .. }
+            | Error::OperatorNotFound { .. }
             | Error::PolicyNotFound { .. }
             | Error::WorkloadNotFound { .. } => ErrorClass::NotFoundOrDenied,
             Error::Hsm(h) if h.is_retryable() => ErrorClass::Unavailable,

@@ -183,6 +183,30 @@ impl OperatorId {
     }
 }
 
+impl std::str::FromStr for OperatorId {
+    type Err = crate::error::Error;
+
+    /// An identity as an operator writes it: `x509-sha256:` and 64 lower-case hex digits, or
+    /// a URI (`scheme://...`) as [`OperatorId::from_uri`] takes it.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = crate::error::Error::Invalid(crate::error::InvalidInput::OperatorIdentity);
+        if let Some(hex) = s.strip_prefix("x509-sha256:") {
+            let ok = hex.len() == 64
+                && hex
+                    .chars()
+                    .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c));
+            return ok.then(|| Self(s.to_owned())).ok_or(bad);
+        }
+        let scheme_ok = s
+            .split_once("://")
+            .is_some_and(|(scheme, rest)| !scheme.is_empty() && !rest.is_empty());
+        match Self::from_uri(s) {
+            Some(id) if scheme_ok && !s.contains(char::is_whitespace) => Ok(id),
+            _ => Err(bad),
+        }
+    }
+}
+
 impl fmt::Display for OperatorId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.0.fmt(f)

@@ -4,8 +4,9 @@
 //! `x-request-id` if it is a sane token); health checks pass; on the data plane the caller is
 //! authenticated (X.509-SVID or JWT-SVID) from the connection and the headers alone, before a
 //! byte of the body is read, and on the admin plane the operator certificate is checked to be
-//! still within its validity (a resumed or long-lived connection does not outlive it); then
-//! methods the listener does not serve are refused. Only then does the service decode the
+//! still within its validity (a resumed or long-lived connection does not outlive it), its
+//! identity registered, active and unexpired in the operator inventory, and its role allowed
+//! the method (an auditor only reads); then methods the listener does not serve are refused. Only then does the service decode the
 //! message and validate it.
 //!
 //! Every refusal is recorded. A request the service took records itself; one refused before it
@@ -27,6 +28,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use kms_core::audit::AuditEvent;
+use kms_core::governance::operators::{OperatorDenial, Role};
 use kms_core::Principal;
 use parking_lot::Mutex;
 use tonic::body::Body;
@@ -331,6 +333,29 @@ impl Shared {
                             ),
                         },
                     });
+                }
+                if route == Route::Plane {
+                    let method = request.uri().path().rsplit_once('/').map_or("", |(_, m)| m);
+                    let admitted = self.gov.operators.admit(&operator.id, now).and_then(|op| {
+                        let may = op.has(Role::Operator)
+                            || crate::admin::READ_ONLY_METHODS.contains(&method);
+                        if may {
+                            Ok(())
+                        } else {
+                            Err(OperatorDenial::ReadOnly)
+                        }
+                    });
+                    if let Err(denial) = admitted {
+                        return Err(Refused {
+                            anonymous: false,
+                            refusal: Refusal {
+                                principal,
+                                auth: "mtls",
+                                reason: denial.reason(),
+                                status: Status::permission_denied(denial.to_string()),
+                            },
+                        });
+                    }
                 }
                 request.extensions_mut().insert(operator.id);
                 (principal, "mtls")

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use kms_core::governance::approvals::Approvals;
 use kms_core::governance::grants::{GrantDenial, Grants};
 use kms_core::governance::inventory::Inventory;
+use kms_core::governance::operators::Operators;
 use kms_core::governance::policy::Policies;
 use kms_core::governance::spiffe::SpiffeId;
 use kms_core::{AuthMethod, Caller, Clock, GrantFacts, Principal, Store};
@@ -42,12 +43,18 @@ pub struct Governance {
     pub grants: Arc<Grants>,
     /// Trust bundles and certificate checks.
     pub authn: Arc<Authenticator>,
-    /// The seam every admin change passes through.
-    pub approvals: Arc<dyn Approvals>,
+    /// Registered operators: who may use the admin plane, with which role.
+    pub operators: Arc<Operators>,
+    /// Approval rules and requests: gated admin changes wait here for M approvals.
+    pub approvals: Arc<Approvals>,
+    /// Serialises approval steps, so that a quorum runs its change once.
+    pub approval_lock: tokio::sync::Mutex<()>,
     /// Where bundles are stored.
     pub store: Arc<dyn Store>,
     /// Wall-clock time.
     pub clock: Arc<dyn Clock>,
+    /// Random ids (approval requests).
+    pub rng: Arc<dyn kms_core::Rng>,
 }
 
 impl std::fmt::Debug for Governance {

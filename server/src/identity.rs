@@ -52,6 +52,15 @@ pub(crate) fn operator_from(certs: Option<&[CertificateDer<'_>]>) -> Result<Oper
     })
 }
 
+/// The operator identity a certificate (DER) names, as the admin plane derives it: its only
+/// URI SAN, or its fingerprint. `None` when it does not parse.
+pub fn operator_identity(der: &[u8]) -> Option<OperatorId> {
+    let cert = CertificateDer::from(der.to_vec());
+    operator_from(Some(std::slice::from_ref(&cert)))
+        .ok()
+        .map(|o| o.id)
+}
+
 /// What an X.509-SVID check needs from a certificate (DER): its URI SANs, whether it is a CA,
 /// and its validity window. `None` when the certificate does not parse.
 pub fn svid_facts(der: &[u8]) -> Option<kms_core::governance::spiffe::SvidFacts> {

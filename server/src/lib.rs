@@ -55,7 +55,7 @@ pub use data::{DataService, MAX_BATCH};
 pub use error::Error;
 pub use gate::{Reflection, SUMMARY_EVERY, UNAUTHENTICATED_PER_SEC};
 pub use governance::{Governance, GRANT_HEADER, MAX_PURPOSE, PURPOSE_HEADER};
-pub use identity::svid_facts;
+pub use identity::{operator_identity, svid_facts};
 pub use policy_stats::{EvalStats, PolicyStats, TimedAuthorizer};
 
 /// Where and how the two planes listen.

@@ -163,6 +163,66 @@ impl Server {
         serde_json::from_slice(&out.stdout).expect("kms --json prints JSON")
     }
 
+    /// Runs a gated change (`kms ARGS --json`, as operator1 unless ARGS hold `--as`), checks
+    /// that it waits for approvals, and has the other development operators approve it until
+    /// it runs. Returns the executed approval request (its `result.after` is the object the
+    /// change made).
+    pub fn kms_approved(&self, args: &[&str]) -> Value {
+        let asked = self.kms_json(args);
+        assert_eq!(
+            asked["state"], "pending",
+            "kms {args:?} did not wait: {asked}"
+        );
+        self.approve_all(args, asked)
+    }
+
+    /// Runs `kms ARGS --json`, which must succeed; when the change waits for approvals, has it
+    /// approved as [`Server::kms_approved`] does. Returns what the command printed, or the
+    /// executed approval request.
+    pub fn kms_change(&self, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let out = self.kms(&all);
+        assert!(
+            out.status.success(),
+            "kms {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let printed: Value = serde_json::from_slice(&out.stdout).expect("kms --json prints JSON");
+        if printed["state"] == "pending" && printed["approval_id"].is_string() {
+            return self.approve_all(args, printed);
+        }
+        printed
+    }
+
+    fn approve_all(&self, args: &[&str], asked: Value) -> Value {
+        let id = asked["approval_id"]
+            .as_str()
+            .expect("approval_id")
+            .to_owned();
+        let requester = args
+            .iter()
+            .position(|a| *a == "--as")
+            .and_then(|i| args.get(i + 1))
+            .copied()
+            .unwrap_or("operator1");
+        let mut last = asked;
+        for approver in ["operator1", "operator2", "operator3"] {
+            if approver == requester {
+                continue;
+            }
+            last = self.kms_json(&["--as", approver, "approval", "approve", &id]);
+            if last["state"] != "pending" {
+                break;
+            }
+        }
+        assert_eq!(
+            last["state"], "executed",
+            "kms {args:?} did not run: {last}"
+        );
+        last
+    }
+
     /// TLS material of the dev PKI for a client with `who`'s certificate.
     pub fn client_tls(&self, who: &str) -> api::ClientTls {
         let pki = self.dir.join(".kms/pki");

@@ -523,7 +523,7 @@ fn no_secret_reaches_the_logs_or_the_audit_log() {
     server.kms_json(&["key", "list"]);
     // Governance operations.
     server.kms_json(&["trust-bundle", "list"]);
-    server.kms_json(&[
+    server.kms_approved(&[
         "identity",
         "register",
         "spiffe://canary.example/x",
@@ -986,7 +986,7 @@ fn query_audit_filters_and_pages_and_export_follows() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let admin = server
-            .client_tls("operator")
+            .client_tls("operator1")
             .admin(&server.admin)
             .await
             .unwrap();

@@ -262,7 +262,7 @@ fn each_plane_accepts_only_its_own_ca() {
     let server = Server::start(KMS, dir.path());
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let operator = server.client_tls("operator");
+        let operator = server.client_tls("operator1");
         let workload = server.client_tls("workload");
 
         let mut admin = operator.admin(&server.admin).await.unwrap();
@@ -412,7 +412,7 @@ fn reflection_lists_each_planes_services() {
         for (who, addr, service, other) in [
             ("workload", &server.data, "kms.v1.DataPlane", "kms.v1.Admin"),
             (
-                "operator",
+                "operator1",
                 &server.admin,
                 "kms.v1.Admin",
                 "kms.v1.DataPlane",

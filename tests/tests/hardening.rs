@@ -415,7 +415,7 @@ fn admin_sessions_are_not_resumed() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         // One client configuration (and so one session cache) for both connections.
-        let operator = tls_config(&server, Some("operator"));
+        let operator = tls_config(&server, Some("operator1"));
         let workload = tls_config(&server, Some("workload"));
         for (addr, config, resumable) in [
             (&server.admin, operator, false),
@@ -569,7 +569,7 @@ fn registrations_can_be_reactivated_and_aliases_differ_in_more_than_case() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start_with(KMS, dir.path(), "warn");
     let selector = "spiffe://dev.sovereign-kms.local/jobs/nightly";
-    server.kms_json(&[
+    server.kms_approved(&[
         "identity",
         "register",
         selector,
@@ -580,10 +580,10 @@ fn registrations_can_be_reactivated_and_aliases_differ_in_more_than_case() {
         "--expires",
         "30d",
     ]);
-    let off = server.kms_json(&["identity", "deactivate", selector]);
-    assert_eq!(off["active"], false, "{off}");
-    let on = server.kms_json(&["identity", "reactivate", selector]);
-    assert_eq!(on["active"], true, "{on}");
+    let off = server.kms_approved(&["identity", "deactivate", selector]);
+    assert_eq!(off["result"]["after"]["active"], false, "{off}");
+    let on = server.kms_approved(&["identity", "reactivate", selector]);
+    assert_eq!(on["result"]["after"]["active"], true, "{on}");
     assert_eq!(
         server.kms_json(&["identity", "describe", selector])["active"],
         true

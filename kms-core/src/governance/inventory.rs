@@ -341,16 +341,35 @@ impl Inventory {
         Ok(w)
     }
 
-    /// Registers a workload. Its expiry is required and at most the configured lifetime away.
-    pub fn register(&self, new: NewWorkload, by: &str) -> Result<Arc<Workload>, Error> {
+    /// Checks a registration as [`Inventory::register`] would, making none (for a request
+    /// that waits for approvals).
+    pub fn check_new(&self, new: &NewWorkload) -> Result<(), Error> {
         check_text(&new.owner)?;
         check_text(&new.purpose)?;
         self.check_expiry(new.expires_at)?;
         if self.index.read().get(&new.selector).is_some() {
             return Err(Error::WorkloadExists {
-                selector: new.selector,
+                selector: new.selector.clone(),
             });
         }
+        Ok(())
+    }
+
+    /// Checks a change as [`Inventory::update`] would, making none.
+    pub fn check_update(&self, selector: &Selector, update: &WorkloadUpdate) -> Result<(), Error> {
+        self.get(selector)?;
+        for text in [&update.owner, &update.purpose].into_iter().flatten() {
+            check_text(text)?;
+        }
+        if let Some(expires_at) = update.expires_at {
+            self.check_expiry(expires_at)?;
+        }
+        Ok(())
+    }
+
+    /// Registers a workload. Its expiry is required and at most the configured lifetime away.
+    pub fn register(&self, new: NewWorkload, by: &str) -> Result<Arc<Workload>, Error> {
+        self.check_new(&new)?;
         let selector = new.selector.to_string();
         let now = self.clock.now_unix();
         self.save(Workload {

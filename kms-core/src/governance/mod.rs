@@ -11,6 +11,7 @@ pub mod approvals;
 pub mod authz;
 pub mod grants;
 pub mod inventory;
+pub mod operators;
 pub mod policy;
 pub mod spiffe;
 pub mod trust;

@@ -37,11 +37,15 @@ pub enum Table {
     /// The recovery authority: key record, transcript, escrow seals of the grant MAC and
     /// context-digest keys, and which custodians have verified their shares.
     Custody,
+    /// Operator identity → registration.
+    Operators,
+    /// `rules` → approval rules; `req/<id>` → approval request.
+    Approvals,
 }
 
 impl Table {
     /// Every table, for opening.
-    pub const ALL: [Table; 12] = [
+    pub const ALL: [Table; 14] = [
         Table::Aliases,
         Table::Keys,
         Table::Versions,
@@ -54,6 +58,8 @@ impl Table {
         Table::Policies,
         Table::Grants,
         Table::Custody,
+        Table::Operators,
+        Table::Approvals,
     ];
 
     /// Column family name.
@@ -71,6 +77,8 @@ impl Table {
             Table::Policies => "policies",
             Table::Grants => "grants",
             Table::Custody => "custody",
+            Table::Operators => "operators",
+            Table::Approvals => "approvals",
         }
     }
 }

@@ -59,7 +59,7 @@ pub(super) async fn revoke(
         req.creator,
         key.map(|k| k.to_string()).unwrap_or_default()
     );
-    svc.gov_change("admin.RevokeGrants", &request, target, move |gov, who| {
+    svc.gov_apply("admin.RevokeGrants", &request, target, move |gov, who| {
         let revoked = core(gov.grants.revoke_where(who, |g| {
             (!req.grant_id.is_empty() && g.id.as_str() == req.grant_id)
                 || (!req.creator.is_empty() && g.creator.as_str() == req.creator)

@@ -1,6 +1,6 @@
 //! The workload inventory: registrations with an owner, a purpose and an expiry.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
 
 use api::v1::{
@@ -14,12 +14,9 @@ use kms_core::Labels;
 use tonic::{Request, Response, Status};
 
 use super::{core, page_size, to_status, AdminService, Changed};
+use crate::governance::Governance;
 
-pub(super) async fn register(
-    svc: &AdminService,
-    request: Request<RegisterWorkloadRequest>,
-) -> Result<Response<WorkloadInfo>, Status> {
-    let req = request.get_ref().clone();
+fn parse_register(req: RegisterWorkloadRequest) -> Result<NewWorkload, Status> {
     let selector = selector(&req.selector)?;
     let labels = core(Labels::from_pairs(req.labels))?;
     if req.expires_at == 0 {
@@ -27,34 +24,72 @@ pub(super) async fn register(
             "expires_at is required (seconds since the Unix epoch)",
         ));
     }
-    let new = NewWorkload {
-        selector: selector.clone(),
+    Ok(NewWorkload {
+        selector,
         owner: req.owner,
         purpose: req.purpose,
         labels,
         expires_at: req.expires_at,
-    };
+    })
+}
+
+/// What a workload change shows its approvers: the request, labels in key order.
+fn workload_view(
+    selector: &str,
+    fields: serde_json::Value,
+    labels: &HashMap<String, String>,
+) -> serde_json::Value {
+    let labels: BTreeMap<_, _> = labels.iter().collect();
+    serde_json::json!({ "selector": selector, "fields": fields, "labels": labels })
+}
+
+type WorkloadChange = Changed<Workload, WorkloadInfo>;
+
+fn changed(gov: &Governance, before: Option<&Workload>, after: &Workload) -> WorkloadChange {
+    Changed {
+        before: before.cloned(),
+        after: Some(after.clone()),
+        answer: workload_info(after, gov.inventory.usage(&after.selector)),
+    }
+}
+
+pub(super) fn apply_register(
+    gov: &Governance,
+    req: RegisterWorkloadRequest,
+    who: &str,
+) -> Result<WorkloadChange, Status> {
+    let w = core(gov.inventory.register(parse_register(req)?, who))?;
+    Ok(changed(gov, None, &w))
+}
+
+pub(super) async fn register(
+    svc: &AdminService,
+    request: Request<RegisterWorkloadRequest>,
+) -> Result<Response<WorkloadInfo>, Status> {
+    let req = request.get_ref().clone();
+    let new = parse_register(req.clone())?;
+    core(svc.gov.inventory.check_new(&new))?;
+    let view = workload_view(
+        &req.selector,
+        serde_json::json!({
+            "owner": req.owner,
+            "purpose": req.purpose,
+            "expires_at": req.expires_at,
+        }),
+        &req.labels,
+    );
     svc.gov_change(
         "admin.RegisterWorkload",
         &request,
-        selector.to_string(),
-        move |gov, who| {
-            let w = core(gov.inventory.register(new, who))?;
-            Ok(Changed {
-                before: None,
-                after: Some(Workload::clone(&w)),
-                answer: workload_info(&w, gov.inventory.usage(&w.selector)),
-            })
-        },
+        new.selector.to_string(),
+        view,
+        None,
+        move |gov, who| apply_register(gov, req, who),
     )
     .await
 }
 
-pub(super) async fn update(
-    svc: &AdminService,
-    request: Request<UpdateWorkloadRequest>,
-) -> Result<Response<WorkloadInfo>, Status> {
-    let req = request.get_ref().clone();
+fn parse_update(req: UpdateWorkloadRequest) -> Result<(Selector, WorkloadUpdate), Status> {
     let selector = selector(&req.selector)?;
     let update = WorkloadUpdate {
         owner: req.owner,
@@ -66,39 +101,82 @@ pub(super) async fn update(
         },
         expires_at: (req.expires_at != 0).then_some(req.expires_at),
     };
+    Ok((selector, update))
+}
+
+pub(super) fn apply_update(
+    gov: &Governance,
+    req: UpdateWorkloadRequest,
+    who: &str,
+) -> Result<WorkloadChange, Status> {
+    let (selector, update) = parse_update(req)?;
+    let (before, after) = core(gov.inventory.update(&selector, update, who))?;
+    Ok(changed(gov, Some(&before), &after))
+}
+
+pub(super) async fn update(
+    svc: &AdminService,
+    request: Request<UpdateWorkloadRequest>,
+) -> Result<Response<WorkloadInfo>, Status> {
+    let req = request.get_ref().clone();
+    let (selector, update) = parse_update(req.clone())?;
+    core(svc.gov.inventory.check_update(&selector, &update))?;
+    let view = workload_view(
+        &req.selector,
+        serde_json::json!({
+            "owner": req.owner,
+            "purpose": req.purpose,
+            "replace_labels": req.replace_labels,
+            "expires_at": req.expires_at,
+        }),
+        &req.labels,
+    );
     svc.gov_change(
         "admin.UpdateWorkload",
         &request,
         selector.to_string(),
-        move |gov, who| {
-            let (before, after) = core(gov.inventory.update(&selector, update, who))?;
-            Ok(Changed {
-                before: Some(Workload::clone(&before)),
-                after: Some(Workload::clone(&after)),
-                answer: workload_info(&after, gov.inventory.usage(&after.selector)),
-            })
-        },
+        view,
+        None,
+        move |gov, who| apply_update(gov, req, who),
     )
     .await
+}
+
+pub(super) fn apply_deactivate(
+    gov: &Governance,
+    req: WorkloadRequest,
+    who: &str,
+) -> Result<WorkloadChange, Status> {
+    let selector = selector(&req.selector)?;
+    let (before, after) = core(gov.inventory.deactivate(&selector, who))?;
+    Ok(changed(gov, Some(&before), &after))
+}
+
+pub(super) fn apply_reactivate(
+    gov: &Governance,
+    req: WorkloadRequest,
+    who: &str,
+) -> Result<WorkloadChange, Status> {
+    let selector = selector(&req.selector)?;
+    let (before, after) = core(gov.inventory.reactivate(&selector, who))?;
+    Ok(changed(gov, Some(&before), &after))
 }
 
 pub(super) async fn deactivate(
     svc: &AdminService,
     request: Request<WorkloadRequest>,
 ) -> Result<Response<WorkloadInfo>, Status> {
-    let selector = selector(&request.get_ref().selector)?;
+    let req = request.get_ref().clone();
+    let selector = selector(&req.selector)?;
+    core(svc.gov.inventory.get(&selector))?;
+    let view = serde_json::json!({ "selector": req.selector, "active": false });
     svc.gov_change(
         "admin.DeactivateWorkload",
         &request,
         selector.to_string(),
-        move |gov, who| {
-            let (before, after) = core(gov.inventory.deactivate(&selector, who))?;
-            Ok(Changed {
-                before: Some(Workload::clone(&before)),
-                after: Some(Workload::clone(&after)),
-                answer: workload_info(&after, gov.inventory.usage(&after.selector)),
-            })
-        },
+        view,
+        None,
+        move |gov, who| apply_deactivate(gov, req, who),
     )
     .await
 }
@@ -107,19 +185,17 @@ pub(super) async fn reactivate(
     svc: &AdminService,
     request: Request<WorkloadRequest>,
 ) -> Result<Response<WorkloadInfo>, Status> {
-    let selector = selector(&request.get_ref().selector)?;
+    let req = request.get_ref().clone();
+    let selector = selector(&req.selector)?;
+    core(svc.gov.inventory.get(&selector))?;
+    let view = serde_json::json!({ "selector": req.selector, "active": true });
     svc.gov_change(
         "admin.ReactivateWorkload",
         &request,
         selector.to_string(),
-        move |gov, who| {
-            let (before, after) = core(gov.inventory.reactivate(&selector, who))?;
-            Ok(Changed {
-                before: Some(Workload::clone(&before)),
-                after: Some(Workload::clone(&after)),
-                answer: workload_info(&after, gov.inventory.usage(&after.selector)),
-            })
-        },
+        view,
+        None,
+        move |gov, who| apply_reactivate(gov, req, who),
     )
     .await
 }
@@ -199,5 +275,6 @@ pub(super) fn workload_info(w: &Workload, usage: Usage) -> WorkloadInfo {
         reviewed_at: w.reviewed_at,
         last_seen: usage.last_seen,
         calls: usage.calls.into_iter().collect::<HashMap<_, _>>(),
+        approval: None,
     }
 }

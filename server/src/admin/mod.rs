@@ -5,13 +5,16 @@
 //! a set of handlers over the one [`AdminService`]; the `Admin` trait is implemented by the
 //! routing table at the bottom of this file. Every handler goes through one of three paths:
 //! [`AdminService::read`] (recorded with who read what), [`AdminService::change`] (key
-//! changes) or [`AdminService::gov_change`] (governance changes, through the approvals seam).
+//! changes) or [`AdminService::gov_change`] (governance changes, which wait for M-of-N
+//! approvals when their action is gated: `approval.rs`).
 
+mod approval;
 mod audit;
 mod custody;
 mod grants;
 mod inventory;
 mod keys;
+mod operators;
 mod policy;
 mod status;
 mod trust;
@@ -19,6 +22,12 @@ mod trust;
 use std::sync::Arc;
 
 use api::v1::admin_server::Admin;
+use api::v1::{
+    ApprovalId, ApprovalInfo, ApprovalRules, GetApprovalRulesRequest, ListApprovalsRequest,
+    ListApprovalsResponse, ListOperatorsRequest, ListOperatorsResponse, OperatorInfo,
+    OperatorRequest, RegisterOperatorRequest, RejectChangeRequest, SetApprovalRulesRequest,
+    UpdateOperatorRequest, WhoAmIRequest,
+};
 use api::v1::{
     CreateAliasRequest, CreateKeyRequest, GetPolicyRequest, KeyCoverageRequest,
     KeyCoverageResponse, KeyMetadata, KeyRequest, ListGrantsRequest, ListGrantsResponse,
@@ -31,7 +40,7 @@ use api::v1::{
     WorkloadInfo, WorkloadRequest,
 };
 use kms_core::audit::{object_hash, AuditEvent};
-use kms_core::governance::approvals::ChangeRequest;
+use kms_core::governance::approvals::NewRequest;
 use kms_core::{KeyRecord, KeyRef, Kms, OperatorId, Principal, Store};
 use serde::Serialize;
 use tonic::{Request, Response, Status};
@@ -221,10 +230,59 @@ impl AdminService {
         result.map(|r| Response::new(keys::metadata(&r)))
     }
 
-    /// Runs one governance change through approvals and the audit log, recorded as requested
-    /// before it is made and with its outcome (SHA-256 of the object before and after) once it
-    /// is.
+    /// Runs one governance change. When its action is gated, nothing changes: the request
+    /// message is stored as an approval request (with `view` and `diff` for the approvers),
+    /// and the answer carries only its pending approval; the change runs when the request is
+    /// approved (`approval.rs`). Otherwise it runs now. Either way the request is recorded
+    /// before anything changes, and its outcome after (with SHA-256 of the object before and
+    /// after).
     async fn gov_change<R, B, T, F>(
+        &self,
+        action: &'static str,
+        request: &Request<R>,
+        target: String,
+        view: serde_json::Value,
+        diff: Option<String>,
+        f: F,
+    ) -> Result<Response<T>, Status>
+    where
+        R: prost::Message,
+        B: Serialize + Send + 'static,
+        T: approval::Pending + Send + 'static,
+        F: FnOnce(&Governance, &str) -> Result<Changed<B, T>, Status> + Send + 'static,
+    {
+        if !self.gov.approvals.rules().gates(action) {
+            return self.gov_apply(action, request, target, f).await;
+        }
+        let (operator, mut intent) = self.intent(action, request)?;
+        intent.detail.insert("target".into(), target.clone());
+        self.audit.record(intent.clone()).await?;
+        let new = NewRequest {
+            action: action.to_owned(),
+            target,
+            request: request.get_ref().encode_to_vec(),
+            view: view.to_string(),
+            diff,
+            requested_by: operator.to_string(),
+        };
+        let result = self.propose(&operator, new).await;
+        let mut done = intent;
+        done.status = match &result {
+            Ok(_) => "pending".into(),
+            Err(s) => status_word(Some(s)),
+        };
+        if let Ok(req) = &result {
+            done.detail.insert("approval_id".into(), req.id.clone());
+            done.detail.insert("request_hash".into(), req.hash.clone());
+        }
+        self.outcome(done, &operator, &result).await;
+        result.map(|req| Response::new(T::pending(approval::info(&self.gov, &req))))
+    }
+
+    /// Runs one governance change now (an ungated one, such as grant revocation), recorded as
+    /// requested before it is made and with its outcome (SHA-256 of the object before and
+    /// after) once it is.
+    async fn gov_apply<R, B, T, F>(
         &self,
         action: &'static str,
         request: &Request<R>,
@@ -237,24 +295,13 @@ impl AdminService {
         F: FnOnce(&Governance, &str) -> Result<Changed<B, T>, Status> + Send + 'static,
     {
         let (operator, mut intent) = self.intent(action, request)?;
-        intent.detail.insert("target".into(), target.clone());
+        intent.detail.insert("target".into(), target);
         self.audit.record(intent.clone()).await?;
-
         let who = operator.to_string();
-        let approved = self.gov.approvals.approve(&ChangeRequest {
-            operator: &who,
-            action,
-            target: &target,
-        });
-        let result = match approved {
-            Err(e) => Err(to_status(&e)),
-            Ok(()) => {
-                let gov = self.gov.clone();
-                tokio::task::spawn_blocking(move || f(&gov, &who))
-                    .await
-                    .map_err(|_| Status::internal("internal error"))?
-            }
-        };
+        let gov = self.gov.clone();
+        let result = tokio::task::spawn_blocking(move || f(&gov, &who))
+            .await
+            .map_err(|_| Status::internal("internal error"))?;
 
         let mut done = intent;
         done.status = status_word(result.as_ref().err());
@@ -309,7 +356,42 @@ routes! {
     list_grants(ListGrantsRequest) -> ListGrantsResponse => grants::list;
     revoke_grants(RevokeGrantsRequest) -> RevokeGrantsResponse => grants::revoke;
     record_share_verification(ShareVerificationRequest) -> ShareVerification => custody::record_verification;
+    register_operator(RegisterOperatorRequest) -> OperatorInfo => operators::register;
+    update_operator(UpdateOperatorRequest) -> OperatorInfo => operators::update;
+    deactivate_operator(OperatorRequest) -> OperatorInfo => operators::deactivate;
+    describe_operator(OperatorRequest) -> OperatorInfo => operators::describe;
+    list_operators(ListOperatorsRequest) -> ListOperatorsResponse => operators::list;
+    who_am_i(WhoAmIRequest) -> OperatorInfo => operators::who_am_i;
+    list_approvals(ListApprovalsRequest) -> ListApprovalsResponse => approval::list;
+    get_approval(ApprovalId) -> ApprovalInfo => approval::get;
+    approve_change(ApprovalId) -> ApprovalInfo => approval::approve;
+    reject_change(RejectChangeRequest) -> ApprovalInfo => approval::reject;
+    cancel_change(ApprovalId) -> ApprovalInfo => approval::cancel;
+    get_approval_rules(GetApprovalRulesRequest) -> ApprovalRules => approval::get_rules;
+    set_approval_rules(SetApprovalRulesRequest) -> ApprovalRules => approval::set_rules;
 }
+
+/// The admin RPCs an operator with only the `auditor` role may call: reads, never changes.
+pub(crate) const READ_ONLY_METHODS: [&str; 18] = [
+    "DescribeKey",
+    "ListKeys",
+    "KeyCoverage",
+    "QueryAudit",
+    "ListTrustBundles",
+    "DescribeWorkload",
+    "ListWorkloads",
+    "GetPolicy",
+    "ListPolicies",
+    "TestPolicy",
+    "PolicyStats",
+    "ListGrants",
+    "DescribeOperator",
+    "ListOperators",
+    "WhoAmI",
+    "ListApprovals",
+    "GetApproval",
+    "GetApprovalRules",
+];
 
 /// A key id or alias as an operator sent it.
 fn key_ref(s: &str) -> Result<KeyRef, Status> {

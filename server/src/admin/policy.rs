@@ -11,24 +11,45 @@ use kms_core::{AccessRequest, AuthMethod, Caller, Decision, EncryptionContext, O
 use tonic::{Request, Response, Status};
 
 use super::{core, key_ref, AdminService, Changed};
+use crate::governance::Governance;
+
+pub(super) fn apply_put(
+    gov: &Governance,
+    req: PutPolicyRequest,
+    who: &str,
+) -> Result<Changed<PolicyVersion, PolicyInfo>, Status> {
+    let (version, before) = core(gov.policies.put(&req.id, &req.text, who))?;
+    Ok(Changed {
+        before,
+        after: Some(version.clone()),
+        answer: policy_info(&req.id, &version),
+    })
+}
 
 pub(super) async fn put(
     svc: &AdminService,
     request: Request<PutPolicyRequest>,
 ) -> Result<Response<PolicyInfo>, Status> {
     let req = request.get_ref().clone();
+    core(svc.gov.policies.check(&req.id, &req.text))?;
+    let current = svc
+        .gov
+        .policies
+        .get(&req.id, None)
+        .map(|v| v.text)
+        .unwrap_or_default();
+    let diff = similar::TextDiff::from_lines(&current, &req.text)
+        .unified_diff()
+        .header("current", "requested")
+        .to_string();
+    let view = serde_json::json!({ "id": req.id, "text": req.text });
     svc.gov_change(
         "admin.PutPolicy",
         &request,
         req.id.clone(),
-        move |gov, who| {
-            let (version, before) = core(gov.policies.put(&req.id, &req.text, who))?;
-            Ok(Changed {
-                before,
-                after: Some(version.clone()),
-                answer: policy_info(&req.id, &version),
-            })
-        },
+        view,
+        Some(diff),
+        move |gov, who| apply_put(gov, req, who),
     )
     .await
 }
@@ -66,23 +87,37 @@ pub(super) async fn list(
     .await
 }
 
+pub(super) fn apply_delete(
+    gov: &Governance,
+    req: PolicyRequest,
+    who: &str,
+) -> Result<Changed<PolicyVersion, PolicyInfo>, Status> {
+    let removed = core(gov.policies.delete(&req.id, who))?;
+    Ok(Changed {
+        answer: policy_info(&req.id, &removed),
+        before: Some(removed),
+        after: None,
+    })
+}
+
 pub(super) async fn delete(
     svc: &AdminService,
     request: Request<PolicyRequest>,
 ) -> Result<Response<PolicyInfo>, Status> {
-    let id = request.get_ref().id.clone();
+    let req = request.get_ref().clone();
+    let current = core(svc.gov.policies.get(&req.id, None))?;
+    let diff = similar::TextDiff::from_lines(current.text.as_str(), "")
+        .unified_diff()
+        .header("current", "deleted")
+        .to_string();
+    let view = serde_json::json!({ "id": req.id, "delete": true });
     svc.gov_change(
         "admin.DeletePolicy",
         &request,
-        id.clone(),
-        move |gov, who| {
-            let removed = core(gov.policies.delete(&id, who))?;
-            Ok(Changed {
-                answer: policy_info(&id, &removed),
-                before: Some(removed),
-                after: None::<PolicyVersion>,
-            })
-        },
+        req.id.clone(),
+        view,
+        Some(diff),
+        move |gov, who| apply_delete(gov, req, who),
     )
     .await
 }
@@ -198,5 +233,6 @@ pub(super) fn policy_info(id: &str, v: &PolicyVersion) -> PolicyInfo {
         deleted: v.deleted,
         created_at: v.created_at,
         created_by: v.created_by.clone(),
+        approval: None,
     }
 }

@@ -12,11 +12,7 @@ use super::{core, AdminService, Changed};
 use crate::authn::{parse_bundle, parse_jwks};
 use crate::governance::Governance;
 
-pub(super) async fn set(
-    svc: &AdminService,
-    request: Request<SetTrustBundleRequest>,
-) -> Result<Response<TrustBundle>, Status> {
-    let req = request.get_ref().clone();
+fn check_set(req: &SetTrustBundleRequest) -> Result<(), Status> {
     core(kms_core::governance::trust::check_trust_domain(
         &req.trust_domain,
     ))?;
@@ -33,52 +29,99 @@ pub(super) async fn set(
         parse_jwks(&req.jwks)
             .map_err(|e| Status::invalid_argument(format!("invalid JWKS: {e}")))?;
     }
-    let target = req.trust_domain.clone();
-    svc.gov_change("admin.SetTrustBundle", &request, target, move |gov, who| {
-        let store = gov.store.as_ref();
-        let before = core(kms_core::governance::trust::get(store, &req.trust_domain))?;
-        let record = TrustBundleRecord {
-            trust_domain: req.trust_domain,
-            pem: req.pem,
-            jwks: (!req.jwks.trim().is_empty()).then_some(req.jwks),
-            updated_at: gov.clock.now_unix(),
-            updated_by: who.to_owned(),
-        };
-        core(kms_core::governance::trust::put(store, &record))?;
-        reload_bundles(gov)?;
-        Ok(Changed {
-            before,
-            after: Some(record.clone()),
-            answer: bundle_info(&record),
-        })
+    Ok(())
+}
+
+pub(super) fn apply_set(
+    gov: &Governance,
+    req: SetTrustBundleRequest,
+    who: &str,
+) -> Result<Changed<TrustBundleRecord, TrustBundle>, Status> {
+    check_set(&req)?;
+    let store = gov.store.as_ref();
+    let before = core(kms_core::governance::trust::get(store, &req.trust_domain))?;
+    let record = TrustBundleRecord {
+        trust_domain: req.trust_domain,
+        pem: req.pem,
+        jwks: (!req.jwks.trim().is_empty()).then_some(req.jwks),
+        updated_at: gov.clock.now_unix(),
+        updated_by: who.to_owned(),
+    };
+    core(kms_core::governance::trust::put(store, &record))?;
+    reload_bundles(gov)?;
+    Ok(Changed {
+        before,
+        after: Some(record.clone()),
+        answer: bundle_info(&record),
     })
+}
+
+pub(super) async fn set(
+    svc: &AdminService,
+    request: Request<SetTrustBundleRequest>,
+) -> Result<Response<TrustBundle>, Status> {
+    let req = request.get_ref().clone();
+    check_set(&req)?;
+    let view = serde_json::json!({
+        "trust_domain": req.trust_domain,
+        "pem": req.pem,
+        "jwks": req.jwks,
+    });
+    svc.gov_change(
+        "admin.SetTrustBundle",
+        &request,
+        req.trust_domain.clone(),
+        view,
+        None,
+        move |gov, who| apply_set(gov, req, who),
+    )
     .await
+}
+
+pub(super) fn apply_delete(
+    gov: &Governance,
+    req: TrustDomainRequest,
+    _who: &str,
+) -> Result<Changed<TrustBundleRecord, TrustBundle>, Status> {
+    let domain = req.trust_domain;
+    core(kms_core::governance::trust::check_trust_domain(&domain))?;
+    let store = gov.store.as_ref();
+    let before = core(kms_core::governance::trust::get(store, &domain))?
+        .ok_or_else(|| Status::not_found(format!("no trust bundle for trust domain {domain}")))?;
+    core(kms_core::governance::trust::delete(store, &domain))?;
+    reload_bundles(gov)?;
+    Ok(Changed {
+        answer: bundle_info(&before),
+        before: Some(before),
+        after: None,
+    })
 }
 
 pub(super) async fn delete(
     svc: &AdminService,
     request: Request<TrustDomainRequest>,
 ) -> Result<Response<TrustBundle>, Status> {
-    let domain = request.get_ref().trust_domain.clone();
+    let req = request.get_ref().clone();
+    let domain = req.trust_domain.clone();
     core(kms_core::governance::trust::check_trust_domain(&domain))?;
+    if core(kms_core::governance::trust::get(
+        svc.gov.store.as_ref(),
+        &domain,
+    ))?
+    .is_none()
+    {
+        return Err(Status::not_found(format!(
+            "no trust bundle for trust domain {domain}"
+        )));
+    }
+    let view = serde_json::json!({ "trust_domain": domain, "remove": true });
     svc.gov_change(
         "admin.DeleteTrustBundle",
         &request,
-        domain.clone(),
-        move |gov, _| {
-            let store = gov.store.as_ref();
-            let before =
-                core(kms_core::governance::trust::get(store, &domain))?.ok_or_else(|| {
-                    Status::not_found(format!("no trust bundle for trust domain {domain}"))
-                })?;
-            core(kms_core::governance::trust::delete(store, &domain))?;
-            reload_bundles(gov)?;
-            Ok(Changed {
-                answer: bundle_info(&before),
-                before: Some(before),
-                after: None,
-            })
-        },
+        domain,
+        view,
+        None,
+        move |gov, who| apply_delete(gov, req, who),
     )
     .await
 }
@@ -119,5 +162,6 @@ pub(super) fn bundle_info(b: &TrustBundleRecord) -> TrustBundle {
                 .and_then(|j| parse_jwks(j).ok())
                 .map_or(0, |s| s.keys.len()),
         ),
+        approval: None,
     }
 }

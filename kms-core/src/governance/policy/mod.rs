@@ -353,6 +353,22 @@ impl Policies {
         })
     }
 
+    /// Checks that `text` would be accepted as policy `id` now (as [`Policies::put`] checks
+    /// it), storing nothing: a change that waits for approvals is refused at once if bad.
+    pub fn check(&self, id: &str, text: &str) -> Result<(), Error> {
+        PolicyName::parse(id)?;
+        if text.len() > MAX_POLICY_TEXT {
+            return Err(Error::TooLarge {
+                what: "policy text",
+                len: text.len(),
+                max: MAX_POLICY_TEXT,
+            });
+        }
+        let mut texts = current_texts(&self.histories.read());
+        texts.insert(id.to_owned(), text.to_owned());
+        compile(&self.schema, &texts).map(drop)
+    }
+
     /// Stores a new version of policy `id` (creating it if new), after validating it with
     /// every other current policy. Returns the stored version and the one it replaced.
     pub fn put(

@@ -1,0 +1,373 @@
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "test code: a failed step is a failed test"
+)]
+//! No single operator: the operator inventory and M-of-N approvals, through the real `kms`
+//! binary against `kms serve --dev` (M = 2, operators operator1-3 and an auditor) on
+//! loopback, with its SoftHSM2 token and RocksDB.
+
+use std::process::Output;
+
+use kms_tests::{audit_events, Server};
+use serde_json::Value;
+
+/// The CLI built for this test run from the current code.
+const KMS: &str = env!("CARGO_BIN_EXE_kms-under-test");
+
+fn write(dir: &std::path::Path, name: &str, text: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p.to_str().unwrap().to_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Runs a command that must fail, and returns its error text.
+fn refused(server: &Server, args: &[&str]) -> String {
+    let out = server.kms(args);
+    assert!(!out.status.success(), "kms {args:?} should have failed");
+    stderr(&out)
+}
+
+fn policy_text(server: &Server, id: &str) -> Option<String> {
+    let out = server.kms(&["policy", "get", id, "--json"]);
+    out.status.success().then(|| {
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["text"].as_str().unwrap().to_owned()
+    })
+}
+
+#[test]
+fn a_gated_change_runs_only_with_m_other_operators_before_it_expires() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(KMS, dir.path());
+    let text = "permit (principal == Workload::\"spiffe://test.example/a\", action, resource);\n";
+    let file = write(dir.path(), "a.cedar", text);
+
+    // Asked for: a pending id, exit 0, nothing changed.
+    let asked = server.kms_json(&[
+        "--as",
+        "operator1",
+        "policy",
+        "put",
+        "gated",
+        "--file",
+        &file,
+    ]);
+    assert_eq!(asked["state"], "pending", "{asked}");
+    let id = asked["approval_id"].as_str().unwrap().to_owned();
+    assert_eq!(asked["request"]["text"], text);
+    assert!(asked["diff"].as_str().unwrap().contains("+permit"));
+    assert_eq!(policy_text(&server, "gated"), None, "nothing ran yet");
+
+    // The requester's own approval does not count; the pending list shows the request.
+    let own = refused(&server, &["--as", "operator1", "approval", "approve", &id]);
+    assert!(own.contains("another operator must approve"), "{own}");
+    let pending = server.kms(&["approval", "list", "--state", "pending", "--json"]);
+    let lines: Vec<Value> = String::from_utf8_lossy(&pending.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1);
+    assert_eq!(lines[0]["approval_id"], id.as_str());
+
+    // M - 1 approvals: still pending, still nothing ran; a second vote by the same operator
+    // does not count either.
+    let one = server.kms_json(&["--as", "operator2", "approval", "approve", &id]);
+    assert_eq!(one["state"], "pending");
+    assert_eq!(one["approvers"][0]["name"], "operator2");
+    let twice = refused(&server, &["--as", "operator2", "approval", "approve", &id]);
+    assert!(twice.contains("already approved"), "{twice}");
+    assert_eq!(policy_text(&server, "gated"), None);
+    // The auditor may look but not vote.
+    let shown = server.kms_json(&["--as", "auditor", "approval", "show", &id]);
+    assert_eq!(shown["request_hash"], asked["request_hash"]);
+    let auditor = refused(&server, &["--as", "auditor", "approval", "approve", &id]);
+    assert!(auditor.contains("auditor"), "{auditor}");
+
+    // The M-th approval runs exactly what was asked for, as the requester.
+    let ran = server.kms_json(&["--as", "operator3", "approval", "approve", &id]);
+    assert_eq!(ran["state"], "executed", "{ran}");
+    assert_eq!(ran["approvers"].as_array().unwrap().len(), 2);
+    assert_eq!(policy_text(&server, "gated").as_deref(), Some(text));
+    let stored = server.kms_json(&["policy", "get", "gated"]);
+    assert_eq!(
+        stored["created_by"],
+        "spiffe://operators.sovereign-kms.local/operator/operator1"
+    );
+    // An executed request takes no more votes.
+    let late = refused(&server, &["--as", "operator3", "approval", "approve", &id]);
+    assert!(late.contains("executed, not pending"), "{late}");
+
+    // Rejected by any one operator: it ends and never runs.
+    let other = write(
+        dir.path(),
+        "b.cedar",
+        "forbid (principal, action, resource);\n",
+    );
+    let asked = server.kms_json(&["policy", "put", "gated", "--file", &other]);
+    let rejected_id = asked["approval_id"].as_str().unwrap().to_owned();
+    let rejected = server.kms_json(&[
+        "--as",
+        "operator2",
+        "approval",
+        "reject",
+        &rejected_id,
+        "--reason",
+        "too broad",
+    ]);
+    assert_eq!(rejected["state"], "rejected");
+    assert_eq!(rejected["reason"], "too broad");
+    let after = refused(
+        &server,
+        &["--as", "operator3", "approval", "approve", &rejected_id],
+    );
+    assert!(after.contains("rejected, not pending"), "{after}");
+    assert_eq!(policy_text(&server, "gated").as_deref(), Some(text));
+
+    // Cancelled by its requester only.
+    let asked = server.kms_json(&["policy", "delete", "gated"]);
+    let cancel_id = asked["approval_id"].as_str().unwrap().to_owned();
+    let not_yours = refused(
+        &server,
+        &["--as", "operator2", "approval", "cancel", &cancel_id],
+    );
+    assert!(not_yours.contains("only its requester"), "{not_yours}");
+    let cancelled = server.kms_json(&["approval", "cancel", &cancel_id]);
+    assert_eq!(cancelled["state"], "cancelled");
+    assert_eq!(policy_text(&server, "gated").as_deref(), Some(text));
+
+    // Expired (the dev clock moves past the 24 h expiry): never runs, even with approvals.
+    let asked = server.kms_json(&["policy", "delete", "gated"]);
+    let expiring = asked["approval_id"].as_str().unwrap().to_owned();
+    server.kms_json(&["--as", "operator2", "approval", "approve", &expiring]);
+    server.kms_json(&["dev", "advance-clock", "25h"]);
+    let expired = refused(
+        &server,
+        &["--as", "operator3", "approval", "approve", &expiring],
+    );
+    assert!(expired.contains("expired, not pending"), "{expired}");
+    let shown = server.kms_json(&["approval", "show", &expiring]);
+    assert_eq!(shown["state"], "expired");
+    assert_eq!(policy_text(&server, "gated").as_deref(), Some(text));
+
+    // Every step is in the audit log, with the request's hash, and the log verifies.
+    server.stop();
+    let events = audit_events(KMS, dir.path());
+    let steps: Vec<(String, String)> = events
+        .iter()
+        .filter(|e| e["action"].as_str().unwrap_or("").starts_with("approval."))
+        .map(|e| {
+            (
+                e["action"].as_str().unwrap().to_owned(),
+                e["detail"]["approval_id"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect();
+    for (step, which) in [
+        ("approval.requested", &id),
+        ("approval.approved", &id),
+        ("approval.executed", &id),
+        ("approval.rejected", &rejected_id),
+        ("approval.cancelled", &cancel_id),
+        ("approval.expired", &expiring),
+    ] {
+        assert!(
+            steps.iter().any(|(s, i)| s == step && i == which),
+            "{step} of {which} missing from {steps:?}"
+        );
+    }
+    let executed = events
+        .iter()
+        .find(|e| e["action"] == "approval.executed")
+        .unwrap();
+    assert_eq!(executed["detail"]["request_hash"], asked_hash(&events, &id));
+    assert!(executed["after"].is_string(), "{executed}");
+    let verify = std::process::Command::new(KMS)
+        .current_dir(dir.path())
+        .args(["audit", "verify"])
+        .output()
+        .unwrap();
+    assert!(verify.status.success(), "{}", stderr(&verify));
+}
+
+/// The hash the `approval.requested` record of `id` carries.
+fn asked_hash(events: &[Value], id: &str) -> Value {
+    events
+        .iter()
+        .find(|e| e["action"] == "approval.requested" && e["detail"]["approval_id"] == id)
+        .map(|e| e["detail"]["request_hash"].clone())
+        .unwrap()
+}
+
+#[test]
+fn only_registered_active_unexpired_operators_reach_the_admin_plane() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(KMS, dir.path());
+
+    // A certificate from the operator CA that no one registered.
+    let issued = server.kms_json(&["dev", "issue-operator", "stranger"]);
+    assert_eq!(
+        issued["identity"],
+        "spiffe://operators.sovereign-kms.local/operator/stranger"
+    );
+    for args in [
+        &["--as", "stranger", "key", "list"][..],
+        &["--as", "stranger", "policy", "list"],
+        &["--as", "stranger", "approval", "list"],
+        &["--as", "stranger", "key", "create"],
+    ] {
+        let e = refused(&server, args);
+        assert!(
+            e.contains("not registered in the operator inventory"),
+            "{args:?}: {e}"
+        );
+    }
+
+    // Registered (a gated change), it works; deactivated (gated), it is refused again.
+    let cert = dir.path().join(".kms/pki/stranger.pem");
+    server.kms_approved(&[
+        "operator",
+        "register",
+        "stranger",
+        "--cert",
+        cert.to_str().unwrap(),
+        "--owner",
+        "tests",
+        "--role",
+        "operator",
+    ]);
+    server.kms_json(&["--as", "stranger", "key", "list"]);
+    let me = server.kms_json(&["--as", "stranger", "operator", "whoami"]);
+    assert_eq!(me["name"], "stranger");
+    server.kms_approved(&["operator", "deactivate", "stranger"]);
+    let e = refused(&server, &["--as", "stranger", "key", "list"]);
+    assert!(e.contains("deactivated"), "{e}");
+
+    // One whose registration expires: refused once the clock passes it.
+    server.kms_json(&["dev", "issue-operator", "shortlived"]);
+    let cert = dir.path().join(".kms/pki/shortlived.pem");
+    server.kms_approved(&[
+        "operator",
+        "register",
+        "shortlived",
+        "--cert",
+        cert.to_str().unwrap(),
+        "--owner",
+        "tests",
+        "--role",
+        "operator",
+        "--expires",
+        "2h",
+    ]);
+    server.kms_json(&["--as", "shortlived", "key", "list"]);
+    server.kms_json(&["dev", "advance-clock", "3h"]);
+    let e = refused(&server, &["--as", "shortlived", "key", "list"]);
+    assert!(e.contains("registration has expired"), "{e}");
+
+    // The auditor reads (keys, policies, approvals, the audit log) and changes nothing.
+    server.kms_json(&["--as", "auditor", "key", "list"]);
+    server.kms_json(&["--as", "auditor", "policy", "list"]);
+    let listed = server.kms(&["--as", "auditor", "operator", "list", "--json"]);
+    assert!(listed.status.success(), "{}", stderr(&listed));
+    assert_eq!(String::from_utf8_lossy(&listed.stdout).lines().count(), 5);
+    let export = server.kms(&[
+        "--as",
+        "auditor",
+        "--server",
+        &server.admin,
+        "audit",
+        "export",
+    ]);
+    assert!(export.status.success(), "{}", stderr(&export));
+    assert!(String::from_utf8_lossy(&export.stdout).contains("approval.executed"));
+    let policy = write(
+        dir.path(),
+        "p.cedar",
+        "forbid (principal, action, resource);\n",
+    );
+    for args in [
+        &["--as", "auditor", "key", "create"][..],
+        &["--as", "auditor", "policy", "put", "x", "--file", &policy],
+        &["--as", "auditor", "operator", "deactivate", "operator1"],
+    ] {
+        let e = refused(&server, args);
+        assert!(e.contains("read-only"), "{args:?}: {e}");
+    }
+
+    // Each refusal is on record with its reason.
+    server.stop();
+    let events = audit_events(KMS, dir.path());
+    for reason in [
+        "operator.unregistered",
+        "operator.deactivated",
+        "operator.expired",
+        "operator.read_only",
+    ] {
+        assert!(
+            events
+                .iter()
+                .any(|e| e["reason"] == reason && e["decision"] == "deny"),
+            "no refusal recorded as {reason}"
+        );
+    }
+}
+
+#[test]
+fn changing_the_rules_is_gated_and_an_unreachable_quorum_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(KMS, dir.path());
+    let rules = server.kms_json(&["approval", "rules"]);
+    assert_eq!(rules["required"], 2);
+    assert_eq!(rules["operators"], 3);
+    assert!(rules["warning"].is_null());
+
+    // M = 3 needs three operators besides the requester; the dev deployment has three in all.
+    let changed = server.kms_approved(&["approval", "set-rules", "--required", "3"]);
+    assert_eq!(changed["result"]["after"]["required"], 3);
+    let rules = server.kms_json(&["approval", "rules"]);
+    assert_eq!(rules["required"], 3);
+    assert!(
+        rules["warning"]
+            .as_str()
+            .unwrap()
+            .contains("no gated change can run"),
+        "{rules}"
+    );
+    let listed = server.kms(&["approval", "list"]);
+    assert!(
+        stderr(&listed).contains("no gated change can run"),
+        "{}",
+        stderr(&listed)
+    );
+
+    // Under the new rule two approvals no longer suffice.
+    let policy = write(
+        dir.path(),
+        "p.cedar",
+        "forbid (principal, action, resource);\n",
+    );
+    let asked = server.kms_json(&["policy", "put", "p", "--file", &policy]);
+    let id = asked["approval_id"].as_str().unwrap().to_owned();
+    assert_eq!(asked["required"], 3);
+    server.kms_json(&["--as", "operator2", "approval", "approve", &id]);
+    let two = server.kms_json(&["--as", "operator3", "approval", "approve", &id]);
+    assert_eq!(two["state"], "pending", "{two}");
+
+    // A restart says so too.
+    server.stop();
+    let server = Server::start(KMS, dir.path());
+    assert!(
+        server.log_shows(
+            "no gated change can run",
+            std::time::Duration::from_secs(10)
+        ),
+        "{}",
+        server.log()
+    );
+}
