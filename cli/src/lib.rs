@@ -27,6 +27,7 @@ mod key;
 mod operator;
 mod output;
 mod policy;
+mod seal;
 mod serve;
 mod trust_bundle;
 
@@ -90,6 +91,13 @@ enum Command {
     /// M-of-N approvals of gated changes: list, show, approve, reject, cancel (admin plane).
     #[command(subcommand, alias = "approvals")]
     Approval(approval::ApprovalCommand),
+    /// Emergency seal: refuse every data-plane call and drop key material from memory at
+    /// once (any one operator; survives restarts).
+    Seal(seal::SealArgs),
+    /// Ask to unseal (gated: runs once M other operators approve).
+    Unseal,
+    /// Whether the service is sealed, by whom and why.
+    Status,
     /// Development helpers: more operator certificates, a faster clock.
     #[command(subcommand)]
     Dev(dev::DevCommand),
@@ -188,6 +196,9 @@ fn run(cli: Cli) -> Result<(), Error> {
             (Command::Bench(args), _) => bench::run(args, &cli.connect, cli.json).await,
             (Command::Operator(cmd), _) => operator::run(cmd, &cli.connect, cli.json).await,
             (Command::Approval(cmd), _) => approval::run(cmd, &cli.connect, cli.json).await,
+            (Command::Seal(args), _) => seal::seal(args, &cli.connect, cli.json).await,
+            (Command::Unseal, _) => seal::unseal(&cli.connect, cli.json).await,
+            (Command::Status, _) => seal::status(&cli.connect, cli.json).await,
             (Command::Serve(_), None)
             | (Command::Ceremony(_), _)
             | (Command::Hsm(_), _)

@@ -121,6 +121,9 @@ pub enum Error {
     /// The recovery authority refused (a share, a transcript, a seal).
     #[error(transparent)]
     Recovery(#[from] recovery::Error),
+    /// The service is sealed: no key is used until it is unsealed (with approvals).
+    #[error("service sealed")]
+    Sealed,
     /// The HSM failed.
     #[error("hsm")]
     Hsm(#[source] hsm_bridge::Error),
@@ -247,6 +250,9 @@ pub enum InvalidInput {
     /// Approval rules.
     #[error("approval rules (required 1-16, expiry 1m-30d, gated actions among the gatable ones and always admin.SetApprovalRules)")]
     ApprovalRules,
+    /// Seal reason.
+    #[error("seal reason (1-1024 characters, no control characters)")]
+    SealReason,
     /// Approval state name.
     #[error(
         "approval state (pending, approved, executed, failed, rejected, cancelled or expired)"
@@ -322,6 +328,7 @@ impl Error {
             | Error::PolicyNotFound { .. }
             | Error::WorkloadNotFound { .. } => ErrorClass::NotFoundOrDenied,
             Error::Hsm(h) if h.is_retryable() => ErrorClass::Unavailable,
+            Error::Sealed => ErrorClass::Unavailable,
             Error::Hsm(_)
             | Error::Internal(_)
             | Error::AuditCorrupt { .. }

@@ -36,6 +36,7 @@ mod ids;
 mod key;
 mod kms;
 mod op;
+pub mod seal;
 mod secret;
 pub mod store;
 

@@ -211,6 +211,7 @@ impl Facts {
                 Some("allow"),
                 match e {
                     Error::Hsm(_) => "hsm failure",
+                    Error::Sealed => "service sealed",
                     _ => "internal error",
                 },
             ),

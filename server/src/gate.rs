@@ -52,6 +52,8 @@ const UNDECODABLE: &str = "request could not be decoded";
 const TOO_LARGE: &str = "request too large";
 /// What a caller is told for a method this listener does not serve.
 const UNSERVED: &str = "method not served on this listener";
+/// What every data-plane caller is told while the service is sealed.
+pub(crate) const SEALED: &str = "service sealed";
 /// Longest method path copied into a record.
 const MAX_RECORDED_PATH: usize = 128;
 
@@ -147,6 +149,8 @@ struct Shared {
     gov: Arc<Governance>,
     reflection: Reflection,
     budget: Mutex<Budget>,
+    /// Set while the service is sealed: the data plane refuses every request.
+    sealed: Arc<AtomicBool>,
 }
 
 /// Individually recorded refusals left this second, and what was only counted.
@@ -163,6 +167,7 @@ impl GateLayer {
         audit: Audit,
         gov: Arc<Governance>,
         reflection: Reflection,
+        sealed: Arc<AtomicBool>,
     ) -> Self {
         Self {
             shared: Arc::new(Shared {
@@ -170,6 +175,7 @@ impl GateLayer {
                 audit,
                 gov,
                 reflection,
+                sealed,
                 budget: Mutex::new(Budget {
                     second: monotonic(),
                     left: UNAUTHENTICATED_PER_SEC,
@@ -295,6 +301,19 @@ impl Shared {
             .extensions()
             .get::<TlsConnectInfo<TcpConnectInfo>>()
             .and_then(TlsConnectInfo::peer_certs);
+        if self.plane == Plane::Data && self.sealed.load(Ordering::SeqCst) {
+            // Before any credential is looked at: a sealed service answers nobody. Counted
+            // like an anonymous refusal, so a flood cannot fill the log.
+            return Err(Refused {
+                anonymous: true,
+                refusal: Refusal {
+                    principal: Principal::Anonymous,
+                    auth: "none",
+                    reason: "service.sealed",
+                    status: Status::unavailable(SEALED),
+                },
+            });
+        }
         let (principal, auth) = match self.plane {
             Plane::Data => {
                 let who = self

@@ -226,12 +226,14 @@ impl Bound {
             services.audit.clone(),
             services.gov.clone(),
             services.reflection,
+            services.kms.sealed_flag(),
         );
         let admin_gate = gate::GateLayer::new(
             gate::Plane::Admin,
             services.audit.clone(),
             services.gov.clone(),
             services.reflection,
+            services.kms.sealed_flag(),
         );
 
         let (data_health, data_health_svc) = tonic_health::server::health_reporter();

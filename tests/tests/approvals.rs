@@ -371,3 +371,94 @@ fn changing_the_rules_is_gated_and_an_unreachable_quorum_is_reported() {
         server.log()
     );
 }
+
+#[test]
+fn one_operator_seals_at_once_and_unsealing_needs_m_approvals() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(KMS, dir.path());
+    server.kms_json(&["key", "create", "--alias", "soft"]);
+    server.kms_json(&["key", "create", "--alias", "hard", "--protection", "hsm"]);
+    let mut blobs = Vec::new();
+    for key in ["soft", "hard"] {
+        let made = server.kms_json(&["data", "generate-key", "--key", key, "--context", "t=1"]);
+        blobs.push((
+            made["ciphertext"].as_str().unwrap().to_owned(),
+            made["plaintext"].as_str().unwrap().to_owned(),
+        ));
+    }
+
+    let sealed = server.kms_json(&["--as", "operator2", "seal", "--reason", "suspected leak"]);
+    assert_eq!(sealed["sealed"], true);
+    assert_eq!(sealed["reason"], "suspected leak");
+    let data_refused = |server: &Server| {
+        for (ciphertext, _) in &blobs {
+            let e = refused(
+                server,
+                &[
+                    "data",
+                    "decrypt",
+                    "--ciphertext",
+                    ciphertext,
+                    "--context",
+                    "t=1",
+                ],
+            );
+            assert!(e.contains("service sealed"), "{e}");
+        }
+        let e = refused(server, &["data", "generate-key", "--key", "soft"]);
+        assert!(e.contains("service sealed"), "{e}");
+    };
+    data_refused(&server);
+    // Admin reads still answer; key changes wait for the unseal.
+    server.kms_json(&["key", "describe", "soft"]);
+    server.kms_json(&["--as", "auditor", "status"]);
+    let e = refused(&server, &["key", "create"]);
+    assert!(e.contains("service sealed"), "{e}");
+    let e = refused(&server, &["key", "rotate", "soft"]);
+    assert!(e.contains("service sealed"), "{e}");
+
+    // A restart stays sealed.
+    server.stop();
+    let server = Server::start(KMS, dir.path());
+    assert_eq!(server.kms_json(&["status"])["sealed"], true);
+    data_refused(&server);
+
+    // Unseal is a gated change: one approval is not enough.
+    let asked = server.kms_json(&["--as", "operator2", "unseal"]);
+    assert_eq!(asked["state"], "pending", "{asked}");
+    let id = asked["approval_id"].as_str().unwrap().to_owned();
+    let one = server.kms_json(&["--as", "operator1", "approval", "approve", &id]);
+    assert_eq!(one["state"], "pending");
+    data_refused(&server);
+    let ran = server.kms_json(&["--as", "operator3", "approval", "approve", &id]);
+    assert_eq!(ran["state"], "executed", "{ran}");
+    assert_eq!(server.kms_json(&["status"])["sealed"], false);
+    for (ciphertext, plaintext) in &blobs {
+        let opened = server.kms_json(&[
+            "data",
+            "decrypt",
+            "--ciphertext",
+            ciphertext,
+            "--context",
+            "t=1",
+        ]);
+        assert_eq!(opened["plaintext"].as_str().unwrap(), plaintext);
+    }
+    server.kms_json(&["key", "rotate", "soft"]);
+
+    server.stop();
+    let events = audit_events(KMS, dir.path());
+    let sealed = events
+        .iter()
+        .find(|e| e["action"] == "service.sealed")
+        .unwrap();
+    assert_eq!(sealed["reason"], "suspected leak");
+    assert_eq!(
+        sealed["principal"],
+        "spiffe://operators.sovereign-kms.local/operator/operator2"
+    );
+    assert!(events
+        .iter()
+        .any(|e| e["action"] == "approval.executed" && e["detail"]["change"] == "admin.Unseal"));
+    assert!(events.iter().any(|e| e["reason"] == "service.sealed"));
+}

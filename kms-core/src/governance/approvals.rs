@@ -23,7 +23,7 @@ use crate::error::{Error, InvalidInput};
 use crate::store::{Change, Row, Store, Table};
 
 /// Every action that can be gated, in the order the docs list them.
-pub const GATED_ACTIONS: [&str; 12] = [
+pub const GATED_ACTIONS: [&str; 13] = [
     "admin.PutPolicy",
     "admin.DeletePolicy",
     "admin.SetTrustBundle",
@@ -35,6 +35,7 @@ pub const GATED_ACTIONS: [&str; 12] = [
     "admin.RegisterOperator",
     "admin.UpdateOperator",
     "admin.DeactivateOperator",
+    "admin.Unseal",
     SET_RULES,
 ];
 

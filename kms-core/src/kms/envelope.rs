@@ -365,6 +365,7 @@ impl Kms {
                 .hsm
                 .aes_gcm_encrypt(*token_key, &nonce, &aad, plaintext)?,
             VersionKey::Software(key) => software_seal(key, &nonce, &aad, plaintext)?,
+            VersionKey::Sealed => return Err(Error::Sealed),
         };
         Ok(Sealed {
             key_id: entry.record.id,
@@ -397,6 +398,7 @@ impl Kms {
                     .aes_gcm_decrypt(*token_key, &header.nonce, &aad, blob.sealed)?,
             )),
             VersionKey::Software(key) => software_open(key, &header.nonce, &aad, blob.sealed),
+            VersionKey::Sealed => Err(Error::Sealed),
         }
     }
 }

@@ -15,13 +15,19 @@ use crate::key::{kek_wrap_aad, KeyRecord, StoredMaterial, VersionRecord};
 use crate::secret::{Kek, KEK_LEN};
 use crate::store::{Change, Table};
 
-pub(super) fn load(deps: &Deps) -> Result<Cache, Error> {
+/// Every key from the store; with `sealed`, no version is made usable (nothing is unwrapped
+/// and no token object looked up): each is [`VersionKey::Sealed`].
+pub(super) fn load(deps: &Deps, sealed: bool) -> Result<Cache, Error> {
     let mut cache = Cache::default();
     let mut versions: BTreeMap<KeyId, BTreeMap<KeyVersion, Arc<VersionKey>>> = BTreeMap::new();
     let mut index = None;
     for row in deps.store.scan(Table::Versions)? {
         let record: VersionRecord = decode(Table::Versions, &row.value)?;
-        let key = materialize(deps.hsm.as_ref(), &record, &mut index)?;
+        let key = if sealed {
+            VersionKey::Sealed
+        } else {
+            materialize(deps.hsm.as_ref(), &record, &mut index)?
+        };
         versions
             .entry(record.key_id)
             .or_default()

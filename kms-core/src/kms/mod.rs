@@ -11,6 +11,7 @@ mod envelope;
 mod material;
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use aws_lc_rs::aead::LessSafeKey;
@@ -29,6 +30,7 @@ use crate::key::{
     kek_wrap_aad, Escrow, KeyRecord, KeyState, Labels, Protection, StoredMaterial, VersionRecord,
 };
 use crate::op::Op;
+use crate::seal::SealRecord;
 use crate::secret::{Dek, Kek, Plaintext};
 use crate::store::{Change, Store, Table};
 
@@ -121,6 +123,8 @@ pub struct Kms {
     cache: RwLock<Cache>,
     /// Serialises read-modify-write changes to key records.
     admin: Mutex<()>,
+    /// Set while the service is sealed.
+    sealed: Arc<AtomicBool>,
 }
 
 /// Whether `hsm` versions can be created, decided once at open.
@@ -170,12 +174,18 @@ enum VersionKey {
     Hsm(TokenKey),
     /// Unwrapped material in aws-lc's key schedule, wiped by aws-lc when dropped.
     Software(LessSafeKey),
+    /// Not usable: the service is sealed.
+    Sealed,
 }
 
 impl Kms {
     /// Loads every key from the store and makes each version usable.
     pub fn open(deps: Deps) -> Result<Self, Error> {
-        let cache = load(&deps)?;
+        let seal = crate::seal::load(deps.store.as_ref())?;
+        if let Some(s) = &seal {
+            tracing::warn!(sealed_by = %s.sealed_by, reason = %s.reason, "the service is sealed: no key is usable until `kms unseal` is approved");
+        }
+        let cache = load(&deps, seal.is_some())?;
         let custody = crate::custody::load(deps.store.as_ref())?;
         let hsm_escrow = match &custody {
             None => HsmEscrow::NoCustody,
@@ -216,12 +226,75 @@ impl Kms {
             hsm_escrow,
             cache: RwLock::new(cache),
             admin: Mutex::new(()),
+            sealed: Arc::new(AtomicBool::new(seal.is_some())),
         })
+    }
+
+    /// The flag that says the service is sealed, for the data plane's gate to refuse every
+    /// request before it is read.
+    pub fn sealed_flag(&self) -> Arc<AtomicBool> {
+        self.sealed.clone()
+    }
+
+    /// True while the service is sealed.
+    pub fn is_sealed(&self) -> bool {
+        self.sealed.load(Ordering::SeqCst)
+    }
+
+    /// Seals the service: the seal is written (synced) first, then every key version is
+    /// dropped from memory (software material is wiped as aws-lc drops it). Key metadata
+    /// stays, for admin reads. Sealing a sealed service keeps the first record.
+    pub fn seal_service(&self, record: &SealRecord) -> Result<SealRecord, Error> {
+        let _admin = self.admin.lock();
+        if let Some(existing) = crate::seal::load(self.deps.store.as_ref())? {
+            self.drop_material();
+            return Ok(existing);
+        }
+        self.deps.store.write(vec![crate::seal::put(record)?])?;
+        self.drop_material();
+        tracing::warn!(sealed_by = %record.sealed_by, reason = %record.reason, "service sealed");
+        Ok(record.clone())
+    }
+
+    fn drop_material(&self) {
+        self.sealed.store(true, Ordering::SeqCst);
+        let mut cache = self.cache.write();
+        for entry in cache.keys.values_mut() {
+            let mut sealed = entry.as_ref().clone();
+            for key in sealed.versions.values_mut() {
+                *key = Arc::new(VersionKey::Sealed);
+            }
+            *entry = Arc::new(sealed);
+        }
+    }
+
+    /// Unseals: every version is made usable again from the store and the token, and only
+    /// then is the seal removed. Returns the seal that was lifted (`None` if not sealed).
+    pub fn unseal_service(&self) -> Result<Option<SealRecord>, Error> {
+        let _admin = self.admin.lock();
+        let Some(record) = crate::seal::load(self.deps.store.as_ref())? else {
+            self.sealed.store(false, Ordering::SeqCst);
+            return Ok(None);
+        };
+        let cache = load(&self.deps, false)?;
+        self.deps.store.write(vec![crate::seal::remove()])?;
+        *self.cache.write() = cache;
+        self.sealed.store(false, Ordering::SeqCst);
+        tracing::warn!("service unsealed");
+        Ok(Some(record))
+    }
+
+    fn refuse_if_sealed(&self) -> Result<(), Error> {
+        if self.is_sealed() {
+            return Err(Error::Sealed);
+        }
+        Ok(())
     }
 
     /// Creates a key with its first version.
     pub fn create_key(&self, spec: NewKey) -> Result<KeyRecord, Error> {
         let _admin = self.admin.lock();
+        self.refuse_if_sealed()?;
         if let Some(alias) = &spec.alias {
             if let Some((taken, _)) = self.cache.read().alias_owner(alias) {
                 return Err(Error::AliasTaken { alias: taken });
@@ -284,6 +357,7 @@ impl Kms {
     /// Adds a version; new encryptions use it, older versions still decrypt.
     pub fn rotate_key(&self, key: &KeyRef) -> Result<KeyRecord, Error> {
         let _admin = self.admin.lock();
+        self.refuse_if_sealed()?;
         let entry = self.entry(key)?;
         if entry.record.state != KeyState::Enabled {
             return Err(Error::KeyState {

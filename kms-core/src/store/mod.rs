@@ -41,11 +41,13 @@ pub enum Table {
     Operators,
     /// `rules` → approval rules; `req/<id>` → approval request.
     Approvals,
+    /// `seal` → the emergency seal, while the service is sealed.
+    ServiceState,
 }
 
 impl Table {
     /// Every table, for opening.
-    pub const ALL: [Table; 14] = [
+    pub const ALL: [Table; 15] = [
         Table::Aliases,
         Table::Keys,
         Table::Versions,
@@ -60,6 +62,7 @@ impl Table {
         Table::Custody,
         Table::Operators,
         Table::Approvals,
+        Table::ServiceState,
     ];
 
     /// Column family name.
@@ -79,6 +82,7 @@ impl Table {
             Table::Custody => "custody",
             Table::Operators => "operators",
             Table::Approvals => "approvals",
+            Table::ServiceState => "service_state",
         }
     }
 }

@@ -12,12 +12,12 @@ use kms_core::governance::approvals::{
     ApprovalRequest, ApprovalRules, ApprovalState, NewRequest, Progress, GATED_ACTIONS,
 };
 use kms_core::governance::operators::Role;
-use kms_core::{OperatorId, Principal};
+use kms_core::{Kms, OperatorId, Principal};
 use prost::Message;
 use serde::Serialize;
 use tonic::{Request, Response, Status};
 
-use super::{core, inventory, operators, policy, trust, AdminService, Changed};
+use super::{core, inventory, operators, policy, seal, trust, AdminService, Changed};
 use crate::audit::status_word;
 use crate::governance::Governance;
 
@@ -41,6 +41,7 @@ pending!(
     api::v1::TrustBundle,
     api::v1::WorkloadInfo,
     api::v1::OperatorInfo,
+    api::v1::ServiceStatus,
     RulesInfo
 );
 
@@ -73,7 +74,13 @@ fn decode<R: Message + Default>(bytes: &[u8]) -> Result<R, Status> {
 
 /// Runs a stored request as `who` (its requester). Every gated action is here, and nothing
 /// else: a request whose action is not listed cannot have been stored.
-fn execute(gov: &Governance, action: &str, bytes: &[u8], who: &str) -> Result<Ran, Status> {
+fn execute(
+    kms: &Kms,
+    gov: &Governance,
+    action: &str,
+    bytes: &[u8],
+    who: &str,
+) -> Result<Ran, Status> {
     Ok(match action {
         "admin.PutPolicy" => policy::apply_put(gov, decode(bytes)?, who)?.into(),
         "admin.DeletePolicy" => policy::apply_delete(gov, decode(bytes)?, who)?.into(),
@@ -87,6 +94,7 @@ fn execute(gov: &Governance, action: &str, bytes: &[u8], who: &str) -> Result<Ra
         "admin.UpdateOperator" => operators::apply_update(gov, decode(bytes)?, who)?.into(),
         "admin.DeactivateOperator" => operators::apply_deactivate(gov, decode(bytes)?, who)?.into(),
         "admin.SetApprovalRules" => apply_set_rules(gov, decode(bytes)?, who)?.into(),
+        "admin.Unseal" => seal::apply_unseal(kms, decode(bytes)?, who)?.into(),
         _ => return Err(Status::internal("approval request of an unknown action")),
     })
 }
@@ -373,12 +381,13 @@ async fn approve_locked(
         return Ok(req);
     };
     let gov = svc.gov.clone();
+    let kms = svc.kms.clone();
     let (action, bytes, requester) = (
         req.action.clone(),
         req.request.clone(),
         req.requested_by.clone(),
     );
-    let ran = tokio::task::spawn_blocking(move || execute(&gov, &action, &bytes, &requester))
+    let ran = tokio::task::spawn_blocking(move || execute(&kms, &gov, &action, &bytes, &requester))
         .await
         .map_err(|_| Status::internal("internal error"))?;
     let finished = svc.gov.clock.now_unix();

@@ -16,6 +16,7 @@ mod inventory;
 mod keys;
 mod operators;
 mod policy;
+mod seal;
 mod status;
 mod trust;
 
@@ -39,6 +40,7 @@ use api::v1::{
     TestPolicyRequest, TestPolicyResponse, TrustBundle, TrustDomainRequest, UpdateWorkloadRequest,
     WorkloadInfo, WorkloadRequest,
 };
+use api::v1::{GetServiceStatusRequest, SealRequest, ServiceStatus, UnsealRequest};
 use kms_core::audit::{object_hash, AuditEvent};
 use kms_core::governance::approvals::NewRequest;
 use kms_core::{KeyRecord, KeyRef, Kms, OperatorId, Principal, Store};
@@ -369,10 +371,13 @@ routes! {
     cancel_change(ApprovalId) -> ApprovalInfo => approval::cancel;
     get_approval_rules(GetApprovalRulesRequest) -> ApprovalRules => approval::get_rules;
     set_approval_rules(SetApprovalRulesRequest) -> ApprovalRules => approval::set_rules;
+    seal(SealRequest) -> ServiceStatus => seal::seal;
+    unseal(UnsealRequest) -> ServiceStatus => seal::unseal;
+    get_service_status(GetServiceStatusRequest) -> ServiceStatus => seal::status;
 }
 
 /// The admin RPCs an operator with only the `auditor` role may call: reads, never changes.
-pub(crate) const READ_ONLY_METHODS: [&str; 18] = [
+pub(crate) const READ_ONLY_METHODS: [&str; 19] = [
     "DescribeKey",
     "ListKeys",
     "KeyCoverage",
@@ -391,6 +396,7 @@ pub(crate) const READ_ONLY_METHODS: [&str; 18] = [
     "ListApprovals",
     "GetApproval",
     "GetApprovalRules",
+    "GetServiceStatus",
 ];
 
 /// A key id or alias as an operator sent it.

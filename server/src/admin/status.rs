@@ -25,6 +25,9 @@ pub(crate) fn to_status(e: &Error) -> Status {
             _ => Status::failed_precondition(e.to_string()),
         },
         ErrorClass::DecryptFailed => Status::invalid_argument("decryption failed"),
+        ErrorClass::Unavailable if matches!(e, Error::Sealed) => {
+            Status::unavailable("service sealed: key changes wait until `kms unseal` is approved")
+        }
         ErrorClass::Unavailable => Status::unavailable("hsm temporarily unavailable; retry"),
         ErrorClass::Internal => {
             tracing::error!(error = %e, source = ?std::error::Error::source(e), "admin request failed");

@@ -32,6 +32,9 @@ pub(crate) fn to_status(e: &Error) -> Status {
             }
             _ => Status::failed_precondition(e.to_string()),
         },
+        ErrorClass::Unavailable if matches!(e, Error::Sealed) => {
+            Status::unavailable(crate::gate::SEALED)
+        }
         ErrorClass::Unavailable => {
             tracing::warn!(error = %e, "hsm unavailable");
             Status::unavailable("hsm temporarily unavailable; retry")
