@@ -180,15 +180,7 @@ impl Server {
     /// approved as [`Server::kms_approved`] does. Returns what the command printed, or the
     /// executed approval request.
     pub fn kms_change(&self, args: &[&str]) -> Value {
-        let mut all = args.to_vec();
-        all.push("--json");
-        let out = self.kms(&all);
-        assert!(
-            out.status.success(),
-            "kms {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let printed: Value = serde_json::from_slice(&out.stdout).expect("kms --json prints JSON");
+        let printed = self.kms_json(args);
         if printed["state"] == "pending" && printed["approval_id"].is_string() {
             return self.approve_all(args, printed);
         }
