@@ -100,7 +100,7 @@ pub(crate) async fn run(
         }) => {
             let identity = match (identity, cert) {
                 (Some(id), _) => id,
-                (None, Some(path)) => identity_of(&path)?,
+                (None, Some(path)) => identity_of(&path)?.to_string(),
                 (None, None) => return Err(Error::Usage("give --identity or --cert".into())),
             };
             let o = client
@@ -179,8 +179,9 @@ pub(crate) async fn run(
     }
 }
 
-/// The identity the admin plane takes from the certificate in `path`.
-fn identity_of(path: &std::path::Path) -> Result<String, Error> {
+/// The identity the admin plane takes from the certificate in `path` (its first PEM
+/// certificate).
+pub(crate) fn identity_of(path: &std::path::Path) -> Result<kms_core::OperatorId, Error> {
     use rustls_pki_types::pem::PemObject;
     let pem = crate::error::read(path)?;
     let cert = rustls_pki_types::CertificateDer::pem_slice_iter(&pem)
@@ -188,7 +189,6 @@ fn identity_of(path: &std::path::Path) -> Result<String, Error> {
         .and_then(Result::ok)
         .ok_or_else(|| Error::Usage(format!("{} holds no PEM certificate", path.display())))?;
     server::operator_identity(cert.as_ref())
-        .map(|id| id.to_string())
         .ok_or_else(|| Error::Usage(format!("{} does not parse", path.display())))
 }
 

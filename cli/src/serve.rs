@@ -580,11 +580,7 @@ fn seed_operators(
                 .parse()
                 .map_err(|e: kms_core::Error| bad(e.to_string()))?,
             (None, Some(path)) => {
-                let pem = crate::error::read(path)?;
-                let der = rustls_pemfile_der(&pem)
-                    .ok_or_else(|| bad(format!("{} holds no certificate", path.display())))?;
-                server::operator_identity(&der)
-                    .ok_or_else(|| bad(format!("{} does not parse", path.display())))?
+                crate::operator::identity_of(path).map_err(|e| bad(e.to_string()))?
             }
             _ => return Err(bad("give exactly one of identity and certificate".into())),
         };
@@ -623,49 +619,19 @@ fn seed_operators(
     Ok(())
 }
 
-/// The first certificate of a PEM file, as DER.
-fn rustls_pemfile_der(pem: &[u8]) -> Option<Vec<u8>> {
-    use rustls_pki_types::pem::PemObject;
-    rustls_pki_types::CertificateDer::pem_slice_iter(pem)
-        .next()?
-        .ok()
-        .map(|c| c.as_ref().to_vec())
-}
-
 /// Says at start, in the log and the audit log, when no gated change can reach its quorum.
 fn report_approvals(gov: &Governance, log: &AuditLog) -> Result<(), Error> {
-    let rules = gov.approvals.rules();
-    let now = gov.clock.now_unix();
-    let operators = gov
-        .operators
-        .count_with(kms_core::governance::operators::Role::Operator, now);
-    let needed = usize::try_from(rules.required)
-        .unwrap_or(usize::MAX)
-        .saturating_add(1);
-    if operators >= needed {
+    let Some(warning) = gov.quorum_warning() else {
         tracing::info!(
-            required = rules.required,
-            operators,
+            required = gov.approvals.rules().required,
             "approvals: M-of-N in force"
         );
         return Ok(());
-    }
-    tracing::warn!(
-        required = rules.required,
-        operators,
-        "approvals: only {operators} active operator(s) are registered, and a gated change needs \
-         {} approval(s) from operators other than its requester: no gated change can run until \
-         at least {needed} are registered",
-        rules.required
-    );
+    };
+    tracing::warn!("approvals: {warning}");
     let mut event = AuditEvent::new("approval.quorum_unreachable", "warning");
     event.principal = Some(SEEDER.into());
-    event
-        .detail
-        .insert("operators".into(), operators.to_string());
-    event
-        .detail
-        .insert("required".into(), rules.required.to_string());
+    event.reason = Some(warning);
     log.submit(event)
         .wait_blocking()
         .map(|_| ())

@@ -86,6 +86,26 @@ pub(crate) struct Refusal {
 }
 
 impl Governance {
+    /// Why no gated change can run now, if too few operators are registered: a change needs
+    /// M approvals from operators other than its requester, so M + 1 active operators.
+    pub fn quorum_warning(&self) -> Option<String> {
+        let now = self.clock.now_unix();
+        let operators = self
+            .operators
+            .count_with(kms_core::governance::operators::Role::Operator, now);
+        let required = self.approvals.rules().required;
+        let needed = usize::try_from(required)
+            .unwrap_or(usize::MAX)
+            .saturating_add(1);
+        (operators < needed).then(|| {
+            format!(
+                "only {operators} active operator(s) registered: a gated change needs \
+                 {required} approval(s) from operators other than its requester, so at least \
+                 {needed} must be registered; until then no gated change can run"
+            )
+        })
+    }
+
     /// Loads the stored trust bundles into the authenticator.
     pub fn load_bundles(&self) -> Result<(), crate::Error> {
         let stored =

@@ -99,24 +99,6 @@ fn execute(
     })
 }
 
-/// The warning shown while too few operators are registered for any change to reach
-/// quorum.
-pub(crate) fn quorum_warning(gov: &Governance) -> Option<String> {
-    let now = gov.clock.now_unix();
-    let operators = gov.operators.count_with(Role::Operator, now);
-    let required = gov.approvals.rules().required;
-    let needed = usize::try_from(required)
-        .unwrap_or(usize::MAX)
-        .saturating_add(1);
-    (operators < needed).then(|| {
-        format!(
-            "only {operators} active operator(s) registered: a gated change needs {required} \
-             approval(s) from operators other than its requester, so at least {needed} must be \
-             registered; until then no gated change can run"
-        )
-    })
-}
-
 fn name_of(gov: &Governance, identity: &str) -> String {
     gov.operators
         .by_identity(identity)
@@ -180,11 +162,7 @@ impl AdminService {
         let rules = self.gov.approvals.rules();
         let now = self.gov.clock.now_unix();
         let req = ApprovalRequest::new(hex::encode(id), new, &rules, now);
-        let gov = self.gov.clone();
-        let stored = req.clone();
-        tokio::task::spawn_blocking(move || core(gov.approvals.save(&stored)))
-            .await
-            .map_err(|_| Status::internal("internal error"))??;
+        self.save(&req).await?;
         let mut event = step_event("requested", &req, operator);
         event
             .detail
@@ -266,33 +244,41 @@ pub(super) async fn list(
         s => Some(core(s.parse::<ApprovalState>())?),
     };
     let (operator, _) = svc.who(&request)?;
-    // Expire what is due first, so that a listing never shows a dead request as pending.
-    let due: Vec<String> = {
+    // Expire what is due as it is read, so that a listing never shows a dead request as
+    // pending: one scan, and a write only for what just expired.
+    let all = {
+        let _serial = svc.gov.approval_lock.lock().await;
         let gov = svc.gov.clone();
         let now = gov.clock.now_unix();
-        tokio::task::spawn_blocking(move || core(gov.approvals.all()))
-            .await
-            .map_err(|_| Status::internal("internal error"))??
-            .into_iter()
-            .filter(|r| r.state == ApprovalState::Pending && now >= r.expires_at)
-            .map(|r| r.id)
-            .collect()
-    };
-    if !due.is_empty() {
-        let _serial = svc.gov.approval_lock.lock().await;
-        for id in due {
-            svc.load(&id, &operator).await?;
+        let (all, expired) = tokio::task::spawn_blocking(move || {
+            let mut all = core(gov.approvals.all())?;
+            let mut expired = Vec::new();
+            for r in &mut all {
+                if r.expire_if_due(now) {
+                    core(gov.approvals.save(r))?;
+                    expired.push(r.clone());
+                }
+            }
+            Ok::<_, Status>((all, expired))
+        })
+        .await
+        .map_err(|_| Status::internal("internal error"))??;
+        for r in &expired {
+            svc.audit
+                .record(step_event("expired", r, &operator))
+                .await?;
         }
-    }
+        all
+    };
     svc.gov_read("admin.ListApprovals", &request, state, move |gov| {
-        let approvals = core(gov.approvals.all())?
+        let approvals = all
             .iter()
             .filter(|r| wanted.is_none_or(|w| r.state == w))
             .map(|r| info(gov, r))
             .collect();
         Ok(ListApprovalsResponse {
             approvals,
-            warning: quorum_warning(gov).unwrap_or_default(),
+            warning: gov.quorum_warning().unwrap_or_default(),
         })
     })
     .await
@@ -425,7 +411,7 @@ fn rules_info(gov: &Governance, rules: &ApprovalRules) -> RulesInfo {
         gated: rules.gated.iter().cloned().collect(),
         gatable: GATED_ACTIONS.iter().map(|a| (*a).to_owned()).collect(),
         operators: u32::try_from(gov.operators.count_with(Role::Operator, now)).unwrap_or(0),
-        warning: quorum_warning(gov).unwrap_or_default(),
+        warning: gov.quorum_warning().unwrap_or_default(),
         approval: None,
     }
 }
