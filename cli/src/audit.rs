@@ -35,6 +35,21 @@ pub(crate) enum AuditCommand {
     /// Print the checkpoint signers' public keys (PEM). Keep a copy away from the server and
     /// pass it to `verify --public-key`.
     PublicKey(PublicKeyArgs),
+    /// Check a key destruction receipt offline (from `kms key destruction-receipt`): its
+    /// signature under the given public key, and that no byte of it was changed. Exits 0 when
+    /// it verifies, 1 when it does not.
+    VerifyReceipt(VerifyReceiptArgs),
+}
+
+/// Options of `kms audit verify-receipt`.
+#[derive(Args, Debug)]
+pub(crate) struct VerifyReceiptArgs {
+    /// The receipt file.
+    file: PathBuf,
+    /// The audit signer's public key(s), PEM (from `kms audit public-key`), kept away from
+    /// the server.
+    #[arg(long)]
+    public_key: PathBuf,
 }
 
 /// Options of `kms audit verify`.
@@ -99,6 +114,7 @@ pub(crate) async fn run(cmd: AuditCommand, conn: &ConnectArgs, as_json: bool) ->
                 export_local(&args, &conn.data_dir)
             }
         }
+        AuditCommand::VerifyReceipt(args) => verify_receipt(&args, as_json),
         AuditCommand::PublicKey(args) => {
             let store = open_store(&conn.data_dir)?;
             let signers = stored_signers(&store)?;
@@ -117,6 +133,65 @@ pub(crate) async fn run(cmd: AuditCommand, conn: &ConnectArgs, as_json: bool) ->
             out.finish()
         }
     }
+}
+
+/// Checks a receipt against every key in the PEM file; the first that verifies it wins, and
+/// otherwise the answer is the complaint under the key the receipt names (or the first).
+fn verify_receipt(args: &VerifyReceiptArgs, as_json: bool) -> Result<(), Error> {
+    use kms_core::receipt::{verify, ReceiptError};
+    let keys = trusted_keys(&args.public_key)?;
+    let file = read(&args.file)?;
+    let mut refusal = None;
+    for point in keys.values() {
+        match verify(&file, point) {
+            Ok(receipt) => return print_receipt(&receipt, as_json),
+            Err(e @ ReceiptError::OtherSigner { .. }) => {
+                refusal.get_or_insert(e);
+            }
+            // A complaint about the file itself, or under the key the receipt names.
+            Err(e) => refusal = Some(e),
+        }
+    }
+    Err(match refusal {
+        Some(e) => Error::Receipt(e),
+        None => Error::Usage("no public key to check the receipt with".into()),
+    })
+}
+
+fn print_receipt(r: &kms_core::receipt::Receipt, as_json: bool) -> Result<(), Error> {
+    let s = &r.statement;
+    let objects: Vec<serde_json::Value> = s
+        .versions
+        .iter()
+        .filter_map(|v| v.token_object.as_ref())
+        .map(|o| serde_json::json!({ "label": o.label, "cka_id": o.cka_id }))
+        .collect();
+    let value = serde_json::json!({
+        "valid": true,
+        "key_id": s.key_id,
+        "alias": s.alias,
+        "versions": s.versions.iter().map(|v| v.version.get()).collect::<Vec<_>>(),
+        "token_objects": objects,
+        "destroyed_at": rfc3339(s.destroyed_at),
+        "requested_by": s.requested_by,
+        "approvers": s.approvers,
+        "approval_id": s.approval_id,
+        "signer": r.signature.key_id,
+        "not_covered": s.not_covered,
+    });
+    if as_json {
+        return emit(true, &value);
+    }
+    crate::output::raw(&format!(
+        "receipt valid: key {} destroyed at {} ({} version(s), {} token object(s)), signed by \
+         {}\nit cannot cover: {}\n",
+        s.key_id,
+        rfc3339(s.destroyed_at).as_str().unwrap_or("-"),
+        s.versions.len(),
+        objects.len(),
+        r.signature.key_id,
+        s.not_covered.join("; "),
+    ))
 }
 
 /// The RocksDB store under a data directory (`DIR/store`), or `DIR` itself if it is one.

@@ -35,6 +35,9 @@
 //! [grants]                                   # optional; the default
 //! max_ttl_secs = 3600                        # longest task grant
 //!
+//! [keys]                                     # optional; the default
+//! min_destroy_waiting_days = 7               # shortest wait before a key's destruction
+//!
 //! [approvals]                                # optional; the defaults
 //! required = 2                               # approvals from operators other than the requester
 //! expiry = "24h"                             # a request expires unless approved by then
@@ -84,10 +87,50 @@ pub(crate) struct Config {
     #[serde(default)]
     pub(crate) jwt: JwtSection,
     #[serde(default)]
+    pub(crate) keys: KeysSection,
+    #[serde(default)]
     pub(crate) approvals: ApprovalsSection,
     /// Operators registered when the operator inventory is empty (first start only).
     #[serde(default)]
     pub(crate) operator: Vec<OperatorSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct KeysSection {
+    /// The shortest waiting period `kms key schedule-destroy` accepts, in days.
+    #[serde(default = "default_min_destroy_waiting_days")]
+    pub(crate) min_destroy_waiting_days: u32,
+}
+
+impl Default for KeysSection {
+    fn default() -> Self {
+        Self {
+            min_destroy_waiting_days: default_min_destroy_waiting_days(),
+        }
+    }
+}
+
+fn default_min_destroy_waiting_days() -> u32 {
+    7
+}
+
+impl KeysSection {
+    /// The checked minimum: 1 to the longest waiting period.
+    pub(crate) fn min_destroy_waiting_days(&self, file: &Path) -> Result<u32, Error> {
+        let days = self.min_destroy_waiting_days;
+        if days == 0 || days > kms_core::MAX_DESTROY_WAITING_DAYS {
+            return Err(Error::Config {
+                file: file.to_path_buf(),
+                setting: "keys.min_destroy_waiting_days",
+                problem: format!(
+                    "must be 1 to {} days, not {days}",
+                    kms_core::MAX_DESTROY_WAITING_DAYS
+                ),
+            });
+        }
+        Ok(days)
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -70,6 +70,9 @@ pub(crate) enum Error {
         /// The last record.
         last: u64,
     },
+    /// A destruction receipt did not verify.
+    #[error("receipt does not verify: {0}")]
+    Receipt(#[from] kms_core::receipt::ReceiptError),
     /// The development PKI could not be generated.
     #[error("development pki")]
     Pki(#[from] rcgen::Error),

@@ -382,6 +382,7 @@ pub(crate) fn open_governance(
         store: store.clone(),
         clock: clock.clone(),
         rng: rng.clone(),
+        min_destroy_waiting_days: config.keys.min_destroy_waiting_days(config_path)?,
     })
 }
 

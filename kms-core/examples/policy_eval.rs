@@ -90,6 +90,7 @@ fn main() {
         current_version: KeyVersion::new(1).unwrap(),
         created_at: 0,
         updated_at: 0,
+        destruction: None,
     };
     // Every request gets its own value of an entry the policies read (`request`), so each one
     // is evaluated by Cedar; then of an entry no policy reads (`message`), so decisions are

@@ -149,6 +149,26 @@ pub enum Error {
         /// What was attempted.
         op: Op,
     },
+    /// The key's lifecycle state forbids an admin change.
+    #[error("key {id} is {}: cannot {action}", state.as_str())]
+    KeyLifecycle {
+        /// The key.
+        id: KeyId,
+        /// Its state.
+        state: KeyState,
+        /// What was asked.
+        action: &'static str,
+    },
+    /// A destruction's waiting period is out of bounds.
+    #[error("the waiting period must be {min} to {max} days, not {asked}")]
+    WaitingPeriod {
+        /// Days asked.
+        asked: u32,
+        /// The configured least.
+        min: u32,
+        /// The most.
+        max: u32,
+    },
     /// The audit log's stored chain is damaged at this sequence number.
     #[error("audit log is damaged at record {seq}; run `kms audit verify`")]
     AuditCorrupt {
@@ -335,7 +355,8 @@ impl Error {
             | Error::Record { .. }
             | Error::Rng
             | Error::Store { .. } => ErrorClass::Internal,
-            Error::KeyState { .. } => ErrorClass::Precondition,
+            Error::KeyState { .. } | Error::KeyLifecycle { .. } => ErrorClass::Precondition,
+            Error::WaitingPeriod { .. } => ErrorClass::BadInput,
         }
     }
 }

@@ -28,6 +28,23 @@ pub enum KeyState {
     Disabled,
     /// Usable.
     Enabled,
+    /// Scheduled for destruction (docs/APPROVALS.md): no cryptographic operation is allowed,
+    /// the material is still there, and `cancel-destroy` returns the key to `Disabled`.
+    PendingDestruction,
+    /// Its material is gone, for good; the record stays for its history.
+    Destroyed,
+}
+
+impl KeyState {
+    /// The state's name on the wire and in records.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyState::Disabled => "disabled",
+            KeyState::Enabled => "enabled",
+            KeyState::PendingDestruction => "pending_destruction",
+            KeyState::Destroyed => "destroyed",
+        }
+    }
 }
 
 /// Key labels such as `owner` and `sensitivity`, used by policy and inventory.
@@ -102,6 +119,68 @@ pub struct KeyRecord {
     pub created_at: u64,
     /// Last change, Unix seconds.
     pub updated_at: u64,
+    /// The destruction scheduled for the key, or carried out on it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destruction: Option<Destruction>,
+}
+
+/// Who asked for a key's destruction, and who approved it.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct DestructionAuthority {
+    /// The operator who asked.
+    pub requested_by: String,
+    /// The operators who approved (none when the action is not gated).
+    #[serde(default)]
+    pub approvers: Vec<String>,
+    /// The approval request that ran it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval_id: Option<String>,
+}
+
+/// A key's destruction: scheduled, then carried out (docs/APPROVALS.md).
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Destruction {
+    /// When it was scheduled, Unix seconds.
+    pub scheduled_at: u64,
+    /// When the material is deleted, Unix seconds.
+    pub destroy_at: u64,
+    /// Who asked and approved.
+    pub authority: DestructionAuthority,
+    /// When the key was committed to `Destroyed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destroyed_at: Option<u64>,
+    /// What was deleted, written when the key is committed to `Destroyed`, so that a receipt
+    /// made after a restart names the same objects.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deleted: Vec<DeletedVersion>,
+    /// The signed receipt (its file text), once made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub receipt: Option<String>,
+}
+
+/// One destroyed version.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct DeletedVersion {
+    /// The version.
+    pub version: KeyVersion,
+    /// Where its material was.
+    pub protection: Protection,
+    /// The token object of an `hsm` version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_object: Option<TokenObject>,
+    /// Whether an escrow copy was kept in the version's record (and so deleted with it).
+    #[serde(default)]
+    pub escrowed: bool,
+}
+
+/// A token object, as PKCS#11 tools show it.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct TokenObject {
+    /// `CKA_LABEL`.
+    pub label: String,
+    /// `CKA_ID`, hex (absent for versions made before objects had ids).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cka_id: Option<String>,
 }
 
 /// One version of a key.

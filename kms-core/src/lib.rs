@@ -36,6 +36,7 @@ mod ids;
 mod key;
 mod kms;
 mod op;
+pub mod receipt;
 pub mod seal;
 mod secret;
 pub mod store;
@@ -48,9 +49,12 @@ pub use governance::authz::{
 };
 pub use ids::{Alias, KeyId, KeyRef, KeyVersion, OperatorId, Principal};
 pub use key::{
-    kek_wrap_aad, Escrow, KeyRecord, KeyState, Labels, Protection, StoredMaterial, VersionRecord,
+    kek_wrap_aad, DeletedVersion, Destruction, DestructionAuthority, Escrow, KeyRecord, KeyState,
+    Labels, Protection, StoredMaterial, TokenObject, VersionRecord,
 };
-pub use kms::{DataKey, Deps, Kms, NewKey, Opened, ReEncrypted, Sealed};
+pub use kms::{
+    DataKey, Deps, Kms, NewKey, Opened, ReEncrypted, Sealed, MAX_DESTROY_WAITING_DAYS,
+};
 pub use op::Op;
 pub use secret::{Dek, Kek, Plaintext, DEK_LEN, KEK_LEN};
 pub use store::{RocksStore, Store};

@@ -250,6 +250,7 @@ fn key(l: &[(&str, &str)]) -> KeyRecord {
         current_version: KeyVersion::new(1).unwrap(),
         created_at: T0,
         updated_at: T0,
+        destruction: None,
     }
 }
 

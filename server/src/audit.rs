@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use kms_core::audit::{AuditError, AuditEvent, AuditLog, Pending};
-use kms_core::{Caller, EncryptionContext, Error, ErrorClass, Principal};
+use kms_core::{Caller, EncryptionContext, Error, ErrorClass, KeyState, Principal};
 use tonic::Status;
 
 /// The request-id header, read from the caller and echoed on the response.
@@ -205,7 +205,20 @@ impl Facts {
                 },
             ),
             ErrorClass::Conflict => (None, "conflict"),
-            ErrorClass::Precondition => (Some("allow"), "key not enabled"),
+            ErrorClass::Precondition => (
+                Some("allow"),
+                match e {
+                    Error::KeyState {
+                        state: KeyState::PendingDestruction,
+                        ..
+                    } => "key pending destruction",
+                    Error::KeyState {
+                        state: KeyState::Destroyed,
+                        ..
+                    } => "key destroyed",
+                    _ => "key not enabled",
+                },
+            ),
             ErrorClass::DecryptFailed => (Some("allow"), "ciphertext or context does not match"),
             ErrorClass::Unavailable | ErrorClass::Internal => (
                 Some("allow"),

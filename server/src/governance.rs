@@ -55,6 +55,8 @@ pub struct Governance {
     pub clock: Arc<dyn Clock>,
     /// Random ids (approval requests).
     pub rng: Arc<dyn kms_core::Rng>,
+    /// The shortest waiting period a key destruction may be scheduled with, in days.
+    pub min_destroy_waiting_days: u32,
 }
 
 impl std::fmt::Debug for Governance {

@@ -25,6 +25,7 @@ mod admin;
 mod audit;
 mod authn;
 mod data;
+mod destruction;
 mod error;
 mod gate;
 mod governance;
@@ -52,6 +53,7 @@ pub use authn::{
     JwtConfig,
 };
 pub use data::{DataService, MAX_BATCH};
+pub use destruction::DESTRUCTION_CHECK_EVERY;
 pub use error::Error;
 pub use gate::{Reflection, SUMMARY_EVERY, UNAUTHENTICATED_PER_SEC};
 pub use governance::{Governance, GRANT_HEADER, MAX_PURPOSE, PURPOSE_HEADER};
@@ -236,6 +238,11 @@ impl Bound {
             services.kms.sealed_flag(),
         );
 
+        let destruction_kms = services.kms.clone();
+        let destruction_audit = services.audit.clone();
+        let services_clock = services.gov.clock.clone();
+        let stop_rx_destruction = stop_rx.clone();
+
         let (data_health, data_health_svc) = tonic_health::server::health_reporter();
         data_health
             .set_serving::<DataPlaneServer<DataService>>()
@@ -307,7 +314,27 @@ impl Bound {
             }
         };
 
-        let (d, a, ()) = tokio::join!(data, admin, summaries);
+        // Key destructions fall due on the server's clock (docs/APPROVALS.md).
+        let destructions = {
+            let (kms, audit, clock) = (
+                destruction_kms,
+                destruction_audit,
+                services_clock,
+            );
+            let mut stop = stop_rx_destruction;
+            async move {
+                let mut every = tokio::time::interval(DESTRUCTION_CHECK_EVERY);
+                loop {
+                    tokio::select! {
+                        _ = every.tick() => {}
+                        _ = stop.wait_for(|s| *s) => break,
+                    }
+                    destruction::run_due(&kms, &audit, &clock).await;
+                }
+            }
+        };
+
+        let (d, a, (), ()) = tokio::join!(data, admin, summaries, destructions);
         data_gate.summarise().await;
         admin_gate.summarise().await;
         d.map_err(|source| Error::Serve {

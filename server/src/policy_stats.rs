@@ -177,6 +177,7 @@ mod tests {
             current_version: KeyVersion::FIRST,
             created_at: 0,
             updated_at: 0,
+            destruction: None,
         };
         let context = EncryptionContext::empty();
         for _ in 0..3 {

@@ -1,14 +1,16 @@
-//! Wire helpers both planes use and neither owns: naming key states, and the messages of
-//! bad-input errors.
+//! Wire helpers both planes use and neither owns: why a key's state refuses an operation,
+//! and the messages of bad-input errors.
 
 use kms_core::{Error, KeyState};
 
-/// The word for a key state on the wire.
-pub(crate) fn state_word(state: KeyState) -> &'static str {
+/// Why a key in `state` refuses a cryptographic operation, as both planes word it: "key is
+/// disabled", "key pending destruction", "key destroyed".
+pub(crate) fn state_refusal(state: KeyState) -> &'static str {
     match state {
-        KeyState::Enabled => "enabled",
-        KeyState::Disabled => "disabled",
-        _ => "unavailable",
+        KeyState::Disabled => "key is disabled",
+        KeyState::PendingDestruction => "key pending destruction",
+        KeyState::Destroyed => "key destroyed",
+        _ => "key is not enabled",
     }
 }
 

@@ -247,6 +247,41 @@ pub fn audit_events(bin: &str, dir: &Path) -> Vec<Value> {
         .collect()
 }
 
+/// `pkcs11-tool -O` (opensc) on the development token under `dir/.kms`, as an auditor runs
+/// it: every object's attributes as the tool prints them.
+pub fn pkcs11_tool_objects(dir: &Path) -> String {
+    let kms_dir = dir.join(".kms");
+    let pin = std::fs::read_to_string(kms_dir.join("secrets/user.pin")).unwrap();
+    let module = softhsm_module();
+    let out = Command::new("pkcs11-tool")
+        .current_dir(dir)
+        .env("SOFTHSM2_CONF", kms_dir.join("softhsm2.conf"))
+        .args(["--module", &module, "--token-label", "sovereign-kms-dev"])
+        .args(["--login", "--pin", pin.trim(), "-O"])
+        .output()
+        .expect("pkcs11-tool is installed (opensc, scripts/install-deps.sh)");
+    assert!(
+        out.status.success(),
+        "pkcs11-tool: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The SoftHSM2 module on this machine.
+pub fn softhsm_module() -> String {
+    [
+        "/usr/lib/softhsm/libsofthsm2.so",
+        "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+        "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
+        "/usr/local/lib/softhsm/libsofthsm2.so",
+    ]
+    .into_iter()
+    .find(|p| Path::new(p).is_file())
+    .expect("SoftHSM2 module")
+    .to_owned()
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();

@@ -188,11 +188,7 @@ fn a_gated_change_runs_only_with_m_other_operators_before_it_expires() {
         .unwrap();
     assert_eq!(executed["detail"]["request_hash"], asked_hash(&events, &id));
     assert!(executed["after"].is_string(), "{executed}");
-    let verify = std::process::Command::new(KMS)
-        .current_dir(dir.path())
-        .args(["audit", "verify"])
-        .output()
-        .unwrap();
+    let verify = audit_verify(dir.path());
     assert!(verify.status.success(), "{}", stderr(&verify));
 }
 
@@ -461,4 +457,227 @@ fn one_operator_seals_at_once_and_unsealing_needs_m_approvals() {
         .iter()
         .any(|e| e["action"] == "approval.executed" && e["detail"]["change"] == "admin.Unseal"));
     assert!(events.iter().any(|e| e["reason"] == "service.sealed"));
+}
+
+/// The stored version rows of `key_id` (a running server's store, read beside it), and every
+/// byte string in them that is material or an escrow copy of it.
+fn version_material(dir: &std::path::Path, key_id: &str) -> Vec<Vec<u8>> {
+    use kms_core::store::{Store, Table};
+    let store = kms_core::RocksStore::open_read_only(&dir.join(".kms/store")).unwrap();
+    let mut all = Vec::new();
+    for row in store.scan(Table::Versions).unwrap() {
+        let v: kms_core::VersionRecord = serde_json::from_slice(&row.value).unwrap();
+        if v.key_id.to_string() != key_id {
+            continue;
+        }
+        if let kms_core::StoredMaterial::Software { wrapped } = &v.material {
+            all.push(wrapped.clone());
+        }
+        match &v.escrow {
+            Some(kms_core::Escrow::Sealed { sealed, .. }) => all.push(sealed.clone()),
+            Some(kms_core::Escrow::Wrapped { wrapped, .. }) => all.push(wrapped.clone()),
+            _ => {}
+        }
+    }
+    all
+}
+
+fn holds(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Waits (up to 20 s) for the server's destruction timer to have destroyed `key` and
+/// recorded its receipt.
+fn wait_destroyed(server: &Server, key: &str) -> Value {
+    for _ in 0..200 {
+        let d = server.kms_json(&["key", "describe", key]);
+        if d["state"] == "destroyed" && d["destruction"]["receipt"] == true {
+            return d;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    panic!("key {key} was not destroyed in time");
+}
+
+#[test]
+fn a_key_destroyed_with_approvals_loses_its_material_and_leaves_a_verifiable_receipt() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(KMS, dir.path());
+    let mut keys = Vec::new();
+    for (alias, protection) in [("soft", "software"), ("hard", "hsm"), ("spared", "software")] {
+        let k = server.kms_json(&["key", "create", "--alias", alias, "--protection", protection]);
+        keys.push(k["key_id"].as_str().unwrap().to_owned());
+    }
+    server.kms_json(&["key", "rotate", "soft"]);
+    let (soft_id, hard_id) = (keys[0].clone(), keys[1].clone());
+    let mut blobs = Vec::new();
+    for key in ["soft", "hard"] {
+        let made = server.kms_json(&["data", "generate-key", "--key", key, "--context", "t=1"]);
+        blobs.push(made["ciphertext"].as_str().unwrap().to_owned());
+    }
+    let decrypt = |server: &Server, blob: &str| {
+        refused(
+            server,
+            &["data", "decrypt", "--ciphertext", blob, "--context", "t=1"],
+        )
+    };
+    let material: Vec<Vec<u8>> = version_material(dir.path(), &soft_id)
+        .into_iter()
+        .chain(version_material(dir.path(), &hard_id))
+        .collect();
+    assert!(material.len() >= 3, "{}", material.len());
+    assert!(kms_tests::pkcs11_tool_objects(dir.path()).contains(&hard_id));
+
+    // Too short a wait is refused at once; a good request waits for two other operators and
+    // changes nothing until then.
+    let short = refused(&server, &["key", "schedule-destroy", "soft", "--waiting-days", "3"]);
+    assert!(short.contains("7 to 365 days"), "{short}");
+    let asked = server.kms_json(&["key", "schedule-destroy", "soft", "--waiting-days", "7"]);
+    assert_eq!(asked["state"], "pending", "{asked}");
+    assert_eq!(asked["request"]["waiting_days"], 7);
+    assert_eq!(server.kms_json(&["key", "describe", "soft"])["state"], "enabled");
+    server.kms_json(&["data", "generate-key", "--key", "soft"]);
+    let id = asked["approval_id"].as_str().unwrap().to_owned();
+    server.kms_json(&["--as", "operator2", "approval", "approve", &id]);
+    let ran = server.kms_json(&["--as", "operator3", "approval", "approve", &id]);
+    assert_eq!(ran["state"], "executed", "{ran}");
+    server.kms_approved(&["key", "schedule-destroy", "hard", "--waiting-days", "7"]);
+
+    // Pending: described with its date and its approvers; every operation refused.
+    let pending = server.kms_json(&["key", "describe", "soft"]);
+    assert_eq!(pending["state"], "pending_destruction", "{pending}");
+    assert!(pending["destroy_at"].is_string(), "{pending}");
+    assert_eq!(pending["destruction"]["approvers"].as_array().unwrap().len(), 2);
+    assert_eq!(pending["destruction"]["approval_id"], id.as_str());
+    for blob in &blobs {
+        let e = decrypt(&server, blob);
+        assert!(e.contains("key pending destruction"), "{e}");
+    }
+    let e = refused(&server, &["data", "generate-key", "--key", "hard"]);
+    assert!(e.contains("key pending destruction"), "{e}");
+    let e = refused(&server, &["key", "enable", "soft"]);
+    assert!(e.contains("pending_destruction"), "{e}");
+
+    // Cancelled by one operator: back to disabled.
+    server.kms_approved(&["key", "schedule-destroy", "spared", "--waiting-days", "30"]);
+    let cancelled = server.kms_json(&["--as", "operator3", "key", "cancel-destroy", "spared"]);
+    assert_eq!(cancelled["state"], "disabled", "{cancelled}");
+    assert_eq!(cancelled["destruction"], Value::Null);
+    server.kms_json(&["key", "enable", "spared"]);
+
+    // The waiting period passes on the server's clock.
+    server.kms_json(&["dev", "advance-clock", "8d"]);
+    let destroyed = wait_destroyed(&server, "soft");
+    assert!(destroyed["destruction"]["destroyed_at"].is_u64(), "{destroyed}");
+    wait_destroyed(&server, "hard");
+    for blob in &blobs {
+        let e = decrypt(&server, blob);
+        assert!(e.contains("key destroyed"), "{e}");
+    }
+    server.kms_json(&["data", "generate-key", "--key", "spared"]);
+    let objects = kms_tests::pkcs11_tool_objects(dir.path());
+    assert!(!objects.contains(&hard_id), "{objects}");
+
+    // The receipt, exported by the auditor, verifies offline under the signer's key; any
+    // edited byte fails.
+    let receipt = dir.path().join("receipt.json");
+    let signer = dir.path().join("signer.pem");
+    server.kms_json(&[
+        "--as",
+        "auditor",
+        "key",
+        "destruction-receipt",
+        "hard",
+        "--out",
+        receipt.to_str().unwrap(),
+    ]);
+    server.kms(&["audit", "public-key", "--out", signer.to_str().unwrap()]);
+    let checked = server.kms_json(&[
+        "audit",
+        "verify-receipt",
+        receipt.to_str().unwrap(),
+        "--public-key",
+        signer.to_str().unwrap(),
+    ]);
+    assert_eq!(checked["valid"], true);
+    assert_eq!(checked["key_id"], hard_id.as_str());
+    let label = format!("sovereign-kms/kek/{hard_id}/v1");
+    assert_eq!(checked["token_objects"][0]["label"], label.as_str());
+    assert!(checked["token_objects"][0]["cka_id"].is_string());
+    assert_eq!(checked["approvers"].as_array().unwrap().len(), 2);
+    let text = std::fs::read(&receipt).unwrap();
+    let mut edited = text.clone();
+    let at = text.len() / 2;
+    edited[at] ^= 1;
+    std::fs::write(&receipt, &edited).unwrap();
+    let bad = refused(
+        &server,
+        &[
+            "audit",
+            "verify-receipt",
+            receipt.to_str().unwrap(),
+            "--public-key",
+            signer.to_str().unwrap(),
+        ],
+    );
+    assert!(bad.contains("receipt does not verify"), "{bad}");
+
+    // To a caller policy refuses, a destroyed key answers as a key that does not exist.
+    let forbid = write(
+        dir.path(),
+        "forbid.cedar",
+        "forbid (principal, action, resource) when { resource.id == \"KEY\" };\n"
+            .replace("KEY", &hard_id)
+            .as_str(),
+    );
+    server.kms_change(&["policy", "put", "forbid-hard", "--file", &forbid]);
+    let unknown = refused(
+        &server,
+        &["data", "generate-key", "--key", "0b0b0b0b-0b0b-4b0b-8b0b-0b0b0b0b0b0b"],
+    );
+    let refused_hard = decrypt(&server, &blobs[1]);
+    assert!(refused_hard.contains("key not found or access denied"), "{refused_hard}");
+    assert!(unknown.contains("key not found or access denied"), "{unknown}");
+
+    // Nothing of the material is left in any table of the store, nor in its files.
+    server.stop();
+    {
+        use kms_core::store::{Store, Table};
+        let store = kms_core::RocksStore::open_read_only(&dir.path().join(".kms/store")).unwrap();
+        for table in Table::ALL {
+            for row in store.scan(table).unwrap() {
+                for m in &material {
+                    assert!(!holds(&row.value, m), "material left in {}", table.name());
+                }
+            }
+        }
+    }
+    for entry in std::fs::read_dir(dir.path().join(".kms/store")).unwrap() {
+        let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+        assert!(material.iter().all(|m| !holds(&bytes, m)));
+    }
+
+    // The audit log holds both destructions and every approval step, and verifies.
+    let events = audit_events(KMS, dir.path());
+    let gone: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["action"] == "key.destroyed")
+        .collect();
+    assert_eq!(gone.len(), 2);
+    let hard_event = gone.iter().find(|e| e["key"] == hard_id.as_str()).unwrap();
+    let sha = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &text);
+    assert_eq!(hard_event["detail"]["receipt_sha256"], hex::encode(sha.as_ref()));
+    assert!(events.iter().any(|e| e["action"] == "approval.executed"
+        && e["detail"]["change"] == "admin.ScheduleKeyDestruction"));
+    let verified = audit_verify(dir.path());
+    assert!(verified.status.success(), "{}", stderr(&verified));
+}
+
+/// `kms audit verify` on a stopped server's directory.
+fn audit_verify(dir: &std::path::Path) -> Output {
+    std::process::Command::new(KMS)
+        .current_dir(dir)
+        .args(["audit", "verify"])
+        .output()
+        .unwrap()
 }

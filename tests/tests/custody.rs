@@ -261,39 +261,6 @@ fn bad_init_input_is_refused_with_clear_errors() {
     }
 }
 
-/// `pkcs11-tool -O` on the development token, as an auditor runs it.
-fn pkcs11_tool_objects(dir: &Path) -> String {
-    let kms_dir = dir.join(".kms");
-    let pin = std::fs::read_to_string(kms_dir.join("secrets/user.pin")).unwrap();
-    let module = hsm_bridge_module();
-    let out = Command::new("pkcs11-tool")
-        .current_dir(dir)
-        .env("SOFTHSM2_CONF", kms_dir.join("softhsm2.conf"))
-        .args(["--module", &module, "--token-label", "sovereign-kms-dev"])
-        .args(["--login", "--pin", pin.trim(), "-O"])
-        .output()
-        .expect("pkcs11-tool is installed (opensc, scripts/install-deps.sh)");
-    assert!(
-        out.status.success(),
-        "pkcs11-tool: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn hsm_bridge_module() -> String {
-    [
-        "/usr/lib/softhsm/libsofthsm2.so",
-        "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
-        "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
-        "/usr/local/lib/softhsm/libsofthsm2.so",
-    ]
-    .into_iter()
-    .find(|p| Path::new(p).is_file())
-    .expect("SoftHSM2 module")
-    .to_owned()
-}
-
 fn b64(text: &Value) -> Vec<u8> {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD
@@ -344,7 +311,7 @@ fn k_decrypted_shares_and_the_store_alone_open_every_version_of_both_levels() {
 
     // An auditor's view with the standard tool: escrowed hsm versions are sensitive, always
     // sensitive and local, and not extractable (so not "never extractable" either).
-    let objects = pkcs11_tool_objects(dir);
+    let objects = kms_tests::pkcs11_tool_objects(dir);
     // One block per object: a heading line, then its indented attribute lines.
     let mut blocks: Vec<String> = Vec::new();
     for line in objects.lines() {

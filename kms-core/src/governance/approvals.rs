@@ -23,7 +23,26 @@ use crate::error::{Error, InvalidInput};
 use crate::store::{Change, Row, Store, Table};
 
 /// Every action that can be gated, in the order the docs list them.
-pub const GATED_ACTIONS: [&str; 13] = [
+pub const GATED_ACTIONS: [&str; 14] = [
+    "admin.PutPolicy",
+    "admin.DeletePolicy",
+    "admin.SetTrustBundle",
+    "admin.DeleteTrustBundle",
+    "admin.RegisterWorkload",
+    "admin.UpdateWorkload",
+    "admin.DeactivateWorkload",
+    "admin.ReactivateWorkload",
+    "admin.RegisterOperator",
+    "admin.UpdateOperator",
+    "admin.DeactivateOperator",
+    "admin.Unseal",
+    "admin.ScheduleKeyDestruction",
+    SET_RULES,
+];
+
+/// The gatable actions before key destruction was added: what stored rules written then
+/// knew of, so that an action added since is gated when they are read.
+const FIRST_GATABLE: [&str; 13] = [
     "admin.PutPolicy",
     "admin.DeletePolicy",
     "admin.SetTrustBundle",
@@ -38,6 +57,14 @@ pub const GATED_ACTIONS: [&str; 13] = [
     "admin.Unseal",
     SET_RULES,
 ];
+
+fn first_gatable() -> BTreeSet<String> {
+    FIRST_GATABLE.iter().map(|a| (*a).to_owned()).collect()
+}
+
+fn all_gatable() -> BTreeSet<String> {
+    GATED_ACTIONS.iter().map(|a| (*a).to_owned()).collect()
+}
 
 /// The change of the rules themselves, which no rule can take off the list.
 pub const SET_RULES: &str = "admin.SetApprovalRules";
@@ -61,6 +88,11 @@ pub struct ApprovalRules {
     pub expiry_secs: u64,
     /// Gated actions (a subset of [`GATED_ACTIONS`], always holding [`SET_RULES`]).
     pub gated: BTreeSet<String>,
+    /// The gatable actions when these rules were set. An action added to [`GATED_ACTIONS`]
+    /// by a later release is not in it, and [`Approvals::open`] gates it: a new sensitive
+    /// action starts gated, never silently open.
+    #[serde(default = "first_gatable")]
+    pub known: BTreeSet<String>,
 }
 
 impl Default for ApprovalRules {
@@ -68,7 +100,8 @@ impl Default for ApprovalRules {
         Self {
             required: 2,
             expiry_secs: 86_400,
-            gated: GATED_ACTIONS.iter().map(|a| (*a).to_owned()).collect(),
+            gated: all_gatable(),
+            known: all_gatable(),
         }
     }
 }
@@ -90,6 +123,7 @@ impl ApprovalRules {
             required,
             expiry_secs,
             gated,
+            known: all_gatable(),
         })
     }
 
@@ -475,7 +509,21 @@ impl Approvals {
     ) -> Result<Opened, Error> {
         let (rules, config_differs) = match store.get(Table::Approvals, RULES_KEY)? {
             Some(bytes) => {
-                let stored: ApprovalRules = decode(&bytes)?;
+                let mut stored: ApprovalRules = decode(&bytes)?;
+                let added: Vec<String> = all_gatable()
+                    .into_iter()
+                    .filter(|a| !stored.known.contains(a))
+                    .collect();
+                if !added.is_empty() {
+                    stored.gated.extend(added.iter().cloned());
+                    stored.known = all_gatable();
+                    store.write(vec![Change::Put {
+                        table: Table::Approvals,
+                        key: RULES_KEY.to_vec(),
+                        value: encode(&stored)?,
+                    }])?;
+                    tracing::warn!(actions = %added.join(", "), "actions this release can gate are now gated; `kms approval set-rules` changes that");
+                }
                 let differs = stored != configured;
                 (stored, differs)
             }

@@ -459,5 +459,6 @@ fn stand_in(key: &KeyRef) -> KeyRecord {
         current_version: KeyVersion::FIRST,
         created_at: 0,
         updated_at: 0,
+        destruction: None,
     }
 }

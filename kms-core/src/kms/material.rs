@@ -11,18 +11,30 @@ use super::{Cache, Deps, KeyEntry, VersionKey};
 use crate::blob::NONCE_LEN;
 use crate::error::Error;
 use crate::ids::{Alias, KeyId, KeyVersion};
-use crate::key::{kek_wrap_aad, KeyRecord, StoredMaterial, VersionRecord};
+use crate::key::{kek_wrap_aad, KeyRecord, KeyState, StoredMaterial, VersionRecord};
 use crate::secret::{Kek, KEK_LEN};
 use crate::store::{Change, Table};
 
 /// Every key from the store; with `sealed`, no version is made usable (nothing is unwrapped
-/// and no token object looked up): each is [`VersionKey::Sealed`].
+/// and no token object looked up): each is [`VersionKey::Sealed`]. A destroyed key's versions
+/// are never made usable (rows a stop left behind are deleted by the destruction timer).
 pub(super) fn load(deps: &Deps, sealed: bool) -> Result<Cache, Error> {
     let mut cache = Cache::default();
+    let mut records = BTreeMap::new();
+    for row in deps.store.scan(Table::Keys)? {
+        let record: KeyRecord = decode(Table::Keys, &row.value)?;
+        records.insert(record.id, record);
+    }
     let mut versions: BTreeMap<KeyId, BTreeMap<KeyVersion, Arc<VersionKey>>> = BTreeMap::new();
     let mut index = None;
     for row in deps.store.scan(Table::Versions)? {
         let record: VersionRecord = decode(Table::Versions, &row.value)?;
+        let destroyed = records
+            .get(&record.key_id)
+            .is_some_and(|k| k.state == KeyState::Destroyed);
+        if destroyed {
+            continue;
+        }
         let key = if sealed {
             VersionKey::Sealed
         } else {
@@ -33,19 +45,16 @@ pub(super) fn load(deps: &Deps, sealed: bool) -> Result<Cache, Error> {
             .or_default()
             .insert(record.version, Arc::new(key));
     }
-    for row in deps.store.scan(Table::Keys)? {
-        let record: KeyRecord = decode(Table::Keys, &row.value)?;
-        let versions = versions.remove(&record.id).unwrap_or_default();
-        if !versions.contains_key(&record.current_version) {
+    for (id, record) in records {
+        let versions = versions.remove(&id).unwrap_or_default();
+        if record.state != KeyState::Destroyed && !versions.contains_key(&record.current_version) {
             tracing::error!(key_id = %record.id, version = %record.current_version, "current key version missing from store");
             return Err(Error::Internal("key record without its current version"));
         }
         if let Some(alias) = &record.alias {
             cache.aliases.insert(alias.clone(), record.id);
         }
-        cache
-            .keys
-            .insert(record.id, Arc::new(KeyEntry { record, versions }));
+        cache.keys.insert(id, Arc::new(KeyEntry { record, versions }));
     }
     Ok(cache)
 }

@@ -7,8 +7,11 @@
 //! `envelope` holds the data-plane operations (authorise, then seal or open); `material` the
 //! store records and how a stored version becomes usable.
 
+mod destroy;
 mod envelope;
 mod material;
+
+pub use self::destroy::MAX_DESTROY_WAITING_DAYS;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -313,6 +316,7 @@ impl Kms {
             current_version: KeyVersion::FIRST,
             created_at: now,
             updated_at: now,
+            destruction: None,
         };
         let (version, key) = self.new_version(&record, KeyVersion::FIRST)?;
         let mut changes = vec![put_key(&record)?, put_version(&version)?];
@@ -382,10 +386,22 @@ impl Kms {
         Ok(record)
     }
 
-    /// Enables or disables a key.
+    /// Enables or disables a key. A key pending destruction or destroyed is neither:
+    /// `cancel-destroy` is the way back from the first, and there is none from the second.
     pub fn set_key_state(&self, key: &KeyRef, state: KeyState) -> Result<KeyRecord, Error> {
         let _admin = self.admin.lock();
         let mut updated = self.entry(key)?.as_ref().clone();
+        let movable = |s| matches!(s, KeyState::Enabled | KeyState::Disabled);
+        if !movable(updated.record.state) || !movable(state) {
+            return Err(Error::KeyLifecycle {
+                id: updated.record.id,
+                state: updated.record.state,
+                action: match state {
+                    KeyState::Enabled => "enable it",
+                    _ => "disable it",
+                },
+            });
+        }
         updated.record.state = state;
         updated.record.updated_at = self.deps.clock.now_unix();
         self.deps.store.write(vec![put_key(&updated.record)?])?;

@@ -143,4 +143,12 @@ pub trait Store: Send + Sync {
 
     /// One value.
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, Error>;
+
+    /// Makes deleted entries of `table` leave the store's files, not only its index (for key
+    /// destruction): flush, then rewrite the table's files. A store that keeps no deleted
+    /// data has nothing to do.
+    fn purge(&self, table: Table) -> Result<(), Error> {
+        let _ = table;
+        Ok(())
+    }
 }

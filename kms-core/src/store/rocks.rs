@@ -4,8 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use rocksdb::{
-    ColumnFamilyDescriptor, DBCompressionType, Direction, IteratorMode, Options, WriteBatch,
-    WriteOptions, DB,
+    BottommostLevelCompaction, ColumnFamilyDescriptor, CompactOptions, DBCompressionType,
+    Direction, FlushOptions, IteratorMode, Options, WriteBatch, WriteOptions, DB,
 };
 
 use super::{Change, Row, Store, Table};
@@ -125,6 +125,27 @@ impl Store for RocksStore {
             return Ok(None);
         };
         self.db.get_cf(cf, key).map_err(|e| store("get", e))
+    }
+
+    /// Flushes every column family (the write-ahead log is shared, and a log file is deleted
+    /// only once every family has flushed past it), then compacts `table` down to its last
+    /// level, which rewrites its files without the deleted entries and deletes the old files.
+    fn purge(&self, table: Table) -> Result<(), Error> {
+        let families: Vec<&rocksdb::ColumnFamily> = Table::ALL
+            .iter()
+            .map(|t| self.cf(*t))
+            .collect::<Result<_, _>>()?;
+        let mut flush = FlushOptions::default();
+        flush.set_wait(true);
+        self.db
+            .flush_cfs_opt(&families, &flush)
+            .map_err(|e| store("flush", e))?;
+        let mut compact = CompactOptions::default();
+        compact.set_exclusive_manual_compaction(true);
+        compact.set_bottommost_level_compaction(BottommostLevelCompaction::Force);
+        self.db
+            .compact_range_cf_opt(self.cf(table)?, None::<&[u8]>, None::<&[u8]>, &compact);
+        self.db.flush_wal(true).map_err(|e| store("flush", e))
     }
 }
 

@@ -17,7 +17,7 @@ use prost::Message;
 use serde::Serialize;
 use tonic::{Request, Response, Status};
 
-use super::{core, inventory, operators, policy, seal, trust, AdminService, Changed};
+use super::{core, inventory, keys, operators, policy, seal, trust, AdminService, Changed};
 use crate::audit::status_word;
 use crate::governance::Governance;
 
@@ -37,6 +37,7 @@ macro_rules! pending {
 }
 
 pending!(
+    api::v1::KeyMetadata,
     api::v1::PolicyInfo,
     api::v1::TrustBundle,
     api::v1::WorkloadInfo,
@@ -72,16 +73,11 @@ fn decode<R: Message + Default>(bytes: &[u8]) -> Result<R, Status> {
     R::decode(bytes).map_err(|_| Status::internal("stored approval request does not decode"))
 }
 
-/// Runs a stored request as `who` (its requester). Every gated action is here, and nothing
-/// else: a request whose action is not listed cannot have been stored.
-fn execute(
-    kms: &Kms,
-    gov: &Governance,
-    action: &str,
-    bytes: &[u8],
-    who: &str,
-) -> Result<Ran, Status> {
-    Ok(match action {
+/// Runs a stored request as its requester. Every gated action is here, and nothing else: a
+/// request whose action is not listed cannot have been stored.
+fn execute(kms: &Kms, gov: &Governance, r: &ApprovalRequest) -> Result<Ran, Status> {
+    let (bytes, who) = (r.request.as_slice(), r.requested_by.as_str());
+    Ok(match r.action.as_str() {
         "admin.PutPolicy" => policy::apply_put(gov, decode(bytes)?, who)?.into(),
         "admin.DeletePolicy" => policy::apply_delete(gov, decode(bytes)?, who)?.into(),
         "admin.SetTrustBundle" => trust::apply_set(gov, decode(bytes)?, who)?.into(),
@@ -95,6 +91,14 @@ fn execute(
         "admin.DeactivateOperator" => operators::apply_deactivate(gov, decode(bytes)?, who)?.into(),
         "admin.SetApprovalRules" => apply_set_rules(gov, decode(bytes)?, who)?.into(),
         "admin.Unseal" => seal::apply_unseal(kms, decode(bytes)?, who)?.into(),
+        "admin.ScheduleKeyDestruction" => {
+            let authority = kms_core::DestructionAuthority {
+                requested_by: r.requested_by.clone(),
+                approvers: r.approvals.iter().map(|v| v.operator.clone()).collect(),
+                approval_id: Some(r.id.clone()),
+            };
+            keys::apply_schedule_destroy(kms, gov, decode(bytes)?, authority)?.into()
+        }
         _ => return Err(Status::internal("approval request of an unknown action")),
     })
 }
@@ -368,12 +372,8 @@ async fn approve_locked(
     };
     let gov = svc.gov.clone();
     let kms = svc.kms.clone();
-    let (action, bytes, requester) = (
-        req.action.clone(),
-        req.request.clone(),
-        req.requested_by.clone(),
-    );
-    let ran = tokio::task::spawn_blocking(move || execute(&kms, &gov, &action, &bytes, &requester))
+    let approved = req.clone();
+    let ran = tokio::task::spawn_blocking(move || execute(&kms, &gov, &approved))
         .await
         .map_err(|_| Status::internal("internal error"))?;
     let finished = svc.gov.clock.now_unix();

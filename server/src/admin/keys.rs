@@ -1,18 +1,22 @@
-//! Key lifecycle: create, describe, list, rotate, disable, enable, alias; and which keys no
-//! registered workload may use.
+//! Key lifecycle: create, describe, list, rotate, disable, enable, alias, destruction (gated
+//! scheduling, single-operator cancel, the receipt); and which keys no registered workload
+//! may use.
 
 use std::sync::Arc;
 
 use api::v1::{
-    CreateAliasRequest, CreateKeyRequest, KeyMetadata, KeyRequest, ListKeysRequest,
-    ListKeysResponse,
+    CreateAliasRequest, CreateKeyRequest, DestructionReceipt, KeyDestruction, KeyMetadata,
+    KeyRequest, ListKeysRequest, ListKeysResponse, ScheduleKeyDestructionRequest,
 };
 use kms_core::audit::AuditEvent;
 use kms_core::governance::inventory::Workload;
-use kms_core::{Alias, KeyId, KeyRecord, KeyState, Labels, NewKey, Protection};
+use kms_core::{
+    Alias, DestructionAuthority, KeyId, KeyRecord, KeyState, Kms, Labels, NewKey, Protection,
+};
 use tonic::{Request, Response, Status};
 
-use super::{core, key_ref, page_size, to_status, AdminService, MAX_PAGE};
+use super::{core, key_ref, page_size, to_status, AdminService, Changed, MAX_PAGE};
+use crate::governance::Governance;
 use crate::identity::operator;
 
 pub(super) async fn create(
@@ -133,6 +137,116 @@ pub(super) async fn create_alias(
     .await
 }
 
+/// Runs a destruction schedule, from a request as sent, on behalf of `authority`.
+pub(super) fn apply_schedule_destroy(
+    kms: &Kms,
+    gov: &Governance,
+    req: ScheduleKeyDestructionRequest,
+    authority: DestructionAuthority,
+) -> Result<Changed<KeyRecord, KeyMetadata>, Status> {
+    let key = key_ref(&req.key)?;
+    let before = core(kms.describe_key(&key))?;
+    let after = core(kms.schedule_destruction(
+        &key,
+        req.waiting_days,
+        gov.min_destroy_waiting_days,
+        authority,
+    ))?;
+    Ok(Changed {
+        answer: metadata(&after),
+        before: Some(before),
+        after: Some(after),
+    })
+}
+
+/// Asks to destroy a key after a waiting period: a gated change, checked now and again when
+/// it runs.
+pub(super) async fn schedule_destroy(
+    svc: &AdminService,
+    request: Request<ScheduleKeyDestructionRequest>,
+) -> Result<Response<KeyMetadata>, Status> {
+    let req = request.get_ref().clone();
+    let key = key_ref(&req.key)?;
+    let record = core(svc.kms.check_destruction(
+        &key,
+        req.waiting_days,
+        svc.gov.min_destroy_waiting_days,
+    ))?;
+    let view = serde_json::json!({
+        "key_id": record.id.to_string(),
+        "alias": record.alias.as_ref().map(ToString::to_string),
+        "protection": match record.protection {
+            Protection::Hsm => "hsm",
+            _ => "software",
+        },
+        "versions": record.current_version.get(),
+        "waiting_days": req.waiting_days,
+    });
+    let kms = svc.kms.clone();
+    svc.gov_change(
+        "admin.ScheduleKeyDestruction",
+        &request,
+        record.id.to_string(),
+        view,
+        None,
+        move |gov, who| {
+            let authority = DestructionAuthority {
+                requested_by: who.to_owned(),
+                approvers: Vec::new(),
+                approval_id: None,
+            };
+            apply_schedule_destroy(&kms, gov, req, authority)
+        },
+    )
+    .await
+}
+
+pub(super) async fn cancel_destroy(
+    svc: &AdminService,
+    request: Request<KeyRequest>,
+) -> Result<Response<KeyMetadata>, Status> {
+    let key = key_ref(&request.get_ref().key)?;
+    let k = key.clone();
+    svc.change("admin.CancelKeyDestruction", &request, Some(key), move |kms| {
+        core(kms.cancel_destruction(&k))
+    })
+    .await
+}
+
+pub(super) async fn receipt(
+    svc: &AdminService,
+    request: Request<KeyRequest>,
+) -> Result<Response<DestructionReceipt>, Status> {
+    let key = key_ref(&request.get_ref().key)?;
+    let mut event = AuditEvent::default();
+    event.key = Some(key.to_string());
+    svc.read(
+        "admin.GetDestructionReceipt",
+        &request,
+        event,
+        move |kms, _| {
+            let record = core(kms.describe_key(&key))?;
+            match record.destruction.and_then(|d| d.receipt) {
+                Some(receipt) => Ok(DestructionReceipt {
+                    key_id: record.id.to_string(),
+                    receipt,
+                }),
+                None => Err(Status::failed_precondition(format!(
+                    "key {} has no destruction receipt: it is {}{}",
+                    record.id,
+                    record.state.as_str(),
+                    if record.state == KeyState::Destroyed {
+                        " and its receipt is still being made; retry in a moment"
+                    } else {
+                        ""
+                    }
+                ))),
+            }
+        },
+    )
+    .await
+}
+
 pub(super) async fn coverage(
     svc: &AdminService,
     request: Request<api::v1::KeyCoverageRequest>,
@@ -153,7 +267,13 @@ pub(super) async fn coverage(
         loop {
             let (page, next) = kms.list_keys(after, MAX_PAGE);
             for key in &page {
-                if key.state != KeyState::Enabled && !include_disabled {
+                let skipped = match key.state {
+                    KeyState::Enabled => false,
+                    // No workload will ever use it again.
+                    KeyState::Destroyed => true,
+                    _ => !include_disabled,
+                };
+                if skipped {
                     continue;
                 }
                 keys_checked += 1;
@@ -198,12 +318,24 @@ pub(super) fn metadata(r: &KeyRecord) -> KeyMetadata {
         .into(),
         state: match r.state {
             KeyState::Enabled => api::v1::KeyState::Enabled,
+            KeyState::PendingDestruction => api::v1::KeyState::PendingDestruction,
+            KeyState::Destroyed => api::v1::KeyState::Destroyed,
             _ => api::v1::KeyState::Disabled,
         }
         .into(),
         current_version: r.current_version.get(),
         created_at: r.created_at,
         updated_at: r.updated_at,
+        destruction: r.destruction.as_ref().map(|d| KeyDestruction {
+            scheduled_at: d.scheduled_at,
+            destroy_at: d.destroy_at,
+            destroyed_at: d.destroyed_at.unwrap_or(0),
+            requested_by: d.authority.requested_by.clone(),
+            approvers: d.authority.approvers.clone(),
+            approval_id: d.authority.approval_id.clone().unwrap_or_default(),
+            receipt: d.receipt.is_some(),
+        }),
+        approval: None,
     }
 }
 

@@ -40,6 +40,7 @@ use api::v1::{
     TestPolicyRequest, TestPolicyResponse, TrustBundle, TrustDomainRequest, UpdateWorkloadRequest,
     WorkloadInfo, WorkloadRequest,
 };
+use api::v1::{DestructionReceipt, ScheduleKeyDestructionRequest};
 use api::v1::{GetServiceStatusRequest, SealRequest, ServiceStatus, UnsealRequest};
 use kms_core::audit::{object_hash, AuditEvent};
 use kms_core::governance::approvals::NewRequest;
@@ -338,6 +339,9 @@ routes! {
     disable_key(KeyRequest) -> KeyMetadata => keys::disable;
     enable_key(KeyRequest) -> KeyMetadata => keys::enable;
     create_alias(CreateAliasRequest) -> KeyMetadata => keys::create_alias;
+    schedule_key_destruction(ScheduleKeyDestructionRequest) -> KeyMetadata => keys::schedule_destroy;
+    cancel_key_destruction(KeyRequest) -> KeyMetadata => keys::cancel_destroy;
+    get_destruction_receipt(KeyRequest) -> DestructionReceipt => keys::receipt;
     key_coverage(KeyCoverageRequest) -> KeyCoverageResponse => keys::coverage;
     query_audit(QueryAuditRequest) -> QueryAuditResponse => audit::query;
     set_trust_bundle(SetTrustBundleRequest) -> TrustBundle => trust::set;
@@ -377,8 +381,9 @@ routes! {
 }
 
 /// The admin RPCs an operator with only the `auditor` role may call: reads, never changes.
-pub(crate) const READ_ONLY_METHODS: [&str; 19] = [
+pub(crate) const READ_ONLY_METHODS: [&str; 20] = [
     "DescribeKey",
+    "GetDestructionReceipt",
     "ListKeys",
     "KeyCoverage",
     "QueryAudit",

@@ -4,7 +4,7 @@
 use kms_core::{Error, ErrorClass};
 use tonic::Status;
 
-use crate::wire::{bad_input, state_word};
+use crate::wire::{bad_input, state_refusal};
 
 /// Maps a core error to the admin plane's status, by its class.
 pub(crate) fn to_status(e: &Error) -> Status {
@@ -20,7 +20,7 @@ pub(crate) fn to_status(e: &Error) -> Status {
         ErrorClass::BadInput => Status::invalid_argument(bad_input(e)),
         ErrorClass::Precondition => match e {
             Error::KeyState { id, state, .. } => {
-                Status::failed_precondition(format!("key {id} is {}", state_word(*state)))
+                Status::failed_precondition(format!("{} ({id})", state_refusal(*state)))
             }
             _ => Status::failed_precondition(e.to_string()),
         },

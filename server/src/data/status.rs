@@ -4,7 +4,7 @@
 use kms_core::{Error, ErrorClass};
 use tonic::Status;
 
-use crate::wire::{bad_input, state_word};
+use crate::wire::{bad_input, state_refusal};
 
 /// The same status for "no such key" and "not allowed", so a caller who may not use a key
 /// cannot learn whether it exists.
@@ -27,9 +27,7 @@ pub(crate) fn to_status(e: &Error) -> Status {
         ),
         ErrorClass::BadInput => Status::invalid_argument(bad_input(e)),
         ErrorClass::Precondition => match e {
-            Error::KeyState { state, .. } => {
-                Status::failed_precondition(format!("key is {}", state_word(*state)))
-            }
+            Error::KeyState { state, .. } => Status::failed_precondition(state_refusal(*state)),
             _ => Status::failed_precondition(e.to_string()),
         },
         ErrorClass::Unavailable if matches!(e, Error::Sealed) => {
