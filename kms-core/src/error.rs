@@ -150,7 +150,7 @@ pub enum Error {
         op: Op,
     },
     /// The key's lifecycle state forbids an admin change.
-    #[error("key {id} is {}: cannot {action}", state.as_str())]
+    #[error("key {id} is {}: cannot {action}", .state.as_str())]
     KeyLifecycle {
         /// The key.
         id: KeyId,

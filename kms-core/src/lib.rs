@@ -52,9 +52,7 @@ pub use key::{
     kek_wrap_aad, DeletedVersion, Destruction, DestructionAuthority, Escrow, KeyRecord, KeyState,
     Labels, Protection, StoredMaterial, TokenObject, VersionRecord,
 };
-pub use kms::{
-    DataKey, Deps, Kms, NewKey, Opened, ReEncrypted, Sealed, MAX_DESTROY_WAITING_DAYS,
-};
+pub use kms::{DataKey, Deps, Kms, NewKey, Opened, ReEncrypted, Sealed, MAX_DESTROY_WAITING_DAYS};
 pub use op::Op;
 pub use secret::{Dek, Kek, Plaintext, DEK_LEN, KEK_LEN};
 pub use store::{RocksStore, Store};

@@ -152,8 +152,8 @@ impl Receipt {
 
     /// The receipt's file text, in its one canonical form.
     pub fn to_text(&self) -> Result<String, Error> {
-        let mut text = serde_json::to_string_pretty(self)
-            .map_err(|_| Error::Internal("receipt encoding"))?;
+        let mut text =
+            serde_json::to_string_pretty(self).map_err(|_| Error::Internal("receipt encoding"))?;
         text.push('\n');
         Ok(text)
     }
@@ -191,7 +191,8 @@ pub fn verify(file: &[u8], public_point: &[u8]) -> Result<Receipt, ReceiptError>
             found: receipt.signature.key_id,
         });
     }
-    let signature = hex::decode(&receipt.signature.value).map_err(|_| ReceiptError::BadSignature)?;
+    let signature =
+        hex::decode(&receipt.signature.value).map_err(|_| ReceiptError::BadSignature)?;
     let message = receipt
         .statement
         .message()

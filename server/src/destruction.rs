@@ -53,6 +53,7 @@ async fn destroy(kms: &Arc<Kms>, audit: &Audit, id: KeyId, now: u64) -> Result<b
         .await
         .map_err(|_| "the destruction task stopped".to_owned())?
         .map_err(|e| e.to_string())?;
+    tracing::info!("destruction receipt recorded for key {id}");
     Ok(true)
 }
 

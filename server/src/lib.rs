@@ -316,11 +316,7 @@ impl Bound {
 
         // Key destructions fall due on the server's clock (docs/APPROVALS.md).
         let destructions = {
-            let (kms, audit, clock) = (
-                destruction_kms,
-                destruction_audit,
-                services_clock,
-            );
+            let (kms, audit, clock) = (destruction_kms, destruction_audit, services_clock);
             let mut stop = stop_rx_destruction;
             async move {
                 let mut every = tokio::time::interval(DESTRUCTION_CHECK_EVERY);

@@ -3,6 +3,7 @@
     clippy::expect_used,
     clippy::panic,
     clippy::indexing_slicing,
+    clippy::as_conversions,
     reason = "test code: a failed step is a failed test"
 )]
 //! No single operator: the operator inventory and M-of-N approvals, through the real `kms`
@@ -459,25 +460,26 @@ fn one_operator_seals_at_once_and_unsealing_needs_m_approvals() {
     assert!(events.iter().any(|e| e["reason"] == "service.sealed"));
 }
 
-/// The stored version rows of `key_id` (a running server's store, read beside it), and every
-/// byte string in them that is material or an escrow copy of it.
+/// Every byte string in `key_id`'s stored version rows that is material or a copy of it, as
+/// the store writes it: the whole row, the wrapped software material (a JSON array of bytes),
+/// the escrow copy (base64). Read beside the running server.
 fn version_material(dir: &std::path::Path, key_id: &str) -> Vec<Vec<u8>> {
     use kms_core::store::{Store, Table};
     let store = kms_core::RocksStore::open_read_only(&dir.join(".kms/store")).unwrap();
     let mut all = Vec::new();
     for row in store.scan(Table::Versions).unwrap() {
-        let v: kms_core::VersionRecord = serde_json::from_slice(&row.value).unwrap();
-        if v.key_id.to_string() != key_id {
+        let v: Value = serde_json::from_slice(&row.value).unwrap();
+        if v["key_id"] != key_id {
             continue;
         }
-        if let kms_core::StoredMaterial::Software { wrapped } = &v.material {
-            all.push(wrapped.clone());
+        if let Some(wrapped) = v["material"].get("software").map(|m| &m["wrapped"]) {
+            all.push(serde_json::to_vec(wrapped).unwrap());
         }
-        match &v.escrow {
-            Some(kms_core::Escrow::Sealed { sealed, .. }) => all.push(sealed.clone()),
-            Some(kms_core::Escrow::Wrapped { wrapped, .. }) => all.push(wrapped.clone()),
-            _ => {}
+        // `{"sealed": {..., "sealed": "<base64>"}}` or `{"wrapped": {..., "wrapped": ...}}`.
+        for (variant, body) in v["escrow"].as_object().into_iter().flatten() {
+            all.push(body[variant].as_str().unwrap().as_bytes().to_vec());
         }
+        all.push(row.value);
     }
     all
 }
@@ -486,17 +488,18 @@ fn holds(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
-/// Waits (up to 20 s) for the server's destruction timer to have destroyed `key` and
-/// recorded its receipt.
-fn wait_destroyed(server: &Server, key: &str) -> Value {
-    for _ in 0..200 {
-        let d = server.kms_json(&["key", "describe", key]);
-        if d["state"] == "destroyed" && d["destruction"]["receipt"] == true {
-            return d;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    panic!("key {key} was not destroyed in time");
+/// Waits (up to 20 s) for the server's destruction timer to have destroyed `key_id` and
+/// recorded its receipt, and returns the key as described then.
+fn wait_destroyed(server: &Server, key_id: &str) -> Value {
+    let recorded = format!("destruction receipt recorded for key {key_id}");
+    assert!(
+        server.log_shows(&recorded, std::time::Duration::from_secs(20)),
+        "key {key_id} was not destroyed in time"
+    );
+    let d = server.kms_json(&["key", "describe", key_id]);
+    assert_eq!(d["state"], "destroyed", "{d}");
+    assert_eq!(d["destruction"]["receipt"], true, "{d}");
+    d
 }
 
 #[test]
@@ -504,8 +507,19 @@ fn a_key_destroyed_with_approvals_loses_its_material_and_leaves_a_verifiable_rec
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(KMS, dir.path());
     let mut keys = Vec::new();
-    for (alias, protection) in [("soft", "software"), ("hard", "hsm"), ("spared", "software")] {
-        let k = server.kms_json(&["key", "create", "--alias", alias, "--protection", protection]);
+    for (alias, protection) in [
+        ("soft", "software"),
+        ("hard", "hsm"),
+        ("spared", "software"),
+    ] {
+        let k = server.kms_json(&[
+            "key",
+            "create",
+            "--alias",
+            alias,
+            "--protection",
+            protection,
+        ]);
         keys.push(k["key_id"].as_str().unwrap().to_owned());
     }
     server.kms_json(&["key", "rotate", "soft"]);
@@ -525,17 +539,24 @@ fn a_key_destroyed_with_approvals_loses_its_material_and_leaves_a_verifiable_rec
         .into_iter()
         .chain(version_material(dir.path(), &hard_id))
         .collect();
-    assert!(material.len() >= 3, "{}", material.len());
+    // soft: two rows, each with wrapped material and an escrow copy; hard: one row with one.
+    assert_eq!(material.len(), 3 * 2 + 2, "{material:?}");
     assert!(kms_tests::pkcs11_tool_objects(dir.path()).contains(&hard_id));
 
     // Too short a wait is refused at once; a good request waits for two other operators and
     // changes nothing until then.
-    let short = refused(&server, &["key", "schedule-destroy", "soft", "--waiting-days", "3"]);
+    let short = refused(
+        &server,
+        &["key", "schedule-destroy", "soft", "--waiting-days", "3"],
+    );
     assert!(short.contains("7 to 365 days"), "{short}");
     let asked = server.kms_json(&["key", "schedule-destroy", "soft", "--waiting-days", "7"]);
     assert_eq!(asked["state"], "pending", "{asked}");
     assert_eq!(asked["request"]["waiting_days"], 7);
-    assert_eq!(server.kms_json(&["key", "describe", "soft"])["state"], "enabled");
+    assert_eq!(
+        server.kms_json(&["key", "describe", "soft"])["state"],
+        "enabled"
+    );
     server.kms_json(&["data", "generate-key", "--key", "soft"]);
     let id = asked["approval_id"].as_str().unwrap().to_owned();
     server.kms_json(&["--as", "operator2", "approval", "approve", &id]);
@@ -547,7 +568,13 @@ fn a_key_destroyed_with_approvals_loses_its_material_and_leaves_a_verifiable_rec
     let pending = server.kms_json(&["key", "describe", "soft"]);
     assert_eq!(pending["state"], "pending_destruction", "{pending}");
     assert!(pending["destroy_at"].is_string(), "{pending}");
-    assert_eq!(pending["destruction"]["approvers"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        pending["destruction"]["approvers"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
     assert_eq!(pending["destruction"]["approval_id"], id.as_str());
     for blob in &blobs {
         let e = decrypt(&server, blob);
@@ -567,9 +594,12 @@ fn a_key_destroyed_with_approvals_loses_its_material_and_leaves_a_verifiable_rec
 
     // The waiting period passes on the server's clock.
     server.kms_json(&["dev", "advance-clock", "8d"]);
-    let destroyed = wait_destroyed(&server, "soft");
-    assert!(destroyed["destruction"]["destroyed_at"].is_u64(), "{destroyed}");
-    wait_destroyed(&server, "hard");
+    let destroyed = wait_destroyed(&server, &soft_id);
+    assert!(
+        destroyed["destruction"]["destroyed_at"].is_u64(),
+        "{destroyed}"
+    );
+    wait_destroyed(&server, &hard_id);
     for blob in &blobs {
         let e = decrypt(&server, blob);
         assert!(e.contains("key destroyed"), "{e}");
@@ -633,11 +663,22 @@ fn a_key_destroyed_with_approvals_loses_its_material_and_leaves_a_verifiable_rec
     server.kms_change(&["policy", "put", "forbid-hard", "--file", &forbid]);
     let unknown = refused(
         &server,
-        &["data", "generate-key", "--key", "0b0b0b0b-0b0b-4b0b-8b0b-0b0b0b0b0b0b"],
+        &[
+            "data",
+            "generate-key",
+            "--key",
+            "0b0b0b0b-0b0b-4b0b-8b0b-0b0b0b0b0b0b",
+        ],
     );
     let refused_hard = decrypt(&server, &blobs[1]);
-    assert!(refused_hard.contains("key not found or access denied"), "{refused_hard}");
-    assert!(unknown.contains("key not found or access denied"), "{unknown}");
+    assert!(
+        refused_hard.contains("key not found or access denied"),
+        "{refused_hard}"
+    );
+    assert!(
+        unknown.contains("key not found or access denied"),
+        "{unknown}"
+    );
 
     // Nothing of the material is left in any table of the store, nor in its files.
     server.stop();
@@ -651,10 +692,18 @@ fn a_key_destroyed_with_approvals_loses_its_material_and_leaves_a_verifiable_rec
                 }
             }
         }
+        // The versions table's files hold only live rows and no deletion marker.
+        let live = store.scan(Table::Versions).unwrap().len() as u64;
+        assert_eq!(store.file_entries(Table::Versions).unwrap(), (live, 0));
     }
     for entry in std::fs::read_dir(dir.path().join(".kms/store")).unwrap() {
-        let bytes = std::fs::read(entry.unwrap().path()).unwrap();
-        assert!(material.iter().all(|m| !holds(&bytes, m)));
+        let path = entry.unwrap().path();
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(
+            material.iter().all(|m| !holds(&bytes, m)),
+            "material left in {}",
+            path.display()
+        );
     }
 
     // The audit log holds both destructions and every approval step, and verifies.
@@ -666,7 +715,10 @@ fn a_key_destroyed_with_approvals_loses_its_material_and_leaves_a_verifiable_rec
     assert_eq!(gone.len(), 2);
     let hard_event = gone.iter().find(|e| e["key"] == hard_id.as_str()).unwrap();
     let sha = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &text);
-    assert_eq!(hard_event["detail"]["receipt_sha256"], hex::encode(sha.as_ref()));
+    assert_eq!(
+        hard_event["detail"]["receipt_sha256"],
+        hex::encode(sha.as_ref())
+    );
     assert!(events.iter().any(|e| e["action"] == "approval.executed"
         && e["detail"]["change"] == "admin.ScheduleKeyDestruction"));
     let verified = audit_verify(dir.path());

@@ -314,10 +314,9 @@ fn deleted_version(row: &VersionRecord) -> DeletedVersion {
 
 /// The receipt's statement, from the record committed in step 1.
 fn statement(record: &KeyRecord) -> Result<Statement, Error> {
-    let d = record
-        .destruction
-        .as_ref()
-        .ok_or(Error::Internal("destroyed key without its destruction record"))?;
+    let d = record.destruction.as_ref().ok_or(Error::Internal(
+        "destroyed key without its destruction record",
+    ))?;
     Ok(Statement {
         key_id: record.id.to_string(),
         alias: record.alias.as_ref().map(ToString::to_string),

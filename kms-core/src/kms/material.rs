@@ -54,7 +54,9 @@ pub(super) fn load(deps: &Deps, sealed: bool) -> Result<Cache, Error> {
         if let Some(alias) = &record.alias {
             cache.aliases.insert(alias.clone(), record.id);
         }
-        cache.keys.insert(id, Arc::new(KeyEntry { record, versions }));
+        cache
+            .keys
+            .insert(id, Arc::new(KeyEntry { record, versions }));
     }
     Ok(cache)
 }

@@ -49,6 +49,23 @@ impl RocksStore {
         })
     }
 
+    /// How many entries and how many deletion markers the files of `table` hold (its live
+    /// SST files; the memtable is not counted). Once [`Store::purge`] has run, the entries are
+    /// exactly the table's rows and no deletion marker is left: deleted values are gone from
+    /// the files, not only hidden. For checks and diagnostics.
+    pub fn file_entries(&self, table: Table) -> Result<(u64, u64), Error> {
+        let files = self.db.live_files().map_err(|e| store("live files", e))?;
+        Ok(files
+            .iter()
+            .filter(|f| f.column_family_name == table.name())
+            .fold((0, 0), |(e, d), f| {
+                (
+                    e.saturating_add(f.num_entries),
+                    d.saturating_add(f.num_deletions),
+                )
+            }))
+    }
+
     /// The data directory.
     pub fn path(&self) -> &Path {
         &self.path

@@ -207,9 +207,12 @@ pub(super) async fn cancel_destroy(
 ) -> Result<Response<KeyMetadata>, Status> {
     let key = key_ref(&request.get_ref().key)?;
     let k = key.clone();
-    svc.change("admin.CancelKeyDestruction", &request, Some(key), move |kms| {
-        core(kms.cancel_destruction(&k))
-    })
+    svc.change(
+        "admin.CancelKeyDestruction",
+        &request,
+        Some(key),
+        move |kms| core(kms.cancel_destruction(&k)),
+    )
     .await
 }
 
