@@ -187,3 +187,57 @@ fn rules_are_seeded_once_and_a_run_cut_short_is_marked_failed() {
         Err(Error::Approval(_))
     ));
 }
+
+#[test]
+fn an_action_added_by_a_later_release_starts_gated_under_rules_stored_before_it() {
+    let dir = tempfile::tempdir().unwrap();
+    // Rules as the release before key destruction stored them: no `known`, and an operator
+    // had taken policy deletion off the list.
+    let legacy = serde_json::json!({
+        "required": 2,
+        "expiry_secs": 86_400,
+        "gated": [
+            "admin.PutPolicy", "admin.SetTrustBundle", "admin.DeleteTrustBundle",
+            "admin.RegisterWorkload", "admin.UpdateWorkload", "admin.DeactivateWorkload",
+            "admin.ReactivateWorkload", "admin.RegisterOperator", "admin.UpdateOperator",
+            "admin.DeactivateOperator", "admin.Unseal", "admin.SetApprovalRules"
+        ],
+    });
+    store(&dir)
+        .write(vec![kms_core::store::Change::Put {
+            table: kms_core::store::Table::Approvals,
+            key: b"rules".to_vec(),
+            value: serde_json::to_vec(&legacy).unwrap(),
+        }])
+        .unwrap();
+    let rules = Approvals::open(store(&dir), ApprovalRules::default(), T0)
+        .unwrap()
+        .approvals
+        .rules();
+    assert!(rules.gates("admin.ScheduleKeyDestruction"));
+    assert!(
+        !rules.gates("admin.DeletePolicy"),
+        "an operator's choice stays"
+    );
+    // Written back: the next start neither reports nor changes anything more.
+    let again = Approvals::open(store(&dir), ApprovalRules::default(), T0)
+        .unwrap()
+        .approvals
+        .rules();
+    assert_eq!(again, rules);
+    // Taken off the list on purpose, it stays off.
+    let mut open = again.gated.clone();
+    open.remove("admin.ScheduleKeyDestruction");
+    let approvals = Approvals::open(store(&dir), ApprovalRules::default(), T0)
+        .unwrap()
+        .approvals;
+    approvals
+        .set_rules(ApprovalRules::new(2, 86_400, open).unwrap())
+        .unwrap();
+    drop(approvals);
+    let reopened = Approvals::open(store(&dir), ApprovalRules::default(), T0)
+        .unwrap()
+        .approvals
+        .rules();
+    assert!(!reopened.gates("admin.ScheduleKeyDestruction"));
+}
