@@ -58,16 +58,9 @@ struct Harness {
 
 impl Harness {
     fn new() -> Self {
-        let token = TestToken::create().expect("SoftHSM2 token");
-        token.activate();
         // Custody first: `hsm` versions are escrowed at creation and refused without it.
-        let escrow = common::escrow_key(&token);
-        let hsm = Arc::new(Pkcs11Hsm::open(&token.config().unwrap()).unwrap());
-        let store_dir = tempfile::tempdir().unwrap();
-        {
-            let store = RocksStore::open(store_dir.path()).unwrap();
-            common::init_custody(&store, hsm.as_ref(), escrow);
-        }
+        let (token, hsm, store_dir, store) = common::deployment_with_custody();
+        drop(store);
         let mut h = Self {
             token,
             hsm,

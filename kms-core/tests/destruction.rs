@@ -73,13 +73,7 @@ struct Deployment {
 impl Deployment {
     /// A fresh token and store, custody initialised (so `hsm` keys can be made).
     fn new() -> Self {
-        let token = TestToken::create().expect("SoftHSM2 token");
-        token.activate();
-        let escrow = common::escrow_key(&token);
-        let hsm = Arc::new(Pkcs11Hsm::open(&token.config().unwrap()).unwrap());
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(RocksStore::open(dir.path()).unwrap());
-        common::init_custody(store.as_ref(), hsm.as_ref(), escrow);
+        let (token, hsm, dir, store) = common::deployment_with_custody();
         Self {
             _token: token,
             hsm,

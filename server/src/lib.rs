@@ -238,11 +238,6 @@ impl Bound {
             services.kms.sealed_flag(),
         );
 
-        let destruction_kms = services.kms.clone();
-        let destruction_audit = services.audit.clone();
-        let services_clock = services.gov.clock.clone();
-        let stop_rx_destruction = stop_rx.clone();
-
         let (data_health, data_health_svc) = tonic_health::server::health_reporter();
         data_health
             .set_serving::<DataPlaneServer<DataService>>()
@@ -268,6 +263,21 @@ impl Bound {
                 tls::incoming("data", self.data, self.data_tls, limits.connections),
                 stopped(stop_rx.clone()),
             );
+
+        // Key destructions fall due on the server's clock (docs/APPROVALS.md).
+        let destructions = {
+            let (kms, audit, clock) = (
+                services.kms.clone(),
+                services.audit.clone(),
+                services.gov.clock.clone(),
+            );
+            every(DESTRUCTION_CHECK_EVERY, stop_rx.clone(), move || {
+                let (kms, audit, clock) = (kms.clone(), audit.clone(), clock.clone());
+                async move {
+                    destruction::run_due(&kms, &audit, &clock).await;
+                }
+            })
+        };
 
         let (admin_health, admin_health_svc) = tonic_health::server::health_reporter();
         admin_health
@@ -300,34 +310,13 @@ impl Bound {
         // Refusals counted beyond the budget are written as summaries, and once more at stop.
         let summaries = {
             let (data_gate, admin_gate) = (data_gate.clone(), admin_gate.clone());
-            let mut stop = stop_rx;
-            async move {
-                let mut every = tokio::time::interval(SUMMARY_EVERY);
-                loop {
-                    tokio::select! {
-                        _ = every.tick() => {}
-                        _ = stop.wait_for(|s| *s) => break,
-                    }
+            every(SUMMARY_EVERY, stop_rx, move || {
+                let (data_gate, admin_gate) = (data_gate.clone(), admin_gate.clone());
+                async move {
                     data_gate.summarise().await;
                     admin_gate.summarise().await;
                 }
-            }
-        };
-
-        // Key destructions fall due on the server's clock (docs/APPROVALS.md).
-        let destructions = {
-            let (kms, audit, clock) = (destruction_kms, destruction_audit, services_clock);
-            let mut stop = stop_rx_destruction;
-            async move {
-                let mut every = tokio::time::interval(DESTRUCTION_CHECK_EVERY);
-                loop {
-                    tokio::select! {
-                        _ = every.tick() => {}
-                        _ = stop.wait_for(|s| *s) => break,
-                    }
-                    destruction::run_due(&kms, &audit, &clock).await;
-                }
-            }
+            })
         };
 
         let (d, a, (), ()) = tokio::join!(data, admin, summaries, destructions);
@@ -342,5 +331,24 @@ impl Bound {
             source,
         })?;
         Ok(())
+    }
+}
+
+/// Runs `tick` every `period` until `stop` turns true.
+async fn every<F, Fut>(
+    period: std::time::Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    mut tick: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let mut interval = tokio::time::interval(period);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            _ = stop.wait_for(|s| *s) => break,
+        }
+        tick().await;
     }
 }

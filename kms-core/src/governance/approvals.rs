@@ -40,26 +40,16 @@ pub const GATED_ACTIONS: [&str; 14] = [
     SET_RULES,
 ];
 
-/// The gatable actions before key destruction was added: what stored rules written then
-/// knew of, so that an action added since is gated when they are read.
-const FIRST_GATABLE: [&str; 13] = [
-    "admin.PutPolicy",
-    "admin.DeletePolicy",
-    "admin.SetTrustBundle",
-    "admin.DeleteTrustBundle",
-    "admin.RegisterWorkload",
-    "admin.UpdateWorkload",
-    "admin.DeactivateWorkload",
-    "admin.ReactivateWorkload",
-    "admin.RegisterOperator",
-    "admin.UpdateOperator",
-    "admin.DeactivateOperator",
-    "admin.Unseal",
-    SET_RULES,
-];
+/// The gatable actions added since rules were first stored (stored rules without `known`
+/// knew every other one), so that they are gated when older rules are read.
+const ADDED_AFTER_FIRST_RULES: [&str; 1] = ["admin.ScheduleKeyDestruction"];
 
 fn first_gatable() -> BTreeSet<String> {
-    FIRST_GATABLE.iter().map(|a| (*a).to_owned()).collect()
+    GATED_ACTIONS
+        .iter()
+        .filter(|a| !ADDED_AFTER_FIRST_RULES.contains(a))
+        .map(|a| (*a).to_owned())
+        .collect()
 }
 
 fn all_gatable() -> BTreeSet<String> {

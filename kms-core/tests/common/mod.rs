@@ -1,11 +1,14 @@
 //! Custody init for tests, as `kms ceremony init` runs it: prepare in memory, import the
 //! trusted escrow key as the Security Officer, commit in one store write.
 
+use std::sync::Arc;
+
 use aws_lc_rs::rand::SystemRandom;
 use hsm_bridge::test_support::TestToken;
-use hsm_bridge::Hsm;
+use hsm_bridge::{Hsm, Pkcs11Hsm};
 use kms_core::custody::{self, InitPlan, NewEscrowKey};
 use kms_core::store::Store;
+use kms_core::RocksStore;
 use recovery::ceremony::Sealed;
 use recovery::{Custodian, TokenInfo};
 
@@ -47,4 +50,23 @@ pub(crate) fn init_custody(
     let prepared =
         custody::prepare_init(store, hsm, token, &SystemRandom::new(), plan, escrow).unwrap();
     (custody::commit_init(store, prepared).unwrap(), identities)
+}
+
+/// A fresh deployment with custody initialised, so that `hsm` keys can be made: a token (the
+/// escrow key imported first, then opened as the user) and a store in a new directory.
+#[allow(dead_code, reason = "not every test binary uses every helper")]
+pub(crate) fn deployment_with_custody() -> (
+    TestToken,
+    Arc<Pkcs11Hsm>,
+    tempfile::TempDir,
+    Arc<RocksStore>,
+) {
+    let token = TestToken::create().expect("SoftHSM2 token");
+    token.activate();
+    let escrow = escrow_key(&token);
+    let hsm = Arc::new(Pkcs11Hsm::open(&token.config().unwrap()).unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(RocksStore::open(dir.path()).unwrap());
+    init_custody(store.as_ref(), hsm.as_ref(), escrow);
+    (token, hsm, dir, store)
 }
