@@ -3,7 +3,8 @@
 # SoftHSM2 (the development and test HSM), clang/libclang (RocksDB's bindings), and
 # cargo-nextest (the test runner: one process per test, so each test gets its own token), and
 # age (custody tests decrypt share files with the standard tool, as a custodian would), and
-# opensc's pkcs11-tool (tests read token objects with it, as an auditor would).
+# opensc's pkcs11-tool (tests read token objects with it, as an auditor would), and
+# cargo-deny (the supply-chain check in .ci/run).
 set -euo pipefail
 
 need=()
@@ -26,4 +27,9 @@ fi
 if ! cargo nextest --version >/dev/null 2>&1; then
   echo "install-deps: installing cargo-nextest" >&2
   cargo install cargo-nextest --locked
+fi
+
+if ! cargo deny --version >/dev/null 2>&1; then
+  echo "install-deps: installing cargo-deny" >&2
+  cargo install cargo-deny --locked
 fi
