@@ -8,7 +8,8 @@
 //! The threat model must not drift from the code (threat-model/README.md). The first test
 //! parses `threat-model/threats.md` and fails when a row names a test or a `file::function`
 //! that does not exist, when a row has no test and is not `accepted` with a reason, when a
-//! `mitigated` row has no test, or when a `tm_*` test is named by no row. The other tests are
+//! `mitigated` row has no test, when a `tm_*` test is named by no row, or when frameworks.md
+//! names a row that does not exist. The other tests are
 //! the `tm_*` tests of rows no earlier test covered.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -233,6 +234,18 @@ fn the_threat_model_names_only_real_tests_and_code() {
             problems.push(format!(
                 "{}: status {:?} needs a test (mitigated, open: reason) or a reason (accepted: reason)",
                 row.id, row.status
+            ));
+        }
+    }
+    // frameworks.md names rows only by ids the table has (OWASP's own T-numbers aside).
+    let frameworks = read(&root().join("threat-model/frameworks.md")).replace("OWASP T", "OWASP ");
+    for token in frameworks.split(|c: char| !c.is_ascii_alphanumeric()) {
+        let is_row = token.len() == 3
+            && token.starts_with('T')
+            && token[1..].chars().all(|c| c.is_ascii_digit());
+        if is_row && !ids.contains(token) {
+            problems.push(format!(
+                "frameworks.md names {token}, which threats.md does not have"
             ));
         }
     }
