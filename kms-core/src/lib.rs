@@ -27,6 +27,7 @@
 
 pub mod audit;
 pub mod blob;
+pub mod bundle;
 mod clock;
 pub mod context;
 pub mod custody;

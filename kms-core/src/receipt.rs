@@ -11,7 +11,7 @@ use aws_lc_rs::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_FIXED};
 use hsm_bridge::Hsm;
 use serde::{Deserialize, Serialize};
 
-use crate::audit::{signer_id, SIGNING_KEY_LABEL};
+use crate::audit::{sign_with_audit_key, signer_id};
 use crate::error::Error;
 use crate::key::{DeletedVersion, Protection};
 
@@ -134,17 +134,13 @@ pub enum ReceiptError {
 impl Receipt {
     /// Signs `statement` with the audit signing key in `hsm`.
     pub fn sign(statement: Statement, hsm: &dyn Hsm) -> Result<Self, Error> {
-        let key = hsm.p256_signing_key(SIGNING_KEY_LABEL)?;
-        let message = statement.message()?;
-        let mut hashed = [0u8; 32];
-        hashed.copy_from_slice(digest(&SHA256, &message).as_ref());
-        let signature = hsm.ecdsa_sign_digest(&key, &hashed)?;
+        let (signature, key_id) = sign_with_audit_key(hsm, &statement.message()?)?;
         Ok(Self {
             format: FORMAT.into(),
             statement,
             signature: ReceiptSignature {
                 algorithm: ALGORITHM.into(),
-                key_id: signer_id(key.public_point()),
+                key_id,
                 value: hex::encode(signature),
             },
         })
