@@ -260,13 +260,16 @@ impl Kms {
                 _ => hsm.find_aes_key(label),
             };
             match found {
-                Ok(key) => hsm.destroy_key(key)?,
+                Ok(key) => {
+                    hsm.destroy_key(key)?;
+                    tracing::info!(key_id = %row.key_id, version = %row.version, label = %label, "token object destroyed");
+                }
+                // Destroyed by an earlier run that a stop interrupted.
                 Err(
                     hsm_bridge::Error::ObjectMissing { .. } | hsm_bridge::Error::KeyNotFound { .. },
                 ) => {}
                 Err(e) => return Err(e.into()),
             }
-            tracing::info!(key_id = %row.key_id, version = %row.version, label = %label, "token object destroyed");
         }
         Ok(())
     }
