@@ -159,6 +159,12 @@ pub enum Error {
         /// What was asked.
         action: &'static str,
     },
+    /// A backup cannot be made as the deployment stands.
+    #[error("backup refused: {reason}")]
+    BackupRefused {
+        /// Why, and what to do.
+        reason: String,
+    },
     /// A destruction's waiting period is out of bounds.
     #[error("the waiting period must be {min} to {max} days, not {asked}")]
     WaitingPeriod {
@@ -355,7 +361,9 @@ impl Error {
             | Error::Record { .. }
             | Error::Rng
             | Error::Store { .. } => ErrorClass::Internal,
-            Error::KeyState { .. } | Error::KeyLifecycle { .. } => ErrorClass::Precondition,
+            Error::KeyState { .. } | Error::KeyLifecycle { .. } | Error::BackupRefused { .. } => {
+                ErrorClass::Precondition
+            }
             Error::WaitingPeriod { .. } => ErrorClass::BadInput,
         }
     }

@@ -26,6 +26,7 @@
 //! call) → check the key's state → seal or open with the version's key.
 
 pub mod audit;
+pub mod backup;
 pub mod blob;
 pub mod bundle;
 mod clock;

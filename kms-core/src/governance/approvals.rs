@@ -459,7 +459,7 @@ impl std::fmt::Debug for Approvals {
 }
 
 /// Key of the rules in [`Table::Approvals`].
-const RULES_KEY: &[u8] = b"rules";
+pub(crate) const RULES_KEY: &[u8] = b"rules";
 /// Prefix of request keys.
 const REQUEST_PREFIX: &[u8] = b"req/";
 

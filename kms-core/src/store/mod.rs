@@ -144,6 +144,13 @@ pub trait Store: Send + Sync {
     /// One value.
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, Error>;
 
+    /// Every entry of each of `tables`, all read from one point in time (a write that lands
+    /// meanwhile is wholly in or wholly out), for backups. A store without snapshots reads the
+    /// tables one after another.
+    fn snapshot_scan(&self, tables: &[Table]) -> Result<Vec<(Table, Vec<Row>)>, Error> {
+        tables.iter().map(|t| Ok((*t, self.scan(*t)?))).collect()
+    }
+
     /// Makes deleted entries of `table` leave the store's files, not only its index (for key
     /// destruction): flush, then rewrite the table's files. A store that keeps no deleted
     /// data has nothing to do.

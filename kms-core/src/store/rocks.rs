@@ -144,6 +144,20 @@ impl Store for RocksStore {
         self.db.get_cf(cf, key).map_err(|e| store("get", e))
     }
 
+    fn snapshot_scan(&self, tables: &[Table]) -> Result<Vec<(Table, Vec<Row>)>, Error> {
+        let snapshot = self.db.snapshot();
+        tables
+            .iter()
+            .map(|t| {
+                let rows = snapshot
+                    .iterator_cf(self.cf(*t)?, IteratorMode::Start)
+                    .map(row)
+                    .collect::<Result<Vec<Row>, Error>>()?;
+                Ok((*t, rows))
+            })
+            .collect()
+    }
+
     /// Flushes every column family (the write-ahead log is shared, and a log file is deleted
     /// only once every family has flushed past it), then compacts `table` down to its last
     /// level, which rewrites its files without the deleted entries and deletes the old files.
