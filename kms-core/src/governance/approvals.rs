@@ -238,7 +238,7 @@ pub struct ApprovalRequest {
     /// What it changes (a policy id, a selector, a trust domain, an operator name).
     pub target: String,
     /// The request message exactly as it will run.
-    #[serde(with = "b64")]
+    #[serde(with = "crate::custody::b64")]
     pub request: Vec<u8>,
     /// SHA-256 over the action and the request (see [`request_hash`]), hex.
     pub hash: String,
@@ -342,7 +342,7 @@ impl ApprovalRequest {
 
     /// Marks a pending request expired if its time is up; true when it just expired.
     pub fn expire_if_due(&mut self, now: u64) -> bool {
-        if self.state != ApprovalState::Pending || now < self.expires_at {
+        if self.state == self.state_at(now) {
             return false;
         }
         self.state = ApprovalState::Expired;
@@ -350,12 +350,17 @@ impl ApprovalRequest {
         true
     }
 
-    fn check_pending(&self, now: u64) -> Result<(), ApprovalError> {
-        let state = if self.state == ApprovalState::Pending && now >= self.expires_at {
+    /// Its state at `now`: a pending request past its expiry is expired, stored or not.
+    fn state_at(&self, now: u64) -> ApprovalState {
+        if self.state == ApprovalState::Pending && now >= self.expires_at {
             ApprovalState::Expired
         } else {
             self.state
-        };
+        }
+    }
+
+    fn check_pending(&self, now: u64) -> Result<(), ApprovalError> {
+        let state = self.state_at(now);
         if state != ApprovalState::Pending {
             return Err(ApprovalError::NotPending {
                 id: self.id.clone(),
@@ -478,6 +483,14 @@ fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, Error> {
     serde_json::to_vec(value).map_err(|_| Error::Internal("approval record"))
 }
 
+fn put_rules(rules: &ApprovalRules) -> Result<Change, Error> {
+    Ok(Change::Put {
+        table: Table::Approvals,
+        key: RULES_KEY.to_vec(),
+        value: encode(rules)?,
+    })
+}
+
 /// What [`Approvals::open`] found.
 #[derive(Debug)]
 pub struct Opened {
@@ -507,22 +520,14 @@ impl Approvals {
                 if !added.is_empty() {
                     stored.gated.extend(added.iter().cloned());
                     stored.known = all_gatable();
-                    store.write(vec![Change::Put {
-                        table: Table::Approvals,
-                        key: RULES_KEY.to_vec(),
-                        value: encode(&stored)?,
-                    }])?;
+                    store.write(vec![put_rules(&stored)?])?;
                     tracing::warn!(actions = %added.join(", "), "actions this release can gate are now gated; `kms approval set-rules` changes that");
                 }
                 let differs = stored != configured;
                 (stored, differs)
             }
             None => {
-                store.write(vec![Change::Put {
-                    table: Table::Approvals,
-                    key: RULES_KEY.to_vec(),
-                    value: encode(&configured)?,
-                }])?;
+                store.write(vec![put_rules(&configured)?])?;
                 (configured, false)
             }
         };
@@ -558,11 +563,7 @@ impl Approvals {
 
     /// Replaces the rules (after their change was approved).
     pub fn set_rules(&self, rules: ApprovalRules) -> Result<(), Error> {
-        self.store.write(vec![Change::Put {
-            table: Table::Approvals,
-            key: RULES_KEY.to_vec(),
-            value: encode(&rules)?,
-        }])?;
+        self.store.write(vec![put_rules(&rules)?])?;
         *self.rules.write() = rules;
         Ok(())
     }
@@ -599,21 +600,6 @@ impl Approvals {
                 .then_with(|| a.id.cmp(&b.id))
         });
         Ok(all)
-    }
-}
-
-mod b64 {
-    use base64::engine::general_purpose::STANDARD;
-    use base64::Engine as _;
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub(super) fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&STANDARD.encode(bytes))
-    }
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        let text = String::deserialize(d)?;
-        STANDARD.decode(text).map_err(serde::de::Error::custom)
     }
 }
 

@@ -356,16 +356,7 @@ impl Policies {
     /// Checks that `text` would be accepted as policy `id` now (as [`Policies::put`] checks
     /// it), storing nothing: a change that waits for approvals is refused at once if bad.
     pub fn check(&self, id: &str, text: &str) -> Result<(), Error> {
-        PolicyName::parse(id)?;
-        if text.len() > MAX_POLICY_TEXT {
-            return Err(Error::TooLarge {
-                what: "policy text",
-                len: text.len(),
-                max: MAX_POLICY_TEXT,
-            });
-        }
-        let mut texts = current_texts(&self.histories.read());
-        texts.insert(id.to_owned(), text.to_owned());
+        let texts = with_text(&self.histories.read(), id, text)?;
         compile(&self.schema, &texts).map(drop)
     }
 
@@ -377,17 +368,8 @@ impl Policies {
         text: &str,
         by: &str,
     ) -> Result<(PolicyVersion, Option<PolicyVersion>), Error> {
-        PolicyName::parse(id)?;
-        if text.len() > MAX_POLICY_TEXT {
-            return Err(Error::TooLarge {
-                what: "policy text",
-                len: text.len(),
-                max: MAX_POLICY_TEXT,
-            });
-        }
         let mut histories = self.histories.write();
-        let mut texts = current_texts(&histories);
-        texts.insert(id.to_owned(), text.to_owned());
+        let texts = with_text(&histories, id, text)?;
         let compiled = Compiled::new(
             &compile(&self.schema, &texts)?,
             self.next_generation(),
@@ -498,6 +480,26 @@ fn current_texts(histories: &BTreeMap<String, PolicyHistory>) -> BTreeMap<String
         .iter()
         .filter_map(|(id, h)| h.current().map(|v| (id.clone(), v.text.clone())))
         .collect()
+}
+
+/// Every current policy's text with `text` as policy `id`, once the id and the text's size
+/// are checked: what a put would compile.
+fn with_text(
+    histories: &BTreeMap<String, PolicyHistory>,
+    id: &str,
+    text: &str,
+) -> Result<BTreeMap<String, String>, Error> {
+    PolicyName::parse(id)?;
+    if text.len() > MAX_POLICY_TEXT {
+        return Err(Error::TooLarge {
+            what: "policy text",
+            len: text.len(),
+            max: MAX_POLICY_TEXT,
+        });
+    }
+    let mut texts = current_texts(histories);
+    texts.insert(id.to_owned(), text.to_owned());
+    Ok(texts)
 }
 
 fn next_version(history: &PolicyHistory) -> u32 {
