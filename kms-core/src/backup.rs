@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use hsm_bridge::Hsm;
 
-use crate::audit::{sign_with_audit_key, signer_id, SIGNING_KEY_LABEL};
+use crate::audit::{sign_digest_with_audit_key, signer_id, SIGNING_KEY_LABEL};
 use crate::bundle::{encode, AuditHead, BundleSigner, Header, Record};
 use crate::error::Error;
 use crate::key::{StoredMaterial, VersionRecord};
@@ -116,8 +116,8 @@ pub fn export(store: &dyn Store, hsm: &dyn Hsm, req: ExportRequest) -> Result<Ex
         body_len: 0,
         body_sha256: String::new(),
     };
-    let bytes = encode(header, &records, |m| {
-        sign_with_audit_key(hsm, m).map(|(signature, _)| signature)
+    let bytes = encode(header, &records, |d| {
+        sign_digest_with_audit_key(hsm, d).map(|(signature, _)| signature)
     })?;
     let header = crate::bundle::parse(&bytes)
         .map_err(|_| Error::Internal("a bundle just written does not parse"))?

@@ -14,7 +14,7 @@
 
 use std::collections::BTreeMap;
 
-use aws_lc_rs::digest::{digest, SHA256};
+use aws_lc_rs::digest::{digest, Context, Digest, SHA256};
 use aws_lc_rs::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_FIXED};
 use serde::{Deserialize, Serialize};
 
@@ -94,7 +94,7 @@ pub struct Header {
 }
 
 /// One store row.
-#[derive(Clone, PartialEq, Eq, Debug)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Record {
     /// Its table.
     pub table: Table,
@@ -104,6 +104,18 @@ pub struct Record {
     pub value: Vec<u8>,
 }
 
+/// Names the row and its size, not its bytes (escrow copies are sealed, but a log is no place
+/// for them, nor for megabytes of records).
+impl std::fmt::Debug for Record {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Record")
+            .field("table", &self.table.name())
+            .field("key_len", &self.key.len())
+            .field("value_len", &self.value.len())
+            .finish()
+    }
+}
+
 /// A parsed bundle: structure and body hash checked, signature not yet.
 #[derive(Debug)]
 pub struct Bundle {
@@ -111,7 +123,8 @@ pub struct Bundle {
     pub header: Header,
     /// The records, in (table, key) order.
     pub records: Vec<Record>,
-    signed: Vec<u8>,
+    /// SHA-256 of the signed message.
+    signed: Digest,
     signature: Vec<u8>,
 }
 
@@ -219,22 +232,24 @@ fn encode_records(records: &[Record]) -> Result<Vec<u8>, Error> {
     Ok(body)
 }
 
-fn message(header: &[u8], body: &[u8]) -> Vec<u8> {
-    let mut m = Vec::with_capacity(DOMAIN.len() + 2 + header.len() + body.len());
-    m.extend_from_slice(DOMAIN);
-    m.extend_from_slice(&VERSION.to_be_bytes());
-    m.extend_from_slice(header);
-    m.extend_from_slice(body);
-    m
+/// SHA-256 of what the signature covers, computed over the parts in place (a bundle can be
+/// tens of megabytes: it is not copied to be hashed).
+fn message_digest(header: &[u8], body: &[u8]) -> Digest {
+    let mut ctx = Context::new(&SHA256);
+    ctx.update(DOMAIN);
+    ctx.update(&VERSION.to_be_bytes());
+    ctx.update(header);
+    ctx.update(body);
+    ctx.finish()
 }
 
 /// Writes a bundle of `records` (sorted here) under `header`, whose `format`, `body_len` and
-/// `body_sha256` are filled in; `sign` signs the message (for the audit key in the token,
-/// SHA-256 it and sign the digest) and returns r ‖ s.
+/// `body_sha256` are filled in; `sign` signs the SHA-256 digest of the signed message (the
+/// audit key in the token signs digests) and returns r ‖ s.
 pub fn encode(
     mut header: Header,
     records: &[Record],
-    sign: impl FnOnce(&[u8]) -> Result<Vec<u8>, Error>,
+    sign: impl FnOnce(&[u8; 32]) -> Result<Vec<u8>, Error>,
 ) -> Result<Vec<u8>, Error> {
     let body = encode_records(records)?;
     header.format = FORMAT.into();
@@ -249,7 +264,11 @@ pub fn encode(
             max: MAX_HEADER,
         });
     }
-    let signature = sign(&message(&header_json, &body))?;
+    let hashed: [u8; 32] = message_digest(&header_json, &body)
+        .as_ref()
+        .try_into()
+        .map_err(|_| Error::Internal("sha-256 length"))?;
+    let signature = sign(&hashed)?;
     if signature.len() != SIGNATURE_LEN {
         return Err(Error::Internal("bundle signature has the wrong length"));
     }
@@ -343,7 +362,7 @@ pub fn parse(bytes: &[u8]) -> Result<Bundle, BundleError> {
     Ok(Bundle {
         header,
         records,
-        signed: message(header_json, body),
+        signed: message_digest(header_json, body),
         signature,
     })
 }
@@ -390,7 +409,7 @@ impl Bundle {
             });
         }
         UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, trusted)
-            .verify(&self.signed, &self.signature)
+            .verify_digest(&self.signed, &self.signature)
             .map_err(|_| BundleError::Signature)
     }
 }
@@ -403,7 +422,6 @@ mod tests {
         reason = "test code: a failed step is a failed test"
     )]
 
-    use aws_lc_rs::rand::SystemRandom;
     use aws_lc_rs::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
     use proptest::prelude::*;
 
@@ -459,15 +477,14 @@ mod tests {
         ]
     }
 
+    /// Signs a SHA-256 digest, as the token does.
+    fn sign_digest(signer: &EcdsaKeyPair, hashed: &[u8; 32]) -> Vec<u8> {
+        let d = aws_lc_rs::digest::Digest::import_less_safe(hashed, &SHA256).unwrap();
+        signer.sign_digest(&d).unwrap().as_ref().to_vec()
+    }
+
     fn bundle(signer: &EcdsaKeyPair) -> Vec<u8> {
-        encode(header(signer), &records(), |m| {
-            Ok(signer
-                .sign(&SystemRandom::new(), m)
-                .unwrap()
-                .as_ref()
-                .to_vec())
-        })
-        .unwrap()
+        encode(header(signer), &records(), |d| Ok(sign_digest(signer, d))).unwrap()
     }
 
     #[test]
@@ -495,14 +512,7 @@ mod tests {
         // Re-signed by another key that claims the first one's id: the signature fails.
         let mut claimed = header(&other);
         claimed.signer = header(&signer).signer;
-        let forged = encode(claimed, &records(), |m| {
-            Ok(other
-                .sign(&SystemRandom::new(), m)
-                .unwrap()
-                .as_ref()
-                .to_vec())
-        })
-        .unwrap();
+        let forged = encode(claimed, &records(), |d| Ok(sign_digest(&other, d))).unwrap();
         assert_eq!(
             parse(&forged).unwrap().verify(signer.public_key().as_ref()),
             Err(BundleError::Signature)

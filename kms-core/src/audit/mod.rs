@@ -41,17 +41,25 @@ pub use verify::{BreakKind, CheckpointSeen, ExpectedHead, Report, Signers, Verif
 use crate::error::Error;
 use crate::store::{Row, Store, Table};
 
-/// Signs a statement (a destruction receipt, a backup bundle) with the audit signing key in
-/// the token: SHA-256 of `message`, signed inside the token. Returns r ‖ s and the signer's
-/// id, so that anyone holding the public key (`kms audit public-key`) can check it offline.
+/// Signs a statement (a destruction receipt) with the audit signing key in the token: SHA-256
+/// of `message`, signed inside the token. Returns r ‖ s and the signer's id, so that anyone
+/// holding the public key (`kms audit public-key`) can check it offline.
 pub fn sign_with_audit_key(
     hsm: &dyn hsm_bridge::Hsm,
     message: &[u8],
 ) -> Result<(Vec<u8>, String), Error> {
-    let key = hsm.p256_signing_key(SIGNING_KEY_LABEL)?;
     let mut hashed = [0u8; 32];
     hashed.copy_from_slice(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, message).as_ref());
-    let signature = hsm.ecdsa_sign_digest(&key, &hashed)?;
+    sign_digest_with_audit_key(hsm, &hashed)
+}
+
+/// [`sign_with_audit_key`] for a digest already computed (a backup bundle is hashed in place).
+pub fn sign_digest_with_audit_key(
+    hsm: &dyn hsm_bridge::Hsm,
+    hashed: &[u8; 32],
+) -> Result<(Vec<u8>, String), Error> {
+    let key = hsm.p256_signing_key(SIGNING_KEY_LABEL)?;
+    let signature = hsm.ecdsa_sign_digest(&key, hashed)?;
     Ok((signature, signer_id(key.public_point())))
 }
 
