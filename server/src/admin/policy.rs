@@ -13,6 +13,14 @@ use tonic::{Request, Response, Status};
 use super::{core, key_ref, AdminService, Changed};
 use crate::governance::Governance;
 
+/// What approvers see of a policy change: the current text against `to`.
+fn unified_diff(current: &str, to: &str, label: &str) -> String {
+    similar::TextDiff::from_lines(current, to)
+        .unified_diff()
+        .header("current", label)
+        .to_string()
+}
+
 pub(super) fn apply_put(
     gov: &Governance,
     req: PutPolicyRequest,
@@ -38,10 +46,7 @@ pub(super) async fn put(
         .get(&req.id, None)
         .map(|v| v.text)
         .unwrap_or_default();
-    let diff = similar::TextDiff::from_lines(&current, &req.text)
-        .unified_diff()
-        .header("current", "requested")
-        .to_string();
+    let diff = unified_diff(&current, &req.text, "requested");
     let view = serde_json::json!({ "id": req.id, "text": req.text });
     svc.gov_change(
         "admin.PutPolicy",
@@ -106,10 +111,7 @@ pub(super) async fn delete(
 ) -> Result<Response<PolicyInfo>, Status> {
     let req = request.get_ref().clone();
     let current = core(svc.gov.policies.get(&req.id, None))?;
-    let diff = similar::TextDiff::from_lines(current.text.as_str(), "")
-        .unified_diff()
-        .header("current", "deleted")
-        .to_string();
+    let diff = unified_diff(&current.text, "", "deleted");
     let view = serde_json::json!({ "id": req.id, "delete": true });
     svc.gov_change(
         "admin.DeletePolicy",

@@ -78,17 +78,23 @@ pub(super) async fn set(
     .await
 }
 
+/// The stored bundle of a well-formed trust domain, or `NOT_FOUND`.
+fn existing(gov: &Governance, domain: &str) -> Result<TrustBundleRecord, Status> {
+    core(kms_core::governance::trust::check_trust_domain(domain))?;
+    core(kms_core::governance::trust::get(gov.store.as_ref(), domain))?
+        .ok_or_else(|| Status::not_found(format!("no trust bundle for trust domain {domain}")))
+}
+
 pub(super) fn apply_delete(
     gov: &Governance,
     req: TrustDomainRequest,
     _who: &str,
 ) -> Result<Changed<TrustBundleRecord, TrustBundle>, Status> {
-    let domain = req.trust_domain;
-    core(kms_core::governance::trust::check_trust_domain(&domain))?;
-    let store = gov.store.as_ref();
-    let before = core(kms_core::governance::trust::get(store, &domain))?
-        .ok_or_else(|| Status::not_found(format!("no trust bundle for trust domain {domain}")))?;
-    core(kms_core::governance::trust::delete(store, &domain))?;
+    let before = existing(gov, &req.trust_domain)?;
+    core(kms_core::governance::trust::delete(
+        gov.store.as_ref(),
+        &req.trust_domain,
+    ))?;
     reload_bundles(gov)?;
     Ok(Changed {
         answer: bundle_info(&before),
@@ -103,17 +109,7 @@ pub(super) async fn delete(
 ) -> Result<Response<TrustBundle>, Status> {
     let req = request.get_ref().clone();
     let domain = req.trust_domain.clone();
-    core(kms_core::governance::trust::check_trust_domain(&domain))?;
-    if core(kms_core::governance::trust::get(
-        svc.gov.store.as_ref(),
-        &domain,
-    ))?
-    .is_none()
-    {
-        return Err(Status::not_found(format!(
-            "no trust bundle for trust domain {domain}"
-        )));
-    }
+    existing(&svc.gov, &domain)?;
     let view = serde_json::json!({ "trust_domain": domain, "remove": true });
     svc.gov_change(
         "admin.DeleteTrustBundle",
