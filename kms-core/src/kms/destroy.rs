@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use hsm_bridge::{CheckValue, ObjectId};
 
-use super::material::put_key;
+use super::material::{decode, put_key, version_key};
 use super::Kms;
 use crate::error::Error;
 use crate::ids::{KeyId, KeyRef};
@@ -146,13 +146,16 @@ impl Kms {
             return Ok(None);
         }
         let entry = self.entry(&KeyRef::Id(id))?;
-        let rows = self.version_rows(id)?;
-        let record = match (&entry.record.state, &entry.record.destruction) {
-            (KeyState::PendingDestruction, Some(d)) if d.destroy_at <= now => {
-                self.commit_destroyed(&entry.record, &rows, now)?
-            }
-            (KeyState::Destroyed, Some(d)) if d.receipt.is_none() => entry.record.clone(),
+        let commit = match (&entry.record.state, &entry.record.destruction) {
+            (KeyState::PendingDestruction, Some(d)) if d.destroy_at <= now => true,
+            (KeyState::Destroyed, Some(d)) if d.receipt.is_none() => false,
             _ => return Ok(None),
+        };
+        let rows = self.version_rows(id)?;
+        let record = if commit {
+            self.commit_destroyed(&entry.record, &rows, now)?
+        } else {
+            entry.record.clone()
         };
         self.delete_token_objects(&rows)?;
         self.delete_version_rows(id, &rows)?;
@@ -191,12 +194,7 @@ impl Kms {
                 if !row.key.starts_with(prefix.as_slice()) {
                     return Ok(rows);
                 }
-                let record: VersionRecord =
-                    serde_json::from_slice(&row.value).map_err(|source| Error::Record {
-                        table: Table::Versions.name(),
-                        source,
-                    })?;
-                rows.push(record);
+                rows.push(decode::<VersionRecord>(Table::Versions, &row.value)?);
             }
             match page.last() {
                 Some(last) if !done => {
@@ -282,13 +280,9 @@ impl Kms {
         }
         let changes = rows
             .iter()
-            .map(|r| {
-                let mut key = id.to_bytes().to_vec();
-                key.extend_from_slice(&r.version.get().to_be_bytes());
-                Change::Delete {
-                    table: Table::Versions,
-                    key,
-                }
+            .map(|r| Change::Delete {
+                table: Table::Versions,
+                key: version_key(id, r.version),
             })
             .collect();
         self.deps.store.write(changes)?;

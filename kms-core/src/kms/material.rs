@@ -141,7 +141,10 @@ pub(super) fn aead_key(kek: &Kek) -> Result<LessSafeKey, Error> {
         .map_err(|_| Error::Internal("aes-256-gcm key setup"))
 }
 
-fn decode<T: serde::de::DeserializeOwned>(table: Table, bytes: &[u8]) -> Result<T, Error> {
+pub(super) fn decode<T: serde::de::DeserializeOwned>(
+    table: Table,
+    bytes: &[u8],
+) -> Result<T, Error> {
     serde_json::from_slice(bytes).map_err(|source| Error::Record {
         table: table.name(),
         source,
@@ -160,12 +163,17 @@ pub(super) fn put_key(record: &KeyRecord) -> Result<Change, Error> {
     })
 }
 
+/// A version's key in [`Table::Versions`]: key id ‖ version (big-endian).
+pub(super) fn version_key(id: KeyId, version: KeyVersion) -> Vec<u8> {
+    let mut key = id.to_bytes().to_vec();
+    key.extend_from_slice(&version.get().to_be_bytes());
+    key
+}
+
 pub(crate) fn put_version(record: &VersionRecord) -> Result<Change, Error> {
-    let mut key = record.key_id.to_bytes().to_vec();
-    key.extend_from_slice(&record.version.get().to_be_bytes());
     Ok(Change::Put {
         table: Table::Versions,
-        key,
+        key: version_key(record.key_id, record.version),
         value: encode(record)?,
     })
 }
