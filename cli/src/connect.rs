@@ -86,15 +86,16 @@ impl ConnectArgs {
             None => recorded_addr(&layout, plane)?,
         };
         let who = match (plane, &self.as_name) {
+            // The names `kms dev issue-operator` gives certificates: no path can be built
+            // from one.
             (_, Some(name)) => {
-                let plain = !name.is_empty()
-                    && name
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
-                    && !name.starts_with('.');
-                if !plain {
+                if name
+                    .parse::<kms_core::governance::operators::OperatorName>()
+                    .is_err()
+                {
                     return Err(Error::Usage(format!(
-                        "--as {name:?}: a certificate name (letters, digits, _ - .) under {}",
+                        "--as {name:?}: a certificate name (1-64 of a-z 0-9 _ - ., starting \
+                         with a letter or digit) under {}",
                         layout.pki("").display()
                     )));
                 }

@@ -315,11 +315,10 @@ pub(crate) struct DevClock {
 
 impl DevClock {
     pub(crate) fn new(data_dir: &Path) -> Self {
+        let path = data_dir.join(CLOCK_OFFSET_FILE);
         Self {
-            path: data_dir.join(CLOCK_OFFSET_FILE),
-            offset_secs: std::sync::atomic::AtomicU64::new(read_offset(
-                &data_dir.join(CLOCK_OFFSET_FILE),
-            )),
+            offset_secs: std::sync::atomic::AtomicU64::new(read_offset(&path)),
+            path,
             read_at_ms: std::sync::atomic::AtomicU64::new(0),
         }
     }
