@@ -341,6 +341,12 @@ fn print_report(report: &Report, unanchored_tail: bool, as_json: bool) -> Result
             report.problem.as_deref().unwrap_or("unknown")
         ),
     };
+    if let Some(r) = &report.recovered {
+        text.push_str(&format!(
+            "; continues a recovered deployment at record {} (custody.recovered, bundle {}), after the old log's record {} ({})",
+            r.seq, r.bundle_sha256, r.bundle_head_seq, r.bundle_head_hash
+        ));
+    }
     if let Some(cp) = &report.last_checkpoint {
         text.push_str(&format!(
             "; last signed checkpoint: record {} at {}",

@@ -34,6 +34,10 @@ pub(crate) enum CeremonyCommand {
     VerifyShare(VerifyArgs),
     /// Show the threshold, the custodians and who has verified, and unescrowed key versions.
     Status(ConfigArg),
+    /// Restore a deployment from a backup bundle and k custodians' shares onto a new host and
+    /// a new, empty token (docs/RECOVERY.md): every key, policy, registration and operator,
+    /// with the audit chain continuing from the bundle's head.
+    Recover(crate::recover::RecoverArgs),
 }
 
 #[derive(Args, Debug)]
@@ -102,6 +106,7 @@ pub(crate) fn run(
         }
         CeremonyCommand::VerifyShare(args) => verify(&args, conn, as_json),
         CeremonyCommand::Status(args) => status(&args, data_dir, as_json),
+        CeremonyCommand::Recover(args) => crate::recover::run(&args, data_dir, as_json),
     }
 }
 

@@ -433,6 +433,29 @@ pub(crate) struct TlsSection {
     pub(crate) admin_client_ca: PathBuf,
 }
 
+/// The non-secret settings a backup bundle carries for a recovered deployment (never PINs,
+/// paths or TLS material), as the `[section]`s of `kms.toml` name them.
+pub(crate) fn deployment_settings(config: &Config) -> serde_json::Value {
+    serde_json::json!({
+        "approvals": {
+            "required": config.approvals.required,
+            "expiry_secs": config.approvals.expiry.as_secs(),
+        },
+        "inventory": { "max_lifetime_days": config.inventory.max_lifetime_days },
+        "grants": { "max_ttl_secs": config.grants.max_ttl_secs },
+        "keys": { "min_destroy_waiting_days": config.keys.min_destroy_waiting_days },
+        "audit": {
+            "checkpoint_every": config.audit.checkpoint_every,
+            "checkpoint_interval_secs": config.audit.checkpoint_interval_secs,
+            "retention_days": config.audit.retention_days,
+        },
+        "jwt": {
+            "audience": config.jwt.audience,
+            "max_lifetime_secs": config.jwt.max_lifetime_secs,
+        },
+    })
+}
+
 impl Config {
     /// Reads and parses `path`, resolving relative paths against its directory.
     pub(crate) fn load(path: &Path) -> Result<Self, Error> {

@@ -71,11 +71,29 @@ pub(crate) enum Error {
         last: u64,
     },
     /// A destruction receipt did not verify.
+    /// A recovery ceremony refused its inputs; the target is untouched.
+    #[error("recovery refused: {0}")]
+    Restore(kms_core::restore::RestoreError),
+    /// A bundle does not parse.
+    #[error("{}: {source}", file.display())]
+    Bundle {
+        /// The file.
+        file: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: kms_core::bundle::BundleError,
+    },
     #[error("receipt does not verify: {0}")]
     Receipt(#[from] kms_core::receipt::ReceiptError),
     /// The development PKI could not be generated.
     #[error("development pki")]
     Pki(#[from] rcgen::Error),
+}
+
+impl From<kms_core::restore::RestoreError> for Error {
+    fn from(e: kms_core::restore::RestoreError) -> Self {
+        Error::Restore(e)
+    }
 }
 
 impl From<tonic::Status> for Error {

@@ -12,6 +12,7 @@
 
 mod approval;
 mod audit;
+mod backup;
 mod bench;
 mod ceremony;
 mod config;
@@ -27,6 +28,7 @@ mod key;
 mod operator;
 mod output;
 mod policy;
+mod recover;
 mod seal;
 mod serve;
 mod trust_bundle;
@@ -76,6 +78,9 @@ enum Command {
     /// The tamper-evident audit log: verify, export, signer keys.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
+    /// Backup bundles: export one (a gated change on the admin plane) and inspect one.
+    #[command(subcommand)]
+    Backup(backup::BackupCommand),
     /// Load-test a running server and report throughput and latency.
     Bench(bench::BenchArgs),
     /// Custody ceremonies on the data directory (server stopped): init, verify a share,
@@ -193,6 +198,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             (Command::Policy(cmd), _) => policy::run(cmd, &cli.connect, cli.json).await,
             (Command::Grant(cmd), _) => grant::run(cmd, &cli.connect, cli.json).await,
             (Command::Audit(cmd), _) => audit::run(cmd, &cli.connect, cli.json).await,
+            (Command::Backup(cmd), _) => backup::run(cmd, &cli.connect, cli.json).await,
             (Command::Bench(args), _) => bench::run(args, &cli.connect, cli.json).await,
             (Command::Operator(cmd), _) => operator::run(cmd, &cli.connect, cli.json).await,
             (Command::Approval(cmd), _) => approval::run(cmd, &cli.connect, cli.json).await,

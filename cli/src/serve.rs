@@ -383,6 +383,7 @@ pub(crate) fn open_governance(
         clock: clock.clone(),
         rng: rng.clone(),
         min_destroy_waiting_days: config.keys.min_destroy_waiting_days(config_path)?,
+        deployment_settings: crate::config::deployment_settings(config),
     })
 }
 

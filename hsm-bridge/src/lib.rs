@@ -45,7 +45,7 @@ pub use escrow::{
     import_trusted_escrow_key, CheckValue, EscrowPin, EscrowedKey, ObjectId, ObjectReport,
     CHECK_VALUE_LEN, OBJECT_ID_LEN,
 };
-pub use token::{Pkcs11Hsm, TokenFacts};
+pub use token::{token_objects, Pkcs11Hsm, TokenFacts};
 
 /// Length of an AES-GCM nonce in bytes (96 bits, SP 800-38D §8.2.1 deterministic IV length).
 pub const GCM_NONCE_LEN: usize = 12;

@@ -421,6 +421,57 @@ impl Pkcs11Hsm {
         &self.module
     }
 
+    /// Imports an AES-256 key value as a token object of the logged-in user: sensitive,
+    /// non-extractable, encrypt and decrypt only, labelled `label` with `CKA_ID` `id` (the
+    /// recovery ceremony restores `hsm` key versions from their escrow copies this way). The
+    /// token shows it as imported: neither `CKA_LOCAL` nor `CKA_ALWAYS_SENSITIVE`. Returns the
+    /// object and the check value the token computed for it.
+    pub fn import_aes_key(
+        &self,
+        label: &str,
+        id: &ObjectId,
+        value: &SecretBox<[u8; 32]>,
+    ) -> Result<(TokenKey, CheckValue)> {
+        use secrecy::ExposeSecret;
+        if label.is_empty() {
+            return Err(Error::InvalidArgument {
+                what: "empty key label",
+            });
+        }
+        self.run_one(|s| {
+            let mut template: Vec<Attribute> = aes_key_template(label, id, false)
+                .into_iter()
+                .filter(|a| !matches!(a, Attribute::ValueLen(_)))
+                .collect();
+            template.push(Attribute::Value(value.expose_secret().to_vec()));
+            let created = s.create_object(&template);
+            for attribute in &mut template {
+                if let Attribute::Value(v) = attribute {
+                    v.zeroize();
+                }
+            }
+            let handle = created?;
+            let check_value = s
+                .get_attributes(handle, &[AttributeType::CheckValue])?
+                .into_iter()
+                .find_map(|a| match a {
+                    Attribute::CheckValue(v) => {
+                        <[u8; crate::CHECK_VALUE_LEN]>::try_from(v.as_slice()).ok()
+                    }
+                    _ => None,
+                });
+            match check_value {
+                Some(cv) => Ok((TokenKey(handle), CheckValue(cv))),
+                None => {
+                    let _ = s.destroy_object(handle);
+                    Err(Error::Internal(
+                        "the token gave an imported key no check value",
+                    ))
+                }
+            }
+        })
+    }
+
     /// The token's label.
     pub fn token_label(&self) -> &str {
         &self.label
@@ -635,4 +686,30 @@ fn into_secret(mut plain: Vec<u8>) -> SecretSlice<u8> {
     let boxed: Box<[u8]> = plain.as_slice().into();
     plain.zeroize();
     SecretBox::new(boxed)
+}
+
+/// How many objects the user of token `label` can see (`C_FindObjects` with no template),
+/// logged in for the count and logged out after. The recovery ceremony refuses a token that
+/// is not empty; run it before [`Pkcs11Hsm::open`] in the same process.
+pub fn token_objects(
+    module: &std::path::Path,
+    label: &str,
+    user_pin: &secrecy::SecretString,
+) -> Result<usize> {
+    let ctx = load_module(module)?;
+    let slot = find_slot(&ctx, label, module)?;
+    let session = ctx.open_ro_session(slot)?;
+    match session.login(UserType::User, Some(user_pin)) {
+        Ok(()) | Err(cryptoki::error::Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
+        Err(cryptoki::error::Error::Pkcs11(rv, _)) => {
+            return Err(Error::Login {
+                label: label.to_owned(),
+                rv,
+            })
+        }
+        Err(other) => return Err(Error::Cryptoki(other)),
+    }
+    let found = session.find_objects(&[]).map(|o| o.len());
+    let _ = session.logout();
+    Ok(found?)
 }

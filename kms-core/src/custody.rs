@@ -19,9 +19,13 @@ use crate::kms::{put_version, unwrap_software};
 use crate::store::{Change, Store, Table};
 use crate::Rng;
 
-const RECORD: &[u8] = b"recovery";
-const TRANSCRIPT: &[u8] = b"transcript";
-const SEAL_PREFIX: &[u8] = b"seal/";
+/// Store key of the recovery key record.
+pub(crate) const RECORD: &[u8] = b"recovery";
+/// Store key of the init transcript.
+pub(crate) const TRANSCRIPT: &[u8] = b"transcript";
+/// Store key prefix of the transcripts of recoveries since (each pins a successor signer).
+pub(crate) const RECOVER_TRANSCRIPT_PREFIX: &[u8] = b"recover-transcript/";
+pub(crate) const SEAL_PREFIX: &[u8] = b"seal/";
 const VERIFIED_PREFIX: &[u8] = b"verified/";
 /// Name of the trusted escrow key's seal.
 pub const ESCROW_KEY_SEAL: &str = "escrow-key";

@@ -19,6 +19,9 @@ pub const TRANSCRIPT_FORMAT: &str = "sovereign-kms/transcript-v1";
 pub enum CeremonyKind {
     /// The first split of a deployment's recovery authority.
     Init,
+    /// A recovery onto a new token: it pins the new token and audit signer under the same
+    /// recovery secret, so that bundles the recovered deployment exports authenticate too.
+    Recover,
 }
 
 /// A custodian as the transcript records them.

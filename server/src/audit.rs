@@ -124,6 +124,23 @@ impl Audit {
         self.log.as_ref().map(|log| log.submit(event))
     }
 
+    /// Records `event` durably with a signed checkpoint over it; its sequence number, or
+    /// `None` when auditing is disabled.
+    pub(crate) async fn record_checkpointed(
+        &self,
+        event: AuditEvent,
+    ) -> Result<Option<u64>, Status> {
+        match &self.log {
+            Some(log) => log
+                .submit_checkpointed(event)
+                .wait()
+                .await
+                .map(Some)
+                .map_err(|_| Status::unavailable(AUDIT_UNAVAILABLE)),
+            None => Ok(None),
+        }
+    }
+
     /// Records `event` durably, or refuses with the documented status.
     pub(crate) async fn record(&self, event: AuditEvent) -> Result<(), Status> {
         match self.submit(event) {

@@ -57,6 +57,8 @@ pub struct Governance {
     pub rng: Arc<dyn kms_core::Rng>,
     /// The shortest waiting period a key destruction may be scheduled with, in days.
     pub min_destroy_waiting_days: u32,
+    /// The non-secret settings a backup bundle carries (`[approvals]`, `[inventory]`, ...).
+    pub deployment_settings: serde_json::Value,
 }
 
 impl std::fmt::Debug for Governance {

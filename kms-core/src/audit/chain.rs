@@ -31,6 +31,27 @@ const CHECKPOINT_DOMAIN: &[u8] = b"sovereign-kms/audit-checkpoint/v1\0";
 /// verifier where the retained log legitimately starts.
 pub const PRUNED_ACTION: &str = "audit.pruned";
 
+/// The action of the first record of a deployment restored by the recovery ceremony: it
+/// follows the backup bundle's head (its `bundle_head_seq` and `bundle_head_hash` details,
+/// and its own `prev`), so the verifier accepts a log that starts there, and says so.
+pub const RECOVERED_ACTION: &str = "custody.recovered";
+
+/// The first record of a recovered log, chained to the bundle's head: `(hash, stored value)`.
+pub fn recovered_record(
+    head_seq: u64,
+    head_hash: &Hash,
+    time_ms: u64,
+    event: &AuditEvent,
+) -> Result<(Hash, Vec<u8>), Error> {
+    let json = serde_json::to_vec(event).map_err(|_| Error::Internal("audit event encoding"))?;
+    Ok(encode_chained(
+        head_seq.saturating_add(1),
+        head_hash,
+        time_ms,
+        &json,
+    ))
+}
+
 /// One security-relevant event. Never holds plaintext, DEKs, PINs, key material or
 /// encryption-context values: context keys are listed and their values only digested.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

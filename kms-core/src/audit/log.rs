@@ -104,6 +104,8 @@ type Reply = oneshot::Sender<Result<u64, AuditError>>;
 enum Msg {
     /// An event, already serialised to JSON.
     Append(Vec<u8>, Reply),
+    /// The same, with a checkpoint signed over it in the same write.
+    AppendCheckpointed(Vec<u8>, Reply),
     Signer(Signer),
     Close(oneshot::Sender<()>),
 }
@@ -243,6 +245,21 @@ impl AuditLog {
         Pending(rx)
     }
 
+    /// Queues one record and has a checkpoint signed over it (and everything before it) in
+    /// the same write: a backup export names this record as the head its bundle continues
+    /// from. Without a signer the record is written unsigned, as any other.
+    pub fn submit_checkpointed(&self, event: AuditEvent) -> Pending {
+        let (tx, rx) = oneshot::channel();
+        match serde_json::to_vec(&event) {
+            Ok(json) => drop(self.tx.send(Msg::AppendCheckpointed(json, tx))),
+            Err(e) => {
+                tracing::error!(error = %e, "audit event could not be encoded");
+                let _ = tx.send(Err(AuditError::Unavailable));
+            }
+        }
+        Pending(rx)
+    }
+
     /// Keyed digest of an encryption context, so that records can be correlated by context
     /// without holding its values. `None` for an empty context or before the HSM is attached.
     pub fn context_digest(&self, context: &EncryptionContext) -> Option<String> {
@@ -326,9 +343,13 @@ impl Writer {
             for m in msgs {
                 match m {
                     Msg::Append(event, reply) => appends.push((event, reply)),
+                    Msg::AppendCheckpointed(event, reply) => {
+                        appends.push((event, reply));
+                        anchor = true;
+                    }
                     Msg::Signer(signer) => {
                         self.signer = Some(signer);
-                        anchor = self.unanchored > 0;
+                        anchor |= self.unanchored > 0;
                     }
                     Msg::Close(reply) => close = Some(reply),
                 }

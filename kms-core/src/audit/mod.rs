@@ -30,13 +30,15 @@ use serde_json::value::RawValue;
 
 pub use chain::{
     checkpoint_message, key_seq, object_hash, public_key_from_pem, public_key_pem, record_hash,
-    seq_key, signer_id, split_record, AuditEvent, Checkpoint, Hash, RecordBody, GENESIS, HASH_LEN,
-    PRUNED_ACTION,
+    recovered_record, seq_key, signer_id, split_record, AuditEvent, Checkpoint, Hash, RecordBody,
+    GENESIS, HASH_LEN, PRUNED_ACTION, RECOVERED_ACTION,
 };
 pub use log::{AuditConfig, AuditError, AuditLog, Pending, SIGNING_KEY_LABEL};
-pub(crate) use log::{CONTEXT_KEY, CONTEXT_KEY_AAD};
+pub(crate) use log::{CONTEXT_KEY, CONTEXT_KEY_AAD, SIGNER_PREFIX};
 pub use query::{query, AuditPage, AuditQuery, FoundRecord, MAX_PAGE, MAX_SCAN};
-pub use verify::{BreakKind, CheckpointSeen, ExpectedHead, Report, Signers, Verifier};
+pub use verify::{
+    BreakKind, CheckpointSeen, ExpectedHead, RecoverySeen, Report, Signers, Verifier,
+};
 
 use crate::error::Error;
 use crate::store::{Row, Store, Table};
@@ -268,4 +270,16 @@ impl ExportLine {
             public_key_from_pem(self.public_key.as_deref()?)?,
         ))
     }
+}
+
+/// The hash of record `seq` as stored, if it is there and intact.
+pub fn stored_hash(store: &dyn Store, seq: u64) -> Result<Option<Hash>, Error> {
+    let Some(value) = store.get(Table::AuditRecords, &seq_key(seq))? else {
+        return Ok(None);
+    };
+    let (hash, body) = split_record(&value).ok_or(Error::AuditCorrupt { seq })?;
+    if record_hash(body) != hash {
+        return Err(Error::AuditCorrupt { seq });
+    }
+    Ok(Some(hash))
 }

@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use super::chain::{
     checkpoint_message, record_hash, split_record, Checkpoint, Hash, RecordBody, GENESIS, HASH_LEN,
-    PRUNED_ACTION,
+    PRUNED_ACTION, RECOVERED_ACTION,
 };
 
 /// Most skipped sequence numbers remembered while the log is read.
@@ -53,6 +53,22 @@ pub struct Report {
     pub kind: Option<BreakKind>,
     /// What is wrong there, in words.
     pub problem: Option<String>,
+    /// Where the log continues a recovered deployment's chain (`custody.recovered`).
+    pub recovered: Option<RecoverySeen>,
+}
+
+/// The record where a recovered deployment's log takes over from the backup bundle's head.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct RecoverySeen {
+    /// The `custody.recovered` record.
+    pub seq: u64,
+    /// The bundle's head it follows: the last record of the old deployment in the bundle.
+    pub bundle_head_seq: u64,
+    /// That record's hash, hex (check it against a copy of the old log).
+    pub bundle_head_hash: String,
+    /// SHA-256 of the bundle restored, hex.
+    pub bundle_sha256: String,
 }
 
 /// A signed checkpoint the verifier saw.
@@ -330,6 +346,26 @@ impl<'a> Verifier<'a> {
                 );
             }
         }
+        if body.event.action == RECOVERED_ACTION && self.report.records == 1 {
+            let detail = |k: &str| body.event.detail.get(k).cloned().unwrap_or_default();
+            let head_seq: Option<u64> = detail("bundle_head_seq").parse().ok();
+            if head_seq.map(|h| h.saturating_add(1)) == Some(seq)
+                && detail("bundle_head_hash") == body.prev
+            {
+                self.report.recovered = Some(RecoverySeen {
+                    seq,
+                    bundle_head_seq: seq.saturating_sub(1),
+                    bundle_head_hash: body.prev.clone(),
+                    bundle_sha256: detail("bundle_sha256"),
+                });
+            } else {
+                self.bad(
+                    seq,
+                    BreakKind::Edited,
+                    format!("record {seq} claims a recovery but does not follow the head it names"),
+                );
+            }
+        }
         if body.event.action == PRUNED_ACTION {
             self.prune_claim = body
                 .event
@@ -378,7 +414,10 @@ impl<'a> Verifier<'a> {
                 format!("records {gap}..{to} are missing"),
             );
         }
-        if self.from.is_none() {
+        // A recovered log starts at its `custody.recovered` record (the old records stay with
+        // the old deployment and its SIEM copy), or later when pruned since.
+        let recovered_from = self.report.recovered.as_ref().map(|r| r.seq);
+        if self.from.is_none() && recovered_from.is_none() {
             if let Some(first) = self.report.first_seq {
                 let expected = self.prune_claim.unwrap_or(1);
                 if first > expected {

@@ -23,7 +23,7 @@ use crate::error::{Error, InvalidInput};
 use crate::store::{Change, Row, Store, Table};
 
 /// Every action that can be gated, in the order the docs list them.
-pub const GATED_ACTIONS: [&str; 14] = [
+pub const GATED_ACTIONS: [&str; 15] = [
     "admin.PutPolicy",
     "admin.DeletePolicy",
     "admin.SetTrustBundle",
@@ -37,12 +37,13 @@ pub const GATED_ACTIONS: [&str; 14] = [
     "admin.DeactivateOperator",
     "admin.Unseal",
     "admin.ScheduleKeyDestruction",
+    "admin.ExportBackup",
     SET_RULES,
 ];
 
 /// The gatable actions added since rules were first stored (stored rules without `known`
 /// knew every other one), so that they are gated when older rules are read.
-const ADDED_AFTER_FIRST_RULES: [&str; 1] = ["admin.ScheduleKeyDestruction"];
+const ADDED_AFTER_FIRST_RULES: [&str; 2] = ["admin.ScheduleKeyDestruction", "admin.ExportBackup"];
 
 fn first_gatable() -> BTreeSet<String> {
     GATED_ACTIONS

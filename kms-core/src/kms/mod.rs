@@ -233,6 +233,15 @@ impl Kms {
         })
     }
 
+    /// A backup bundle of the store as it is now, from one snapshot, signed with the audit
+    /// key (see [`crate::backup::export`]).
+    pub fn export_backup(
+        &self,
+        req: crate::backup::ExportRequest,
+    ) -> Result<crate::backup::Exported, Error> {
+        crate::backup::export(self.deps.store.as_ref(), self.deps.hsm.as_ref(), req)
+    }
+
     /// The flag that says the service is sealed, for the data plane's gate to refuse every
     /// request before it is read.
     pub fn sealed_flag(&self) -> Arc<AtomicBool> {

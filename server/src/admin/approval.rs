@@ -99,6 +99,11 @@ fn execute(kms: &Kms, gov: &Governance, r: &ApprovalRequest) -> Result<Ran, Stat
             };
             keys::apply_schedule_destroy(kms, gov, decode(bytes)?, authority)?.into()
         }
+        super::backup::ACTION => Ran {
+            before: None,
+            after: None,
+            result: super::backup::ticket_result(r, gov.clock.now_unix()),
+        },
         _ => return Err(Status::internal("approval request of an unknown action")),
     })
 }

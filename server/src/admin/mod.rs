@@ -10,6 +10,7 @@
 
 mod approval;
 mod audit;
+mod backup;
 mod custody;
 mod grants;
 mod inventory;
@@ -327,6 +328,15 @@ macro_rules! routes {
                     $handler(self, request).await
                 }
             )*
+
+            type ExportBackupStream = backup::ExportStream;
+
+            async fn export_backup(
+                &self,
+                request: Request<api::v1::ExportBackupRequest>,
+            ) -> Result<Response<Self::ExportBackupStream>, Status> {
+                backup::export(self, request).await
+            }
         }
     };
 }

@@ -1,0 +1,381 @@
+//! `kms ceremony recover`: the quorum recovery ceremony on a fresh host (docs/RECOVERY.md).
+//! The states are `kms_core::restore`'s; this module reads the files, opens shares with the
+//! custodians' age identities, checks and prepares the target (a new data directory and a new,
+//! empty token), imports the escrow key as the Security Officer, and moves the restored store
+//! into place only once everything in it is written.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use clap::Args;
+use hsm_bridge::Pkcs11Hsm;
+use kms_core::audit::AuditLog;
+use kms_core::restore::{self, Facts};
+use kms_core::{Clock, RocksStore, SystemClock};
+use recovery::{parse_identity, ShareEnvelope, TokenInfo};
+use secrecy::SecretString;
+use serde_json::{json, Value};
+
+use crate::config::Config;
+use crate::dev::DevLayout;
+use crate::error::{read, Error};
+use crate::output::emit;
+
+#[derive(Args, Debug)]
+pub(crate) struct RecoverArgs {
+    /// The backup bundle (`kms backup export`).
+    #[arg(long, value_name = "FILE")]
+    bundle: PathBuf,
+    /// A custodian's share file (age); opened with whichever --identity opens it. Repeat.
+    #[arg(long = "share", value_name = "FILE")]
+    shares: Vec<PathBuf>,
+    /// A custodian's age identity file. Repeat.
+    #[arg(long = "identity", value_name = "FILE")]
+    identities: Vec<PathBuf>,
+    /// A share its custodian decrypted beforehand (`age -d -i KEY NAME.share.age`). Repeat.
+    #[arg(long = "decrypted", value_name = "FILE")]
+    decrypted: Vec<PathBuf>,
+    /// The new deployment's config: its data directory must hold no store, its token must
+    /// be new and empty (user PIN as the config says; SO PIN from --so-pin-file or KMS_SO_PIN).
+    #[arg(
+        long,
+        value_name = "NEW.toml",
+        required_unless_present = "dev",
+        conflicts_with = "dev"
+    )]
+    config: Option<PathBuf>,
+    /// Recover into a fresh development layout in --data-dir (a new SoftHSM2 token with new
+    /// PINs, a new server certificate and operator CA, kms.toml beside them), for drills and
+    /// the README tour: then `kms --data-dir DIR serve --dev`.
+    #[arg(long)]
+    dev: bool,
+    /// A file holding the new token's Security Officer PIN (never a flag).
+    #[arg(long, value_name = "FILE")]
+    so_pin_file: Option<PathBuf>,
+}
+
+#[expect(
+    clippy::disallowed_methods,
+    reason = "the ceremony reports the time of each phase"
+)]
+fn now() -> Instant {
+    Instant::now()
+}
+
+/// Runs the ceremony; prints `{"key_versions_restored", "audit_head", ...}`.
+pub(crate) fn run(args: &RecoverArgs, data_dir: &Path, as_json: bool) -> Result<(), Error> {
+    let start = now();
+    let mut timings = serde_json::Map::new();
+    let mut mark = |name: &str, since: &mut Instant| {
+        let ms = u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX);
+        timings.insert(name.to_owned(), json!(ms));
+        *since = now();
+    };
+    let mut t = now();
+
+    // Checked: the bundle parses, the target is empty.
+    let bytes = read(&args.bundle)?;
+    let checked = restore::check(&args.bundle, &bytes)?;
+    drop(bytes);
+    let target = Target::of(args, data_dir)?;
+    target.check_empty()?;
+    mark("check", &mut t);
+
+    // SharesChecked, Combined, BundleVerified, Prepared: all in memory.
+    let shares = open_shares(args)?;
+    let verified = checked.check_shares(shares)?.combine()?;
+    mark("shares", &mut t);
+    let prepared = verified.prepare()?;
+    mark("unseal", &mut t);
+
+    // From here the target is written; on failure it is put back as it was.
+    let result = (|| {
+        let config_path = target.materialise()?;
+        let config = Config::load(&config_path)?;
+        if let Some(conf) = &config.hsm.softhsm2_conf {
+            hsm_bridge::softhsm::use_conf(conf);
+        }
+        let hsm_config = crate::serve::hsm_config(&config, &config_path)?;
+        let found = hsm_bridge::token_objects(
+            &hsm_config.module,
+            &hsm_config.token_label,
+            &hsm_config.user_pin,
+        )?;
+        if found > 0 {
+            return Err(Error::Usage(format!(
+                "token {} is not empty ({found} objects): a recovery needs a new, empty token \
+                 (initialise one with softhsm2-util --init-token, or your HSM's tool)",
+                hsm_config.token_label
+            )));
+        }
+        if let Some((pin, value)) = prepared.escrow_key() {
+            let so_pin = so_pin(args, &config_path)?;
+            hsm_bridge::import_trusted_escrow_key(
+                &hsm_config.module,
+                &hsm_config.token_label,
+                &so_pin,
+                pin,
+                value,
+            )?;
+            tracing::info!(escrow_key_id = %pin.id, "trusted escrow key imported into the new token by its security officer");
+        }
+        let hsm = Arc::new(Pkcs11Hsm::open(&hsm_config)?);
+        let facts = hsm.token_info()?;
+        let store_dir = config.data_dir.join("store");
+        let tmp = config.data_dir.join("store.recovering");
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(|source| Error::File {
+                what: "cannot remove an earlier attempt's",
+                path: tmp.clone(),
+                source,
+            })?;
+        }
+        let written = (|| {
+            let store = Arc::new(RocksStore::open(&tmp)?);
+            let mut phase_at = now();
+            let mut phases = serde_json::Map::new();
+            let mut last: Option<&'static str> = None;
+            let mut phase = |name: &'static str| {
+                if let Some(prev) = last.replace(name) {
+                    let ms = u64::try_from(phase_at.elapsed().as_millis()).unwrap_or(u64::MAX);
+                    phases.insert(prev.to_owned(), json!(ms));
+                }
+                phase_at = now();
+            };
+            let recovered = prepared.restore(
+                &hsm,
+                store.as_ref(),
+                Facts {
+                    time_ms: SystemClock.now_unix_ms(),
+                    token: TokenInfo {
+                        label: facts.label.clone(),
+                        manufacturer: facts.manufacturer.clone(),
+                        model: facts.model.clone(),
+                        serial: facts.serial.clone(),
+                    },
+                },
+                &mut phase,
+            )?;
+            phase("done");
+            // The new signer signs a checkpoint over the recovered record, and the restored
+            // context-digest key is proven to open under the new root key.
+            let log = AuditLog::open(
+                store.clone(),
+                Arc::new(SystemClock),
+                config.audit.settings(),
+            )?;
+            log.attach_hsm(hsm.clone())?;
+            log.close();
+            drop(log);
+            drop(store);
+            Ok::<_, Error>((recovered, phases))
+        })();
+        let (recovered, phases) = match written {
+            Ok(w) => w,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&tmp);
+                return Err(e);
+            }
+        };
+        // The commit point: the restored store takes its place.
+        std::fs::rename(&tmp, &store_dir).map_err(|source| Error::File {
+            what: "cannot move the restored store to",
+            path: store_dir.clone(),
+            source,
+        })?;
+        if let Ok(dir) = std::fs::File::open(&config.data_dir) {
+            let _ = dir.sync_all();
+        }
+        Ok((recovered, phases, config_path, facts))
+    })();
+    let (recovered, phases, config_path, facts) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            target.roll_back();
+            return Err(e);
+        }
+    };
+    for (k, v) in phases {
+        timings.insert(k, v);
+    }
+    let total = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+    timings.insert("total".into(), json!(total));
+    tracing::info!(versions = recovered.key_versions_restored, token = %facts.label, "deployment recovered");
+    let out: Value = json!({
+        "key_versions_restored": recovered.key_versions_restored,
+        "software": recovered.software,
+        "hsm": recovered.hsm,
+        "audit_head": { "seq": recovered.audit_head.seq, "hash": recovered.audit_head.hash },
+        "bundle_sha256": recovered.bundle_sha256,
+        "signer": recovered.signer,
+        "token": { "label": facts.label, "serial": facts.serial },
+        "config": config_path.display().to_string(),
+        "timings_ms": timings,
+        "next": if args.dev {
+            format!("kms --data-dir {} serve --dev", data_dir.display())
+        } else {
+            format!("kms serve --config {}", config_path.display())
+        },
+    });
+    emit(as_json, &out)
+}
+
+/// Every share given: each --share opened with whichever identity opens it, each
+/// --decrypted parsed as it is.
+fn open_shares(args: &RecoverArgs) -> Result<Vec<(PathBuf, ShareEnvelope)>, Error> {
+    if !args.shares.is_empty() && args.identities.is_empty() {
+        return Err(Error::Usage(
+            "--share files are age files: give the custodians' --identity files (or \
+             --decrypted for shares decrypted with `age -d`)"
+                .into(),
+        ));
+    }
+    let mut identities = Vec::new();
+    for path in &args.identities {
+        let text = SecretString::from(crate::input::text_file(path)?);
+        identities.push(parse_identity(&text, path)?);
+    }
+    let mut out = Vec::new();
+    for file in &args.shares {
+        let sealed = read(file)?;
+        let mut opened = None;
+        let mut last_err = None;
+        for identity in &identities {
+            match ShareEnvelope::open(&sealed, identity, file) {
+                Ok(s) => {
+                    opened = Some(s);
+                    break;
+                }
+                Err(e) => last_err = Some(e),
+            }
+        }
+        match (opened, last_err) {
+            (Some(s), _) => out.push((file.clone(), s)),
+            (None, Some(e)) => return Err(e.into()),
+            (None, None) => return Err(Error::Usage("no --identity given".into())),
+        }
+    }
+    for file in &args.decrypted {
+        let bytes = secrecy::SecretSlice::from(read(file)?);
+        out.push((
+            file.clone(),
+            ShareEnvelope::parse(secrecy::ExposeSecret::expose_secret(&bytes), file)?,
+        ));
+    }
+    if out.is_empty() {
+        return Err(Error::Usage(
+            "give the custodians' shares: --share FILE --identity KEY, or --decrypted FILE".into(),
+        ));
+    }
+    Ok(out)
+}
+
+fn so_pin(args: &RecoverArgs, config_path: &Path) -> Result<SecretString, Error> {
+    let trimmed = |text: SecretString| {
+        SecretString::from(
+            secrecy::ExposeSecret::expose_secret(&text)
+                .trim_end_matches(['\r', '\n'])
+                .to_owned(),
+        )
+    };
+    if let Some(path) = &args.so_pin_file {
+        return Ok(trimmed(SecretString::from(crate::input::text_file(path)?)));
+    }
+    if let Ok(pin) = std::env::var("KMS_SO_PIN") {
+        return Ok(SecretString::from(pin));
+    }
+    let dev_pin = config_path
+        .parent()
+        .map(|dir| dir.join("secrets/so.pin"))
+        .filter(|p| p.is_file());
+    match dev_pin {
+        Some(path) => Ok(trimmed(SecretString::from(crate::input::text_file(&path)?))),
+        None => Err(Error::Usage(
+            "the recovery imports the trusted escrow key as the new token's Security Officer: \
+             give --so-pin-file FILE or set KMS_SO_PIN"
+                .into(),
+        )),
+    }
+}
+
+/// Where the recovery writes.
+enum Target {
+    /// An operator's config; its data directory must hold no store.
+    Config(PathBuf),
+    /// A fresh development layout in this directory, made by the recovery.
+    Dev(PathBuf),
+}
+
+impl Target {
+    fn of(args: &RecoverArgs, data_dir: &Path) -> Result<Self, Error> {
+        match (&args.config, args.dev) {
+            (Some(c), false) => Ok(Target::Config(c.clone())),
+            (None, true) => Ok(Target::Dev(data_dir.to_path_buf())),
+            _ => Err(Error::Usage("give --config NEW.toml or --dev".into())),
+        }
+    }
+
+    fn check_empty(&self) -> Result<(), Error> {
+        let not_empty = |dir: &Path| -> Result<bool, Error> {
+            match std::fs::read_dir(dir) {
+                Ok(mut entries) => Ok(entries.next().is_some()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+                Err(source) => Err(Error::File {
+                    what: "cannot read",
+                    path: dir.to_path_buf(),
+                    source,
+                }),
+            }
+        };
+        match self {
+            Target::Dev(dir) => {
+                if not_empty(dir)? {
+                    return Err(Error::Usage(format!(
+                        "{} is not empty: a recovery needs a new, empty data directory",
+                        dir.display()
+                    )));
+                }
+            }
+            Target::Config(path) => {
+                let config = Config::load(path)?;
+                let store = config.data_dir.join("store");
+                if not_empty(&store)? {
+                    return Err(Error::Usage(format!(
+                        "{} holds a store: a recovery needs a new, empty data directory",
+                        store.display()
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes what the recovery writes into (the development layout), and returns the config.
+    fn materialise(&self) -> Result<PathBuf, Error> {
+        match self {
+            Target::Config(path) => Ok(path.clone()),
+            Target::Dev(dir) => crate::dev::ensure(&DevLayout::new(dir.clone())),
+        }
+    }
+
+    /// Puts the target back as it was: a development directory made here is emptied; an
+    /// operator's data directory has only the temporary store removed (already done).
+    fn roll_back(&self) {
+        if let Target::Dev(dir) = self {
+            if let Ok(entries) = std::fs::read_dir(dir) {
+                for entry in entries.flatten() {
+                    let path = entry.path();
+                    let _ = if path.is_dir() {
+                        std::fs::remove_dir_all(&path)
+                    } else {
+                        std::fs::remove_file(&path)
+                    };
+                }
+            }
+            tracing::warn!(dir = %dir.display(), "recovery failed: the development directory was emptied again");
+        } else {
+            tracing::warn!("recovery failed: the data directory is as it was; the token may keep the escrow key, root key and audit signing key this run made (initialise it again to retry)");
+        }
+    }
+}
