@@ -182,66 +182,65 @@ async fn download(
     )
 }
 
-/// What `kms backup inspect` prints.
-pub(crate) fn inspect_json(file: &Path) -> Result<Value, Error> {
+/// A bundle read and checked for structure: the bundle, its SHA-256 (hex) and its size.
+fn load(file: &Path) -> Result<(kms_core::bundle::Bundle, String, usize), Error> {
     let bytes = crate::error::read(file)?;
     let bundle = kms_core::bundle::parse(&bytes).map_err(|source| Error::Bundle {
         file: file.to_path_buf(),
         source,
     })?;
-    let h = &bundle.header;
     let sha = hex::encode(aws_lc_rs::digest::digest(
         &aws_lc_rs::digest::SHA256,
         &bytes,
     ));
-    let versions = h.counts.get("versions").copied().unwrap_or(0);
-    Ok(json!({
-        "file": file.display().to_string(),
-        "bundle_sha256": sha,
-        "size": bytes.len(),
-        "format": h.format,
-        "bundle_id": h.bundle_id,
-        "exported_at": h.exported_at,
-        "exported_at_rfc3339": rfc3339(h.exported_at),
-        "exported_by": h.exported_by,
-        "approval_id": h.approval_id,
-        "ceremony_id": h.ceremony_id,
-        "epoch": h.epoch,
-        "transcript_sha256": h.transcript_sha256,
-        "audit_head": { "seq": h.audit_head.seq, "hash": h.audit_head.hash },
-        "signer": { "id": h.signer.id, "public_point": h.signer.public_point },
-        "key_versions": versions,
-        "counts": h.counts,
-        "config": h.config,
-        "records": bundle.records.len(),
-        "structure": "ok: bounds, order and body hash checked",
-        "signature": "not checked: only the custodians' quorum can tell the pinned signer (kms ceremony recover)",
-    }))
+    Ok((bundle, sha, bytes.len()))
 }
 
 fn inspect(file: &Path, as_json: bool) -> Result<(), Error> {
-    let v = inspect_json(file)?;
+    let (bundle, sha, size) = load(file)?;
+    let h = &bundle.header;
+    let versions = h.counts.get("versions").copied().unwrap_or(0);
     if as_json {
-        return emit(true, &v);
+        return emit(
+            true,
+            &json!({
+                "file": file.display().to_string(),
+                "bundle_sha256": sha,
+                "size": size,
+                "format": h.format,
+                "bundle_id": h.bundle_id,
+                "exported_at": h.exported_at,
+                "exported_at_rfc3339": rfc3339(h.exported_at),
+                "exported_by": h.exported_by,
+                "approval_id": h.approval_id,
+                "ceremony_id": h.ceremony_id,
+                "epoch": h.epoch,
+                "transcript_sha256": h.transcript_sha256,
+                "audit_head": { "seq": h.audit_head.seq, "hash": h.audit_head.hash },
+                "signer": { "id": h.signer.id, "public_point": h.signer.public_point },
+                "key_versions": versions,
+                "counts": h.counts,
+                "config": h.config,
+                "records": bundle.records.len(),
+                "structure": "ok: bounds, order and body hash checked",
+                "signature": "not checked: only the custodians' quorum can tell the pinned signer (kms ceremony recover)",
+            }),
+        );
     }
+    let exported = rfc3339(h.exported_at);
     let mut text = format!(
-        "bundle {}\n  sha256       {}\n  size         {} bytes\n  exported     {} by {}\n  ceremony     {} epoch {}\n  audit head   record {} ({})\n  signer       {}\n  key versions {}\n  counts:\n",
-        v["file"].as_str().unwrap_or_default(),
-        v["bundle_sha256"].as_str().unwrap_or_default(),
-        v["size"],
-        v["exported_at_rfc3339"].as_str().unwrap_or_default(),
-        v["exported_by"].as_str().unwrap_or_default(),
-        v["ceremony_id"].as_str().unwrap_or_default(),
-        v["epoch"],
-        v["audit_head"]["seq"],
-        v["audit_head"]["hash"].as_str().unwrap_or_default(),
-        v["signer"]["id"].as_str().unwrap_or_default(),
-        v["key_versions"],
+        "bundle {}\n  sha256       {sha}\n  size         {size} bytes\n  exported     {} by {}\n  ceremony     {} epoch {}\n  audit head   record {} ({})\n  signer       {}\n  key versions {versions}\n  counts:\n",
+        file.display(),
+        exported.as_str().unwrap_or("-"),
+        h.exported_by,
+        h.ceremony_id,
+        h.epoch,
+        h.audit_head.seq,
+        h.audit_head.hash,
+        h.signer.id,
     );
-    if let Some(counts) = v["counts"].as_object() {
-        for (k, n) in counts {
-            text.push_str(&format!("    {k:<22} {n}\n"));
-        }
+    for (k, n) in &h.counts {
+        text.push_str(&format!("    {k:<22} {n}\n"));
     }
     text.push_str(
         "  structure ok; the signature is checked by the custodians' quorum at recovery\n",
