@@ -182,3 +182,76 @@ fn a_bundle_carries_every_escrow_and_no_root_wrapped_secret() {
     assert!(matches!(refused, Error::BackupRefused { .. }), "{refused}");
     assert!(refused.to_string().contains("kms ceremony init"));
 }
+
+/// A real bundle of a small deployment, and its signer's public point, made once for the
+/// robustness properties below.
+fn sample_bundle() -> &'static (Vec<u8>, Vec<u8>) {
+    static SAMPLE: std::sync::OnceLock<(Vec<u8>, Vec<u8>)> = std::sync::OnceLock::new();
+    SAMPLE.get_or_init(|| {
+        let (token, hsm, dir, store) = common::deployment_with_custody();
+        let kms = Kms::open(Deps {
+            hsm: hsm.clone(),
+            store: store.clone(),
+            clock: Arc::new(FixedClock),
+            rng: Arc::new(SystemRng::new()),
+            authorizer: Arc::new(AllowAuthenticated),
+        })
+        .unwrap();
+        let soft = new_key(&kms, Protection::Software);
+        kms.rotate_key(&soft).unwrap();
+        new_key(&kms, Protection::Hsm);
+        let out = export(store.as_ref(), hsm.as_ref(), request()).unwrap();
+        let point = hsm
+            .p256_signing_key(SIGNING_KEY_LABEL)
+            .unwrap()
+            .public_point()
+            .to_vec();
+        drop((kms, store, dir, hsm, token));
+        (out.bytes, point)
+    })
+}
+
+#[test]
+fn every_truncation_of_a_bundle_is_a_typed_error() {
+    let (bytes, point) = sample_bundle();
+    assert!(parse(bytes).unwrap().verify(point).is_ok());
+    for len in 0..bytes.len() {
+        let cut = &bytes[..len];
+        assert!(parse(cut).is_err(), "a bundle cut at {len} parsed");
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+    /// Random byte flips anywhere (header, body, signature) never panic the parser, and a
+    /// flipped bundle never both parses and verifies.
+    #[test]
+    fn flipped_bundles_never_panic_and_never_verify(
+        flips in proptest::collection::vec((proptest::prelude::any::<proptest::sample::Index>(), 1u8..=255), 1..4)
+    ) {
+        let (bytes, point) = sample_bundle();
+        let mut bad = bytes.clone();
+        for (at, mask) in &flips {
+            let i = at.index(bad.len());
+            bad[i] ^= mask;
+        }
+        let verified = parse(&bad).and_then(|b| b.verify(point));
+        proptest::prop_assert!(verified.is_err());
+    }
+
+    /// Random bytes, and a valid prefix followed by random bytes, are typed errors.
+    #[test]
+    fn arbitrary_input_is_a_typed_error(
+        junk in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+        keep in proptest::prelude::any::<proptest::sample::Index>(),
+    ) {
+        let (bytes, _) = sample_bundle();
+        proptest::prop_assert!(parse(&junk).is_err());
+        let mut spliced = bytes[..keep.index(bytes.len())].to_vec();
+        spliced.extend_from_slice(&junk);
+        if spliced != *bytes {
+            let _ = parse(&spliced);
+        }
+    }
+}

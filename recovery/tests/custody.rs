@@ -314,3 +314,71 @@ fn debug_never_shows_secret_bytes() {
     let private = c.sealed.record.private_key(&secret).unwrap();
     assert_eq!(format!("{private:?}"), "RecoveryPrivateKey(<redacted>)");
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// The share parser survives random flips of a valid envelope: a typed error, or (for a
+    /// flip that keeps the JSON valid, such as a hex digit's case) an envelope whose canonical
+    /// form parses back to itself, so the commitment check sees exactly what was parsed.
+    #[test]
+    fn flipped_share_envelopes_never_panic(
+        flips in proptest::collection::vec((any::<proptest::sample::Index>(), 1u8..=255), 1..4)
+    ) {
+        let text = include_bytes!("vectors/share-envelope.json");
+        let mut bad = text.to_vec();
+        for (at, mask) in &flips {
+            let i = at.index(bad.len());
+            bad[i] ^= mask;
+        }
+        if let Ok(env) = ShareEnvelope::parse(&bad, Path::new("kat")) {
+            let canonical = env.to_json();
+            let again = ShareEnvelope::parse(canonical.expose_secret(), Path::new("kat")).unwrap();
+            prop_assert!(again.to_json().expose_secret() == canonical.expose_secret());
+        }
+    }
+
+    /// A share file (age) with random flips never opens and never panics.
+    #[test]
+    fn flipped_share_files_never_open(
+        flips in proptest::collection::vec((any::<proptest::sample::Index>(), 1u8..=255), 1..4)
+    ) {
+        let c = sample();
+        let mut bad = c.sealed.share_files[0].1.clone();
+        for (at, mask) in &flips {
+            let i = at.index(bad.len());
+            bad[i] ^= mask;
+        }
+        let opened = ShareEnvelope::open(&bad, &c.identities[0], Path::new("c0.share.age"));
+        prop_assert!(matches!(opened, Err(Error::ShareFile { .. })), "{:?}", opened.err());
+    }
+}
+
+/// One 2-of-3 ceremony, made once for the properties.
+fn sample() -> &'static Ceremony {
+    static SAMPLE: std::sync::OnceLock<Ceremony> = std::sync::OnceLock::new();
+    SAMPLE.get_or_init(|| init(3, 2, &[]))
+}
+
+#[test]
+fn every_truncation_of_a_share_file_and_envelope_is_a_typed_error() {
+    let c = sample();
+    let file = &c.sealed.share_files[0].1;
+    for len in 0..file.len() {
+        let opened = ShareEnvelope::open(&file[..len], &c.identities[0], Path::new("c0.share.age"));
+        assert!(
+            matches!(opened, Err(Error::ShareFile { .. })),
+            "cut at {len}"
+        );
+    }
+    let text = include_bytes!("vectors/share-envelope.json");
+    for len in 0..text.len() {
+        assert!(
+            matches!(
+                ShareEnvelope::parse(&text[..len], Path::new("kat")),
+                Err(Error::ShareFile { .. })
+            ),
+            "cut at {len}"
+        );
+    }
+}
