@@ -38,13 +38,21 @@ pub(crate) enum CeremonyCommand {
     /// a new, empty token (docs/RECOVERY.md): every key, policy, registration and operator,
     /// with the audit chain continuing from the bundle's head.
     Recover(crate::recover::RecoverArgs),
+    /// Ask for approval of a reshare (server running): the new threshold and custodians.
+    /// Once approved, stop the server and run `kms ceremony reshare --approval ID`.
+    #[command(name = "authorize-reshare")]
+    AuthorizeReshare(crate::reshare::AuthorizeArgs),
+    /// Replace the recovery authority (server stopped): k current shares rebuild the secret,
+    /// a new secret is made and split to the new custodians at the next epoch, and every seal
+    /// is made again; current shares stop working (docs/RECOVERY.md, "Reshare").
+    Reshare(crate::reshare::ReshareArgs),
 }
 
 #[derive(Args, Debug)]
 pub(crate) struct ConfigArg {
     /// The deployment's config file (default: the development config under --data-dir).
     #[arg(long)]
-    config: Option<PathBuf>,
+    pub(crate) config: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -107,6 +115,8 @@ pub(crate) fn run(
         CeremonyCommand::VerifyShare(args) => verify(&args, conn, as_json),
         CeremonyCommand::Status(args) => status(&args, data_dir, as_json),
         CeremonyCommand::Recover(args) => crate::recover::run(&args, data_dir, as_json),
+        CeremonyCommand::AuthorizeReshare(args) => crate::reshare::authorize(&args, conn, as_json),
+        CeremonyCommand::Reshare(args) => crate::reshare::run(&args, data_dir, as_json),
     }
 }
 
@@ -353,7 +363,7 @@ fn init(
 
 /// Makes `dir` if needed; refuses if it holds a share or transcript already; removes
 /// temporary files an interrupted init left.
-fn prepare_out_dir(dir: &Path, custodians: &[Custodian]) -> Result<(), Error> {
+pub(crate) fn prepare_out_dir(dir: &Path, custodians: &[Custodian]) -> Result<(), Error> {
     std::fs::create_dir_all(dir).map_err(|source| Error::File {
         what: "cannot create",
         path: dir.to_path_buf(),
@@ -367,7 +377,7 @@ fn prepare_out_dir(dir: &Path, custodians: &[Custodian]) -> Result<(), Error> {
     for path in &outputs {
         if path.exists() {
             return Err(Error::Usage(format!(
-                "{} exists: init writes into an empty place (move the old files away)",
+                "{} exists: a ceremony writes into an empty place (move the old files away)",
                 path.display()
             )));
         }
@@ -384,7 +394,7 @@ fn tmp(path: &Path) -> PathBuf {
 
 /// Writes each file under a temporary name, syncs it, renames it, then syncs the directory.
 /// On failure nothing of them is left.
-fn write_all(files: &[(PathBuf, Vec<u8>)]) -> Result<(), Error> {
+pub(crate) fn write_all(files: &[(PathBuf, Vec<u8>)]) -> Result<(), Error> {
     let result = files.iter().try_for_each(|(path, bytes)| {
         let t = tmp(path);
         let write = || -> std::io::Result<()> {

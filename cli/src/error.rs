@@ -74,6 +74,9 @@ pub(crate) enum Error {
     /// A recovery ceremony refused its inputs; the target is untouched.
     #[error("recovery refused: {0}")]
     Restore(kms_core::restore::RestoreError),
+    /// A reshare refused its inputs; nothing was written.
+    #[error("reshare refused: {0}")]
+    Reshare(#[from] kms_core::reshare::ReshareError),
     /// A bundle does not parse.
     #[error("{}: {source}", file.display())]
     Bundle {

@@ -29,6 +29,7 @@ mod operator;
 mod output;
 mod policy;
 mod recover;
+mod reshare;
 mod seal;
 mod serve;
 mod trust_bundle;

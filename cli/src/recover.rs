@@ -83,7 +83,7 @@ pub(crate) fn run(args: &RecoverArgs, data_dir: &Path, as_json: bool) -> Result<
     mark("check", &mut t);
 
     // SharesChecked, Combined, BundleVerified, Prepared: all in memory.
-    let shares = open_shares(args)?;
+    let shares = open_shares(&args.shares, &args.identities, &args.decrypted)?;
     let verified = checked.check_shares(shares)?.combine()?;
     mark("shares", &mut t);
     let prepared = verified.prepare()?;
@@ -223,21 +223,27 @@ pub(crate) fn run(args: &RecoverArgs, data_dir: &Path, as_json: bool) -> Result<
 
 /// Every share given: each --share opened with whichever identity opens it, each
 /// --decrypted parsed as it is.
-fn open_shares(args: &RecoverArgs) -> Result<Vec<(PathBuf, ShareEnvelope)>, Error> {
-    if !args.shares.is_empty() && args.identities.is_empty() {
+/// Opens each `--share` with whichever identity opens it, and parses each `--decrypted`.
+pub(crate) fn open_shares(
+    shares: &[PathBuf],
+    identities: &[PathBuf],
+    decrypted: &[PathBuf],
+) -> Result<Vec<(PathBuf, ShareEnvelope)>, Error> {
+    if !shares.is_empty() && identities.is_empty() {
         return Err(Error::Usage(
             "--share files are age files: give the custodians' --identity files (or \
              --decrypted for shares decrypted with `age -d`)"
                 .into(),
         ));
     }
-    let mut identities = Vec::new();
-    for path in &args.identities {
+    let mut opened_ids = Vec::new();
+    for path in identities {
         let text = SecretString::from(crate::input::text_file(path)?);
-        identities.push(parse_identity(&text, path)?);
+        opened_ids.push(parse_identity(&text, path)?);
     }
+    let identities = opened_ids;
     let mut out = Vec::new();
-    for file in &args.shares {
+    for file in shares {
         let sealed = read(file)?;
         let mut opened = None;
         let mut last_err = None;
@@ -256,7 +262,7 @@ fn open_shares(args: &RecoverArgs) -> Result<Vec<(PathBuf, ShareEnvelope)>, Erro
             (None, None) => return Err(Error::Usage("no --identity given".into())),
         }
     }
-    for file in &args.decrypted {
+    for file in decrypted {
         let bytes = secrecy::SecretSlice::from(read(file)?);
         out.push((
             file.clone(),

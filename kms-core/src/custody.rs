@@ -26,7 +26,7 @@ pub(crate) const TRANSCRIPT: &[u8] = b"transcript";
 /// Store key prefix of the transcripts of recoveries since (each pins a successor signer).
 pub(crate) const RECOVER_TRANSCRIPT_PREFIX: &[u8] = b"recover-transcript/";
 pub(crate) const SEAL_PREFIX: &[u8] = b"seal/";
-const VERIFIED_PREFIX: &[u8] = b"verified/";
+pub(crate) const VERIFIED_PREFIX: &[u8] = b"verified/";
 /// Name of the trusted escrow key's seal.
 pub const ESCROW_KEY_SEAL: &str = "escrow-key";
 

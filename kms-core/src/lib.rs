@@ -39,6 +39,7 @@ mod key;
 mod kms;
 mod op;
 pub mod receipt;
+pub mod reshare;
 pub mod restore;
 pub mod seal;
 mod secret;

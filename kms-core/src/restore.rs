@@ -67,7 +67,7 @@ pub enum RestoreError {
         problem: BundleError,
     },
     /// A share is of another ceremony (another deployment).
-    #[error("{file}: this share is of ceremony {found}; the bundle is of ceremony {expected} (another deployment's share?)")]
+    #[error("{file}: this share is of ceremony {found}, not of ceremony {expected} (another deployment's share?)")]
     ShareCeremony {
         /// The share file.
         file: PathBuf,
@@ -77,7 +77,7 @@ pub enum RestoreError {
         expected: String,
     },
     /// A share is of another epoch than the bundle (older: from before a reshare).
-    #[error("{file}: this share is of epoch {found}; the bundle is of epoch {expected} (shares from before a reshare are refused)")]
+    #[error("{file}: this share is of epoch {found}, not of the current epoch {expected} (shares from before a reshare are refused)")]
     ShareEpoch {
         /// The share file.
         file: PathBuf,
@@ -233,50 +233,59 @@ impl Checked {
         self,
         shares: Vec<(PathBuf, ShareEnvelope)>,
     ) -> Result<SharesChecked, RestoreError> {
-        let t = &self.transcript;
-        let mut seen = BTreeSet::new();
-        for (file, share) in &shares {
-            if share.ceremony_id != t.ceremony_id {
-                return Err(RestoreError::ShareCeremony {
-                    file: file.clone(),
-                    found: share.ceremony_id.to_string(),
-                    expected: t.ceremony_id.to_string(),
-                });
-            }
-            if share.epoch != t.epoch {
-                return Err(RestoreError::ShareEpoch {
-                    file: file.clone(),
-                    found: share.epoch.get(),
-                    expected: t.epoch.get(),
-                });
-            }
-            if !seen.insert(share.custodian.as_str().to_owned()) {
-                return Err(RestoreError::ShareTwice {
-                    file: file.clone(),
-                    custodian: share.custodian.as_str().to_owned(),
-                });
-            }
-            recovery::ceremony::check_share(t, share).map_err(|e| RestoreError::ShareInvalid {
-                file: file.clone(),
-                fault: match e {
-                    recovery::Error::Transcript { fault } => fault.to_owned(),
-                    other => other.to_string(),
-                },
-            })?;
-        }
-        let k = usize::from(t.threshold);
-        if shares.len() < k {
-            return Err(RestoreError::TooFewShares {
-                given: shares.len(),
-                threshold: t.threshold,
-                more: k - shares.len(),
-            });
-        }
+        check_share_set(&self.transcript, &shares)?;
         Ok(SharesChecked {
             checked: self,
             shares,
         })
     }
+}
+
+/// Checks every share against a transcript: same ceremony and epoch, a distinct custodian,
+/// its commitment; and that there are at least k. Recovery and reshare both run it.
+pub(crate) fn check_share_set(
+    t: &Transcript,
+    shares: &[(PathBuf, ShareEnvelope)],
+) -> Result<(), RestoreError> {
+    let mut seen = BTreeSet::new();
+    for (file, share) in shares {
+        if share.ceremony_id != t.ceremony_id {
+            return Err(RestoreError::ShareCeremony {
+                file: file.clone(),
+                found: share.ceremony_id.to_string(),
+                expected: t.ceremony_id.to_string(),
+            });
+        }
+        if share.epoch != t.epoch {
+            return Err(RestoreError::ShareEpoch {
+                file: file.clone(),
+                found: share.epoch.get(),
+                expected: t.epoch.get(),
+            });
+        }
+        if !seen.insert(share.custodian.as_str().to_owned()) {
+            return Err(RestoreError::ShareTwice {
+                file: file.clone(),
+                custodian: share.custodian.as_str().to_owned(),
+            });
+        }
+        recovery::ceremony::check_share(t, share).map_err(|e| RestoreError::ShareInvalid {
+            file: file.clone(),
+            fault: match e {
+                recovery::Error::Transcript { fault } => fault.to_owned(),
+                other => other.to_string(),
+            },
+        })?;
+    }
+    let k = usize::from(t.threshold);
+    if shares.len() < k {
+        return Err(RestoreError::TooFewShares {
+            given: shares.len(),
+            threshold: t.threshold,
+            more: k - shares.len(),
+        });
+    }
+    Ok(())
 }
 
 /// Shares checked, not yet combined.
@@ -548,7 +557,7 @@ impl Prepared {
     /// against the record), each software version wrapped under the new root key, the
     /// deployment keys likewise, every other record as it is, a recovery transcript pinning
     /// the new audit signer, and `custody.recovered` chained to the bundle's head. `phase` is
-    /// called as each phase starts (`token`, `store`, `audit`), for timing. On failure the
+    /// called as each phase starts (`token`, `store`, `audit`, `write`), for timing. On failure the
     /// token objects this call made are destroyed; the store is the host's to discard.
     pub fn restore(
         self,
@@ -760,6 +769,7 @@ impl Prepared {
             key: seq_key(seq).to_vec(),
             value,
         });
+        phase("write");
         let mut rest = changes;
         while !rest.is_empty() {
             let tail = rest.split_off(rest.len().min(BATCH));

@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! Checked ──derive──▶ Derived ──seal──▶ Sealed      (then the host writes files and commits)
+//! Checked ──derive_reshare(previous)──▶ Derived ──seal──▶ Sealed      (reshare: epoch + 1)
 //! ```
 //!
 //! Each step takes its state by value, so a step cannot run twice or out of order, and the
@@ -63,6 +64,29 @@ impl Checked {
             checked: self,
             secret,
             record,
+            kind: CeremonyKind::Init,
+            previous_sha256: None,
+        })
+    }
+
+    /// A reshare's new recovery secret and key pair: a fresh secret (never the old one
+    /// re-split), the same ceremony id, the epoch after `previous`'s. The caller has checked
+    /// `previous` with a quorum of its shares.
+    pub fn derive_reshare(self, previous: &Transcript, rng: &dyn Random) -> Result<Derived, Error> {
+        let epoch = previous
+            .epoch
+            .get()
+            .checked_add(1)
+            .and_then(Epoch::new)
+            .ok_or(Error::Internal("epoch overflow"))?;
+        let secret = RecoverySecret::generate(rng)?;
+        let record = RecoveryKeyRecord::create(&secret, previous.ceremony_id, epoch, rng)?;
+        Ok(Derived {
+            checked: self,
+            secret,
+            record,
+            kind: CeremonyKind::Reshare,
+            previous_sha256: Some(hex::encode(previous.sha256()?)),
         })
     }
 }
@@ -72,6 +96,8 @@ pub struct Derived {
     checked: Checked,
     secret: RecoverySecret,
     record: RecoveryKeyRecord,
+    kind: CeremonyKind,
+    previous_sha256: Option<String>,
 }
 
 /// Something to escrow at init: material that exists before the ceremony (software versions,
@@ -121,6 +147,8 @@ impl Derived {
             checked,
             secret,
             record,
+            kind,
+            previous_sha256,
         } = self;
         let seals = inputs
             .iter()
@@ -143,7 +171,7 @@ impl Derived {
             .collect();
         let mut transcript = Transcript {
             format: TRANSCRIPT_FORMAT.to_owned(),
-            kind: CeremonyKind::Init,
+            kind,
             ceremony_id: record.ceremony_id,
             epoch: record.epoch,
             threshold: checked.threshold,
@@ -155,6 +183,7 @@ impl Derived {
             nonce: hex::encode(nonce),
             time: facts.time,
             mac: String::new(),
+            previous_sha256,
         };
         transcript.mac_with(&secret)?;
         drop(secret);
@@ -188,6 +217,8 @@ impl fmt::Debug for Derived {
         f.debug_struct("Derived")
             .field("checked", &self.checked)
             .field("ceremony_id", &self.record.ceremony_id)
+            .field("epoch", &self.record.epoch)
+            .field("kind", &self.kind)
             .finish_non_exhaustive()
     }
 }

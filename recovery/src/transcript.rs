@@ -22,6 +22,8 @@ pub enum CeremonyKind {
     /// A recovery onto a new token: it pins the new token and audit signer under the same
     /// recovery secret, so that bundles the recovered deployment exports authenticate too.
     Recover,
+    /// A new recovery secret split to a (possibly new) custodian set at the next epoch.
+    Reshare,
 }
 
 /// A custodian as the transcript records them.
@@ -96,6 +98,10 @@ pub struct Transcript {
     pub time: u64,
     /// Hex HMAC-SHA256 over the rest; empty until [`Transcript::mac_with`].
     pub mac: String,
+    /// A reshare's: hex SHA-256 of the transcript it replaces. Absent from other kinds, so a
+    /// transcript written before reshare existed keeps its bytes and hash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_sha256: Option<String>,
 }
 
 impl Transcript {

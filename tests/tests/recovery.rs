@@ -675,3 +675,232 @@ fn bundle_parser_survives_every_truncation_of_a_real_bundle() {
     );
     assert_eq!(shown["counts"]["versions.software"], 1, "{shown}");
 }
+
+/// A new age identity made with the standard tool; returns (identity file, recipient).
+fn age_keygen(dir: &Path, name: &str) -> (PathBuf, String) {
+    let key = dir.join(format!("{name}.key"));
+    let made = Command::new("age-keygen")
+        .arg("-o")
+        .arg(&key)
+        .output()
+        .expect("age-keygen is installed (scripts/install-deps.sh)");
+    assert!(made.status.success());
+    let public = Command::new("age-keygen")
+        .arg("-y")
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(public.status.success());
+    (
+        key,
+        String::from_utf8(public.stdout).unwrap().trim().to_owned(),
+    )
+}
+
+#[test]
+fn a_reshare_moves_recovery_to_new_custodians_and_old_shares_lose_later_bundles() {
+    let a_tmp = tempfile::tempdir().unwrap();
+    let a = a_tmp.path();
+    let kept_tmp = tempfile::tempdir().unwrap();
+    let kept = kept_tmp.path();
+    let k = |n: &str| kept.join(n).to_str().unwrap().to_owned();
+    let server = Server::start(KMS, a);
+    server.kms_json(&["key", "create", "--alias", "soft"]);
+    server.kms_json(&["key", "rotate", "soft"]);
+    server.kms_json(&["key", "create", "--alias", "hard", "--protection", "hsm"]);
+    let before = kept.join("before.bundle");
+    exported_bundle(&server, &before);
+    keep(a, kept);
+
+    // The new custodians make their own age identities; the plan is authorised on line.
+    let new_ids: Vec<(PathBuf, String)> = ["dave", "erin", "frank"]
+        .iter()
+        .map(|n| age_keygen(kept, n))
+        .collect();
+    let custodian_flags: Vec<String> = ["dave", "erin", "frank"]
+        .iter()
+        .zip(&new_ids)
+        .flat_map(|(n, (_, r))| ["--custodian".to_owned(), format!("{n}={r}")])
+        .collect();
+    let mut ask: Vec<&str> = vec![
+        "--as",
+        "operator1",
+        "ceremony",
+        "authorize-reshare",
+        "--threshold",
+        "2",
+    ];
+    ask.extend(custodian_flags.iter().map(String::as_str));
+    let approved = server.kms_approved(&ask);
+    let approval = approved["approval_id"].as_str().unwrap().to_owned();
+    // Reshare is offline: refused while the server holds the store.
+    drop(server.stop());
+
+    let out = kept.join("epoch2");
+    let reshare = |shares: &[&str], approval: Option<&str>, out: &Path| -> Output {
+        let mut args: Vec<String> = vec![
+            "ceremony".into(),
+            "reshare".into(),
+            "--threshold".into(),
+            "2".into(),
+        ];
+        args.extend(custodian_flags.iter().cloned());
+        for name in shares {
+            args.extend([
+                "--share".into(),
+                k(&format!("{name}.share.age")),
+                "--identity".into(),
+                k(&format!("{name}.key")),
+            ]);
+        }
+        if let Some(id) = approval {
+            args.extend(["--approval".into(), id.to_owned()]);
+        }
+        args.extend([
+            "--out-dir".into(),
+            out.to_str().unwrap().into(),
+            "--json".into(),
+        ]);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        kms(a, &refs)
+    };
+    let failed = |o: &Output| -> String {
+        assert!(!o.status.success(), "should have failed");
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    // Without the approval, with one share, or with a plan the approval does not name: refused,
+    // and nothing is written.
+    let err = failed(&reshare(&["alice", "bob"], None, &out));
+    assert!(err.contains("authorize-reshare"), "{err}");
+    let err = failed(&reshare(&["alice"], Some(&approval), &out));
+    assert!(err.contains("1 of 2 shares given; 1 more needed"), "{err}");
+    assert!(entries(&out).is_empty(), "{:?}", entries(&out));
+    let status = kms_ok(a, &["ceremony", "status", "--json"]);
+    assert_eq!(status["epoch"], 1);
+
+    let done = reshare(&["alice", "bob"], Some(&approval), &out);
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    let summary: Value = serde_json::from_slice(&done.stdout).unwrap();
+    assert_eq!(summary["epoch"], 2, "{summary}");
+    assert_eq!(summary["previous_epoch"], 1);
+    // Two software versions, the escrow key and the two deployment keys are sealed again.
+    assert_eq!(summary["resealed"], 5, "{summary}");
+    let transcript = std::fs::read(out.join("transcript.json")).unwrap();
+    let t: Value = serde_json::from_slice(&transcript).unwrap();
+    assert_eq!(t["kind"], "reshare");
+    assert_eq!(t["epoch"], 2);
+    assert_eq!(
+        t["previous_sha256"], summary["previous_transcript_sha256"],
+        "{t}"
+    );
+    // The new custodians open their shares with the standard tool.
+    for (name, (key, _)) in ["dave", "erin", "frank"].iter().zip(&new_ids) {
+        let plain = kept.join(format!("{name}.plain"));
+        age_decrypt(key, &out.join(format!("{name}.share.age")), &plain);
+        let opened: Value = serde_json::from_slice(&std::fs::read(&plain).unwrap()).unwrap();
+        assert_eq!(opened["epoch"], 2);
+    }
+    // The ticket serves one reshare.
+    let err = failed(&reshare(
+        &["alice", "bob"],
+        Some(&approval),
+        &kept.join("again"),
+    ));
+    assert!(err.contains("used by an earlier reshare"), "{err}");
+    let status = kms_ok(a, &["ceremony", "status", "--json"]);
+    assert_eq!(status["epoch"], 2, "{status}");
+    assert_eq!(status["threshold"], 2);
+    assert_eq!(status["custodians"][0]["name"], "dave");
+    assert_eq!(status["custodians"][0]["verified"], false);
+
+    // The deployment serves on; a new software version is sealed to the new key.
+    let server = Server::start(KMS, a);
+    server.kms_json(&["key", "rotate", "soft"]);
+    let after = kept.join("after.bundle");
+    exported_bundle(&server, &after);
+    let log = server.stop();
+    assert!(!log.contains("panicked"));
+    let verified = kms_ok(a, &["audit", "verify", "--json"]);
+    assert_eq!(verified["ok"], true, "{verified}");
+    let events = audit_events(KMS, a);
+    let reshared = events
+        .iter()
+        .find(|e| e["action"] == "ceremony.reshare" && e["status"] == "ok")
+        .expect("the reshare is audited");
+    assert_eq!(reshared["detail"]["epoch"], "2");
+    assert_eq!(reshared["detail"]["approval_id"], approval);
+
+    let recover = |bundle: &Path, shares: &[(&str, &Path, &Path)]| -> (Output, tempfile::TempDir) {
+        let target = tempfile::tempdir().unwrap();
+        let mut args: Vec<String> = vec![
+            "ceremony".into(),
+            "recover".into(),
+            "--bundle".into(),
+            bundle.to_str().unwrap().into(),
+        ];
+        for (_, share, key) in shares {
+            args.extend([
+                "--share".into(),
+                share.to_str().unwrap().into(),
+                "--identity".into(),
+                key.to_str().unwrap().into(),
+            ]);
+        }
+        args.extend(["--dev".into(), "--json".into()]);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        (kms(target.path(), &refs), target)
+    };
+    let old = [
+        (
+            "alice",
+            kept.join("alice.share.age"),
+            kept.join("alice.key"),
+        ),
+        ("bob", kept.join("bob.share.age"), kept.join("bob.key")),
+    ];
+    let old: Vec<(&str, &Path, &Path)> = old
+        .iter()
+        .map(|(n, s, i)| (*n, s.as_path(), i.as_path()))
+        .collect();
+    let new_files: Vec<(PathBuf, PathBuf)> = ["dave", "erin"]
+        .iter()
+        .zip(&new_ids)
+        .map(|(n, (key, _))| (out.join(format!("{n}.share.age")), key.clone()))
+        .collect();
+    let new: Vec<(&str, &Path, &Path)> = new_files
+        .iter()
+        .map(|(s, i)| ("new", s.as_path(), i.as_path()))
+        .collect();
+
+    // Old shares cannot open the bundle exported after the reshare, nor new shares the one
+    // from before; each refusal names the epoch and leaves the target untouched.
+    let (o, target) = recover(&after, &old);
+    let err = failed(&o);
+    assert!(
+        err.contains("alice.share.age") && err.contains("epoch 1, not of the current epoch 2"),
+        "{err}"
+    );
+    assert!(entries(&target.path().join(".kms")).is_empty());
+    let (o, _) = recover(&before, &new);
+    let err = failed(&o);
+    assert!(err.contains("epoch 2, not of the current epoch 1"), "{err}");
+
+    // New shares recover the later bundle, with the version made after the reshare.
+    let (o, target) = recover(&after, &new);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let got: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(got["key_versions_restored"], 4, "{got}");
+    let verified = kms_ok(target.path(), &["audit", "verify", "--json"]);
+    assert_eq!(verified["ok"], true, "{verified}");
+    let status = kms_ok(target.path(), &["ceremony", "status", "--json"]);
+    assert_eq!(status["epoch"], 2, "{status}");
+    // And old shares still open the bundle from before (documented: destroy such bundles).
+    let (o, _) = recover(&before, &old);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let got: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(got["key_versions_restored"], 3, "{got}");
+}

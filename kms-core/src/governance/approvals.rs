@@ -23,7 +23,7 @@ use crate::error::{Error, InvalidInput};
 use crate::store::{Change, Row, Store, Table};
 
 /// Every action that can be gated, in the order the docs list them.
-pub const GATED_ACTIONS: [&str; 15] = [
+pub const GATED_ACTIONS: [&str; 16] = [
     "admin.PutPolicy",
     "admin.DeletePolicy",
     "admin.SetTrustBundle",
@@ -38,12 +38,17 @@ pub const GATED_ACTIONS: [&str; 15] = [
     "admin.Unseal",
     "admin.ScheduleKeyDestruction",
     "admin.ExportBackup",
+    "admin.Reshare",
     SET_RULES,
 ];
 
 /// The gatable actions added since rules were first stored (stored rules without `known`
 /// knew every other one), so that they are gated when older rules are read.
-const ADDED_AFTER_FIRST_RULES: [&str; 2] = ["admin.ScheduleKeyDestruction", "admin.ExportBackup"];
+const ADDED_AFTER_FIRST_RULES: [&str; 3] = [
+    "admin.ScheduleKeyDestruction",
+    "admin.ExportBackup",
+    "admin.Reshare",
+];
 
 fn first_gatable() -> BTreeSet<String> {
     GATED_ACTIONS
@@ -490,6 +495,27 @@ fn put_rules(rules: &ApprovalRules) -> Result<Change, Error> {
         key: RULES_KEY.to_vec(),
         value: encode(rules)?,
     })
+}
+
+/// Whether the rules stored in `store` gate `action`, read without opening the approvals (for
+/// ceremonies run offline). An action the stored rules did not know is gated, as
+/// [`Approvals::open`] gates it; a store with no rules yet has the defaults, which gate all.
+pub fn gates_offline(store: &dyn Store, action: &str) -> Result<bool, Error> {
+    Ok(match store.get(Table::Approvals, RULES_KEY)? {
+        Some(bytes) => {
+            let stored: ApprovalRules = decode(&bytes)?;
+            stored.gates(action) || !stored.known.contains(action)
+        }
+        None => ApprovalRules::default().gates(action),
+    })
+}
+
+/// One stored request, read without opening the approvals (for ceremonies run offline).
+pub fn read_request(store: &dyn Store, id: &str) -> Result<ApprovalRequest, Error> {
+    let bytes = store
+        .get(Table::Approvals, &request_key(id))?
+        .ok_or_else(|| Error::Approval(ApprovalError::NotFound { id: id.to_owned() }))?;
+    decode(&bytes)
 }
 
 /// What [`Approvals::open`] found.

@@ -99,6 +99,11 @@ fn execute(kms: &Kms, gov: &Governance, r: &ApprovalRequest) -> Result<Ran, Stat
             };
             keys::apply_schedule_destroy(kms, gov, decode(bytes)?, authority)?.into()
         }
+        kms_core::reshare::ACTION => Ran {
+            before: None,
+            after: None,
+            result: super::custody::reshare_ticket_result(r, gov.clock.now_unix()),
+        },
         super::backup::ACTION => Ran {
             before: None,
             after: None,

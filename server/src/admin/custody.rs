@@ -3,7 +3,9 @@
 //! they recomputed, checks it against the ceremony on record, and records them as verified.
 //! It never sees a share.
 
-use api::v1::{ShareVerification, ShareVerificationRequest};
+use api::v1::{
+    AuthorizeReshareRequest, AuthorizeReshareResponse, ShareVerification, ShareVerificationRequest,
+};
 use recovery::ceremony::ShareClaim;
 use tonic::{Request, Response, Status};
 
@@ -58,5 +60,101 @@ pub(super) async fn record_verification(
         custodian,
         index: u32::from(index),
         verified: true,
+    }))
+}
+
+/// What an approved reshare does: nothing yet but say so; the ticket is the executed request,
+/// consumed by the offline `kms ceremony reshare --approval ID`.
+pub(super) fn reshare_ticket_result(
+    r: &kms_core::governance::approvals::ApprovalRequest,
+    now: u64,
+) -> String {
+    serde_json::json!({
+        "ticket": {
+            "requested_by": r.requested_by,
+            "valid_until": now.saturating_add(kms_core::reshare::TICKET_SECS),
+            "use": format!("stop the server and run `kms ceremony reshare --approval {}` with the same threshold and custodians", r.id),
+        }
+    })
+    .to_string()
+}
+
+/// Checks a reshare plan and, when the action is gated, stores it for approval. The reshare
+/// itself runs offline (docs/RECOVERY.md, "Reshare").
+pub(super) async fn authorize_reshare(
+    svc: &AdminService,
+    request: Request<AuthorizeReshareRequest>,
+) -> Result<Response<AuthorizeReshareResponse>, Status> {
+    use kms_core::governance::approvals::NewRequest;
+    use prost::Message;
+    let req = request.get_ref().clone();
+    let custodians = req
+        .custodians
+        .iter()
+        .map(|c| recovery::Custodian::parse(c))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let threshold = usize::try_from(req.threshold).unwrap_or(usize::MAX);
+    recovery::ceremony::Checked::new(threshold, custodians)
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let store = svc.store.clone();
+    let custody =
+        tokio::task::spawn_blocking(move || core(kms_core::custody::load(store.as_ref())))
+            .await
+            .map_err(|_| Status::internal("internal error"))??;
+    let Some(custody) = custody else {
+        return Err(Status::failed_precondition(
+            "custody is not initialised: run `kms ceremony init` first",
+        ));
+    };
+    let action = kms_core::reshare::ACTION;
+    if !svc.gov.approvals.rules().gates(action) {
+        return Ok(Response::new(AuthorizeReshareResponse {
+            approval: None,
+            gated: false,
+        }));
+    }
+    let (operator, mut intent) = svc.intent(action, &request)?;
+    intent.detail.insert("target".into(), "custody".into());
+    intent
+        .detail
+        .insert("threshold".into(), req.threshold.to_string());
+    let names: Vec<&str> = req
+        .custodians
+        .iter()
+        .map(|c| c.split('=').next().unwrap_or_default())
+        .collect();
+    intent.detail.insert("custodians".into(), names.join(","));
+    svc.audit.record(intent.clone()).await?;
+    let new = NewRequest {
+        action: action.to_owned(),
+        target: "custody".into(),
+        request: req.encode_to_vec(),
+        view: serde_json::json!({
+            "reshare": "a new recovery secret split to these custodians; every current share stops working",
+            "ceremony_id": custody.record.ceremony_id.to_string(),
+            "from_epoch": custody.record.epoch.get(),
+            "threshold": req.threshold,
+            "custodians": req.custodians,
+            "ticket_valid_secs": kms_core::reshare::TICKET_SECS,
+        })
+        .to_string(),
+        diff: None,
+        requested_by: operator.to_string(),
+    };
+    let result = svc.propose(&operator, new).await;
+    let mut done = intent;
+    done.status = match &result {
+        Ok(_) => "pending".into(),
+        Err(s) => crate::audit::status_word(Some(s)),
+    };
+    if let Ok(r) = &result {
+        done.detail.insert("approval_id".into(), r.id.clone());
+    }
+    svc.outcome(done, &operator, &result).await;
+    let r = result?;
+    Ok(Response::new(AuthorizeReshareResponse {
+        approval: Some(super::approval::info(&svc.gov, &r)),
+        gated: true,
     }))
 }

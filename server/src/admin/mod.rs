@@ -30,6 +30,7 @@ use api::v1::{
     OperatorRequest, RegisterOperatorRequest, RejectChangeRequest, SetApprovalRulesRequest,
     UpdateOperatorRequest, WhoAmIRequest,
 };
+use api::v1::{AuthorizeReshareRequest, AuthorizeReshareResponse};
 use api::v1::{
     CreateAliasRequest, CreateKeyRequest, GetPolicyRequest, KeyCoverageRequest,
     KeyCoverageResponse, KeyMetadata, KeyRequest, ListGrantsRequest, ListGrantsResponse,
@@ -372,6 +373,7 @@ routes! {
     list_grants(ListGrantsRequest) -> ListGrantsResponse => grants::list;
     revoke_grants(RevokeGrantsRequest) -> RevokeGrantsResponse => grants::revoke;
     record_share_verification(ShareVerificationRequest) -> ShareVerification => custody::record_verification;
+    authorize_reshare(AuthorizeReshareRequest) -> AuthorizeReshareResponse => custody::authorize_reshare;
     register_operator(RegisterOperatorRequest) -> OperatorInfo => operators::register;
     update_operator(UpdateOperatorRequest) -> OperatorInfo => operators::update;
     deactivate_operator(OperatorRequest) -> OperatorInfo => operators::deactivate;
