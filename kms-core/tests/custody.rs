@@ -253,3 +253,138 @@ fn an_escrow_key_that_is_not_the_pinned_one_refuses_hsm_protection_only() {
     kms.generate_data_key(&caller(), &soft, &EncryptionContext::default())
         .unwrap();
 }
+
+fn open_shares(
+    sealed: &recovery::ceremony::Sealed,
+    identities: &[age::x25519::Identity],
+    which: &[usize],
+) -> Vec<(PathBuf, ShareEnvelope)> {
+    which
+        .iter()
+        .map(|&i| {
+            let file = PathBuf::from(format!("{i}.share.age"));
+            let env = ShareEnvelope::open(&sealed.share_files[i].1, &identities[i], &file).unwrap();
+            (file, env)
+        })
+        .collect()
+}
+
+#[test]
+fn a_reshare_reseals_everything_to_a_new_secret_and_refuses_the_old_shares() {
+    let (_token, escrow, hsm, _dir, store) = deployment();
+    let (sealed, identities) = common::init_custody(store.as_ref(), hsm.as_ref(), escrow);
+    let ctx = EncryptionContext::default();
+    let kms = open_kms(&hsm, &store);
+    let soft = software_key(&kms);
+    kms.rotate_key(&soft).unwrap();
+    let hard = new_key(&kms, Protection::Hsm);
+    let blobs: Vec<_> = [&soft, &hard]
+        .iter()
+        .map(|k| kms.generate_data_key(&caller(), k, &ctx).unwrap())
+        .collect();
+    drop(kms);
+    let old_record = custody::load(store.as_ref()).unwrap().unwrap().record;
+    let old_private = old_record
+        .private_key(&combine(&open_shares(&sealed, &identities, &[0, 1])).unwrap())
+        .unwrap();
+
+    // Two of three old custodians reshare to two new ones, threshold 2.
+    let new_ids: Vec<_> = (0..2).map(|_| age::x25519::Identity::generate()).collect();
+    let plan = |ids: &[age::x25519::Identity]| kms_core::reshare::Plan {
+        threshold: 2,
+        custodians: ["dave", "erin"]
+            .iter()
+            .zip(ids)
+            .map(|(n, id)| Custodian::parse(&format!("{n}={}", id.to_public())).unwrap())
+            .collect(),
+        audit_signer: String::new(),
+        token: sealed.transcript.token.clone(),
+        time: 1_800_000_100,
+    };
+    let rng = aws_lc_rs::rand::SystemRandom::new();
+    let resealed =
+        kms_core::reshare::check_shares(store.as_ref(), open_shares(&sealed, &identities, &[1, 2]))
+            .unwrap()
+            .open(store.as_ref())
+            .unwrap()
+            .reseal(plan(&new_ids), &rng)
+            .unwrap();
+    // Two software versions and the escrow key's seal (this deployment has no governance, so
+    // no grant MAC or context-digest key; the end-to-end test has them).
+    assert_eq!(resealed.resealed(), 3);
+    let previous_sha = hex::encode(resealed.previous().sha256().unwrap());
+    let new = resealed.commit(store.as_ref(), Vec::new()).unwrap();
+    assert_eq!(new.transcript.epoch.get(), 2);
+    assert_eq!(
+        new.transcript.previous_sha256.as_deref(),
+        Some(previous_sha.as_str())
+    );
+    assert_eq!(new.record.ceremony_id, old_record.ceremony_id);
+    assert_ne!(new.record.public, old_record.public);
+    let on_record = custody::load(store.as_ref()).unwrap().unwrap();
+    assert_eq!(on_record.transcript, new.transcript);
+    assert!(store
+        .get(Table::Custody, b"history/0001/transcript")
+        .unwrap()
+        .is_some());
+
+    // Old shares are refused, by epoch; the old key opens no software seal any more.
+    let old_again =
+        kms_core::reshare::check_shares(store.as_ref(), open_shares(&sealed, &identities, &[0, 1]));
+    assert!(
+        matches!(
+            old_again,
+            Err(kms_core::reshare::ReshareError::Shares(
+                kms_core::restore::RestoreError::ShareEpoch {
+                    found: 1,
+                    expected: 2,
+                    ..
+                }
+            ))
+        ),
+        "{old_again:?}"
+    );
+    let versions: Vec<VersionRecord> = store
+        .scan(Table::Versions)
+        .unwrap()
+        .iter()
+        .map(|row| serde_json::from_slice(&row.value).unwrap())
+        .collect();
+    let new_private = new
+        .record
+        .private_key(&combine(&open_shares(&new, &new_ids, &[0, 1])).unwrap())
+        .unwrap();
+    for v in &versions {
+        if matches!(v.escrow, Some(Escrow::Sealed { .. })) {
+            assert!(custody::open_escrow(store.as_ref(), &old_private, v).is_err());
+        }
+        // hsm versions' wraps are kept; the escrow key's seal is new, so the old key opens
+        // neither kind.
+        assert!(custody::open_escrow(store.as_ref(), &old_private, v).is_err());
+    }
+    // The new quorum opens every version, and each opens its blob.
+    for dk in &blobs {
+        let v = versions
+            .iter()
+            .find(|v| v.key_id == dk.key_id && v.version == dk.key_version)
+            .unwrap();
+        let kek = custody::open_escrow(store.as_ref(), &new_private, v).unwrap();
+        assert_eq!(
+            open_blob(kek.expose_secret(), &dk.ciphertext),
+            dk.plaintext.expose_secret()
+        );
+    }
+    // The key service opens as before and seals new versions to the new key.
+    let kms = open_kms(&hsm, &store);
+    kms.rotate_key(&soft).unwrap();
+    drop(kms);
+    let newest: VersionRecord = store
+        .scan(Table::Versions)
+        .unwrap()
+        .iter()
+        .map(|row| serde_json::from_slice::<VersionRecord>(&row.value).unwrap())
+        .find(|v| v.key_id == blobs[0].key_id && v.version.get() == 3)
+        .unwrap();
+    custody::open_escrow(store.as_ref(), &new_private, &newest).unwrap();
+    assert!(custody::open_escrow(store.as_ref(), &old_private, &newest).is_err());
+}
