@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Export and recovery time for a deployment with one key of N versions (bench/RESULTS.md).
 #   bench/recovery.sh BIN PROTECTION SECONDS
+#   bench/recovery.sh BIN PROTECTION =N        (exactly N versions, by `kms key rotate`)
 # Starts a fresh `kms serve --dev` in a temporary directory, rotates one key for SECONDS
-# (`kms bench --op rotate-key`), exports a bundle (approved by operator2 and operator3),
+# (`kms bench --op rotate-key`), or makes one key with exactly N versions, exports a bundle (approved by operator2 and operator3),
 # stops the server, and recovers the bundle with two development custodians' shares into a
 # new directory. Prints one JSON line: versions, export time and the recovery's phases.
 set -euo pipefail
@@ -13,7 +14,13 @@ cd "$WORK"
 "$BIN" serve --dev --data-addr 127.0.0.1:0 --admin-addr 127.0.0.1:0 >serve.out 2>serve.err &
 PID=$!
 for _ in $(seq 1 300); do [ -s .kms/endpoints.json ] && break; sleep 0.2; done
-"$BIN" bench --op rotate-key --protection "$PROTECTION" --concurrency 1 --duration "$SECS" --json >bench.json
+if [[ $SECS == =* ]]; then
+    N=${SECS#=}
+    "$BIN" key create --alias bench --protection "$PROTECTION" --json >/dev/null
+    for _ in $(seq 2 "$N"); do "$BIN" key rotate bench --json >/dev/null; done
+else
+    "$BIN" bench --op rotate-key --protection "$PROTECTION" --concurrency 1 --duration "$SECS" --json >bench.json
+fi
 json() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))$2)" "$1"; }
 "$BIN" --as operator1 backup export --out b.bundle --json >ask.json
 ID=$(json ask.json "['approval_id']")

@@ -287,8 +287,14 @@ pub fn check_claim<'t>(
     claim: &ShareClaim,
 ) -> Result<&'t TranscriptCustodian, Error> {
     let fault = |fault| Err(Error::Transcript { fault });
-    if claim.ceremony_id != transcript.ceremony_id || claim.epoch != transcript.epoch {
-        return fault("the share is of another ceremony or epoch");
+    if claim.ceremony_id != transcript.ceremony_id {
+        return fault("the share is of another ceremony (another deployment's share?)");
+    }
+    if claim.epoch < transcript.epoch {
+        return fault("the share is of an earlier epoch: shares from before a reshare are refused");
+    }
+    if claim.epoch != transcript.epoch {
+        return fault("the share is of another epoch than the ceremony on record");
     }
     if claim.transcript_sha256 != transcript.sha256()? {
         return fault("the share names another transcript");
