@@ -514,14 +514,6 @@ fn verify_online(
     conn: &crate::connect::ConnectArgs,
     as_json: bool,
 ) -> Result<(), Error> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|source| Error::File {
-            what: "cannot start the async runtime for",
-            path: "the admin client".into(),
-            source,
-        })?;
     let request = api::v1::ShareVerificationRequest {
         ceremony_id: claim.ceremony_id.to_string(),
         epoch: claim.epoch.get(),
@@ -530,14 +522,11 @@ fn verify_online(
         transcript_sha256: hex::encode(claim.transcript_sha256),
         commitment: hex::encode(claim.commitment),
     };
-    let answer = runtime.block_on(async {
-        let mut client = conn.admin().await?;
-        Ok::<_, Error>(
-            client
-                .record_share_verification(request)
-                .await?
-                .into_inner(),
-        )
+    let answer = conn.admin_call(|mut client| async move {
+        Ok(client
+            .record_share_verification(request)
+            .await?
+            .into_inner())
     })?;
     emit(
         as_json,

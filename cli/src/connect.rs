@@ -46,6 +46,29 @@ pub(crate) enum Plane {
 }
 
 impl ConnectArgs {
+    /// Runs one admin-plane call from a command that otherwise needs no async runtime (the
+    /// ceremonies, which run before one exists).
+    pub(crate) fn admin_call<T, F>(
+        &self,
+        call: impl FnOnce(api::AdminClient) -> F,
+    ) -> Result<T, Error>
+    where
+        F: std::future::Future<Output = Result<T, Error>>,
+    {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|source| Error::File {
+                what: "cannot start the async runtime for",
+                path: "the admin client".into(),
+                source,
+            })?;
+        runtime.block_on(async {
+            let client = self.admin().await?;
+            call(client).await
+        })
+    }
+
     /// The address and server trust for `plane`, with no client certificate (for a workload
     /// authenticating with a JWT-SVID).
     pub(crate) fn resolve_without_certificate(

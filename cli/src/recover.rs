@@ -22,11 +22,9 @@ use crate::dev::DevLayout;
 use crate::error::{read, Error};
 use crate::output::emit;
 
+/// The k custodians' shares, as recovery and reshare take them.
 #[derive(Args, Debug)]
-pub(crate) struct RecoverArgs {
-    /// The backup bundle (`kms backup export`).
-    #[arg(long, value_name = "FILE")]
-    bundle: PathBuf,
+pub(crate) struct ShareFiles {
     /// A custodian's share file (age); opened with whichever --identity opens it. Repeat.
     #[arg(long = "share", value_name = "FILE")]
     shares: Vec<PathBuf>,
@@ -36,6 +34,15 @@ pub(crate) struct RecoverArgs {
     /// A share its custodian decrypted beforehand (`age -d -i KEY NAME.share.age`). Repeat.
     #[arg(long = "decrypted", value_name = "FILE")]
     decrypted: Vec<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct RecoverArgs {
+    /// The backup bundle (`kms backup export`).
+    #[arg(long, value_name = "FILE")]
+    bundle: PathBuf,
+    #[command(flatten)]
+    shares: ShareFiles,
     /// The new deployment's config: its data directory must hold no store, its token must
     /// be new and empty (user PIN as the config says; SO PIN from --so-pin-file or KMS_SO_PIN).
     #[arg(
@@ -83,7 +90,7 @@ pub(crate) fn run(args: &RecoverArgs, data_dir: &Path, as_json: bool) -> Result<
     mark("check", &mut t);
 
     // SharesChecked, Combined, BundleVerified, Prepared: all in memory.
-    let shares = open_shares(&args.shares, &args.identities, &args.decrypted)?;
+    let shares = open_shares(&args.shares)?;
     let verified = checked.check_shares(shares)?.combine()?;
     mark("shares", &mut t);
     let prepared = verified.prepare()?;
@@ -224,11 +231,12 @@ pub(crate) fn run(args: &RecoverArgs, data_dir: &Path, as_json: bool) -> Result<
 /// Every share given: each --share opened with whichever identity opens it, each
 /// --decrypted parsed as it is.
 /// Opens each `--share` with whichever identity opens it, and parses each `--decrypted`.
-pub(crate) fn open_shares(
-    shares: &[PathBuf],
-    identities: &[PathBuf],
-    decrypted: &[PathBuf],
-) -> Result<Vec<(PathBuf, ShareEnvelope)>, Error> {
+pub(crate) fn open_shares(files: &ShareFiles) -> Result<Vec<(PathBuf, ShareEnvelope)>, Error> {
+    let ShareFiles {
+        shares,
+        identities,
+        decrypted,
+    } = files;
     if !shares.is_empty() && identities.is_empty() {
         return Err(Error::Usage(
             "--share files are age files: give the custodians' --identity files (or \

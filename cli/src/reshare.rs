@@ -59,16 +59,9 @@ pub(crate) struct AuthorizeArgs {
 pub(crate) struct ReshareArgs {
     #[command(flatten)]
     plan: PlanArgs,
-    /// A current custodian's share file (age); opened with whichever --identity opens it.
-    /// Repeat: k current shares are needed.
-    #[arg(long = "share", value_name = "FILE")]
-    shares: Vec<PathBuf>,
-    /// A current custodian's age identity file. Repeat.
-    #[arg(long = "identity", value_name = "FILE")]
-    identities: Vec<PathBuf>,
-    /// A current share its custodian decrypted beforehand (`age -d`). Repeat.
-    #[arg(long = "decrypted", value_name = "FILE")]
-    decrypted: Vec<PathBuf>,
+    /// k current custodians' shares.
+    #[command(flatten)]
+    shares: crate::recover::ShareFiles,
     /// Where to write NAME.share.age for each new custodian and transcript.json.
     #[arg(long, value_name = "DIR")]
     out_dir: PathBuf,
@@ -88,22 +81,9 @@ pub(crate) fn authorize(
     as_json: bool,
 ) -> Result<(), Error> {
     args.plan.parsed()?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|source| Error::File {
-            what: "cannot start the async runtime for",
-            path: "the admin client".into(),
-            source,
-        })?;
-    let answer = runtime.block_on(async {
-        let mut client = conn.admin().await?;
-        Ok::<_, Error>(
-            client
-                .authorize_reshare(args.plan.request())
-                .await?
-                .into_inner(),
-        )
+    let request = args.plan.request();
+    let answer = conn.admin_call(|mut client| async move {
+        Ok(client.authorize_reshare(request).await?.into_inner())
     })?;
     crate::approval::emit_change(as_json, answer.approval.as_ref(), || {
         json!({
@@ -119,7 +99,7 @@ pub(crate) fn run(args: &ReshareArgs, data_dir: &Path, as_json: bool) -> Result<
     let custodians = args.plan.parsed()?;
     let config_path = crate::ceremony::config_path_or_dev(args.config.config.as_ref(), data_dir)?;
     crate::ceremony::prepare_out_dir(&args.out_dir, &custodians)?;
-    let shares = crate::recover::open_shares(&args.shares, &args.identities, &args.decrypted)?;
+    let shares = crate::recover::open_shares(&args.shares)?;
     let opened = crate::serve::open_offline(&config_path)?;
     let store = opened.store.as_ref();
     let result = (|| {

@@ -454,7 +454,19 @@ fn commit_sealed(store: &dyn Store, sealed: &Sealed, items: Vec<Escrowable>) -> 
         return Err(Error::Internal("one seal per escrowed item"));
     }
     let ceremony = sealed.record.ceremony_id;
-    let mut changes = vec![
+    let mut changes = Vec::from(authority_changes(sealed)?);
+    for (item, seal) in items.into_iter().zip(&sealed.seals) {
+        changes.push(match item.target {
+            Target::Version(record) => sealed_version(record, ceremony, seal)?,
+            Target::Named(name) => named_seal_change(name, seal),
+        });
+    }
+    store.write(changes)
+}
+
+/// The writes that make a ceremony's recovery key record and transcript the ones on record.
+pub(crate) fn authority_changes(sealed: &Sealed) -> Result<[Change; 2], Error> {
+    Ok([
         Change::Put {
             table: Table::Custody,
             key: RECORD.to_vec(),
@@ -465,28 +477,29 @@ fn commit_sealed(store: &dyn Store, sealed: &Sealed, items: Vec<Escrowable>) -> 
             key: TRANSCRIPT.to_vec(),
             value: sealed.transcript.canonical()?,
         },
-    ];
-    for (item, seal) in items.into_iter().zip(&sealed.seals) {
-        match item.target {
-            Target::Version(mut record) => {
-                record.escrow = Some(Escrow::Sealed {
-                    ceremony,
-                    sealed: seal.clone(),
-                });
-                changes.push(put_version(&record)?);
-            }
-            Target::Named(name) => {
-                let mut key = SEAL_PREFIX.to_vec();
-                key.extend_from_slice(name.as_bytes());
-                changes.push(Change::Put {
-                    table: Table::Custody,
-                    key,
-                    value: seal.clone(),
-                });
-            }
-        }
+    ])
+}
+
+/// The write of a software version with its escrow seal under `ceremony`.
+pub(crate) fn sealed_version(
+    mut record: VersionRecord,
+    ceremony: recovery::CeremonyId,
+    seal: &[u8],
+) -> Result<Change, Error> {
+    record.escrow = Some(Escrow::Sealed {
+        ceremony,
+        sealed: seal.to_vec(),
+    });
+    put_version(&record)
+}
+
+/// The write of a named seal (`seal/NAME`).
+pub(crate) fn named_seal_change(name: &str, seal: &[u8]) -> Change {
+    Change::Put {
+        table: Table::Custody,
+        key: [SEAL_PREFIX, name.as_bytes()].concat(),
+        value: seal.to_vec(),
     }
-    store.write(changes)
 }
 
 /// The seal of a deployment key (`grant-mac-key`, `context-digest-key`).

@@ -18,13 +18,12 @@ use recovery::{Custodian, Purpose, RecoveryPrivateKey, ShareEnvelope, TokenInfo,
 use secrecy::{ExposeSecret, SecretSlice};
 
 use crate::custody::{
-    escrow_key_aad, escrow_pin, load, Custody, ESCROW_KEY_SEAL, RECORD, RECOVER_TRANSCRIPT_PREFIX,
-    SEAL_PREFIX, TRANSCRIPT, VERIFIED_PREFIX,
+    authority_changes, escrow_key_aad, escrow_pin, load, named_seal_change, sealed_version,
+    Custody, ESCROW_KEY_SEAL, RECOVER_TRANSCRIPT_PREFIX, SEAL_PREFIX, TRANSCRIPT, VERIFIED_PREFIX,
 };
 use crate::error::Error;
 use crate::key::{kek_wrap_aad, Escrow, VersionRecord};
-use crate::kms::put_version;
-use crate::restore::{check_share_set, RestoreError};
+use crate::restore::{check_share_set, rebuild, RestoreError};
 use crate::store::{Change, Store, Table};
 
 /// Store key prefix (custody table) of what an earlier epoch recorded: `history/<epoch>/...`.
@@ -184,16 +183,7 @@ impl SharesChecked {
     /// to a key that is about to lose its quorum.
     pub fn open(self, store: &dyn Store) -> Result<Opened, ReshareError> {
         let SharesChecked { custody, shares } = self;
-        let secret = recovery::combine(&shares).map_err(|e| RestoreError::Secret(e.to_string()))?;
-        drop(shares);
-        custody
-            .transcript
-            .verify_mac(&secret)
-            .map_err(|e| RestoreError::Secret(e.to_string()))?;
-        let private = custody
-            .record
-            .private_key(&secret)
-            .map_err(|e| RestoreError::Secret(e.to_string()))?;
+        let (secret, private) = rebuild(shares, &custody.transcript, &custody.record)?;
         drop(secret);
         let mut items = Vec::new();
         for row in store.scan(Table::Versions)? {
@@ -384,23 +374,12 @@ impl Resealed {
         let history =
             |rest: &[u8]| [HISTORY_PREFIX, format!("{old_epoch:04}/").as_bytes(), rest].concat();
         let ceremony = sealed.record.ceremony_id;
-        let mut changes = vec![
-            Change::Put {
-                table: Table::Custody,
-                key: RECORD.to_vec(),
-                value: sealed.record.to_json()?,
-            },
-            Change::Put {
-                table: Table::Custody,
-                key: TRANSCRIPT.to_vec(),
-                value: sealed.transcript.canonical()?,
-            },
-            Change::Put {
-                table: Table::Custody,
-                key: history(TRANSCRIPT),
-                value: previous.transcript.canonical()?,
-            },
-        ];
+        let mut changes = Vec::from(authority_changes(&sealed)?);
+        changes.push(Change::Put {
+            table: Table::Custody,
+            key: history(TRANSCRIPT),
+            value: previous.transcript.canonical()?,
+        });
         for row in store.scan(Table::Custody)? {
             if row.key.starts_with(RECOVER_TRANSCRIPT_PREFIX) {
                 changes.push(Change::Put {
@@ -420,20 +399,10 @@ impl Resealed {
             }
         }
         for (target, seal) in targets.into_iter().zip(&sealed.seals) {
-            match target {
-                Target::Version(mut record) => {
-                    record.escrow = Some(Escrow::Sealed {
-                        ceremony,
-                        sealed: seal.clone(),
-                    });
-                    changes.push(put_version(&record)?);
-                }
-                Target::Named(name) => changes.push(Change::Put {
-                    table: Table::Custody,
-                    key: [SEAL_PREFIX, name.as_bytes()].concat(),
-                    value: seal.clone(),
-                }),
-            }
+            changes.push(match target {
+                Target::Version(record) => sealed_version(record, ceremony, seal)?,
+                Target::Named(name) => named_seal_change(&name, seal),
+            });
         }
         changes.extend(extra);
         store.write(changes)?;

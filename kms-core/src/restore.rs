@@ -288,6 +288,25 @@ pub(crate) fn check_share_set(
     Ok(())
 }
 
+/// Combines checked shares into the recovery secret (the shares are wiped), checks the
+/// transcript's MAC with it, and opens the recovery private key. Recovery and reshare both
+/// run it.
+pub(crate) fn rebuild(
+    shares: Vec<(PathBuf, ShareEnvelope)>,
+    transcript: &Transcript,
+    record: &RecoveryKeyRecord,
+) -> Result<(RecoverySecret, RecoveryPrivateKey), RestoreError> {
+    let secret = recovery::combine(&shares).map_err(|e| RestoreError::Secret(e.to_string()))?;
+    drop(shares);
+    transcript
+        .verify_mac(&secret)
+        .map_err(|e| RestoreError::Secret(e.to_string()))?;
+    let private = record
+        .private_key(&secret)
+        .map_err(|e| RestoreError::Secret(e.to_string()))?;
+    Ok((secret, private))
+}
+
 /// Shares checked, not yet combined.
 pub struct SharesChecked {
     checked: Checked,
@@ -307,16 +326,7 @@ impl SharesChecked {
     /// transcript's), then the bundle's signature under the signer they pin.
     pub fn combine(self) -> Result<Verified, RestoreError> {
         let SharesChecked { checked, shares } = self;
-        let secret = recovery::combine(&shares).map_err(|e| RestoreError::Secret(e.to_string()))?;
-        drop(shares);
-        checked
-            .transcript
-            .verify_mac(&secret)
-            .map_err(|e| RestoreError::Secret(e.to_string()))?;
-        let private = checked
-            .record
-            .private_key(&secret)
-            .map_err(|e| RestoreError::Secret(e.to_string()))?;
+        let (secret, private) = rebuild(shares, &checked.transcript, &checked.record)?;
         // The signers the quorum trusts, by id: the init transcript's, and each recovery's
         // since. The bundle names its signer's point; its id must be one of them.
         let mut pinned = vec![checked.transcript.audit_signer.clone()];

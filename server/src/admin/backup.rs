@@ -97,7 +97,6 @@ pub(super) async fn export(
             None => {
                 drop(_serial);
                 intent.detail.insert("target".into(), "backup".into());
-                svc.audit.record(intent.clone()).await?;
                 let new = NewRequest {
                     action: ACTION.to_owned(),
                     target: "backup".into(),
@@ -110,17 +109,7 @@ pub(super) async fn export(
                     diff: None,
                     requested_by: operator.to_string(),
                 };
-                let result = svc.propose(&operator, new).await;
-                let mut done = intent;
-                done.status = match &result {
-                    Ok(_) => "pending".into(),
-                    Err(s) => status_word(Some(s)),
-                };
-                if let Ok(req) = &result {
-                    done.detail.insert("approval_id".into(), req.id.clone());
-                }
-                svc.outcome(done, &operator, &result).await;
-                let req = result?;
+                let req = svc.ask(&operator, intent, new).await?;
                 return Ok(Response::new(one(BackupChunk {
                     approval: Some(super::approval::info(&svc.gov, &req)),
                     ..BackupChunk::default()

@@ -125,7 +125,6 @@ pub(super) async fn authorize_reshare(
         .map(|c| c.split('=').next().unwrap_or_default())
         .collect();
     intent.detail.insert("custodians".into(), names.join(","));
-    svc.audit.record(intent.clone()).await?;
     let new = NewRequest {
         action: action.to_owned(),
         target: "custody".into(),
@@ -142,17 +141,7 @@ pub(super) async fn authorize_reshare(
         diff: None,
         requested_by: operator.to_string(),
     };
-    let result = svc.propose(&operator, new).await;
-    let mut done = intent;
-    done.status = match &result {
-        Ok(_) => "pending".into(),
-        Err(s) => crate::audit::status_word(Some(s)),
-    };
-    if let Ok(r) = &result {
-        done.detail.insert("approval_id".into(), r.id.clone());
-    }
-    svc.outcome(done, &operator, &result).await;
-    let r = result?;
+    let r = svc.ask(&operator, intent, new).await?;
     Ok(Response::new(AuthorizeReshareResponse {
         approval: Some(super::approval::info(&svc.gov, &r)),
         gated: true,

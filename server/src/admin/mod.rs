@@ -261,7 +261,6 @@ impl AdminService {
         }
         let (operator, mut intent) = self.intent(action, request)?;
         intent.detail.insert("target".into(), target.clone());
-        self.audit.record(intent.clone()).await?;
         let new = NewRequest {
             action: action.to_owned(),
             target,
@@ -270,7 +269,20 @@ impl AdminService {
             diff,
             requested_by: operator.to_string(),
         };
-        let result = self.propose(&operator, new).await;
+        let req = self.ask(&operator, intent, new).await?;
+        Ok(Response::new(T::pending(approval::info(&self.gov, &req))))
+    }
+
+    /// Stores a gated request for approval: `intent` is recorded first, and its outcome after
+    /// (`pending`, with the approval id and request hash, or the refusal).
+    async fn ask(
+        &self,
+        operator: &OperatorId,
+        intent: AuditEvent,
+        new: NewRequest,
+    ) -> Result<kms_core::governance::approvals::ApprovalRequest, Status> {
+        self.audit.record(intent.clone()).await?;
+        let result = self.propose(operator, new).await;
         let mut done = intent;
         done.status = match &result {
             Ok(_) => "pending".into(),
@@ -280,8 +292,8 @@ impl AdminService {
             done.detail.insert("approval_id".into(), req.id.clone());
             done.detail.insert("request_hash".into(), req.hash.clone());
         }
-        self.outcome(done, &operator, &result).await;
-        result.map(|req| Response::new(T::pending(approval::info(&self.gov, &req))))
+        self.outcome(done, operator, &result).await;
+        result
     }
 
     /// Runs one governance change now (an ungated one, such as grant revocation), recorded as
