@@ -198,6 +198,32 @@ pub struct VersionRecord {
     /// initialised (and, until the trusted escrow key is built, `hsm` versions).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub escrow: Option<Escrow>,
+    /// A data-key blob under this version and the hash of its DEK, for provider-exit drills
+    /// (docs/DRILL.md); absent only until the first start after canaries existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<Canary>,
+}
+
+/// A version's canary: a data-key blob made under it with [`canary_context`], and SHA-256 of
+/// its DEK. It holds nothing secret: the DEK is random and used for nothing else.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Canary {
+    /// The blob, as the data plane's Decrypt takes it.
+    #[serde(with = "crate::custody::b64")]
+    pub blob: Vec<u8>,
+    /// Hex SHA-256 of the DEK inside.
+    pub dek_sha256: String,
+}
+
+/// The encryption context of a version's canary: `{"sovereign-kms/canary": "KEY_ID/VERSION"}`.
+pub fn canary_context(
+    key_id: KeyId,
+    version: KeyVersion,
+) -> Result<crate::context::EncryptionContext, Error> {
+    crate::context::EncryptionContext::from_pairs([(
+        "sovereign-kms/canary".to_owned(),
+        format!("{key_id}/{}", version.get()),
+    )])
 }
 
 /// How a version is escrowed.

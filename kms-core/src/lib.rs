@@ -53,8 +53,8 @@ pub use governance::authz::{
 };
 pub use ids::{Alias, KeyId, KeyRef, KeyVersion, OperatorId, Principal};
 pub use key::{
-    kek_wrap_aad, DeletedVersion, Destruction, DestructionAuthority, Escrow, KeyRecord, KeyState,
-    Labels, Protection, StoredMaterial, TokenObject, VersionRecord,
+    canary_context, kek_wrap_aad, Canary, DeletedVersion, Destruction, DestructionAuthority,
+    Escrow, KeyRecord, KeyState, Labels, Protection, StoredMaterial, TokenObject, VersionRecord,
 };
 pub use kms::{DataKey, Deps, Kms, NewKey, Opened, ReEncrypted, Sealed, MAX_DESTROY_WAITING_DAYS};
 pub use op::Op;

@@ -388,3 +388,83 @@ fn a_reshare_reseals_everything_to_a_new_secret_and_refuses_the_old_shares() {
     custody::open_escrow(store.as_ref(), &new_private, &newest).unwrap();
     assert!(custody::open_escrow(store.as_ref(), &old_private, &newest).is_err());
 }
+
+fn version_rows(store: &RocksStore) -> Vec<VersionRecord> {
+    store
+        .scan(Table::Versions)
+        .unwrap()
+        .iter()
+        .map(|row| serde_json::from_slice(&row.value).unwrap())
+        .collect()
+}
+
+/// Opens a version's canary through the key service, as a drill does through the data plane,
+/// and checks its DEK against the recorded hash.
+fn canary_opens(kms: &Kms, v: &VersionRecord) {
+    let canary = v.canary.as_ref().expect("every version has a canary");
+    let ctx = kms_core::canary_context(v.key_id, v.version).unwrap();
+    let opened = kms.decrypt(&caller(), &canary.blob, &ctx).unwrap();
+    assert_eq!((opened.key_id, opened.key_version), (v.key_id, v.version));
+    let hash =
+        aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, opened.plaintext.expose_secret());
+    assert_eq!(hex::encode(hash.as_ref()), canary.dek_sha256);
+    // Under another context it does not open: the canary is bound to its version's name.
+    assert!(kms
+        .decrypt(&caller(), &canary.blob, &EncryptionContext::default())
+        .is_err());
+}
+
+#[test]
+fn every_version_has_a_canary_and_versions_without_one_get_it_at_start() {
+    let (_token, hsm, _dir, store) = common::deployment_with_custody();
+    let kms = open_kms(&hsm, &store);
+    let soft = software_key(&kms);
+    kms.rotate_key(&soft).unwrap();
+    let hard = new_key(&kms, Protection::Hsm);
+    kms.rotate_key(&hard).unwrap();
+    let rows = version_rows(&store);
+    assert_eq!(rows.len(), 4);
+    for v in &rows {
+        canary_opens(&kms, v);
+    }
+    let distinct: std::collections::BTreeSet<_> = rows
+        .iter()
+        .map(|v| v.canary.as_ref().unwrap().dek_sha256.clone())
+        .collect();
+    assert_eq!(distinct.len(), 4, "each canary has its own DEK");
+    drop(kms);
+
+    // Versions written before canaries existed: their rows have none.
+    let bare: Vec<kms_core::store::Change> = rows
+        .iter()
+        .map(|v| {
+            let mut value: serde_json::Value = serde_json::to_value(v).unwrap();
+            value.as_object_mut().unwrap().remove("canary");
+            kms_core::store::Change::Put {
+                table: Table::Versions,
+                key: store
+                    .scan(Table::Versions)
+                    .unwrap()
+                    .into_iter()
+                    .find(|r| serde_json::from_slice::<VersionRecord>(&r.value).unwrap() == *v)
+                    .unwrap()
+                    .key,
+                value: serde_json::to_vec(&value).unwrap(),
+            }
+        })
+        .collect();
+    store.write(bare).unwrap();
+    assert!(version_rows(&store).iter().all(|v| v.canary.is_none()));
+    // The next start makes them, and they open.
+    let kms = open_kms(&hsm, &store);
+    let filled = version_rows(&store);
+    assert_eq!(filled.len(), 4);
+    for v in &filled {
+        canary_opens(&kms, v);
+    }
+    drop(kms);
+    // A start with every canary present writes nothing new.
+    let kms = open_kms(&hsm, &store);
+    assert_eq!(version_rows(&store), filled);
+    drop(kms);
+}

@@ -350,27 +350,18 @@ impl Kms {
             .versions
             .get(&version)
             .ok_or(Error::Internal("current version not loaded"))?;
-        let mut nonce = [0u8; NONCE_LEN];
-        self.deps.rng.fill(&mut nonce)?;
-        let header = Header {
-            algorithm: Algorithm::Aes256Gcm,
-            key_id: entry.record.id,
-            key_version: version,
-            nonce,
-        };
-        let aad = header.aad(context)?;
-        let sealed = match key.as_ref() {
-            VersionKey::Hsm(token_key) => self
-                .deps
-                .hsm
-                .aes_gcm_encrypt(*token_key, &nonce, &aad, plaintext)?,
-            VersionKey::Software(key) => software_seal(key, &nonce, &aad, plaintext)?,
-            VersionKey::Sealed => return Err(Error::Sealed),
-        };
+        let ciphertext = seal_under(
+            self.deps.hsm.as_ref(),
+            self.deps.rng.as_ref(),
+            (entry.record.id, version),
+            key,
+            plaintext,
+            context,
+        )?;
         Ok(Sealed {
             key_id: entry.record.id,
             key_version: version,
-            ciphertext: Blob::assemble(&header, &sealed),
+            ciphertext,
             policies: ok.into_policies(),
         })
     }
@@ -401,6 +392,57 @@ impl Kms {
             VersionKey::Sealed => Err(Error::Sealed),
         }
     }
+}
+
+/// A blob of `plaintext` under one version's key: the header, then AES-256-GCM over it.
+fn seal_under(
+    hsm: &dyn hsm_bridge::Hsm,
+    rng: &dyn crate::clock::Rng,
+    (key_id, version): (KeyId, KeyVersion),
+    key: &VersionKey,
+    plaintext: &[u8],
+    context: &EncryptionContext,
+) -> Result<Vec<u8>, Error> {
+    let mut nonce = [0u8; NONCE_LEN];
+    rng.fill(&mut nonce)?;
+    let header = Header {
+        algorithm: Algorithm::Aes256Gcm,
+        key_id,
+        key_version: version,
+        nonce,
+    };
+    let aad = header.aad(context)?;
+    let sealed = match key {
+        VersionKey::Hsm(token_key) => hsm.aes_gcm_encrypt(*token_key, &nonce, &aad, plaintext)?,
+        VersionKey::Software(key) => software_seal(key, &nonce, &aad, plaintext)?,
+        VersionKey::Sealed => return Err(Error::Sealed),
+    };
+    Ok(Blob::assemble(&header, &sealed))
+}
+
+/// A new canary for a version (docs/DRILL.md): a fresh DEK sealed under `key` with the
+/// canary context, and the DEK's hash. The DEK is wiped when this returns.
+pub(super) fn make_canary(
+    hsm: &dyn hsm_bridge::Hsm,
+    rng: &dyn crate::clock::Rng,
+    key_id: KeyId,
+    version: KeyVersion,
+    key: &VersionKey,
+) -> Result<crate::key::Canary, Error> {
+    let dek = Dek::init_with(|buf| rng.fill(buf))?;
+    let context = crate::key::canary_context(key_id, version)?;
+    let blob = seal_under(
+        hsm,
+        rng,
+        (key_id, version),
+        key,
+        dek.expose_secret(),
+        &context,
+    )?;
+    let dek_sha256 = hex::encode(
+        aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, dek.expose_secret()).as_ref(),
+    );
+    Ok(crate::key::Canary { blob, dek_sha256 })
 }
 
 fn software_seal(

@@ -15,6 +15,9 @@ use crate::key::{kek_wrap_aad, KeyRecord, KeyState, StoredMaterial, VersionRecor
 use crate::secret::{Kek, KEK_LEN};
 use crate::store::{Change, Table};
 
+/// Store writes per batch when canaries are made at load.
+const CANARY_BATCH: usize = 2000;
+
 /// Every key from the store; with `sealed`, no version is made usable (nothing is unwrapped
 /// and no token object looked up): each is [`VersionKey::Sealed`]. A destroyed key's versions
 /// are never made usable (rows a stop left behind are deleted by the destruction timer).
@@ -27,8 +30,9 @@ pub(super) fn load(deps: &Deps, sealed: bool) -> Result<Cache, Error> {
     }
     let mut versions: BTreeMap<KeyId, BTreeMap<KeyVersion, Arc<VersionKey>>> = BTreeMap::new();
     let mut index = None;
+    let mut canaries = Vec::new();
     for row in deps.store.scan(Table::Versions)? {
-        let record: VersionRecord = decode(Table::Versions, &row.value)?;
+        let mut record: VersionRecord = decode(Table::Versions, &row.value)?;
         let destroyed = records
             .get(&record.key_id)
             .is_some_and(|k| k.state == KeyState::Destroyed);
@@ -40,10 +44,34 @@ pub(super) fn load(deps: &Deps, sealed: bool) -> Result<Cache, Error> {
         } else {
             materialize(deps.hsm.as_ref(), &record, &mut index)?
         };
+        if record.canary.is_none() && !sealed {
+            record.canary = Some(super::envelope::make_canary(
+                deps.hsm.as_ref(),
+                deps.rng.as_ref(),
+                record.key_id,
+                record.version,
+                &key,
+            )?);
+            canaries.push(put_version(&record)?);
+        }
         versions
             .entry(record.key_id)
             .or_default()
             .insert(record.version, Arc::new(key));
+    }
+    // Versions made before canaries existed get theirs now (docs/DRILL.md), synced in batches.
+    if !canaries.is_empty() {
+        let made = canaries.len();
+        let mut rest = canaries;
+        while !rest.is_empty() {
+            let tail = rest.split_off(rest.len().min(CANARY_BATCH));
+            deps.store.write(rest)?;
+            rest = tail;
+        }
+        tracing::info!(
+            versions = made,
+            "canaries made for key versions that had none"
+        );
     }
     for (id, record) in records {
         let versions = versions.remove(&id).unwrap_or_default();

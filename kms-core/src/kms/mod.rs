@@ -527,12 +527,27 @@ impl Kms {
                 )
             }
         };
+        // The canary is made before the version is written, in the same record: a version
+        // without one would be a gap a drill reports.
+        let canary = envelope::make_canary(hsm, self.deps.rng.as_ref(), record.id, version, &key);
+        let canary = match canary {
+            Ok(c) => c,
+            Err(e) => {
+                if let VersionKey::Hsm(handle) = &key {
+                    if let Err(d) = hsm.destroy_key(*handle) {
+                        tracing::error!(error = %d, "could not destroy the token key of a version whose canary failed");
+                    }
+                }
+                return Err(e);
+            }
+        };
         let record = VersionRecord {
             key_id: record.id,
             version,
             created_at: self.deps.clock.now_unix(),
             material,
             escrow,
+            canary: Some(canary),
         };
         Ok((record, key))
     }
