@@ -228,6 +228,16 @@ impl Server {
     }
 }
 
+/// Runs `kms ARGS` (the binary `bin`) with `dir` as its working directory, where `.kms` is
+/// the development data directory.
+pub fn kms_in(bin: &str, dir: &Path, args: &[&str]) -> Output {
+    Command::new(bin)
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("run kms")
+}
+
 /// Every audit event in the log of a stopped server's directory `dir` (`kms audit export`).
 pub fn audit_events(bin: &str, dir: &Path) -> Vec<Value> {
     let out = Command::new(bin)

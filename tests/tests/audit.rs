@@ -32,11 +32,7 @@ use serde_json::Value;
 const KMS: &str = env!("CARGO_BIN_EXE_kms-under-test");
 
 fn kms(dir: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(KMS)
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("run kms")
+    kms_tests::kms_in(KMS, dir, args)
 }
 
 /// `kms audit verify --json` on a data directory or file: (exit code, report).

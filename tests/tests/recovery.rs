@@ -26,11 +26,7 @@ use serde_json::Value;
 const KMS: &str = env!("CARGO_BIN_EXE_kms-under-test");
 
 fn kms(dir: &Path, args: &[&str]) -> Output {
-    Command::new(KMS)
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("run kms")
+    kms_tests::kms_in(KMS, dir, args)
 }
 
 fn kms_ok(dir: &Path, args: &[&str]) -> Value {
