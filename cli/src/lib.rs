@@ -222,7 +222,12 @@ fn report(e: &Error) {
         other => std::error::Error::source(other),
     };
     while let Some(s) = source {
-        msg.push_str(&format!(": {s}"));
+        // A wrapper that already shows its cause (`{0}`, or a transparent one) is not
+        // followed by the same text again.
+        let text = s.to_string();
+        if !msg.ends_with(&text) {
+            msg.push_str(&format!(": {text}"));
+        }
         source = s.source();
     }
     let _ = writeln!(std::io::stderr().lock(), "{msg}");
