@@ -211,7 +211,7 @@ fn open_store(data_dir: &Path) -> Result<RocksStore, Error> {
     Ok(RocksStore::open_read_only(&path)?)
 }
 
-fn trusted_keys(path: &Path) -> Result<Signers, Error> {
+pub(crate) fn trusted_keys(path: &Path) -> Result<Signers, Error> {
     let text = String::from_utf8_lossy(&read(path)?).into_owned();
     let mut keys = Signers::new();
     for block in text.split_inclusive("-----END PUBLIC KEY-----") {

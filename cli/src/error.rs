@@ -86,6 +86,9 @@ pub(crate) enum Error {
         #[source]
         source: kms_core::bundle::BundleError,
     },
+    /// An attestation did not verify.
+    #[error("attestation does not verify: {0}")]
+    Attest(#[from] kms_core::attest::AttestError),
     #[error("receipt does not verify: {0}")]
     Receipt(#[from] kms_core::receipt::ReceiptError),
     /// The development PKI could not be generated.

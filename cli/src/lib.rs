@@ -11,6 +11,7 @@
 //! ```
 
 mod approval;
+mod attest;
 mod audit;
 mod backup;
 mod bench;
@@ -82,6 +83,9 @@ enum Command {
     /// Backup bundles: export one (a gated change on the admin plane) and inspect one.
     #[command(subcommand)]
     Backup(backup::BackupCommand),
+    /// A signed sovereignty statement from the running deployment (`--out FILE`), or its
+    /// offline check (`verify FILE --public-key PEM`).
+    Attest(attest::AttestArgs),
     /// Load-test a running server and report throughput and latency.
     Bench(bench::BenchArgs),
     /// Custody ceremonies on the data directory (server stopped): init, verify a share,
@@ -200,6 +204,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             (Command::Grant(cmd), _) => grant::run(cmd, &cli.connect, cli.json).await,
             (Command::Audit(cmd), _) => audit::run(cmd, &cli.connect, cli.json).await,
             (Command::Backup(cmd), _) => backup::run(cmd, &cli.connect, cli.json).await,
+            (Command::Attest(args), _) => attest::run(args, &cli.connect, cli.json).await,
             (Command::Bench(args), _) => bench::run(args, &cli.connect, cli.json).await,
             (Command::Operator(cmd), _) => operator::run(cmd, &cli.connect, cli.json).await,
             (Command::Approval(cmd), _) => approval::run(cmd, &cli.connect, cli.json).await,

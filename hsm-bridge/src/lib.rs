@@ -178,4 +178,8 @@ pub trait Hsm: Send + Sync {
 
     /// Signs a SHA-256 digest with ECDSA inside the token; returns r ‖ s (64 bytes).
     fn ecdsa_sign_digest(&self, key: &SigningKey, digest: &[u8; 32]) -> Result<Vec<u8>>;
+
+    /// Where the keys live: what `C_GetTokenInfo` says of the token, and the PKCS#11 module
+    /// it was loaded from (for attestations).
+    fn describe(&self) -> Result<(TokenFacts, std::path::PathBuf)>;
 }

@@ -167,6 +167,10 @@ impl Pkcs11Hsm {
 }
 
 impl Hsm for Pkcs11Hsm {
+    fn describe(&self) -> Result<(TokenFacts, std::path::PathBuf)> {
+        Ok((self.token_info()?, self.module.clone()))
+    }
+
     fn random(&self, out: &mut [u8]) -> Result<()> {
         // The session writes into a private buffer so a retried call never leaves half output.
         let mut bytes =

@@ -25,6 +25,7 @@
 //! ask the [`Authorizer`] (a denial and an unknown key are both refused before any HSM
 //! call) → check the key's state → seal or open with the version's key.
 
+pub mod attest;
 pub mod audit;
 pub mod backup;
 pub mod blob;

@@ -134,15 +134,11 @@ pub enum ReceiptError {
 impl Receipt {
     /// Signs `statement` with the audit signing key in `hsm`.
     pub fn sign(statement: Statement, hsm: &dyn Hsm) -> Result<Self, Error> {
-        let (signature, key_id) = sign_with_audit_key(hsm, &statement.message()?)?;
+        let signature = sign_document(hsm, &statement.message()?)?;
         Ok(Self {
             format: FORMAT.into(),
             statement,
-            signature: ReceiptSignature {
-                algorithm: ALGORITHM.into(),
-                key_id,
-                value: hex::encode(signature),
-            },
+            signature,
         })
     }
 
@@ -168,33 +164,52 @@ pub fn verify(file: &[u8], public_point: &[u8]) -> Result<Receipt, ReceiptError>
     if receipt.format != FORMAT {
         return Err(ReceiptError::Format(receipt.format));
     }
-    if receipt.signature.algorithm != ALGORITHM {
-        return Err(ReceiptError::Malformed(format!(
-            "unknown signature algorithm {:?}",
-            receipt.signature.algorithm
-        )));
-    }
     let canonical = receipt
         .to_text()
         .map_err(|e| ReceiptError::Malformed(e.to_string()))?;
     if canonical.as_bytes() != file {
         return Err(ReceiptError::NotCanonical);
     }
-    let expected = signer_id(public_point);
-    if receipt.signature.key_id != expected {
-        return Err(ReceiptError::OtherSigner {
-            expected,
-            found: receipt.signature.key_id,
-        });
-    }
-    let signature =
-        hex::decode(&receipt.signature.value).map_err(|_| ReceiptError::BadSignature)?;
     let message = receipt
         .statement
         .message()
         .map_err(|e| ReceiptError::Malformed(e.to_string()))?;
-    UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, public_point)
-        .verify(&message, &signature)
-        .map_err(|_| ReceiptError::BadSignature)?;
+    check_signature(&receipt.signature, &message, public_point)?;
     Ok(receipt)
+}
+
+/// Signs `message` with the audit signing key in `hsm`, as receipts and attestations carry it.
+pub(crate) fn sign_document(hsm: &dyn Hsm, message: &[u8]) -> Result<ReceiptSignature, Error> {
+    let (signature, key_id) = sign_with_audit_key(hsm, message)?;
+    Ok(ReceiptSignature {
+        algorithm: ALGORITHM.into(),
+        key_id,
+        value: hex::encode(signature),
+    })
+}
+
+/// Checks a document's signature over `message`: the algorithm, the signer's id against
+/// `public_point`, and the signature.
+pub(crate) fn check_signature(
+    signature: &ReceiptSignature,
+    message: &[u8],
+    public_point: &[u8],
+) -> Result<(), ReceiptError> {
+    if signature.algorithm != ALGORITHM {
+        return Err(ReceiptError::Malformed(format!(
+            "unknown signature algorithm {:?}",
+            signature.algorithm
+        )));
+    }
+    let expected = signer_id(public_point);
+    if signature.key_id != expected {
+        return Err(ReceiptError::OtherSigner {
+            expected,
+            found: signature.key_id.clone(),
+        });
+    }
+    let value = hex::decode(&signature.value).map_err(|_| ReceiptError::BadSignature)?;
+    UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, public_point)
+        .verify(message, &value)
+        .map_err(|_| ReceiptError::BadSignature)
 }

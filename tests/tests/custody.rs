@@ -517,3 +517,98 @@ fn a_custodian_verifies_while_the_server_runs_and_a_wrong_claim_is_refused() {
             && e["status"] == "ok"
             && e["detail"]["custodian"] == "carol"));
 }
+
+#[test]
+fn an_attestation_states_where_custody_stands_and_any_edit_fails_offline() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let server = Server::start(KMS, dir);
+    server.kms_json(&["key", "create", "--alias", "soft"]);
+    server.kms_json(&["key", "rotate", "soft"]);
+    server.kms_json(&["key", "create", "--alias", "hard", "--protection", "hsm"]);
+    let file = dir.join("attestation.json");
+    let signer = dir.join("signer.pem");
+    // An auditor (read-only) may ask for it.
+    let made = server.kms_json(&["--as", "auditor", "attest", "--out", file.to_str().unwrap()]);
+    server.kms(&["audit", "public-key", "--out", signer.to_str().unwrap()]);
+    let checked = server.kms_json(&[
+        "attest",
+        "verify",
+        file.to_str().unwrap(),
+        "--public-key",
+        signer.to_str().unwrap(),
+    ]);
+    assert_eq!(checked["valid"], true, "{checked}");
+    assert_eq!(checked["versions"], 3);
+    assert_eq!(checked["unescrowed"], 0);
+    assert_eq!(checked["epoch"], 1);
+
+    let text = std::fs::read_to_string(&file).unwrap();
+    let a: Value = serde_json::from_str(&text).unwrap();
+    let s = &a["statement"];
+    assert!(s["root_of_trust"]["library"]
+        .as_str()
+        .unwrap()
+        .contains("softhsm"));
+    assert_eq!(s["root_of_trust"]["model"], "SoftHSM v2");
+    assert!(!s["root_of_trust"]["serial"].as_str().unwrap().is_empty());
+    let count = |protection: &str| {
+        s["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["protection"] == protection && k["state"] == "enabled")
+            .map(|k| (k["keys"].as_u64().unwrap(), k["versions"].as_u64().unwrap()))
+    };
+    assert_eq!(count("software"), Some((1, 2)), "{s}");
+    assert_eq!(count("hsm"), Some((1, 1)), "{s}");
+    assert_eq!(s["custody"]["threshold"], 2);
+    assert_eq!(
+        s["custody"]["custodians"],
+        serde_json::json!(["alice", "bob", "carol"])
+    );
+    assert_eq!(s["approvals"]["required"], 2);
+    assert!(s["approvals"]["gated"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|g| g == "admin.Reshare"));
+    for h in ["policies", "trust_bundles", "operators"] {
+        assert_eq!(s["hashes"][h].as_str().unwrap().len(), 64, "{h}");
+    }
+    assert_eq!(s["last_drill"], Value::Null);
+
+    // A changed field fails, and so does a byte of whitespace.
+    let verify_fails = |edited: &str| {
+        let bad = dir.join("edited.json");
+        std::fs::write(&bad, edited).unwrap();
+        let out = server.kms(&[
+            "attest",
+            "verify",
+            bad.to_str().unwrap(),
+            "--public-key",
+            signer.to_str().unwrap(),
+        ]);
+        assert!(!out.status.success(), "an edited attestation verified");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let raised = text.replacen("\"threshold\": 2", "\"threshold\": 3", 1);
+    assert_ne!(raised, text);
+    let err = verify_fails(&raised);
+    assert!(err.contains("attestation does not verify"), "{err}");
+    let err = verify_fails(&text.replacen("{\n", "{ \n", 1));
+    assert!(err.contains("canonical"), "{err}");
+    // Refused if the file exists: an attestation is never overwritten.
+    let again = server.kms(&["attest", "--out", file.to_str().unwrap()]);
+    assert!(!again.status.success());
+
+    // The request is on the audit record, naming the file's hash.
+    drop(server.stop());
+    let events = audit_events(KMS, dir);
+    let asked = events
+        .iter()
+        .rev()
+        .find(|e| e["action"] == "admin.Attest" && e["status"] == "ok")
+        .expect("the attestation is audited");
+    assert_eq!(asked["detail"]["attestation_sha256"], made["sha256"]);
+}

@@ -501,12 +501,24 @@ fn put_rules(rules: &ApprovalRules) -> Result<Change, Error> {
 /// ceremonies run offline). An action the stored rules did not know is gated, as
 /// [`Approvals::open`] gates it; a store with no rules yet has the defaults, which gate all.
 pub fn gates_offline(store: &dyn Store, action: &str) -> Result<bool, Error> {
+    Ok(stored_rules(store)?.gates(action))
+}
+
+/// The rules stored in `store`, read without opening the approvals, with every action the
+/// stored rules did not know gated (as [`Approvals::open`] gates it); the defaults when none
+/// are stored yet.
+pub fn stored_rules(store: &dyn Store) -> Result<ApprovalRules, Error> {
     Ok(match store.get(Table::Approvals, RULES_KEY)? {
         Some(bytes) => {
-            let stored: ApprovalRules = decode(&bytes)?;
-            stored.gates(action) || !stored.known.contains(action)
+            let mut stored: ApprovalRules = decode(&bytes)?;
+            let added: Vec<String> = all_gatable()
+                .into_iter()
+                .filter(|a| !stored.known.contains(a))
+                .collect();
+            stored.gated.extend(added);
+            stored
         }
-        None => ApprovalRules::default().gates(action),
+        None => ApprovalRules::default(),
     })
 }
 

@@ -233,6 +233,18 @@ impl Kms {
         })
     }
 
+    /// A signed sovereignty attestation of the deployment as it is now (see
+    /// [`crate::attest`]).
+    pub fn attest(&self, software_version: &str) -> Result<crate::attest::Attestation, Error> {
+        let statement = crate::attest::gather(
+            self.deps.store.as_ref(),
+            self.deps.hsm.as_ref(),
+            self.deps.clock.now_unix(),
+            software_version,
+        )?;
+        crate::attest::Attestation::sign(statement, self.deps.hsm.as_ref())
+    }
+
     /// A backup bundle of the store as it is now, from one snapshot, signed with the audit
     /// key (see [`crate::backup::export`]).
     pub fn export_backup(

@@ -4,7 +4,8 @@
 //! It never sees a share.
 
 use api::v1::{
-    AuthorizeReshareRequest, AuthorizeReshareResponse, ShareVerification, ShareVerificationRequest,
+    AttestRequest, AttestResponse, AuthorizeReshareRequest, AuthorizeReshareResponse,
+    ShareVerification, ShareVerificationRequest,
 };
 use recovery::ceremony::ShareClaim;
 use tonic::{Request, Response, Status};
@@ -146,4 +147,32 @@ pub(super) async fn authorize_reshare(
         approval: Some(super::approval::info(&svc.gov, &r)),
         gated: true,
     }))
+}
+
+/// A signed sovereignty attestation of the deployment as it is now (docs/DRILL.md).
+pub(super) async fn attest(
+    svc: &AdminService,
+    request: Request<AttestRequest>,
+) -> Result<Response<AttestResponse>, Status> {
+    let (operator, intent) = svc.intent("admin.Attest", &request)?;
+    svc.audit.record(intent.clone()).await?;
+    let kms = svc.kms.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        core(
+            kms.attest(env!("CARGO_PKG_VERSION"))
+                .and_then(|a| a.to_text()),
+        )
+    })
+    .await
+    .map_err(|_| Status::internal("internal error"))?;
+    let mut done = intent;
+    done.status = crate::audit::status_word(result.as_ref().err());
+    if let Ok(text) = &result {
+        done.detail.insert(
+            "attestation_sha256".into(),
+            kms_core::receipt::Receipt::text_sha256(text),
+        );
+    }
+    svc.outcome(done, &operator, &result).await;
+    Ok(Response::new(AttestResponse { text: result? }))
 }

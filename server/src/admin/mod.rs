@@ -30,7 +30,7 @@ use api::v1::{
     OperatorRequest, RegisterOperatorRequest, RejectChangeRequest, SetApprovalRulesRequest,
     UpdateOperatorRequest, WhoAmIRequest,
 };
-use api::v1::{AuthorizeReshareRequest, AuthorizeReshareResponse};
+use api::v1::{AttestRequest, AttestResponse, AuthorizeReshareRequest, AuthorizeReshareResponse};
 use api::v1::{
     CreateAliasRequest, CreateKeyRequest, GetPolicyRequest, KeyCoverageRequest,
     KeyCoverageResponse, KeyMetadata, KeyRequest, ListGrantsRequest, ListGrantsResponse,
@@ -386,6 +386,7 @@ routes! {
     revoke_grants(RevokeGrantsRequest) -> RevokeGrantsResponse => grants::revoke;
     record_share_verification(ShareVerificationRequest) -> ShareVerification => custody::record_verification;
     authorize_reshare(AuthorizeReshareRequest) -> AuthorizeReshareResponse => custody::authorize_reshare;
+    attest(AttestRequest) -> AttestResponse => custody::attest;
     register_operator(RegisterOperatorRequest) -> OperatorInfo => operators::register;
     update_operator(UpdateOperatorRequest) -> OperatorInfo => operators::update;
     deactivate_operator(OperatorRequest) -> OperatorInfo => operators::deactivate;
@@ -405,7 +406,7 @@ routes! {
 }
 
 /// The admin RPCs an operator with only the `auditor` role may call: reads, never changes.
-pub(crate) const READ_ONLY_METHODS: [&str; 20] = [
+pub(crate) const READ_ONLY_METHODS: [&str; 21] = [
     "DescribeKey",
     "GetDestructionReceipt",
     "ListKeys",
@@ -426,6 +427,7 @@ pub(crate) const READ_ONLY_METHODS: [&str; 20] = [
     "GetApproval",
     "GetApprovalRules",
     "GetServiceStatus",
+    "Attest",
 ];
 
 /// A key id or alias as an operator sent it.

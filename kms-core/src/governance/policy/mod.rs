@@ -475,6 +475,25 @@ impl Policies {
     }
 }
 
+/// SHA-256 (hex) of the active policy set in `store`: the compact JSON of every current
+/// policy's text by id (ids sorted), as `{"ID":"TEXT",...}`. Deleted policies and past
+/// versions are not in it.
+pub fn active_set_sha256(store: &dyn Store) -> Result<String, Error> {
+    let mut histories = BTreeMap::new();
+    for Row { value, .. } in store.scan(Table::Policies)? {
+        let h: PolicyHistory = serde_json::from_slice(&value).map_err(|source| Error::Record {
+            table: "policies",
+            source,
+        })?;
+        histories.insert(h.id.clone(), h);
+    }
+    let json = serde_json::to_vec(&current_texts(&histories))
+        .map_err(|_| Error::Internal("policy set encoding"))?;
+    Ok(hex::encode(
+        aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &json).as_ref(),
+    ))
+}
+
 fn current_texts(histories: &BTreeMap<String, PolicyHistory>) -> BTreeMap<String, String> {
     histories
         .iter()
