@@ -11,7 +11,10 @@ use serde::{Deserialize, Serialize};
 use crate::audit::Checkpoint;
 use crate::error::Error;
 use crate::key::{KeyRecord, VersionRecord};
-use crate::receipt::{check_signature, sign_document, ReceiptError, ReceiptSignature};
+use crate::receipt::{
+    check_signature, document_text, parse_document, sign_document, DocumentFault, ReceiptError,
+    ReceiptSignature,
+};
 use crate::store::{Row, Store, Table};
 
 /// The `format` of every attestation this code writes.
@@ -300,10 +303,7 @@ impl Attestation {
 
     /// The file text, in its one canonical form.
     pub fn to_text(&self) -> Result<String, Error> {
-        let mut text = serde_json::to_string_pretty(self)
-            .map_err(|_| Error::Internal("attestation encoding"))?;
-        text.push('\n');
-        Ok(text)
+        document_text(self)
     }
 }
 
@@ -336,16 +336,12 @@ pub enum AttestError {
 /// Checks an attestation file against the signer's public point (65-byte uncompressed
 /// P-256): the format, the canonical form, the signer's id and the signature.
 pub fn verify(file: &[u8], public_point: &[u8]) -> Result<Attestation, AttestError> {
-    let a: Attestation =
-        serde_json::from_slice(file).map_err(|e| AttestError::Malformed(e.to_string()))?;
+    let a: Attestation = parse_document(file).map_err(|fault| match fault {
+        DocumentFault::Malformed(m) => AttestError::Malformed(m),
+        DocumentFault::NotCanonical => AttestError::NotCanonical,
+    })?;
     if a.format != FORMAT {
         return Err(AttestError::Format(a.format));
-    }
-    let canonical = a
-        .to_text()
-        .map_err(|e| AttestError::Malformed(e.to_string()))?;
-    if canonical.as_bytes() != file {
-        return Err(AttestError::NotCanonical);
     }
     let message = a
         .statement

@@ -144,10 +144,7 @@ impl Receipt {
 
     /// The receipt's file text, in its one canonical form.
     pub fn to_text(&self) -> Result<String, Error> {
-        let mut text =
-            serde_json::to_string_pretty(self).map_err(|_| Error::Internal("receipt encoding"))?;
-        text.push('\n');
-        Ok(text)
+        document_text(self)
     }
 
     /// SHA-256 of the file text, hex: how the audit log names the receipt.
@@ -159,16 +156,12 @@ impl Receipt {
 /// Checks a receipt file against the signer's public point (65-byte uncompressed P-256): the
 /// format, the canonical form, the signer's id and the signature. Returns the receipt.
 pub fn verify(file: &[u8], public_point: &[u8]) -> Result<Receipt, ReceiptError> {
-    let receipt: Receipt =
-        serde_json::from_slice(file).map_err(|e| ReceiptError::Malformed(e.to_string()))?;
+    let receipt: Receipt = parse_document(file).map_err(|fault| match fault {
+        DocumentFault::Malformed(m) => ReceiptError::Malformed(m),
+        DocumentFault::NotCanonical => ReceiptError::NotCanonical,
+    })?;
     if receipt.format != FORMAT {
         return Err(ReceiptError::Format(receipt.format));
-    }
-    let canonical = receipt
-        .to_text()
-        .map_err(|e| ReceiptError::Malformed(e.to_string()))?;
-    if canonical.as_bytes() != file {
-        return Err(ReceiptError::NotCanonical);
     }
     let message = receipt
         .statement
@@ -176,6 +169,36 @@ pub fn verify(file: &[u8], public_point: &[u8]) -> Result<Receipt, ReceiptError>
         .map_err(|e| ReceiptError::Malformed(e.to_string()))?;
     check_signature(&receipt.signature, &message, public_point)?;
     Ok(receipt)
+}
+
+/// A signed document's file text, in its one canonical form: pretty JSON and a newline.
+pub(crate) fn document_text<T: Serialize>(document: &T) -> Result<String, Error> {
+    let mut text =
+        serde_json::to_string_pretty(document).map_err(|_| Error::Internal("document encoding"))?;
+    text.push('\n');
+    Ok(text)
+}
+
+/// Why a signed document's file does not parse as written.
+pub(crate) enum DocumentFault {
+    /// Not JSON of the document's shape.
+    Malformed(String),
+    /// Parsed, but not byte for byte its canonical form: it was edited.
+    NotCanonical,
+}
+
+/// Parses a signed document's file and checks that it is in its one canonical form.
+pub(crate) fn parse_document<T: Serialize + for<'de> Deserialize<'de>>(
+    file: &[u8],
+) -> Result<T, DocumentFault> {
+    let document: T =
+        serde_json::from_slice(file).map_err(|e| DocumentFault::Malformed(e.to_string()))?;
+    let canonical =
+        document_text(&document).map_err(|e| DocumentFault::Malformed(e.to_string()))?;
+    if canonical.as_bytes() != file {
+        return Err(DocumentFault::NotCanonical);
+    }
+    Ok(document)
 }
 
 /// Signs `message` with the audit signing key in `hsm`, as receipts and attestations carry it.
