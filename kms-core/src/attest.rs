@@ -12,8 +12,8 @@ use crate::audit::Checkpoint;
 use crate::error::Error;
 use crate::key::{KeyRecord, VersionRecord};
 use crate::receipt::{
-    check_signature, document_text, parse_document, sign_document, DocumentFault, ReceiptError,
-    ReceiptSignature,
+    check_signature, document_message, document_text, parse_document, sign_document, DocumentFault,
+    ReceiptError, ReceiptSignature,
 };
 use crate::store::{Row, Store, Table};
 
@@ -145,9 +145,7 @@ pub struct Statement {
 
 impl Statement {
     fn message(&self) -> Result<Vec<u8>, Error> {
-        let mut m = DOMAIN.to_vec();
-        m.extend(serde_json::to_vec(self).map_err(|_| Error::Internal("attestation encoding"))?);
-        Ok(m)
+        document_message(DOMAIN, self)
     }
 }
 
@@ -177,13 +175,6 @@ pub fn table_sha256(rows: &[Row]) -> String {
     hex::encode(ctx.finish().as_ref())
 }
 
-fn word<T: Serialize>(value: &T) -> String {
-    match serde_json::to_value(value) {
-        Ok(serde_json::Value::String(s)) => s,
-        _ => String::new(),
-    }
-}
-
 /// Gathers the statement from the store and the token.
 pub fn gather(
     store: &dyn Store,
@@ -202,7 +193,10 @@ pub fn gather(
     let mut of_key = BTreeMap::new();
     for row in store.scan(Table::Keys)? {
         let k: KeyRecord = decode(Table::Keys, &row)?;
-        let slot = (word(&k.protection), word(&k.state));
+        let slot = (
+            k.protection.as_str().to_owned(),
+            k.state.as_str().to_owned(),
+        );
         counts.entry(slot.clone()).or_default().0 += 1;
         of_key.insert(k.id, slot);
     }

@@ -19,6 +19,16 @@ pub enum Protection {
     Software,
 }
 
+impl Protection {
+    /// The level's name on the wire and in records.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protection::Hsm => "hsm",
+            Protection::Software => "software",
+        }
+    }
+}
+
 /// A key's lifecycle state.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -72,11 +72,7 @@ pub struct Statement {
 impl Statement {
     /// The bytes the signature is over: a domain line, then the compact JSON.
     pub fn message(&self) -> Result<Vec<u8>, Error> {
-        let mut m = DOMAIN.to_vec();
-        m.extend(
-            serde_json::to_vec(self).map_err(|_| Error::Internal("receipt statement encoding"))?,
-        );
-        Ok(m)
+        document_message(DOMAIN, self)
     }
 }
 
@@ -169,6 +165,17 @@ pub fn verify(file: &[u8], public_point: &[u8]) -> Result<Receipt, ReceiptError>
         .map_err(|e| ReceiptError::Malformed(e.to_string()))?;
     check_signature(&receipt.signature, &message, public_point)?;
     Ok(receipt)
+}
+
+/// What a signed document's signature covers: its domain line, then the statement's compact
+/// JSON.
+pub(crate) fn document_message<T: Serialize>(
+    domain: &[u8],
+    statement: &T,
+) -> Result<Vec<u8>, Error> {
+    let mut m = domain.to_vec();
+    m.extend(serde_json::to_vec(statement).map_err(|_| Error::Internal("statement encoding"))?);
+    Ok(m)
 }
 
 /// A signed document's file text, in its one canonical form: pretty JSON and a newline.

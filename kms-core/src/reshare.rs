@@ -42,7 +42,7 @@ fn used_key(id: &str) -> Vec<u8> {
 
 /// Whether the stored approval rules gate a reshare.
 pub fn gated(store: &dyn Store) -> Result<bool, Error> {
-    crate::governance::approvals::gates_offline(store, ACTION)
+    Ok(crate::governance::approvals::stored_rules(store)?.gates(ACTION))
 }
 
 /// The approved reshare `id`, if it is one the ceremony may use now: of [`ACTION`], executed

@@ -780,14 +780,9 @@ impl Prepared {
             value,
         });
         phase("write");
-        let mut rest = changes;
-        while !rest.is_empty() {
-            let tail = rest.split_off(rest.len().min(BATCH));
-            store
-                .write(rest)
-                .map_err(|e| RestoreError::Store(e.to_string()))?;
-            rest = tail;
-        }
+        store
+            .write_in_batches(changes, BATCH)
+            .map_err(|e| RestoreError::Store(e.to_string()))?;
         Ok(Recovered {
             key_versions_restored: software + hsm_count,
             software,

@@ -497,25 +497,26 @@ fn put_rules(rules: &ApprovalRules) -> Result<Change, Error> {
     })
 }
 
-/// Whether the rules stored in `store` gate `action`, read without opening the approvals (for
-/// ceremonies run offline). An action the stored rules did not know is gated, as
-/// [`Approvals::open`] gates it; a store with no rules yet has the defaults, which gate all.
-pub fn gates_offline(store: &dyn Store, action: &str) -> Result<bool, Error> {
-    Ok(stored_rules(store)?.gates(action))
+/// Gates every action stored `rules` did not know (a later release added it) and marks them
+/// known; returns those actions. A new sensitive action starts gated, never silently open.
+fn gate_new_actions(rules: &mut ApprovalRules) -> Vec<String> {
+    let added: Vec<String> = all_gatable()
+        .into_iter()
+        .filter(|a| !rules.known.contains(a))
+        .collect();
+    rules.gated.extend(added.iter().cloned());
+    rules.known = all_gatable();
+    added
 }
 
-/// The rules stored in `store`, read without opening the approvals, with every action the
-/// stored rules did not know gated (as [`Approvals::open`] gates it); the defaults when none
-/// are stored yet.
+/// The rules stored in `store`, read without opening the approvals (for offline ceremonies
+/// and attestations), with every action they did not know gated as [`Approvals::open`] gates
+/// it; the defaults (which gate all) when none are stored yet.
 pub fn stored_rules(store: &dyn Store) -> Result<ApprovalRules, Error> {
     Ok(match store.get(Table::Approvals, RULES_KEY)? {
         Some(bytes) => {
             let mut stored: ApprovalRules = decode(&bytes)?;
-            let added: Vec<String> = all_gatable()
-                .into_iter()
-                .filter(|a| !stored.known.contains(a))
-                .collect();
-            stored.gated.extend(added);
+            gate_new_actions(&mut stored);
             stored
         }
         None => ApprovalRules::default(),
@@ -552,13 +553,8 @@ impl Approvals {
         let (rules, config_differs) = match store.get(Table::Approvals, RULES_KEY)? {
             Some(bytes) => {
                 let mut stored: ApprovalRules = decode(&bytes)?;
-                let added: Vec<String> = all_gatable()
-                    .into_iter()
-                    .filter(|a| !stored.known.contains(a))
-                    .collect();
+                let added = gate_new_actions(&mut stored);
                 if !added.is_empty() {
-                    stored.gated.extend(added.iter().cloned());
-                    stored.known = all_gatable();
                     store.write(vec![put_rules(&stored)?])?;
                     tracing::warn!(actions = %added.join(", "), "actions this release can gate are now gated; `kms approval set-rules` changes that");
                 }

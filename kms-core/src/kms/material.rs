@@ -62,12 +62,7 @@ pub(super) fn load(deps: &Deps, sealed: bool) -> Result<Cache, Error> {
     // Versions made before canaries existed get theirs now (docs/DRILL.md), synced in batches.
     if !canaries.is_empty() {
         let made = canaries.len();
-        let mut rest = canaries;
-        while !rest.is_empty() {
-            let tail = rest.split_off(rest.len().min(CANARY_BATCH));
-            deps.store.write(rest)?;
-            rest = tail;
-        }
+        deps.store.write_in_batches(canaries, CANARY_BATCH)?;
         tracing::info!(
             versions = made,
             "canaries made for key versions that had none"

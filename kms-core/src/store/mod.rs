@@ -144,6 +144,18 @@ pub trait Store: Send + Sync {
     /// One value.
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, Error>;
 
+    /// Applies `changes` in synced batches of at most `per_batch` (a large restore or
+    /// backfill). Not atomic as a whole: each batch is, in order; callers that need all or
+    /// nothing write into a store they can discard.
+    fn write_in_batches(&self, mut changes: Vec<Change>, per_batch: usize) -> Result<(), Error> {
+        while !changes.is_empty() {
+            let tail = changes.split_off(changes.len().min(per_batch.max(1)));
+            self.write(changes)?;
+            changes = tail;
+        }
+        Ok(())
+    }
+
     /// Every entry of each of `tables`, all read from one point in time (a write that lands
     /// meanwhile is wholly in or wholly out), for backups. A store without snapshots reads the
     /// tables one after another.

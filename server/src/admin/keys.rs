@@ -175,10 +175,7 @@ pub(super) async fn schedule_destroy(
     let view = serde_json::json!({
         "key_id": record.id.to_string(),
         "alias": record.alias.as_ref().map(ToString::to_string),
-        "protection": match record.protection {
-            Protection::Hsm => "hsm",
-            _ => "software",
-        },
+        "protection": record.protection.as_str(),
         "versions": record.current_version.get(),
         "waiting_days": req.waiting_days,
     });
