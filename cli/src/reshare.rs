@@ -139,7 +139,7 @@ pub(crate) fn run(args: &ReshareArgs, data_dir: &Path, as_json: bool) -> Result<
         crate::ceremony::write_all(&files)?;
         let extra = ticket
             .iter()
-            .map(|id| reshare::use_ticket(id, "kms ceremony reshare"))
+            .map(|id| reshare::TICKET.consume(id, "kms ceremony reshare"))
             .collect();
         // The commit point: before it, only the files above exist, and they are removed.
         let sealed = match resealed.commit(store, extra) {

@@ -22,6 +22,7 @@ use crate::custody::{
     Custody, ESCROW_KEY_SEAL, RECOVER_TRANSCRIPT_PREFIX, SEAL_PREFIX, TRANSCRIPT, VERIFIED_PREFIX,
 };
 use crate::error::Error;
+use crate::governance::approvals::{ApprovalRequest, Ticket, TicketRefusal};
 use crate::key::{kek_wrap_aad, Escrow, VersionRecord};
 use crate::restore::{check_share_set, rebuild, RestoreError};
 use crate::store::{Change, Store, Table};
@@ -31,64 +32,29 @@ pub(crate) const HISTORY_PREFIX: &[u8] = b"history/";
 
 /// The gated action that authorises a reshare.
 pub const ACTION: &str = "admin.Reshare";
-/// How long an approved reshare stays available to its requester.
-pub const TICKET_SECS: u64 = 3600;
-/// Store key prefix (approvals table) of consumed reshare tickets.
-const USED_PREFIX: &[u8] = b"reshare-used/";
-
-fn used_key(id: &str) -> Vec<u8> {
-    [USED_PREFIX, id.as_bytes()].concat()
-}
+/// An approved reshare: usable once, for an hour, by the offline ceremony.
+pub const TICKET: Ticket = Ticket::new(ACTION, 3600, b"reshare-used/");
 
 /// Whether the stored approval rules gate a reshare.
 pub fn gated(store: &dyn Store) -> Result<bool, Error> {
     Ok(crate::governance::approvals::stored_rules(store)?.gates(ACTION))
 }
 
-/// The approved reshare `id`, if it is one the ceremony may use now: of [`ACTION`], executed
-/// no more than [`TICKET_SECS`] before `now`, and not used. The caller checks that its stored
-/// request names the plan being run.
-pub fn ticket(
-    store: &dyn Store,
-    id: &str,
-    now: u64,
-) -> Result<crate::governance::approvals::ApprovalRequest, ReshareError> {
-    use crate::governance::approvals::{read_request, ApprovalState};
-    let r = read_request(store, id)?;
-    let refuse = |why: String| {
-        Err(ReshareError::Ticket {
+/// The approved reshare `id`, if the ceremony may use it now (see [`Ticket::check`]). The
+/// caller checks that its stored request names the plan being run, and consumes it with
+/// [`Ticket::consume`] in [`Resealed::commit`]'s batch.
+pub fn ticket(store: &dyn Store, id: &str, now: u64) -> Result<ApprovalRequest, ReshareError> {
+    let r = crate::governance::approvals::read_request(store, id)?;
+    match TICKET.check(store, &r, now)? {
+        Ok(()) => Ok(r),
+        Err(refusal) => Err(ReshareError::Ticket {
             id: id.to_owned(),
-            why,
-        })
-    };
-    if r.action != ACTION {
-        return refuse(format!("it approves {}, not a reshare", r.action));
-    }
-    if r.state != ApprovalState::Executed {
-        return refuse(format!(
-            "it is {}, not approved and executed",
-            r.state.as_str()
-        ));
-    }
-    let ended = r.ended_at.unwrap_or(0);
-    if ended.saturating_add(TICKET_SECS) < now {
-        return refuse(format!(
-            "it was approved more than {} minutes ago; ask again",
-            TICKET_SECS / 60
-        ));
-    }
-    if store.get(Table::Approvals, &used_key(id))?.is_some() {
-        return refuse("it was used by an earlier reshare; ask again".into());
-    }
-    Ok(r)
-}
-
-/// The change that consumes ticket `id`, for [`Resealed::commit`]'s batch.
-pub fn use_ticket(id: &str, by: &str) -> Change {
-    Change::Put {
-        table: Table::Approvals,
-        key: used_key(id),
-        value: by.as_bytes().to_vec(),
+            why: match refusal {
+                TicketRefusal::OtherAction(a) => format!("it approves {a}, not a reshare"),
+                TicketRefusal::Used => "it was used by an earlier reshare; ask again".into(),
+                other => other.to_string(),
+            },
+        }),
     }
 }
 

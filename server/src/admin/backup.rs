@@ -1,6 +1,6 @@
 //! Backup export (docs/RECOVERY.md, "Export"): gated by approvals. The first call stores an
 //! approval request and answers with it; the M-th approval runs the change, which is a
-//! single-use ticket for the requester, valid for [`TICKET_SECS`]; the requester's next call
+//! single-use ticket for the requester, valid for an hour ([`TICKET`]); the requester's next call
 //! consumes the ticket (synced), forces a signed audit checkpoint over a `backup.export`
 //! record, makes the bundle from one store snapshot and streams it.
 
@@ -9,8 +9,8 @@ use std::pin::Pin;
 use api::v1::{BackupChunk, BackupSummary, ExportBackupRequest};
 use kms_core::backup::ExportRequest;
 use kms_core::bundle::AuditHead;
-use kms_core::governance::approvals::{ApprovalRequest, ApprovalState, NewRequest};
-use kms_core::store::{Change, Table};
+use kms_core::governance::approvals::{ApprovalRequest, NewRequest, Ticket};
+use kms_core::store::Table;
 use kms_core::OperatorId;
 use prost::Message;
 use tokio_stream::Stream;
@@ -21,45 +21,30 @@ use crate::audit::status_word;
 
 /// The gated action.
 pub(super) const ACTION: &str = "admin.ExportBackup";
-/// How long an approved export stays available to its requester.
-pub(super) const TICKET_SECS: u64 = 3600;
+/// An approved export: the requester may download one bundle within the hour.
+pub(super) const TICKET: Ticket = Ticket::new(ACTION, 3600, b"export-used/");
 /// Bytes per streamed message (a 10,000-version bundle is about 12 MB).
 const CHUNK: usize = 1 << 20;
-/// Store key prefix (in the approvals table) of consumed export tickets.
-const USED_PREFIX: &[u8] = b"export-used/";
 
 /// The stream an export answers with.
 pub(crate) type ExportStream = Pin<Box<dyn Stream<Item = Result<BackupChunk, Status>> + Send>>;
 
 /// What the approved change does: nothing yet but say so; the ticket is the executed request.
 pub(super) fn ticket_result(r: &ApprovalRequest, now: u64) -> String {
-    serde_json::json!({
-        "ticket": {
-            "requested_by": r.requested_by,
-            "valid_until": now.saturating_add(TICKET_SECS),
-            "use": "the requester runs `kms backup export --out FILE` again to download it",
-        }
-    })
-    .to_string()
-}
-
-fn used_key(id: &str) -> Vec<u8> {
-    [USED_PREFIX, id.as_bytes()].concat()
+    TICKET.result(
+        r,
+        now,
+        "the requester runs `kms backup export --out FILE` again to download it",
+    )
 }
 
 /// The requester's unused, unexpired ticket, if any.
 fn find_ticket(svc: &AdminService, who: &OperatorId) -> Result<Option<ApprovalRequest>, Status> {
     let now = svc.gov.clock.now_unix();
-    let all = core(svc.gov.approvals.all())?;
-    for r in all {
-        if r.action != ACTION
-            || r.state != ApprovalState::Executed
-            || r.requested_by != who.as_str()
-            || r.ended_at.unwrap_or(0).saturating_add(TICKET_SECS) < now
+    for r in core(svc.gov.approvals.all())? {
+        if r.requested_by == who.as_str()
+            && core(TICKET.check(svc.store.as_ref(), &r, now))?.is_ok()
         {
-            continue;
-        }
-        if core(svc.store.get(Table::Approvals, &used_key(&r.id)))?.is_none() {
             return Ok(Some(r));
         }
     }
@@ -87,11 +72,10 @@ pub(super) async fn export(
             Some(t) => {
                 // Consumed before anything is made: a ticket serves one download, even if
                 // this one fails.
-                core(svc.store.write(vec![Change::Put {
-                    table: Table::Approvals,
-                    key: used_key(&t.id),
-                    value: operator.as_str().as_bytes().to_vec(),
-                }]))?;
+                core(
+                    svc.store
+                        .write(vec![TICKET.consume(&t.id, operator.as_str())]),
+                )?;
                 Some(t)
             }
             None => {
@@ -103,7 +87,7 @@ pub(super) async fn export(
                     request: request.get_ref().encode_to_vec(),
                     view: serde_json::json!({
                         "export": "a backup bundle of the whole store, every secret in it sealed to the recovery key",
-                        "ticket_valid_secs": TICKET_SECS,
+                        "ticket_valid_secs": TICKET.secs,
                     })
                     .to_string(),
                     diff: None,

@@ -70,14 +70,14 @@ pub(super) fn reshare_ticket_result(
     r: &kms_core::governance::approvals::ApprovalRequest,
     now: u64,
 ) -> String {
-    serde_json::json!({
-        "ticket": {
-            "requested_by": r.requested_by,
-            "valid_until": now.saturating_add(kms_core::reshare::TICKET_SECS),
-            "use": format!("stop the server and run `kms ceremony reshare --approval {}` with the same threshold and custodians", r.id),
-        }
-    })
-    .to_string()
+    kms_core::reshare::TICKET.result(
+        r,
+        now,
+        &format!(
+            "stop the server and run `kms ceremony reshare --approval {}` with the same threshold and custodians",
+            r.id
+        ),
+    )
 }
 
 /// Checks a reshare plan and, when the action is gated, stores it for approval. The reshare
@@ -136,7 +136,7 @@ pub(super) async fn authorize_reshare(
             "from_epoch": custody.record.epoch.get(),
             "threshold": req.threshold,
             "custodians": req.custodians,
-            "ticket_valid_secs": kms_core::reshare::TICKET_SECS,
+            "ticket_valid_secs": kms_core::reshare::TICKET.secs,
         })
         .to_string(),
         diff: None,
