@@ -254,6 +254,17 @@ pub(crate) fn run_init(
     result
 }
 
+/// What `C_GetTokenInfo` says of the token, as ceremony transcripts record it.
+pub(crate) fn token_info(hsm: &Pkcs11Hsm) -> Result<TokenInfo, Error> {
+    let t = hsm.token_info()?;
+    Ok(TokenInfo {
+        label: t.label,
+        manufacturer: t.manufacturer,
+        model: t.model,
+        serial: t.serial,
+    })
+}
+
 /// The ceremony on record in the store under `data_dir`, if any (read-only; no store yet is
 /// none).
 pub(crate) fn recorded_ceremony(data_dir: &Path) -> Result<Option<String>, Error> {
@@ -280,19 +291,14 @@ fn init(
 ) -> Result<Value, Error> {
     let store = opened.store.as_ref();
     let rng = aws_lc_rs::rand::SystemRandom::new();
-    let token = opened.hsm.token_info()?;
+    let token = token_info(&opened.hsm)?;
     let plan = custody::InitPlan {
         threshold,
         custodians,
         audit_signer: opened.audit_log.signer().unwrap_or_default().to_owned(),
         time: now_unix(),
     };
-    let token = TokenInfo {
-        label: token.label,
-        manufacturer: token.manufacturer,
-        model: token.model,
-        serial: token.serial,
-    };
+
     let prepared =
         custody::prepare_init(store, opened.hsm.as_ref(), token, &rng, plan, escrow_key)?;
     let sealed = prepared.sealed();

@@ -13,7 +13,7 @@ use hsm_bridge::Pkcs11Hsm;
 use kms_core::audit::AuditLog;
 use kms_core::restore::{self, Facts};
 use kms_core::{Clock, RocksStore, SystemClock};
-use recovery::{parse_identity, ShareEnvelope, TokenInfo};
+use recovery::{parse_identity, ShareEnvelope};
 use secrecy::SecretString;
 use serde_json::{json, Value};
 
@@ -128,7 +128,7 @@ pub(crate) fn run(args: &RecoverArgs, data_dir: &Path, as_json: bool) -> Result<
             tracing::info!(escrow_key_id = %pin.id, "trusted escrow key imported into the new token by its security officer");
         }
         let hsm = Arc::new(Pkcs11Hsm::open(&hsm_config)?);
-        let facts = hsm.token_info()?;
+        let facts = crate::ceremony::token_info(&hsm)?;
         let store_dir = config.data_dir.join("store");
         let tmp = config.data_dir.join("store.recovering");
         if tmp.exists() {
@@ -155,12 +155,7 @@ pub(crate) fn run(args: &RecoverArgs, data_dir: &Path, as_json: bool) -> Result<
                 store.as_ref(),
                 Facts {
                     time_ms: SystemClock.now_unix_ms(),
-                    token: TokenInfo {
-                        label: facts.label.clone(),
-                        manufacturer: facts.manufacturer.clone(),
-                        model: facts.model.clone(),
-                        serial: facts.serial.clone(),
-                    },
+                    token: facts.clone(),
                 },
                 &mut phase,
             )?;

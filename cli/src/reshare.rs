@@ -11,7 +11,7 @@ use clap::Args;
 use kms_core::audit::AuditEvent;
 use kms_core::reshare::{self, Plan};
 use prost::Message;
-use recovery::{Custodian, TokenInfo};
+use recovery::Custodian;
 use serde_json::{json, Value};
 
 use crate::ceremony::ConfigArg;
@@ -104,26 +104,16 @@ pub(crate) fn run(args: &ReshareArgs, data_dir: &Path, as_json: bool) -> Result<
     let store = opened.store.as_ref();
     let result = (|| {
         let ticket = check_ticket(store, args)?;
-        let checked = reshare::check_shares(store, shares)?;
-        let from_epoch = checked.custody().record.epoch.get();
-        let open = checked.open(store)?;
-        let info = opened.hsm.token_info()?;
+        let open = reshare::check_shares(store, shares)?.open(store)?;
         let plan = Plan {
             threshold: args.plan.threshold,
             custodians,
             audit_signer: opened.audit_log.signer().unwrap_or_default().to_owned(),
-            token: TokenInfo {
-                label: info.label,
-                manufacturer: info.manufacturer,
-                model: info.model,
-                serial: info.serial,
-            },
+            token: crate::ceremony::token_info(&opened.hsm)?,
             time: now_unix(),
         };
         let rng = aws_lc_rs::rand::SystemRandom::new();
         let resealed = open.reseal(plan, &rng)?;
-        let previous_sha = hex::encode(resealed.previous().sha256().map_err(Error::from)?);
-        let resealed_count = resealed.resealed();
         let sealed = resealed.sealed();
         let mut files = Vec::new();
         for (name, bytes) in &sealed.share_files {
@@ -151,9 +141,9 @@ pub(crate) fn run(args: &ReshareArgs, data_dir: &Path, as_json: bool) -> Result<
                 return Err(Error::from(e));
             }
         };
-        Ok((sealed, ticket, from_epoch, previous_sha, resealed_count))
+        Ok((sealed, ticket))
     })();
-    let (sealed, ticket, from_epoch, previous_sha, resealed_count) = match result {
+    let (sealed, ticket) = match result {
         Ok(done) => done,
         Err(e) => {
             let mut event = AuditEvent::new("ceremony.reshare", "error");
@@ -172,6 +162,15 @@ pub(crate) fn run(args: &ReshareArgs, data_dir: &Path, as_json: bool) -> Result<
         .map(|(n, _)| n.to_string())
         .collect();
     let epoch = sealed.record.epoch.get();
+    // What the new transcript and seals already say: the epoch it follows, the transcript it
+    // replaces, how many seals were made again.
+    let from_epoch = epoch.saturating_sub(1);
+    let previous_sha = sealed
+        .transcript
+        .previous_sha256
+        .clone()
+        .unwrap_or_default();
+    let resealed_count = sealed.seals.len();
     let mut event = AuditEvent::new("ceremony.reshare", "ok");
     for (k, v) in [
         ("ceremony_id", sealed.record.ceremony_id.to_string()),

@@ -30,6 +30,51 @@ pub(crate) const VERIFIED_PREFIX: &[u8] = b"verified/";
 /// Name of the trusted escrow key's seal.
 pub const ESCROW_KEY_SEAL: &str = "escrow-key";
 
+/// A deployment key: kept wrapped under the root key at `table`/`key` (bound to `wrap_aad`),
+/// and escrowed as the named seal `seal/SEAL` (purpose `purpose`, bound to the name).
+#[derive(Debug)]
+pub(crate) struct DeploymentKey {
+    pub(crate) purpose: Purpose,
+    pub(crate) seal: &'static str,
+    pub(crate) table: Table,
+    pub(crate) key: &'static [u8],
+    pub(crate) wrap_aad: &'static [u8],
+}
+
+/// Every deployment key init escrows, recovery restores and reshare seals again.
+pub(crate) const DEPLOYMENT_KEYS: [DeploymentKey; 2] = [
+    DeploymentKey {
+        purpose: Purpose::GrantMacKey,
+        seal: "grant-mac-key",
+        table: Table::Grants,
+        key: crate::governance::grants::MAC_KEY,
+        wrap_aad: crate::governance::grants::MAC_KEY_AAD,
+    },
+    DeploymentKey {
+        purpose: Purpose::ContextDigestKey,
+        seal: "context-digest-key",
+        table: Table::AuditMeta,
+        key: crate::audit::CONTEXT_KEY,
+        wrap_aad: crate::audit::CONTEXT_KEY_AAD,
+    },
+];
+
+/// What the named seal `name` holds and what it is bound to: a deployment key, or the escrow
+/// key pinned by `pin`. `None` for a name this release does not know (or the escrow key's
+/// seal with no pin).
+pub(crate) fn named_seal_binding(
+    name: &str,
+    pin: Option<&hsm_bridge::EscrowPin>,
+) -> Option<(Purpose, Vec<u8>)> {
+    if name == ESCROW_KEY_SEAL {
+        return pin.map(|p| (Purpose::EscrowKey, escrow_key_aad(&p.id)));
+    }
+    DEPLOYMENT_KEYS
+        .iter()
+        .find(|dk| dk.seal == name)
+        .map(|dk| (dk.purpose, dk.seal.as_bytes().to_vec()))
+}
+
 /// The recovery authority on record.
 #[derive(Debug)]
 pub struct Custody {
@@ -126,35 +171,19 @@ pub fn escrowable(store: &dyn Store, hsm: &dyn Hsm) -> Result<Vec<Escrowable>, E
             target: Target::Version(record),
         });
     }
-    let named = [
-        (
-            Purpose::GrantMacKey,
-            "grant-mac-key",
-            Table::Grants,
-            crate::governance::grants::MAC_KEY,
-            crate::governance::grants::MAC_KEY_AAD,
-        ),
-        (
-            Purpose::ContextDigestKey,
-            "context-digest-key",
-            Table::AuditMeta,
-            crate::audit::CONTEXT_KEY,
-            crate::audit::CONTEXT_KEY_AAD,
-        ),
-    ];
-    for (purpose, name, table, key, aad) in named {
-        let Some(wrapped) = store.get(table, key)? else {
+    for dk in &DEPLOYMENT_KEYS {
+        let Some(wrapped) = store.get(dk.table, dk.key)? else {
             continue;
         };
         let (nonce, sealed) = wrapped
             .split_first_chunk::<GCM_NONCE_LEN>()
             .ok_or(Error::Internal("wrapped deployment key is truncated"))?;
-        let raw = hsm.aes_gcm_decrypt(hsm.root_key(), nonce, aad, sealed)?;
+        let raw = hsm.aes_gcm_decrypt(hsm.root_key(), nonce, dk.wrap_aad, sealed)?;
         out.push(Escrowable {
-            purpose,
-            aad: name.as_bytes().to_vec(),
+            purpose: dk.purpose,
+            aad: dk.seal.as_bytes().to_vec(),
             material: raw,
-            target: Target::Named(name),
+            target: Target::Named(dk.seal),
         });
     }
     Ok(out)

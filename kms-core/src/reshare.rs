@@ -14,12 +14,12 @@
 use std::path::PathBuf;
 
 use recovery::ceremony::{Checked, EscrowInput, HostFacts, Sealed};
-use recovery::{Custodian, Purpose, RecoveryPrivateKey, ShareEnvelope, TokenInfo, Transcript};
+use recovery::{Custodian, Purpose, RecoveryPrivateKey, ShareEnvelope, TokenInfo};
 use secrecy::{ExposeSecret, SecretSlice};
 
 use crate::custody::{
-    authority_changes, escrow_key_aad, escrow_pin, load, named_seal_change, sealed_version,
-    Custody, ESCROW_KEY_SEAL, RECOVER_TRANSCRIPT_PREFIX, SEAL_PREFIX, TRANSCRIPT, VERIFIED_PREFIX,
+    authority_changes, escrow_pin, load, named_seal_binding, named_seal_change, sealed_version,
+    version_records, Custody, RECOVER_TRANSCRIPT_PREFIX, SEAL_PREFIX, TRANSCRIPT, VERIFIED_PREFIX,
 };
 use crate::error::Error;
 use crate::governance::approvals::{ApprovalRequest, Ticket, TicketRefusal};
@@ -138,11 +138,6 @@ pub fn check_shares(
 }
 
 impl SharesChecked {
-    /// The custody being replaced.
-    pub fn custody(&self) -> &Custody {
-        &self.custody
-    }
-
     /// Rebuilds `S`, checks the transcript MAC with it, and opens every seal on record: each
     /// software version's, and each named seal (escrow key, grant MAC key, context-digest
     /// key). A seal of a kind this release does not know is refused rather than left sealed
@@ -152,12 +147,7 @@ impl SharesChecked {
         let (secret, private) = rebuild(shares, &custody.transcript, &custody.record)?;
         drop(secret);
         let mut items = Vec::new();
-        for row in store.scan(Table::Versions)? {
-            let v: VersionRecord =
-                serde_json::from_slice(&row.value).map_err(|source| Error::Record {
-                    table: Table::Versions.name(),
-                    source,
-                })?;
+        for v in version_records(store)? {
             let Some(Escrow::Sealed { sealed, .. }) = &v.escrow else {
                 continue;
             };
@@ -178,21 +168,12 @@ impl SharesChecked {
                 continue;
             };
             let name = String::from_utf8_lossy(name).into_owned();
-            let (purpose, aad) = match name.as_str() {
-                ESCROW_KEY_SEAL => {
-                    let pin = pin.as_ref().ok_or_else(|| ReshareError::Unseal {
-                        what: "the escrow key's seal (no escrow key is pinned)".into(),
-                    })?;
-                    (Purpose::EscrowKey, escrow_key_aad(&pin.id))
-                }
-                "grant-mac-key" => (Purpose::GrantMacKey, name.as_bytes().to_vec()),
-                "context-digest-key" => (Purpose::ContextDigestKey, name.as_bytes().to_vec()),
-                _ => {
-                    return Err(ReshareError::Unseal {
-                        what: format!("the seal {name:?} (unknown to this release)"),
-                    })
-                }
-            };
+            let (purpose, aad) =
+                named_seal_binding(&name, pin.as_ref()).ok_or_else(|| ReshareError::Unseal {
+                    what: format!(
+                        "the seal {name:?} (unknown to this release, or no escrow key is pinned)"
+                    ),
+                })?;
             let material = open_one(&private, purpose, &aad, &row.value, || {
                 format!("the seal {name:?}")
             })?;
@@ -251,11 +232,6 @@ pub struct Plan {
 }
 
 impl Opened {
-    /// How many items are sealed again.
-    pub fn items(&self) -> usize {
-        self.items.len()
-    }
-
     /// Makes `S'` and its key pair at the next epoch, seals every opened item to the new
     /// public key, splits `S'` to the new custodians and writes the transcript naming the
     /// one it replaces. `S'` and the opened items are wiped when this returns.
@@ -308,16 +284,6 @@ impl Resealed {
     /// The new shares, transcript and record, to write out.
     pub fn sealed(&self) -> &Sealed {
         &self.sealed
-    }
-
-    /// The transcript being replaced.
-    pub fn previous(&self) -> &Transcript {
-        &self.previous.transcript
-    }
-
-    /// How many seals were made again.
-    pub fn resealed(&self) -> usize {
-        self.targets.len()
     }
 
     /// The one synced write that makes the reshare take effect (see the module docs), with

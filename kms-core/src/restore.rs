@@ -29,7 +29,8 @@ use secrecy::{ExposeSecret, ExposeSecretMut, SecretBox, SecretSlice};
 use crate::audit::{recovered_record, seq_key, signer_id, AuditEvent, Hash, RECOVERED_ACTION};
 use crate::bundle::{Bundle, BundleError, Header, Record};
 use crate::custody::{
-    escrow_key_aad, escrow_pin, RECORD, RECOVER_TRANSCRIPT_PREFIX, SEAL_PREFIX, TRANSCRIPT,
+    escrow_key_aad, escrow_pin, DeploymentKey, DEPLOYMENT_KEYS, RECORD, RECOVER_TRANSCRIPT_PREFIX,
+    SEAL_PREFIX, TRANSCRIPT,
 };
 use crate::key::{kek_wrap_aad, Escrow, StoredMaterial, VersionRecord};
 use crate::secret::Kek;
@@ -455,25 +456,22 @@ impl Verified {
             };
             versions.push((at, v, opened));
         }
-        let named = |purpose, name: &str| -> Result<Option<SecretSlice<u8>>, RestoreError> {
-            match seal_of(name) {
-                None => Ok(None),
-                Some(seal) => private
-                    .open(purpose, name.as_bytes(), &seal)
-                    .map(Some)
-                    .map_err(|_| unseal(name.to_owned())),
+        let mut deployment_keys = Vec::new();
+        for dk in &DEPLOYMENT_KEYS {
+            if let Some(seal) = seal_of(dk.seal) {
+                let raw = private
+                    .open(dk.purpose, dk.seal.as_bytes(), &seal)
+                    .map_err(|_| unseal(dk.seal.to_owned()))?;
+                deployment_keys.push((dk, raw));
             }
-        };
-        let grant_mac = named(Purpose::GrantMacKey, "grant-mac-key")?;
-        let context_key = named(Purpose::ContextDigestKey, "context-digest-key")?;
+        }
         drop(private);
         Ok(Prepared {
             checked,
             secret,
             versions,
             escrow,
-            grant_mac,
-            context_key,
+            deployment_keys,
         })
     }
 }
@@ -512,8 +510,8 @@ pub struct Prepared {
     secret: RecoverySecret,
     versions: Vec<(usize, VersionRecord, Opened)>,
     escrow: Option<(hsm_bridge::EscrowPin, SecretBox<[u8; 32]>)>,
-    grant_mac: Option<SecretSlice<u8>>,
-    context_key: Option<SecretSlice<u8>>,
+    /// Each deployment key found sealed in the bundle, opened.
+    deployment_keys: Vec<(&'static DeploymentKey, SecretSlice<u8>)>,
 }
 
 impl std::fmt::Debug for Prepared {
@@ -601,8 +599,7 @@ impl Prepared {
             secret,
             versions,
             escrow,
-            grant_mac,
-            context_key,
+            deployment_keys,
         } = self;
         drop(escrow);
         let token = |e: hsm_bridge::Error| RestoreError::Token(e.to_string());
@@ -680,28 +677,14 @@ impl Prepared {
                 value,
             });
         }
-        for (raw, table, key, aad) in [
-            (
-                &grant_mac,
-                Table::Grants,
-                crate::governance::grants::MAC_KEY,
-                crate::governance::grants::MAC_KEY_AAD,
-            ),
-            (
-                &context_key,
-                Table::AuditMeta,
-                crate::audit::CONTEXT_KEY,
-                crate::audit::CONTEXT_KEY_AAD,
-            ),
-        ] {
-            if let Some(raw) = raw {
-                changes.push(Change::Put {
-                    table,
-                    key: key.to_vec(),
-                    value: wrap_under(hsm, root, aad, raw.expose_secret()).map_err(token)?,
-                });
-            }
+        for (dk, raw) in &deployment_keys {
+            changes.push(Change::Put {
+                table: dk.table,
+                key: dk.key.to_vec(),
+                value: wrap_under(hsm, root, dk.wrap_aad, raw.expose_secret()).map_err(token)?,
+            });
         }
+        drop(deployment_keys);
         changes.push(Change::Put {
             table: Table::AuditMeta,
             key: [crate::audit::SIGNER_PREFIX, new_signer.as_bytes()].concat(),
@@ -709,6 +692,14 @@ impl Prepared {
         });
         let mut successor = checked.transcript.clone();
         successor.kind = CeremonyKind::Recover;
+        // It follows the transcript on record (which may itself be a reshare's, naming its own
+        // predecessor): name that one, not the predecessor the clone carried.
+        successor.previous_sha256 = Some(hex::encode(
+            checked
+                .transcript
+                .sha256()
+                .map_err(|e| RestoreError::Store(e.to_string()))?,
+        ));
         successor.token = facts.token.clone();
         successor.audit_signer = new_signer.clone();
         successor.time = facts.time_ms / 1000;

@@ -311,8 +311,9 @@ fn a_reshare_reseals_everything_to_a_new_secret_and_refuses_the_old_shares() {
             .unwrap();
     // Two software versions and the escrow key's seal (this deployment has no governance, so
     // no grant MAC or context-digest key; the end-to-end test has them).
-    assert_eq!(resealed.resealed(), 3);
-    let previous_sha = hex::encode(resealed.previous().sha256().unwrap());
+    assert_eq!(resealed.sealed().seals.len(), 3);
+    // The new transcript names the one it replaces: init's.
+    let previous_sha = hex::encode(sealed.transcript.sha256().unwrap());
     let new = resealed.commit(store.as_ref(), Vec::new()).unwrap();
     assert_eq!(new.transcript.epoch.get(), 2);
     assert_eq!(

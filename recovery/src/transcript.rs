@@ -98,8 +98,9 @@ pub struct Transcript {
     pub time: u64,
     /// Hex HMAC-SHA256 over the rest; empty until [`Transcript::mac_with`].
     pub mac: String,
-    /// A reshare's: hex SHA-256 of the transcript it replaces. Absent from other kinds, so a
-    /// transcript written before reshare existed keeps its bytes and hash.
+    /// A reshare's or a recovery's: hex SHA-256 of the transcript it follows (a reshare
+    /// replaces it; a recovery pins a successor signer beside it). Absent from init
+    /// transcripts, so one written before this field existed keeps its bytes and hash.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous_sha256: Option<String>,
 }

@@ -96,6 +96,7 @@ pub(super) async fn authorize_reshare(
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| Status::invalid_argument(e.to_string()))?;
     let threshold = usize::try_from(req.threshold).unwrap_or(usize::MAX);
+    let names: Vec<String> = custodians.iter().map(|c| c.name.to_string()).collect();
     recovery::ceremony::Checked::new(threshold, custodians)
         .map_err(|e| Status::invalid_argument(e.to_string()))?;
     let store = svc.store.clone();
@@ -120,11 +121,6 @@ pub(super) async fn authorize_reshare(
     intent
         .detail
         .insert("threshold".into(), req.threshold.to_string());
-    let names: Vec<&str> = req
-        .custodians
-        .iter()
-        .map(|c| c.split('=').next().unwrap_or_default())
-        .collect();
     intent.detail.insert("custodians".into(), names.join(","));
     let new = NewRequest {
         action: action.to_owned(),
