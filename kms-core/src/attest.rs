@@ -15,7 +15,7 @@ use crate::receipt::{
     check_signature, document_message, document_text, parse_document, sign_document, DocumentFault,
     ReceiptError, ReceiptSignature,
 };
-use crate::store::{Row, Store, Table};
+use crate::store::{Row, SnapshotView, Store, Table};
 
 /// The `format` of every attestation this code writes.
 pub const FORMAT: &str = "sovereign-kms/attestation/v1";
@@ -175,7 +175,20 @@ pub fn table_sha256(rows: &[Row]) -> String {
     hex::encode(ctx.finish().as_ref())
 }
 
-/// Gathers the statement from the store and the token.
+/// The tables a statement is gathered from.
+const TABLES: [Table; 8] = [
+    Table::Keys,
+    Table::Versions,
+    Table::Custody,
+    Table::Approvals,
+    Table::Policies,
+    Table::TrustBundles,
+    Table::Operators,
+    Table::AuditCheckpoints,
+];
+
+/// Gathers the statement from the token and from one snapshot of the store, so that every
+/// count and hash in it is of the same point in time.
 pub fn gather(
     store: &dyn Store,
     hsm: &dyn Hsm,
@@ -183,6 +196,8 @@ pub fn gather(
     software_version: &str,
 ) -> Result<Statement, Error> {
     let (token, library) = hsm.describe()?;
+    let snapshot = SnapshotView::read(store, &TABLES)?;
+    let store: &dyn Store = &snapshot;
     fn decode<T: for<'de> Deserialize<'de>>(table: Table, row: &Row) -> Result<T, Error> {
         serde_json::from_slice(&row.value).map_err(|source| Error::Record {
             table: table.name(),

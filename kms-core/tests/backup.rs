@@ -255,3 +255,43 @@ proptest::proptest! {
         }
     }
 }
+
+/// A snapshot view answers every read as the store did when it was taken, and nothing after.
+#[test]
+fn a_snapshot_view_reads_as_the_store_did_and_refuses_writes() {
+    use kms_core::store::{Change, SnapshotView};
+    let dir = tempfile::tempdir().unwrap();
+    let store = kms_core::RocksStore::open(dir.path()).unwrap();
+    let put = |key: &str, value: &str| Change::Put {
+        table: Table::Policies,
+        key: key.as_bytes().to_vec(),
+        value: value.as_bytes().to_vec(),
+    };
+    store
+        .write(vec![put("a", "1"), put("b", "2"), put("d", "4")])
+        .unwrap();
+    let view = SnapshotView::read(&store, &[Table::Policies, Table::Keys]).unwrap();
+    store
+        .write(vec![put("c", "3"), put("b", "changed")])
+        .unwrap();
+
+    assert_eq!(view.scan(Table::Policies).unwrap().len(), 3);
+    assert_eq!(
+        view.get(Table::Policies, b"b").unwrap(),
+        Some(b"2".to_vec())
+    );
+    assert_eq!(view.get(Table::Policies, b"c").unwrap(), None);
+    assert_eq!(view.last(Table::Policies).unwrap().unwrap().key, b"d");
+    let from_b: Vec<Vec<u8>> = view
+        .scan_from(Table::Policies, b"b", 5)
+        .unwrap()
+        .into_iter()
+        .map(|r| r.key)
+        .collect();
+    assert_eq!(from_b, vec![b"b".to_vec(), b"d".to_vec()]);
+    assert!(view.scan(Table::Keys).unwrap().is_empty());
+    // A table it was not asked for is empty, not read from the store.
+    assert!(view.scan(Table::Versions).unwrap().is_empty());
+    assert!(view.write(vec![put("e", "5")]).is_err());
+    assert_eq!(store.get(Table::Policies, b"e").unwrap(), None);
+}

@@ -171,3 +171,60 @@ pub trait Store: Send + Sync {
         Ok(())
     }
 }
+
+/// A read-only view of some tables as one [`Store::snapshot_scan`] read them, so that a
+/// statement gathered from several tables (an attestation) is of one point in time. Its
+/// other tables are empty; writing to it is refused.
+pub struct SnapshotView {
+    tables: std::collections::HashMap<Table, Vec<Row>>,
+}
+
+impl SnapshotView {
+    /// Reads `tables` from `store` at one point in time.
+    pub fn read(store: &dyn Store, tables: &[Table]) -> Result<Self, Error> {
+        Ok(Self {
+            tables: store.snapshot_scan(tables)?.into_iter().collect(),
+        })
+    }
+
+    fn rows(&self, table: Table) -> &[Row] {
+        self.tables.get(&table).map_or(&[], Vec::as_slice)
+    }
+}
+
+impl std::fmt::Debug for SnapshotView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SnapshotView")
+            .field("tables", &self.tables.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Store for SnapshotView {
+    fn write(&self, _changes: Vec<Change>) -> Result<(), Error> {
+        Err(Error::Internal("a snapshot view is read-only"))
+    }
+
+    fn scan(&self, table: Table) -> Result<Vec<Row>, Error> {
+        Ok(self.rows(table).to_vec())
+    }
+
+    fn scan_from(&self, table: Table, from: &[u8], limit: usize) -> Result<Vec<Row>, Error> {
+        let rows = self.rows(table);
+        let start = rows.partition_point(|r| r.key.as_slice() < from);
+        Ok(rows.iter().skip(start).take(limit).cloned().collect())
+    }
+
+    fn last(&self, table: Table) -> Result<Option<Row>, Error> {
+        Ok(self.rows(table).last().cloned())
+    }
+
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
+        let rows = self.rows(table);
+        Ok(rows
+            .binary_search_by(|r| r.key.as_slice().cmp(key))
+            .ok()
+            .and_then(|i| rows.get(i))
+            .map(|r| r.value.clone()))
+    }
+}
