@@ -58,17 +58,22 @@ fn new_key(kms: &Kms, protection: Protection) -> KeyRef {
     )
 }
 
-#[test]
-fn a_bundle_carries_every_escrow_and_no_root_wrapped_secret() {
-    let (_token, hsm, _dir, store) = common::deployment_with_custody();
-    let kms = Kms::open(Deps {
+/// The key service over a test deployment, every authenticated caller allowed.
+fn open_kms(hsm: &Arc<hsm_bridge::Pkcs11Hsm>, store: &Arc<kms_core::RocksStore>) -> Kms {
+    Kms::open(Deps {
         hsm: hsm.clone(),
         store: store.clone(),
         clock: Arc::new(FixedClock),
         rng: Arc::new(SystemRng::new()),
         authorizer: Arc::new(AllowAuthenticated),
     })
-    .unwrap();
+    .unwrap()
+}
+
+#[test]
+fn a_bundle_carries_every_escrow_and_no_root_wrapped_secret() {
+    let (_token, hsm, _dir, store) = common::deployment_with_custody();
+    let kms = open_kms(&hsm, &store);
     // The deployment's other root-wrapped secrets, as a running server makes them: the grant
     // MAC key and the audit context-digest key.
     let _grants = kms_core::governance::grants::Grants::open(
@@ -189,14 +194,7 @@ fn sample_bundle() -> &'static (Vec<u8>, Vec<u8>) {
     static SAMPLE: std::sync::OnceLock<(Vec<u8>, Vec<u8>)> = std::sync::OnceLock::new();
     SAMPLE.get_or_init(|| {
         let (token, hsm, dir, store) = common::deployment_with_custody();
-        let kms = Kms::open(Deps {
-            hsm: hsm.clone(),
-            store: store.clone(),
-            clock: Arc::new(FixedClock),
-            rng: Arc::new(SystemRng::new()),
-            authorizer: Arc::new(AllowAuthenticated),
-        })
-        .unwrap();
+        let kms = open_kms(&hsm, &store);
         let soft = new_key(&kms, Protection::Software);
         kms.rotate_key(&soft).unwrap();
         new_key(&kms, Protection::Hsm);

@@ -184,14 +184,7 @@ fn k_shares_and_the_store_alone_open_every_escrowed_version() {
     drop(token);
 
     // Recovery: two custodians' shares and the store; the token is gone.
-    let shares: Vec<_> = [0usize, 2]
-        .iter()
-        .map(|&i| {
-            let file = PathBuf::from(format!("{i}.share.age"));
-            let env = ShareEnvelope::open(&sealed.share_files[i].1, &identities[i], &file).unwrap();
-            (file, env)
-        })
-        .collect();
+    let shares = open_shares(&sealed, &identities, &[0, 2]);
     let record = custody::load(store.as_ref()).unwrap().unwrap().record;
     let secret = combine(&shares).unwrap();
     let private = record.private_key(&secret).unwrap();
