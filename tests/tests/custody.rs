@@ -530,7 +530,12 @@ fn an_attestation_states_where_custody_stands_and_any_edit_fails_offline() {
     let signer = dir.join("signer.pem");
     // An auditor (read-only) may ask for it.
     let made = server.kms_json(&["--as", "auditor", "attest", "--out", file.to_str().unwrap()]);
-    server.kms(&["audit", "public-key", "--out", signer.to_str().unwrap()]);
+    let exported = server.kms(&["audit", "public-key", "--out", signer.to_str().unwrap()]);
+    assert!(
+        exported.status.success(),
+        "{}",
+        String::from_utf8_lossy(&exported.stderr)
+    );
     let checked = server.kms_json(&[
         "attest",
         "verify",

@@ -38,15 +38,39 @@ impl RocksStore {
 
     /// Opens an existing store for reading only, beside a running server or on a stopped
     /// server's directory. Tables that do not exist yet read as empty.
+    ///
+    /// A running server may delete a file its compaction replaced between this open reading
+    /// the manifest and opening that file; RocksDB then reports the missing file as corruption.
+    /// The open is retried a few times (a real corruption fails every time, and is returned).
     pub fn open_read_only(path: &Path) -> Result<Self, Error> {
+        const ATTEMPTS: u32 = 8;
         let opts = Options::default();
-        let existing = DB::list_cf(&opts, path).map_err(|e| store("open", e))?;
-        let db = DB::open_cf_for_read_only(&opts, path, existing, false)
-            .map_err(|e| store("open", e))?;
-        Ok(Self {
-            db,
-            path: path.to_path_buf(),
-        })
+        let mut attempt = 1;
+        loop {
+            let opened = DB::list_cf(&opts, path)
+                .and_then(|existing| DB::open_cf_for_read_only(&opts, path, existing, false));
+            match opened {
+                Ok(db) => {
+                    return Ok(Self {
+                        db,
+                        path: path.to_path_buf(),
+                    })
+                }
+                Err(e)
+                    if attempt < ATTEMPTS
+                        && matches!(
+                            e.kind(),
+                            rocksdb::ErrorKind::Corruption | rocksdb::ErrorKind::IOError
+                        ) =>
+                {
+                    // The server writes the new manifest before it deletes the files it
+                    // replaces, so the next attempt reads a manifest naming files that exist.
+                    tracing::debug!(attempt, error = %e, "read-only open raced the server's compaction; retrying");
+                    attempt += 1;
+                }
+                Err(e) => return Err(store("open", e)),
+            }
+        }
     }
 
     /// How many entries and how many deletion markers the files of `table` hold (its live
