@@ -377,7 +377,7 @@ fn print_report(report: &Report, unanchored_tail: bool, as_json: bool) -> Result
 }
 
 /// Two passes: signers and checkpoints first, then the records in file order.
-fn verify_file(
+pub(crate) fn verify_file(
     path: &Path,
     trusted: Option<&Signers>,
     from: Option<u64>,
@@ -427,7 +427,7 @@ fn bad_line(path: &Path, n: usize) -> Error {
     Error::Usage(format!("{}:{n}: not an audit export line", path.display()))
 }
 
-fn for_each_line(
+pub(crate) fn for_each_line(
     path: &Path,
     mut f: impl FnMut(usize, ExportLine) -> Result<(), Error>,
 ) -> Result<(), Error> {

@@ -152,7 +152,7 @@ fn restrict(dir: &Path) -> Result<(), Error> {
     })
 }
 
-fn random_pin(rng: &SystemRng) -> Result<SecretString, Error> {
+pub(crate) fn random_pin(rng: &SystemRng) -> Result<SecretString, Error> {
     let mut bytes = [0u8; 16];
     rng.fill(&mut bytes)?;
     let pin: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
@@ -205,7 +205,7 @@ fn ca_params(name: &str) -> Result<CertificateParams, Error> {
     Ok(params)
 }
 
-fn ca(name: &str) -> Result<CertifiedIssuer<'static, KeyPair>, Error> {
+pub(crate) fn ca(name: &str) -> Result<CertifiedIssuer<'static, KeyPair>, Error> {
     Ok(CertifiedIssuer::self_signed(
         ca_params(name)?,
         KeyPair::generate()?,
@@ -255,7 +255,7 @@ fn make_operator_pki(layout: &DevLayout) -> Result<(), Error> {
     Ok(())
 }
 
-fn leaf(
+pub(crate) fn leaf(
     issuer: &Issuer<'_, KeyPair>,
     name: &str,
     sans: Vec<SanType>,

@@ -91,6 +91,15 @@ pub(crate) enum Error {
     Attest(#[from] kms_core::attest::AttestError),
     #[error("receipt does not verify: {0}")]
     Receipt(#[from] kms_core::receipt::ReceiptError),
+    /// A drill ran and at least one check failed (each is named in its report).
+    #[error("the provider-exit drill failed: {0} (see the report)")]
+    DrillFailed(String),
+    /// A drill report did not verify.
+    #[error("drill report does not verify: {0}")]
+    DrillReport(kms_core::drill::ReportError),
+    /// A drill report is intact, but the audit export given does not show it recorded.
+    #[error("{0}")]
+    NotRecorded(String),
     /// The development PKI could not be generated.
     #[error("development pki")]
     Pki(#[from] rcgen::Error),

@@ -20,6 +20,7 @@ mod config;
 mod connect;
 mod data;
 mod dev;
+mod drill;
 mod error;
 mod grant;
 mod hsm;
@@ -86,6 +87,10 @@ enum Command {
     /// A signed sovereignty statement from the running deployment (`--out FILE`), or its
     /// offline check (`verify FILE --public-key PEM`).
     Attest(attest::AttestArgs),
+    /// Provider-exit drills: recover a bundle into an isolated place and prove every key
+    /// version works (`provider-exit`), and check a drill's signed report (`verify-report`).
+    #[command(subcommand)]
+    Drill(drill::DrillCommand),
     /// Load-test a running server and report throughput and latency.
     Bench(bench::BenchArgs),
     /// Custody ceremonies on the data directory (server stopped): init, verify a share,
@@ -183,6 +188,8 @@ fn run(cli: Cli) -> Result<(), Error> {
         Command::Ceremony(cmd) => return ceremony::run(cmd, &cli.connect, cli.json),
         Command::Hsm(cmd) => return hsm::run(cmd, &cli.connect.data_dir, cli.json),
         Command::Dev(cmd) => return dev::run(cmd, &cli.connect.data_dir, cli.json),
+        // The drill opens tokens before it starts its own runtime, like the ceremonies.
+        Command::Drill(cmd) => return drill::run(cmd, &cli.connect, cli.json),
         _ => None,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -214,7 +221,8 @@ fn run(cli: Cli) -> Result<(), Error> {
             (Command::Serve(_), None)
             | (Command::Ceremony(_), _)
             | (Command::Hsm(_), _)
-            | (Command::Dev(_), _) => Err(Error::Usage("internal: command not prepared".into())),
+            | (Command::Dev(_), _)
+            | (Command::Drill(_), _) => Err(Error::Usage("internal: command not prepared".into())),
         }
     })
 }

@@ -72,6 +72,62 @@ fn now() -> Instant {
 
 /// Runs the ceremony; prints `{"key_versions_restored", "audit_head", ...}`.
 pub(crate) fn run(args: &RecoverArgs, data_dir: &Path, as_json: bool) -> Result<(), Error> {
+    let target = Target::of(args, data_dir)?;
+    let done = recover(
+        &args.bundle,
+        &args.shares,
+        &target,
+        args.so_pin_file.as_deref(),
+        &mut |_| {},
+    )?;
+    let Outcome {
+        recovered,
+        timings,
+        config_path,
+        token: facts,
+    } = done;
+    tracing::info!(versions = recovered.key_versions_restored, token = %facts.label, "deployment recovered");
+    let out: Value = json!({
+        "key_versions_restored": recovered.key_versions_restored,
+        "software": recovered.software,
+        "hsm": recovered.hsm,
+        "audit_head": { "seq": recovered.audit_head.seq, "hash": recovered.audit_head.hash },
+        "bundle_sha256": recovered.bundle_sha256,
+        "signer": recovered.signer,
+        "token": { "label": facts.label, "serial": facts.serial },
+        "config": config_path.display().to_string(),
+        "timings_ms": timings,
+        "next": if args.dev {
+            format!("kms --data-dir {} serve --dev", data_dir.display())
+        } else {
+            format!("kms serve --config {}", config_path.display())
+        },
+    });
+    emit(as_json, &out)
+}
+
+/// What a recovery made.
+pub(crate) struct Outcome {
+    /// What the ceremony restored.
+    pub(crate) recovered: restore::Recovered,
+    /// Milliseconds per step, and `total`.
+    pub(crate) timings: serde_json::Map<String, Value>,
+    /// The new deployment's config.
+    pub(crate) config_path: PathBuf,
+    /// The token recovered into.
+    pub(crate) token: recovery::TokenInfo,
+}
+
+/// The steps of a recovery, as `stage` is told of them: `bundle` (read and check it, and
+/// that the target is empty), `shares` (open, check and combine them, and check the bundle's
+/// signature), `unseal`, `target` (the new token and its escrow key), `restore`.
+pub(crate) fn recover(
+    bundle: &Path,
+    share_files: &ShareFiles,
+    target: &Target,
+    so_pin_file: Option<&Path>,
+    stage: &mut dyn FnMut(&'static str),
+) -> Result<Outcome, Error> {
     let start = now();
     let mut timings = serde_json::Map::new();
     let mut mark = |name: &str, since: &mut Instant| {
@@ -82,21 +138,24 @@ pub(crate) fn run(args: &RecoverArgs, data_dir: &Path, as_json: bool) -> Result<
     let mut t = now();
 
     // Checked: the bundle parses, the target is empty.
-    let bytes = read(&args.bundle)?;
-    let checked = restore::check(&args.bundle, &bytes)?;
+    stage("bundle");
+    let bytes = read(bundle)?;
+    let checked = restore::check(bundle, &bytes)?;
     drop(bytes);
-    let target = Target::of(args, data_dir)?;
     target.check_empty()?;
     mark("check", &mut t);
 
     // SharesChecked, Combined, BundleVerified, Prepared: all in memory.
-    let shares = open_shares(&args.shares)?;
+    stage("shares");
+    let shares = open_shares(share_files)?;
     let verified = checked.check_shares(shares)?.combine()?;
     mark("shares", &mut t);
+    stage("unseal");
     let prepared = verified.prepare()?;
     mark("unseal", &mut t);
 
     // From here the target is written; on failure it is put back as it was.
+    stage("target");
     let result = (|| {
         let config_path = target.materialise()?;
         let config = Config::load(&config_path)?;
@@ -117,7 +176,7 @@ pub(crate) fn run(args: &RecoverArgs, data_dir: &Path, as_json: bool) -> Result<
             )));
         }
         if let Some((pin, value)) = prepared.escrow_key() {
-            let so_pin = so_pin(args, &config_path)?;
+            let so_pin = so_pin(so_pin_file, &config_path)?;
             hsm_bridge::import_trusted_escrow_key(
                 &hsm_config.module,
                 &hsm_config.token_label,
@@ -129,6 +188,7 @@ pub(crate) fn run(args: &RecoverArgs, data_dir: &Path, as_json: bool) -> Result<
         }
         let hsm = Arc::new(Pkcs11Hsm::open(&hsm_config)?);
         let facts = crate::ceremony::token_info(&hsm)?;
+        stage("restore");
         let store_dir = config.data_dir.join("store");
         let tmp = config.data_dir.join("store.recovering");
         if tmp.exists() {
@@ -203,24 +263,12 @@ pub(crate) fn run(args: &RecoverArgs, data_dir: &Path, as_json: bool) -> Result<
     }
     let total = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
     timings.insert("total".into(), json!(total));
-    tracing::info!(versions = recovered.key_versions_restored, token = %facts.label, "deployment recovered");
-    let out: Value = json!({
-        "key_versions_restored": recovered.key_versions_restored,
-        "software": recovered.software,
-        "hsm": recovered.hsm,
-        "audit_head": { "seq": recovered.audit_head.seq, "hash": recovered.audit_head.hash },
-        "bundle_sha256": recovered.bundle_sha256,
-        "signer": recovered.signer,
-        "token": { "label": facts.label, "serial": facts.serial },
-        "config": config_path.display().to_string(),
-        "timings_ms": timings,
-        "next": if args.dev {
-            format!("kms --data-dir {} serve --dev", data_dir.display())
-        } else {
-            format!("kms serve --config {}", config_path.display())
-        },
-    });
-    emit(as_json, &out)
+    Ok(Outcome {
+        recovered,
+        timings,
+        config_path,
+        token: facts,
+    })
 }
 
 /// Every share given: each --share opened with whichever identity opens it, each
@@ -280,7 +328,7 @@ pub(crate) fn open_shares(files: &ShareFiles) -> Result<Vec<(PathBuf, ShareEnvel
     Ok(out)
 }
 
-fn so_pin(args: &RecoverArgs, config_path: &Path) -> Result<SecretString, Error> {
+fn so_pin(so_pin_file: Option<&Path>, config_path: &Path) -> Result<SecretString, Error> {
     let trimmed = |text: SecretString| {
         SecretString::from(
             secrecy::ExposeSecret::expose_secret(&text)
@@ -288,7 +336,7 @@ fn so_pin(args: &RecoverArgs, config_path: &Path) -> Result<SecretString, Error>
                 .to_owned(),
         )
     };
-    if let Some(path) = &args.so_pin_file {
+    if let Some(path) = so_pin_file {
         return Ok(trimmed(SecretString::from(crate::input::text_file(path)?)));
     }
     if let Ok(pin) = std::env::var("KMS_SO_PIN") {
@@ -309,7 +357,7 @@ fn so_pin(args: &RecoverArgs, config_path: &Path) -> Result<SecretString, Error>
 }
 
 /// Where the recovery writes.
-enum Target {
+pub(crate) enum Target {
     /// An operator's config; its data directory must hold no store.
     Config(PathBuf),
     /// A fresh development layout in this directory, made by the recovery.

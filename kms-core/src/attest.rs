@@ -176,7 +176,7 @@ pub fn table_sha256(rows: &[Row]) -> String {
 }
 
 /// The tables a statement is gathered from.
-const TABLES: [Table; 8] = [
+const TABLES: [Table; 9] = [
     Table::Keys,
     Table::Versions,
     Table::Custody,
@@ -185,6 +185,7 @@ const TABLES: [Table; 8] = [
     Table::TrustBundles,
     Table::Operators,
     Table::AuditCheckpoints,
+    Table::ServiceState,
 ];
 
 /// Gathers the statement from the token and from one snapshot of the store, so that every
@@ -289,7 +290,9 @@ pub fn gather(
             required: rules.required,
             gated: rules.gated.into_iter().collect(),
         },
-        last_drill: None,
+        last_drill: crate::drill::last_recorded(store)?
+            .map(|d| serde_json::to_value(d).map_err(|_| Error::Internal("drill encoding")))
+            .transpose()?,
         hashes: StateHashes {
             policies: crate::governance::policy::active_set_sha256(store)?,
             trust_bundles: table_sha256(&store.scan(Table::TrustBundles)?),

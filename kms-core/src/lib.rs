@@ -33,6 +33,7 @@ pub mod bundle;
 mod clock;
 pub mod context;
 pub mod custody;
+pub mod drill;
 mod error;
 pub mod governance;
 mod ids;

@@ -187,6 +187,19 @@ impl SnapshotView {
         })
     }
 
+    /// A view of rows given one by one (a bundle's records, say), in key order per table.
+    pub fn from_rows(rows: impl IntoIterator<Item = (Table, Row)>) -> Self {
+        let mut tables: std::collections::HashMap<Table, Vec<Row>> =
+            std::collections::HashMap::new();
+        for (table, row) in rows {
+            tables.entry(table).or_default().push(row);
+        }
+        for rows in tables.values_mut() {
+            rows.sort_by(|a, b| a.key.cmp(&b.key));
+        }
+        Self { tables }
+    }
+
     fn rows(&self, table: Table) -> &[Row] {
         self.tables.get(&table).map_or(&[], Vec::as_slice)
     }

@@ -5,7 +5,7 @@
 
 use api::v1::{
     AttestRequest, AttestResponse, AuthorizeReshareRequest, AuthorizeReshareResponse,
-    ShareVerification, ShareVerificationRequest,
+    RecordDrillRequest, RecordDrillResponse, ShareVerification, ShareVerificationRequest,
 };
 use recovery::ceremony::ShareClaim;
 use tonic::{Request, Response, Status};
@@ -171,4 +171,58 @@ pub(super) async fn attest(
     }
     svc.outcome(done, &operator, &result).await;
     Ok(Response::new(AttestResponse { text: result? }))
+}
+
+/// Records a drill report's hash in the audit log and keeps it as the last drill
+/// (docs/DRILL.md, "The report"). The report must verify: an edited one is refused.
+pub(super) async fn record_drill(
+    svc: &AdminService,
+    request: Request<RecordDrillRequest>,
+) -> Result<Response<RecordDrillResponse>, Status> {
+    let (operator, mut intent) = svc.intent(kms_core::drill::RECORDED_ACTION, &request)?;
+    let report = &request.get_ref().report;
+    let sha256 = kms_core::drill::file_sha256(report);
+    intent.detail.insert("report_sha256".into(), sha256.clone());
+    let drill = kms_core::drill::to_record(report, svc.gov.clock.now_unix(), &operator.to_string())
+        .map_err(|e| Status::invalid_argument(e.to_string()));
+    if let Ok(d) = &drill {
+        intent.detail.insert("passed".into(), d.passed.to_string());
+        intent
+            .detail
+            .insert("bundle_sha256".into(), d.bundle_sha256.clone());
+        intent
+            .detail
+            .insert("finished_at".into(), d.finished_at.to_string());
+    }
+    svc.audit.record(intent.clone()).await?;
+    let store = svc.store.clone();
+    let result = match drill {
+        Ok(d) => tokio::task::spawn_blocking(move || {
+            core(kms_core::drill::store_record(store.as_ref(), &d)).map(|()| d)
+        })
+        .await
+        .map_err(|_| Status::internal("internal error"))?,
+        Err(e) => Err(e),
+    };
+    let mut done = intent;
+    done.status = crate::audit::status_word(result.as_ref().err());
+    let d = match result {
+        Ok(d) => d,
+        Err(e) => {
+            let refused: Result<(), Status> = Err(e);
+            svc.outcome(done, &operator, &refused).await;
+            return Err(refused
+                .err()
+                .unwrap_or_else(|| Status::internal("internal error")));
+        }
+    };
+    // The outcome with a signed checkpoint over it, so that an export taken right after
+    // proves the record (`kms drill verify-report --audit-export`).
+    let seq = svc.audit.record_checkpointed(done).await?;
+    tracing::info!(operator = %operator, report_sha256 = %d.report_sha256, "drill recorded");
+    Ok(Response::new(RecordDrillResponse {
+        report_sha256: d.report_sha256,
+        passed: d.passed,
+        audit_seq: seq.unwrap_or_default(),
+    }))
 }

@@ -30,7 +30,10 @@ use api::v1::{
     OperatorRequest, RegisterOperatorRequest, RejectChangeRequest, SetApprovalRulesRequest,
     UpdateOperatorRequest, WhoAmIRequest,
 };
-use api::v1::{AttestRequest, AttestResponse, AuthorizeReshareRequest, AuthorizeReshareResponse};
+use api::v1::{
+    AttestRequest, AttestResponse, AuthorizeReshareRequest, AuthorizeReshareResponse,
+    RecordDrillRequest, RecordDrillResponse,
+};
 use api::v1::{
     CreateAliasRequest, CreateKeyRequest, GetPolicyRequest, KeyCoverageRequest,
     KeyCoverageResponse, KeyMetadata, KeyRequest, ListGrantsRequest, ListGrantsResponse,
@@ -387,6 +390,7 @@ routes! {
     record_share_verification(ShareVerificationRequest) -> ShareVerification => custody::record_verification;
     authorize_reshare(AuthorizeReshareRequest) -> AuthorizeReshareResponse => custody::authorize_reshare;
     attest(AttestRequest) -> AttestResponse => custody::attest;
+    record_drill(RecordDrillRequest) -> RecordDrillResponse => custody::record_drill;
     register_operator(RegisterOperatorRequest) -> OperatorInfo => operators::register;
     update_operator(UpdateOperatorRequest) -> OperatorInfo => operators::update;
     deactivate_operator(OperatorRequest) -> OperatorInfo => operators::deactivate;

@@ -1,0 +1,692 @@
+//! The provider-exit drill (docs/DRILL.md): its states, the facts it compares between a
+//! bundle and the deployment recovered from it, its checks and its signed report.
+//!
+//! The drill itself (a fresh token, the recovery ceremony, a server on loopback, every canary
+//! through the data plane) is run by `kms drill provider-exit`; this module holds what is
+//! decided: which versions must be verified, what must match, and what the report says.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use hsm_bridge::Hsm;
+use serde::{Deserialize, Serialize};
+
+use crate::error::Error;
+use crate::key::{KeyRecord, KeyState, Protection, VersionRecord};
+use crate::receipt::{check_signature, document_message, ReceiptError, ReceiptSignature};
+use crate::store::{Row, Store, Table};
+use crate::KeyId;
+
+/// The `format` of every drill report this code writes.
+pub const FORMAT: &str = "sovereign-kms/drill-report-v1";
+
+/// What the signature covers before the report's compact JSON (without its signature).
+const DOMAIN: &[u8] = b"sovereign-kms drill report v1\n";
+
+/// The audit action a recorded drill is written under in the live deployment's log.
+pub const RECORDED_ACTION: &str = "drill.recorded";
+
+/// The row of the service-state table that holds the last recorded drill.
+pub const LAST_DRILL_KEY: &[u8] = b"last_drill";
+
+/// The drill's states, in the order it passes them.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum State {
+    /// Nothing made yet.
+    Start,
+    /// A temporary data directory, a new token, drill PINs and TLS.
+    Isolated,
+    /// The recovery ceremony ran into the isolated place.
+    Recovered,
+    /// The drill's own trust domain, workload and policy added to the recovered copy.
+    Provisioned,
+    /// A server of the recovered copy listens on loopback.
+    Serving,
+    /// Every canary was asked for through the data plane.
+    Verified,
+    /// The recovered copy was compared with the bundle.
+    Compared,
+    /// Server stopped; everything made torn down (after the report is signed).
+    Done,
+}
+
+impl State {
+    /// The state's name in the report.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Start => "start",
+            State::Isolated => "isolated",
+            State::Recovered => "recovered",
+            State::Provisioned => "provisioned",
+            State::Serving => "serving",
+            State::Verified => "verified",
+            State::Compared => "compared",
+            State::Done => "done",
+        }
+    }
+}
+
+/// One check of the report.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Check {
+    /// Its name (docs/DRILL.md lists them).
+    pub name: String,
+    /// Whether it passed.
+    pub passed: bool,
+    /// What was found, in words.
+    pub detail: String,
+}
+
+impl Check {
+    /// A check with its outcome.
+    pub fn new(name: &str, passed: bool, detail: impl Into<String>) -> Self {
+        Self {
+            name: name.to_owned(),
+            passed,
+            detail: detail.into(),
+        }
+    }
+}
+
+/// What the drill added to the recovered copy, left out of every comparison.
+#[derive(Clone, Debug)]
+pub struct Additions {
+    /// The drill's trust domain (a trust-bundles row).
+    pub trust_domain: String,
+    /// The drill workload's SPIFFE ID (a workloads row, and its usage row).
+    pub workload: String,
+    /// The drill policy's id (a policies row).
+    pub policy_id: String,
+}
+
+impl Additions {
+    fn excludes(&self, table: Table, key: &[u8]) -> bool {
+        match table {
+            Table::TrustBundles => key == self.trust_domain.as_bytes(),
+            Table::Workloads | Table::WorkloadUsage => key == self.workload.as_bytes(),
+            Table::Policies => key == self.policy_id.as_bytes(),
+            _ => false,
+        }
+    }
+}
+
+/// The facts of a store that a drill compares: counts and hashes, no secret.
+#[derive(Clone, PartialEq, Eq, Debug, Default)]
+pub struct Facts {
+    /// Keys per `protection/state`.
+    pub keys: BTreeMap<String, u64>,
+    /// Versions each level's non-destroyed keys must have (every version up to the current).
+    pub expected: BTreeMap<String, u64>,
+    /// Versions stored, per level.
+    pub stored: BTreeMap<String, u64>,
+    /// `KEY_ID/VERSION` a key's current version implies but the store lacks.
+    pub missing: Vec<String>,
+    /// Destroyed keys.
+    pub destroyed: Vec<String>,
+    /// Versions with no escrow copy.
+    pub unescrowed: Vec<String>,
+    /// Versions with no canary.
+    pub without_canary: Vec<String>,
+    /// SHA-256 of the active policy set.
+    pub policies: String,
+    /// Trust bundles: rows and SHA-256 of the table.
+    pub trust_bundles: (u64, String),
+    /// Workload registrations: rows and SHA-256.
+    pub workloads: (u64, String),
+    /// Grants and their use counts: rows and SHA-256 (the wrapped token key is left out: a
+    /// recovery wraps it again under the new root key).
+    pub grants: (u64, String),
+    /// Operators: rows and SHA-256.
+    pub operators: (u64, String),
+    /// The stored approval rules, as compact JSON.
+    pub approval_rules: String,
+    /// Ceremony id, epoch, threshold and custodians (name=recipient), or "none".
+    pub custodians: String,
+}
+
+/// A version to verify: its canary and what its DEK must hash to.
+#[derive(Clone, PartialEq, Eq)]
+pub struct CanaryCase {
+    /// The key.
+    pub key_id: KeyId,
+    /// The version.
+    pub version: u32,
+    /// The key's level.
+    pub protection: Protection,
+    /// The canary blob.
+    pub blob: Vec<u8>,
+    /// Hex SHA-256 of its DEK.
+    pub dek_sha256: String,
+}
+
+/// Names the version, not the blob.
+impl std::fmt::Debug for CanaryCase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CanaryCase({}/{})", self.key_id, self.version)
+    }
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(table: Table, row: &Row) -> Result<T, Error> {
+    serde_json::from_slice(&row.value).map_err(|source| Error::Record {
+        table: table.name(),
+        source,
+    })
+}
+
+fn rows(store: &dyn Store, table: Table, skip: Option<&Additions>) -> Result<Vec<Row>, Error> {
+    let mut rows = store.scan(table)?;
+    if let Some(skip) = skip {
+        rows.retain(|r| !skip.excludes(table, &r.key));
+    }
+    Ok(rows)
+}
+
+fn counted(rows: &[Row]) -> (u64, String) {
+    (
+        u64::try_from(rows.len()).unwrap_or(u64::MAX),
+        crate::attest::table_sha256(rows),
+    )
+}
+
+/// A read-only store of some rows, for hashing a filtered table with the code that hashes
+/// a whole one.
+struct Filtered<'a> {
+    inner: &'a dyn Store,
+    skip: Option<&'a Additions>,
+}
+
+impl Store for Filtered<'_> {
+    fn write(&self, _changes: Vec<crate::store::Change>) -> Result<(), Error> {
+        Err(Error::Internal("a filtered view is read-only"))
+    }
+    fn scan(&self, table: Table) -> Result<Vec<Row>, Error> {
+        rows(self.inner, table, self.skip)
+    }
+    fn scan_from(&self, table: Table, from: &[u8], limit: usize) -> Result<Vec<Row>, Error> {
+        let mut out = self.inner.scan_from(table, from, limit)?;
+        if let Some(skip) = self.skip {
+            out.retain(|r| !skip.excludes(table, &r.key));
+        }
+        Ok(out)
+    }
+    fn last(&self, table: Table) -> Result<Option<Row>, Error> {
+        Ok(self.scan(table)?.pop())
+    }
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
+        if self.skip.is_some_and(|s| s.excludes(table, key)) {
+            return Ok(None);
+        }
+        self.inner.get(table, key)
+    }
+}
+
+impl std::fmt::Debug for Filtered<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Filtered").finish_non_exhaustive()
+    }
+}
+
+/// The keys and their versions in a store.
+fn keys_and_versions(store: &dyn Store) -> Result<(Vec<KeyRecord>, Vec<VersionRecord>), Error> {
+    let keys = store
+        .scan(Table::Keys)?
+        .iter()
+        .map(|r| decode(Table::Keys, r))
+        .collect::<Result<Vec<KeyRecord>, _>>()?;
+    let versions = store
+        .scan(Table::Versions)?
+        .iter()
+        .map(|r| decode(Table::Versions, r))
+        .collect::<Result<Vec<VersionRecord>, _>>()?;
+    Ok((keys, versions))
+}
+
+impl Facts {
+    /// Gathers the facts of `store`, leaving out the drill's own additions when given.
+    pub fn of(store: &dyn Store, additions: Option<&Additions>) -> Result<Self, Error> {
+        let view = Filtered {
+            inner: store,
+            skip: additions,
+        };
+        let store: &dyn Store = &view;
+        let (keys, versions) = keys_and_versions(store)?;
+        let mut facts = Facts::default();
+        let mut present = BTreeSet::new();
+        let mut level = BTreeMap::new();
+        for v in &versions {
+            present.insert((v.key_id, v.version.get()));
+            let name = format!("{}/{}", v.key_id, v.version.get());
+            if v.escrow.is_none() {
+                facts.unescrowed.push(name.clone());
+            }
+            if v.canary.is_none() {
+                facts.without_canary.push(name);
+            }
+        }
+        for k in &keys {
+            let p = k.protection.as_str().to_owned();
+            *facts
+                .keys
+                .entry(format!("{p}/{}", k.state.as_str()))
+                .or_default() += 1;
+            level.insert(k.id, p.clone());
+            if k.state == KeyState::Destroyed {
+                facts.destroyed.push(k.id.to_string());
+                continue;
+            }
+            let current = k.current_version.get();
+            *facts.expected.entry(p).or_default() += u64::from(current);
+            for n in 1..=current {
+                if !present.contains(&(k.id, n)) {
+                    facts.missing.push(format!("{}/{n}", k.id));
+                }
+            }
+        }
+        for v in &versions {
+            if let Some(p) = level.get(&v.key_id) {
+                *facts.stored.entry(p.clone()).or_default() += 1;
+            }
+        }
+        facts.policies = crate::governance::policy::active_set_sha256(store)?;
+        facts.trust_bundles = counted(&store.scan(Table::TrustBundles)?);
+        facts.workloads = counted(&store.scan(Table::Workloads)?);
+        let mut grants = store.scan(Table::Grants)?;
+        grants.retain(|r| r.key.starts_with(b"grant/") || r.key.starts_with(b"uses/"));
+        facts.grants = counted(&grants);
+        facts.operators = counted(&store.scan(Table::Operators)?);
+        facts.approval_rules =
+            serde_json::to_string(&crate::governance::approvals::stored_rules(store)?)
+                .map_err(|_| Error::Internal("approval rules encoding"))?;
+        facts.custodians = match crate::custody::load(store)? {
+            Some(c) => {
+                let t = &c.transcript;
+                let names: Vec<String> = t
+                    .custodians
+                    .iter()
+                    .map(|c| format!("{}={}", c.name, c.recipient))
+                    .collect();
+                format!(
+                    "ceremony {} epoch {}, {} of [{}], transcript {}",
+                    t.ceremony_id,
+                    t.epoch.get(),
+                    t.threshold,
+                    names.join(", "),
+                    hex::encode(t.sha256()?)
+                )
+            }
+            None => "none".into(),
+        };
+        Ok(facts)
+    }
+}
+
+/// The canaries of every non-destroyed key's versions in `store`, and the destroyed keys.
+pub fn canaries(store: &dyn Store) -> Result<(Vec<CanaryCase>, Vec<KeyId>), Error> {
+    let (keys, versions) = keys_and_versions(store)?;
+    let live: BTreeMap<KeyId, Protection> = keys
+        .iter()
+        .filter(|k| k.state != KeyState::Destroyed)
+        .map(|k| (k.id, k.protection))
+        .collect();
+    let destroyed = keys
+        .iter()
+        .filter(|k| k.state == KeyState::Destroyed)
+        .map(|k| k.id)
+        .collect();
+    let cases = versions
+        .into_iter()
+        .filter_map(|v| {
+            let protection = *live.get(&v.key_id)?;
+            let canary = v.canary?;
+            Some(CanaryCase {
+                key_id: v.key_id,
+                version: v.version.get(),
+                protection,
+                blob: canary.blob,
+                dek_sha256: canary.dek_sha256,
+            })
+        })
+        .collect();
+    Ok((cases, destroyed))
+}
+
+fn levels(map: &BTreeMap<String, u64>) -> String {
+    if map.is_empty() {
+        return "none".into();
+    }
+    map.iter()
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn first_few(items: &[String]) -> String {
+    let shown: Vec<&str> = items.iter().take(5).map(String::as_str).collect();
+    let more = items.len().saturating_sub(shown.len());
+    if more > 0 {
+        format!("{} and {more} more", shown.join(", "))
+    } else {
+        shown.join(", ")
+    }
+}
+
+/// The bundle's version checks: every version its keys imply is in it, verified through the
+/// data plane, per level; and every version carries an escrow copy.
+pub fn version_checks(bundle: &Facts, verified: &BTreeMap<String, u64>) -> Vec<Check> {
+    let mut out = Vec::new();
+    let complete = bundle.missing.is_empty() && verified == &bundle.expected;
+    let mut detail = format!(
+        "verified through the data plane: {}; the bundle's keys imply: {}",
+        levels(verified),
+        levels(&bundle.expected)
+    );
+    if !bundle.missing.is_empty() {
+        detail.push_str(&format!(
+            "; missing from the bundle: {}",
+            first_few(&bundle.missing)
+        ));
+    }
+    out.push(Check::new("key_versions", complete, detail));
+    out.push(if bundle.unescrowed.is_empty() {
+        Check::new(
+            "escrow_complete",
+            true,
+            format!(
+                "every stored version ({}) carries an escrow copy: none exists only inside the old HSM",
+                levels(&bundle.stored)
+            ),
+        )
+    } else {
+        Check::new(
+            "escrow_complete",
+            false,
+            format!(
+                "{} version(s) have no escrow copy and exist only in the old deployment: {}",
+                bundle.unescrowed.len(),
+                first_few(&bundle.unescrowed)
+            ),
+        )
+    });
+    out
+}
+
+/// Compares the recovered copy (drill additions left out) with the bundle.
+pub fn compare(bundle: &Facts, recovered: &Facts) -> Vec<Check> {
+    let pair = |name: &str, what: &str, a: &(u64, String), b: &(u64, String)| {
+        if a == b {
+            Check::new(name, true, format!("{} {what}, SHA-256 {}", a.0, a.1))
+        } else {
+            Check::new(
+                name,
+                false,
+                format!(
+                    "bundle: {} {what} (SHA-256 {}); recovered: {} (SHA-256 {})",
+                    a.0, a.1, b.0, b.1
+                ),
+            )
+        }
+    };
+    let text = |name: &str, a: &str, b: &str| {
+        if a == b {
+            Check::new(name, true, a.to_owned())
+        } else {
+            Check::new(name, false, format!("bundle: {a}; recovered: {b}"))
+        }
+    };
+    let inventory_same = bundle.workloads == recovered.workloads
+        && bundle.trust_bundles == recovered.trust_bundles
+        && bundle.keys == recovered.keys
+        && bundle.stored == recovered.stored;
+    let inventory = Check::new(
+        "inventory",
+        inventory_same,
+        format!(
+            "keys: {} (recovered: {}); versions: {} (recovered: {}); workloads: {} (recovered: \
+             {}); trust bundles: {} (recovered: {})",
+            levels(&bundle.keys),
+            levels(&recovered.keys),
+            levels(&bundle.stored),
+            levels(&recovered.stored),
+            bundle.workloads.0,
+            recovered.workloads.0,
+            bundle.trust_bundles.0,
+            recovered.trust_bundles.0
+        ),
+    );
+    vec![
+        text("policies", &bundle.policies, &recovered.policies),
+        inventory,
+        pair("grants", "grant rows", &bundle.grants, &recovered.grants),
+        pair(
+            "operators",
+            "operators",
+            &bundle.operators,
+            &recovered.operators,
+        ),
+        text(
+            "approval_rules",
+            &bundle.approval_rules,
+            &recovered.approval_rules,
+        ),
+        text("custodians", &bundle.custodians, &recovered.custodians),
+    ]
+}
+
+/// The token a drill recovered into, from `C_GetTokenInfo`.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetToken {
+    /// Label.
+    pub label: String,
+    /// Manufacturer id.
+    pub manufacturer: String,
+    /// Model.
+    pub model: String,
+    /// Serial number.
+    pub serial: String,
+}
+
+/// A drill report. Its fields are declared in name order, so its JSON has sorted keys; the
+/// file is that compact JSON and a newline, in that one form.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Report {
+    /// SHA-256 of the bundle file, hex.
+    pub bundle_sha256: String,
+    /// Every check, in the order run.
+    pub checks: Vec<Check>,
+    /// The bundle's custody epoch (null if the bundle did not parse).
+    pub epoch: Option<u32>,
+    /// When the drill ended, Unix seconds.
+    pub finished_at: u64,
+    /// [`FORMAT`].
+    pub format: String,
+    /// Versions the bundle's keys imply, all levels.
+    pub key_versions_expected: u64,
+    /// Versions whose canary decrypted to its recorded hash through the data plane.
+    pub key_versions_verified: u64,
+    /// Whether every check passed.
+    pub passed: bool,
+    /// The signature over the domain line and this report's compact JSON without it; absent
+    /// when the drill stopped before its token held a signing key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<ReceiptSignature>,
+    /// The drill token's audit signing key: its uncompressed P-256 point, hex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signer: Option<String>,
+    /// The version of the software that ran the drill.
+    pub software_version: String,
+    /// When the drill started, Unix seconds.
+    pub started_at: u64,
+    /// The last state reached.
+    pub state: State,
+    /// The token recovered into.
+    pub target_token: Option<TargetToken>,
+    /// Milliseconds per phase, `rto` (start to the first canary decrypted) and `total`.
+    pub timings_ms: BTreeMap<String, u64>,
+}
+
+/// Why a report does not verify.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReportError {
+    /// Not a drill report.
+    #[error("not a drill report: {0}")]
+    Malformed(String),
+    /// A report of a format this build does not know.
+    #[error("unknown drill report format {0:?}")]
+    Format(String),
+    /// Parsed, but not byte for byte as written.
+    #[error("the report is not in its canonical form: it was edited after it was written")]
+    NotCanonical,
+    /// No signature: the drill stopped before its token held a signing key.
+    #[error("the report is unsigned (the drill stopped at state {0} before its token held a signing key): it proves nothing")]
+    Unsigned(&'static str),
+    /// The signature does not verify under the key the report names.
+    #[error("the report's signature does not verify under the drill key it names: it was changed after it was signed")]
+    BadSignature,
+    /// The signature names another key than the report's signer.
+    #[error("the report's signature is by key {found}, not by the signer it names ({expected})")]
+    OtherSigner {
+        /// The id of the key the report names.
+        expected: String,
+        /// The id the signature names.
+        found: String,
+    },
+}
+
+impl Report {
+    /// The bytes the signature is over.
+    pub fn message(&self) -> Result<Vec<u8>, Error> {
+        let mut unsigned = self.clone();
+        unsigned.signature = None;
+        document_message(DOMAIN, &unsigned)
+    }
+
+    /// Signs the report with the audit signing key in `hsm`, and names that key.
+    pub fn sign(&mut self, hsm: &dyn Hsm) -> Result<(), Error> {
+        let key = hsm.p256_signing_key(crate::audit::SIGNING_KEY_LABEL)?;
+        self.signer = Some(hex::encode(key.public_point()));
+        self.signature = None;
+        let message = self.message()?;
+        let (signature, key_id) = crate::audit::sign_with_audit_key(hsm, &message)?;
+        self.signature = Some(ReceiptSignature {
+            algorithm: crate::receipt::ALGORITHM.into(),
+            key_id,
+            value: hex::encode(signature),
+        });
+        Ok(())
+    }
+
+    /// The report file's text, in its one form: compact JSON and a newline.
+    pub fn to_text(&self) -> Result<String, Error> {
+        let mut text =
+            serde_json::to_string(self).map_err(|_| Error::Internal("report encoding"))?;
+        text.push('\n');
+        Ok(text)
+    }
+}
+
+/// SHA-256 of a report file, hex: how a recorded drill names it.
+pub fn file_sha256(bytes: &[u8]) -> String {
+    hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes).as_ref())
+}
+
+/// Checks a report file: its format, its one canonical form, and its signature under the
+/// key it names. That proves it intact since it was signed; who ran it is proven by a
+/// `drill.recorded` record in the production audit log (docs/DRILL.md).
+pub fn verify(file: &[u8]) -> Result<Report, ReportError> {
+    let report: Report =
+        serde_json::from_slice(file).map_err(|e| ReportError::Malformed(e.to_string()))?;
+    let canonical = report
+        .to_text()
+        .map_err(|e| ReportError::Malformed(e.to_string()))?;
+    if canonical.as_bytes() != file {
+        return Err(ReportError::NotCanonical);
+    }
+    if report.format != FORMAT {
+        return Err(ReportError::Format(report.format));
+    }
+    let (Some(signature), Some(signer)) = (&report.signature, &report.signer) else {
+        return Err(ReportError::Unsigned(report.state.as_str()));
+    };
+    let point =
+        hex::decode(signer).map_err(|_| ReportError::Malformed("signer is not hex".into()))?;
+    let message = report
+        .message()
+        .map_err(|e| ReportError::Malformed(e.to_string()))?;
+    check_signature(signature, &message, &point).map_err(|e| match e {
+        ReceiptError::OtherSigner { expected, found } => {
+            ReportError::OtherSigner { expected, found }
+        }
+        ReceiptError::Malformed(m) => ReportError::Malformed(m),
+        _ => ReportError::BadSignature,
+    })?;
+    if report.passed != report.checks.iter().all(|c| c.passed) || report.checks.is_empty() {
+        return Err(ReportError::Malformed(
+            "`passed` does not agree with the checks".into(),
+        ));
+    }
+    Ok(report)
+}
+
+/// A recorded drill, as the live deployment keeps the last one and its attestation states it.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordedDrill {
+    /// SHA-256 of the report file.
+    pub report_sha256: String,
+    /// Whether every check passed.
+    pub passed: bool,
+    /// When the drill ended, Unix seconds.
+    pub finished_at: u64,
+    /// The bundle it recovered.
+    pub bundle_sha256: String,
+    /// When it was recorded, Unix seconds.
+    pub recorded_at: u64,
+    /// Who recorded it.
+    pub recorded_by: String,
+}
+
+/// Checks a report sent to be recorded (it must verify as [`verify`] does) and returns what
+/// the deployment keeps of it.
+pub fn to_record(
+    file: &[u8],
+    recorded_at: u64,
+    recorded_by: &str,
+) -> Result<RecordedDrill, ReportError> {
+    let report = verify(file)?;
+    Ok(RecordedDrill {
+        report_sha256: file_sha256(file),
+        passed: report.passed,
+        finished_at: report.finished_at,
+        bundle_sha256: report.bundle_sha256,
+        recorded_at,
+        recorded_by: recorded_by.to_owned(),
+    })
+}
+
+/// Stores `drill` as the last recorded drill.
+pub fn store_record(store: &dyn Store, drill: &RecordedDrill) -> Result<(), Error> {
+    let value = serde_json::to_vec(drill).map_err(|_| Error::Internal("drill encoding"))?;
+    store.write(vec![crate::store::Change::Put {
+        table: Table::ServiceState,
+        key: LAST_DRILL_KEY.to_vec(),
+        value,
+    }])
+}
+
+/// The last recorded drill in `store`, if any.
+pub fn last_recorded(store: &dyn Store) -> Result<Option<RecordedDrill>, Error> {
+    match store.get(Table::ServiceState, LAST_DRILL_KEY)? {
+        Some(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|source| Error::Record {
+                table: Table::ServiceState.name(),
+                source,
+            }),
+        None => Ok(None),
+    }
+}
