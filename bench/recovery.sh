@@ -9,7 +9,7 @@
 set -euo pipefail
 BIN=$(realpath "$1"); PROTECTION=$2; SECS=$3
 WORK=$(mktemp -d)
-trap 'kill "${PID:-0}" 2>/dev/null || true; rm -rf "$WORK"' EXIT
+trap 'if [ -n "${PID:-}" ]; then kill "$PID" 2>/dev/null || true; fi; rm -rf "$WORK"' EXIT
 cd "$WORK"
 "$BIN" serve --dev --data-addr 127.0.0.1:0 --admin-addr 127.0.0.1:0 >serve.out 2>serve.err &
 PID=$!
