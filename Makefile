@@ -2,12 +2,13 @@
 #
 #   make run    install what is missing, build, and start a development KMS (kms serve --dev)
 #   make test   install what is missing and run the whole test suite (what CI runs)
+#   make drill  a provider-exit drill of the development deployment (docs/DRILL.md)
 
 # Builds go outside the clone so repeated runs (and CI on the same machine) are incremental.
 CARGO_TARGET_DIR ?= $(HOME)/.cache/sovereign-kms/target
 export CARGO_TARGET_DIR
 
-.PHONY: deps run test lint doc bench bench-governance build
+.PHONY: deps run test lint doc bench bench-governance build drill
 
 deps:
 	@bash scripts/install-deps.sh
@@ -25,6 +26,13 @@ run: deps
 test: deps
 	cargo build --workspace --all-targets --locked
 	cargo nextest run --workspace --locked --no-fail-fast
+
+# A provider-exit drill of ./.kms: export, drill with two custodians' shares, record the report
+# and verify it against the exported audit log (scripts/drill-dev.sh). Uses the running dev
+# server, or starts one for the drill.
+drill: deps
+	cargo build --workspace --all-targets --locked
+	bash scripts/drill-dev.sh
 
 lint:
 	cargo fmt --all -- --check

@@ -142,6 +142,8 @@ pub struct Facts {
     pub operators: (u64, String),
     /// The stored approval rules, as compact JSON.
     pub approval_rules: String,
+    /// M, the expiry and how many actions are gated, in words.
+    pub rules_summary: String,
     /// Ceremony id, epoch, threshold and custodians (name=recipient), or "none".
     pub custodians: String,
 }
@@ -296,9 +298,15 @@ impl Facts {
         grants.retain(|r| r.key.starts_with(b"grant/") || r.key.starts_with(b"uses/"));
         facts.grants = counted(&grants);
         facts.operators = counted(&store.scan(Table::Operators)?);
-        facts.approval_rules =
-            serde_json::to_string(&crate::governance::approvals::stored_rules(store)?)
-                .map_err(|_| Error::Internal("approval rules encoding"))?;
+        let rules = crate::governance::approvals::stored_rules(store)?;
+        facts.approval_rules = serde_json::to_string(&rules)
+            .map_err(|_| Error::Internal("approval rules encoding"))?;
+        facts.rules_summary = format!(
+            "M = {}, requests expire after {} s, {} gated actions",
+            rules.required,
+            rules.expiry_secs,
+            rules.gated.len()
+        );
         facts.custodians = match crate::custody::load(store)? {
             Some(c) => {
                 let t = &c.transcript;
@@ -465,11 +473,26 @@ pub fn compare(bundle: &Facts, recovered: &Facts) -> Vec<Check> {
             &bundle.operators,
             &recovered.operators,
         ),
-        text(
-            "approval_rules",
-            &bundle.approval_rules,
-            &recovered.approval_rules,
-        ),
+        if bundle.approval_rules == recovered.approval_rules {
+            Check::new(
+                "approval_rules",
+                true,
+                format!(
+                    "the stored rules, SHA-256 {}: {}",
+                    crate::drill::file_sha256(bundle.approval_rules.as_bytes()),
+                    bundle.rules_summary
+                ),
+            )
+        } else {
+            Check::new(
+                "approval_rules",
+                false,
+                format!(
+                    "bundle: {}; recovered: {}",
+                    bundle.approval_rules, recovered.approval_rules
+                ),
+            )
+        },
         text("custodians", &bundle.custodians, &recovered.custodians),
     ]
 }

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Provider-exit drill time for a deployment with one software key of N versions
+# (bench/RESULTS.md).
+#   bench/drill.sh BIN SECONDS      (as many versions as `kms bench --op rotate-key` makes)
+#   bench/drill.sh BIN =N           (exactly N versions, by `kms key rotate`)
+# Starts a fresh `kms serve --dev` in a temporary directory, makes the versions, exports a
+# bundle (approved by operator2 and operator3), stops the server, and runs
+# `kms drill provider-exit` with two development custodians' shares. Prints one JSON line:
+# versions, whether the drill passed, and its time per phase.
+set -euo pipefail
+BIN=$(realpath "$1"); SECS=$2
+WORK=$(mktemp -d)
+trap 'if [ -n "${PID:-}" ]; then kill "$PID" 2>/dev/null || true; fi; rm -rf "$WORK"' EXIT
+cd "$WORK"
+"$BIN" serve --dev --data-addr 127.0.0.1:0 --admin-addr 127.0.0.1:0 >serve.out 2>serve.err &
+PID=$!
+for _ in $(seq 1 300); do [ -s .kms/endpoints.json ] && break; sleep 0.2; done
+if [[ $SECS == =* ]]; then
+    N=${SECS#=}
+    "$BIN" key create --alias bench --json >/dev/null
+    for _ in $(seq 2 "$N"); do "$BIN" key rotate bench --json >/dev/null; done
+else
+    "$BIN" bench --op rotate-key --protection software --concurrency 1 --duration "$SECS" --json >bench.json
+fi
+json() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))$2)" "$1"; }
+"$BIN" --as operator1 backup export --out b.bundle --json >ask.json
+ID=$(json ask.json "['approval_id']")
+"$BIN" --as operator2 approval approve "$ID" --json >/dev/null
+"$BIN" --as operator3 approval approve "$ID" --json >/dev/null
+"$BIN" --as operator1 backup export --out b.bundle --json >export.json
+kill "$PID"; wait "$PID" || true; PID=
+C=.kms/custodians
+T0=$(date +%s%N)
+"$BIN" drill provider-exit --bundle b.bundle \
+    --share "$C/alice.share.age" --identity "$C/alice.key" \
+    --share "$C/bob.share.age" --identity "$C/bob.key" --report report --json >drill.json \
+    2>drill.err || true
+T1=$(date +%s%N)
+python3 - $(( (T1 - T0) / 1000000 )) <<'PY'
+import json, sys
+e = json.load(open("export.json")); d = json.load(open("drill.json"))
+print(json.dumps({"key_versions": e["key_versions"], "bundle_bytes": e["size"],
+    "passed": d["passed"], "verified": d["key_versions_verified"],
+    "wall_ms": int(sys.argv[1]), "timings_ms": d["timings_ms"]}))
+PY
