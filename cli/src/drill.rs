@@ -955,6 +955,17 @@ impl Server {
     }
 }
 
+/// A drill that ends early (an error, a panic) leaves no server of the recovered copy
+/// running: it is killed here unless [`Server::stop`] stopped it.
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// The last lines of the server's log, for an error message.
 fn tail(log: &Path) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_default();

@@ -67,16 +67,16 @@ impl State {
     }
 }
 
-/// One check of the report.
+/// One check of the report (fields in name order, like every object of the report).
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Check {
+    /// What was found, in words.
+    pub detail: String,
     /// Its name (docs/DRILL.md lists them).
     pub name: String,
     /// Whether it passed.
     pub passed: bool,
-    /// What was found, in words.
-    pub detail: String,
 }
 
 impl Check {
@@ -711,5 +711,108 @@ pub fn last_recorded(store: &dyn Store) -> Result<Option<RecordedDrill>, Error> 
                 source,
             }),
         None => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(
+        clippy::unwrap_used,
+        clippy::indexing_slicing,
+        reason = "test code: a failed step is a failed test"
+    )]
+
+    use super::*;
+
+    fn report() -> Report {
+        Report {
+            bundle_sha256: "ab".repeat(32),
+            checks: vec![Check::new("canaries", true, "3 canaries")],
+            epoch: Some(1),
+            finished_at: 2,
+            format: FORMAT.into(),
+            key_versions_expected: 3,
+            key_versions_verified: 3,
+            passed: true,
+            signature: Some(ReceiptSignature {
+                algorithm: crate::receipt::ALGORITHM.into(),
+                key_id: "00".repeat(16),
+                value: "00".repeat(64),
+            }),
+            signer: Some("04".into()),
+            software_version: "0.1.0".into(),
+            started_at: 1,
+            state: State::Done,
+            target_token: Some(TargetToken {
+                label: "t".into(),
+                manufacturer: "m".into(),
+                model: "x".into(),
+                serial: "s".into(),
+            }),
+            timings_ms: BTreeMap::from([("total".to_owned(), 5)]),
+        }
+    }
+
+    /// The report's text is what `json.dumps(r, sort_keys=True, separators=(",", ":"))`
+    /// gives, so another tool can rebuild the signed bytes: every object's keys in order.
+    #[test]
+    fn a_report_is_compact_json_with_sorted_keys_at_every_level() {
+        let text = report().to_text().unwrap();
+        assert!(text.ends_with("}\n") && !text.contains(": ") && !text.contains(", "));
+        // Each top-level key's place, in a report whose checks (which have a `passed` of
+        // their own) are empty.
+        let mut bare = report();
+        bare.checks.clear();
+        let top = bare.to_text().unwrap();
+        let at = |k: &str| top.find(&format!("\"{k}\":")).unwrap();
+        let in_order = |keys: &[&str]| {
+            for pair in keys.windows(2) {
+                assert!(at(pair[0]) < at(pair[1]), "{} before {}", pair[0], pair[1]);
+            }
+        };
+        in_order(&[
+            "bundle_sha256",
+            "checks",
+            "epoch",
+            "finished_at",
+            "format",
+            "key_versions_expected",
+            "key_versions_verified",
+            "passed",
+            "signature",
+            "signer",
+            "software_version",
+            "started_at",
+            "state",
+            "target_token",
+            "timings_ms",
+        ]);
+        // Inside a check (its `passed` comes before the report's own).
+        let check = text.find("{\"detail\":\"3 canaries\",\"name\":\"canaries\",\"passed\":true}");
+        assert!(check.is_some(), "{text}");
+        assert!(text.contains("{\"algorithm\":"));
+        assert!(text
+            .contains("{\"label\":\"t\",\"manufacturer\":\"m\",\"model\":\"x\",\"serial\":\"s\"}"));
+    }
+
+    #[test]
+    fn a_report_not_as_written_unsigned_or_signed_by_another_key_is_refused() {
+        let text = report().to_text().unwrap();
+        let spaced = text.replacen("{", "{ ", 1);
+        assert!(matches!(
+            verify(spaced.as_bytes()),
+            Err(ReportError::NotCanonical)
+        ));
+        let mut unsigned = report();
+        unsigned.signature = None;
+        assert!(matches!(
+            verify(unsigned.to_text().unwrap().as_bytes()),
+            Err(ReportError::Unsigned("done"))
+        ));
+        // A signature of the wrong key id is named as such, before any arithmetic.
+        assert!(matches!(
+            verify(text.as_bytes()),
+            Err(ReportError::OtherSigner { .. })
+        ));
     }
 }
