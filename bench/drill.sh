@@ -9,26 +9,8 @@
 # versions, whether the drill passed, and its time per phase.
 set -euo pipefail
 BIN=$(realpath "$1"); SECS=$2
-WORK=$(mktemp -d)
-trap 'if [ -n "${PID:-}" ]; then kill "$PID" 2>/dev/null || true; fi; rm -rf "$WORK"' EXIT
-cd "$WORK"
-"$BIN" serve --dev --data-addr 127.0.0.1:0 --admin-addr 127.0.0.1:0 >serve.out 2>serve.err &
-PID=$!
-for _ in $(seq 1 300); do [ -s .kms/endpoints.json ] && break; sleep 0.2; done
-if [[ $SECS == =* ]]; then
-    N=${SECS#=}
-    "$BIN" key create --alias bench --json >/dev/null
-    for _ in $(seq 2 "$N"); do "$BIN" key rotate bench --json >/dev/null; done
-else
-    "$BIN" bench --op rotate-key --protection software --concurrency 1 --duration "$SECS" --json >bench.json
-fi
-json() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))$2)" "$1"; }
-"$BIN" --as operator1 backup export --out b.bundle --json >ask.json
-ID=$(json ask.json "['approval_id']")
-"$BIN" --as operator2 approval approve "$ID" --json >/dev/null
-"$BIN" --as operator3 approval approve "$ID" --json >/dev/null
-"$BIN" --as operator1 backup export --out b.bundle --json >export.json
-kill "$PID"; wait "$PID" || true; PID=
+PROTECTION=software
+source "$(dirname "$(realpath "$0")")/exported.sh"
 C=.kms/custodians
 T0=$(date +%s%N)
 "$BIN" drill provider-exit --bundle b.bundle \

@@ -21,7 +21,6 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use kms_core::audit::{AuditEvent, AuditLog, RecordBody, VerifyOptions};
 use kms_core::drill::{
     canaries, compare, version_checks, Additions, CanaryCase, Check, Facts, Report, State,
-    TargetToken,
 };
 use kms_core::governance::inventory::{Inventory, NewWorkload};
 use kms_core::governance::policy::Policies;
@@ -362,7 +361,7 @@ struct Outcome {
     epoch: Option<u32>,
     expected: u64,
     verified: u64,
-    token: Option<TargetToken>,
+    token: Option<recovery::TokenInfo>,
 }
 
 fn phases(
@@ -487,13 +486,8 @@ fn phases(
             run.timings.insert(format!("recover.{k}"), v);
         }
     }
-    let t = &recovered.token;
-    out.token = Some(TargetToken {
-        label: t.label.clone(),
-        manufacturer: t.manufacturer.clone(),
-        model: t.model.clone(),
-        serial: t.serial.clone(),
-    });
+    let t = recovered.token.clone();
+    out.token = Some(t.clone());
     match &old_token {
         Some((label, serial)) if label == &t.label && serial == &t.serial => {
             return Err(run.fail(

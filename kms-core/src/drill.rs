@@ -497,20 +497,6 @@ pub fn compare(bundle: &Facts, recovered: &Facts) -> Vec<Check> {
     ]
 }
 
-/// The token a drill recovered into, from `C_GetTokenInfo`.
-#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TargetToken {
-    /// Label.
-    pub label: String,
-    /// Manufacturer id.
-    pub manufacturer: String,
-    /// Model.
-    pub model: String,
-    /// Serial number.
-    pub serial: String,
-}
-
 /// A drill report. Its fields are declared in name order, so its JSON has sorted keys; the
 /// file is that compact JSON and a newline, in that one form.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
@@ -545,8 +531,8 @@ pub struct Report {
     pub started_at: u64,
     /// The last state reached.
     pub state: State,
-    /// The token recovered into.
-    pub target_token: Option<TargetToken>,
+    /// The token recovered into (`C_GetTokenInfo`).
+    pub target_token: Option<recovery::TokenInfo>,
     /// Milliseconds per phase, `rto` (start to the first canary decrypted) and `total`.
     pub timings_ms: BTreeMap<String, u64>,
 }
@@ -743,7 +729,7 @@ mod tests {
             software_version: "0.1.0".into(),
             started_at: 1,
             state: State::Done,
-            target_token: Some(TargetToken {
+            target_token: Some(recovery::TokenInfo {
                 label: "t".into(),
                 manufacturer: "m".into(),
                 model: "x".into(),
