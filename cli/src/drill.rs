@@ -218,7 +218,7 @@ fn provider_exit(args: &ProviderExitArgs, conn: &ConnectArgs, as_json: bool) -> 
     } else {
         let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
         bar.set_style(
-            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg} {pos}/{len}")
+            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")
                 .unwrap_or_else(|_| ProgressStyle::default_spinner()),
         );
         bar.enable_steady_tick(Duration::from_millis(200));
@@ -531,6 +531,11 @@ fn phases(
     run.phase("verifying canaries through the data plane");
     run.bar
         .set_length(u64::try_from(cases.len()).unwrap_or(u64::MAX));
+    if let Ok(style) = ProgressStyle::with_template(
+        "{spinner} [{elapsed_precise}] {msg} {bar:30} {pos}/{len} versions",
+    ) {
+        run.bar.set_style(style);
+    }
     let verified = verify_canaries(
         &made.tls,
         &server.data,
