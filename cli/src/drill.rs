@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use api::v1::{DecryptRequest, GenerateDataKeyRequest, ListKeysRequest, RecordDrillRequest};
@@ -149,9 +149,24 @@ struct Run {
     checks: Vec<Check>,
     timings: BTreeMap<String, u64>,
     bar: ProgressBar,
+    leftovers: Arc<Mutex<Leftovers>>,
+}
+
+/// What a drill interrupted by a signal must not leave behind: its temporary directory (a
+/// working copy of every key, with the token's PINs beside it) and its server.
+#[derive(Default)]
+struct Leftovers {
+    dir: Option<PathBuf>,
+    server: Option<rustix::process::Pid>,
 }
 
 impl Run {
+    fn left(&self, f: impl FnOnce(&mut Leftovers)) {
+        if let Ok(mut l) = self.leftovers.lock() {
+            f(&mut l);
+        }
+    }
+
     fn pass(&mut self, name: &str, detail: impl Into<String>) {
         self.checks.push(Check::new(name, true, detail));
     }
@@ -173,6 +188,65 @@ impl Run {
     fn phase(&self, what: &'static str) {
         self.bar.set_message(what);
     }
+}
+
+/// On SIGINT or SIGTERM: stops the drill's server, removes its directory and exits 130. The
+/// runtime is built here, on the calling thread, so that the thread it runs on only waits on
+/// signals (it reads no environment while the drill sets SoftHSM2's). A SIGKILL cannot be
+/// caught: then the directory stays in the system temporary directory (docs/DRILL.md).
+fn clean_up_on_signal(leftovers: Arc<Mutex<Leftovers>>) -> Result<(), Error> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| Error::File {
+            what: "cannot start the signal watcher of",
+            path: "the drill".into(),
+            source,
+        })?;
+    let (term, int) = runtime.block_on(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        )
+    });
+    let (Ok(mut term), Ok(mut int)) = (term, int) else {
+        tracing::warn!(
+            "cannot watch for SIGINT and SIGTERM: an interrupted drill leaves its directory"
+        );
+        return Ok(());
+    };
+    std::thread::spawn(move || {
+        let name = runtime.block_on(async {
+            tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            }
+        });
+        let (dir, server) = match leftovers.lock() {
+            Ok(mut l) => (l.dir.take(), l.server.take()),
+            Err(_) => (None, None),
+        };
+        if let Some(pid) = server {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+        }
+        let removed = match &dir {
+            Some(d) => match std::fs::remove_dir_all(d) {
+                Ok(()) => format!("{} removed", d.display()),
+                Err(e) => format!(
+                    "{} could not be removed ({e}): remove it by hand",
+                    d.display()
+                ),
+            },
+            None => "nothing to remove".into(),
+        };
+        let _ = writeln!(
+            std::io::stderr().lock(),
+            "kms: drill interrupted by {name}: its server stopped, {removed}; no report written"
+        );
+        std::process::exit(130);
+    });
+    Ok(())
 }
 
 /// An error as the CLI prints it: each cause once.
@@ -224,6 +298,8 @@ fn provider_exit(args: &ProviderExitArgs, conn: &ConnectArgs, as_json: bool) -> 
         bar.enable_steady_tick(Duration::from_millis(200));
         bar
     };
+    let leftovers = Arc::new(Mutex::new(Leftovers::default()));
+    clean_up_on_signal(leftovers.clone())?;
     let started_at = SystemClock.now_unix();
     let mut run = Run {
         started: now(),
@@ -232,6 +308,7 @@ fn provider_exit(args: &ProviderExitArgs, conn: &ConnectArgs, as_json: bool) -> 
         checks: Vec::new(),
         timings: BTreeMap::new(),
         bar,
+        leftovers,
     };
     let mut out = Outcome::default();
     let mut place = None;
@@ -265,6 +342,10 @@ fn provider_exit(args: &ProviderExitArgs, conn: &ConnectArgs, as_json: bool) -> 
     }
     // Teardown: the temporary directory goes, and the drill's SoftHSM2 token with it.
     let mut teardown = "nothing was made".to_owned();
+    if let Ok(mut l) = run.leftovers.lock() {
+        // Removed here from now on; a signal during the removal leaves it to this code.
+        l.dir = None;
+    }
     if let Some(p) = place {
         let own = p.own_token;
         let path = p.dir.path().to_path_buf();
@@ -420,6 +501,8 @@ fn phases(
     run.phase("isolating (temporary directory, new token, TLS)");
     let p = isolate(args).map_err(|e| run.fail("isolation", text_of(&e)))?;
     let made = place.insert(p);
+    let dir = made.dir.path().to_path_buf();
+    run.left(|l| l.dir = Some(dir));
     let (config, empty) =
         target_is_empty(made).map_err(|e| run.fail("target_empty", text_of(&e)))?;
     if let Some(found) = empty {
@@ -524,6 +607,8 @@ fn phases(
     // Serving: the recovered copy's own server, on loopback.
     run.phase("starting the recovered server on loopback");
     let server = Server::start(made).map_err(|e| run.fail("serve", text_of(&e)))?;
+    let pid = rustix::process::Pid::from_child(&server.child);
+    run.left(|l| l.server = Some(pid));
     run.reached("serve", State::Serving);
     let serving_ms = ms(run.started);
 
@@ -548,6 +633,7 @@ fn phases(
     run.timings.insert("verify".into(), ms(run.phase_at));
     run.phase_at = now();
     let stopped = server.stop();
+    run.left(|l| l.server = None);
     let verified = verified.map_err(|e| run.fail("canaries", text_of(&e)))?;
     out.verified = verified.per_level.values().sum();
     if let Some(rto) = verified.first_ok_ms {
