@@ -1,15 +1,14 @@
 #!/usr/bin/env bash
-# Provider-exit drill time for a deployment with one software key of N versions
-# (bench/RESULTS.md).
-#   bench/drill.sh BIN SECONDS      (as many versions as `kms bench --op rotate-key` makes)
-#   bench/drill.sh BIN =N           (exactly N versions, by `kms key rotate`)
+# Provider-exit drill time for a deployment with one key of N versions (bench/RESULTS.md).
+#   bench/drill.sh BIN SECONDS [PROTECTION]   (as many versions as `kms bench --op rotate-key` makes)
+#   bench/drill.sh BIN =N [PROTECTION]        (exactly N versions, by `kms key rotate`)
+# PROTECTION is software (the default) or hsm.
 # Starts a fresh `kms serve --dev` in a temporary directory, makes the versions, exports a
 # bundle (approved by operator2 and operator3), stops the server, and runs
 # `kms drill provider-exit` with two development custodians' shares. Prints one JSON line:
 # versions, whether the drill passed, and its time per phase.
 set -euo pipefail
-BIN=$(realpath "$1"); SECS=$2
-PROTECTION=software
+BIN=$(realpath "$1"); SECS=$2; PROTECTION=${3:-software}
 source "$(dirname "$(realpath "$0")")/exported.sh"
 C=.kms/custodians
 T0=$(date +%s%N)
