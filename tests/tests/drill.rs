@@ -360,6 +360,39 @@ fn a_provider_exit_drill_passes_and_its_report_verifies_against_the_production_l
         .as_str()
         .unwrap()
         .ends_with("/operator1"));
+    // The deployment records only a report that verifies, and only for an operator.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut admin = server
+            .client_tls("operator1")
+            .admin(&server.admin)
+            .await
+            .unwrap();
+        let refused = admin
+            .record_drill(api::v1::RecordDrillRequest {
+                report: flipped.clone(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+        let mut auditor = server
+            .client_tls("auditor")
+            .admin(&server.admin)
+            .await
+            .unwrap();
+        let refused = auditor
+            .record_drill(api::v1::RecordDrillRequest {
+                report: original.clone(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    });
+    // Its connections close with it (the server's stop would wait for them).
+    drop(runtime);
     let attestation = dir.join("attest.json");
     server.kms_json(&["attest", "--out", attestation.to_str().unwrap()]);
     let statement: Value = serde_json::from_slice(&std::fs::read(&attestation).unwrap()).unwrap();
