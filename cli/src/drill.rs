@@ -20,7 +20,7 @@ use hsm_bridge::Pkcs11Hsm;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use kms_core::audit::{AuditEvent, AuditLog, RecordBody, VerifyOptions};
 use kms_core::drill::{
-    canaries, compare, version_checks, Additions, CanaryCase, Check, Facts, Report, State,
+    canaries, compare, version_checks, Additions, CanaryCase, Check, Facts, LiveKey, Report, State,
 };
 use kms_core::governance::inventory::{Inventory, NewWorkload};
 use kms_core::governance::policy::Policies;
@@ -249,20 +249,6 @@ fn clean_up_on_signal(leftovers: Arc<Mutex<Leftovers>>) -> Result<(), Error> {
     Ok(())
 }
 
-/// An error as the CLI prints it: each cause once.
-fn text_of(e: &Error) -> String {
-    let mut msg = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        let t = s.to_string();
-        if !msg.ends_with(&t) {
-            msg.push_str(&format!(": {t}"));
-        }
-        source = s.source();
-    }
-    msg
-}
-
 /// The isolated place: a temporary directory (removed on drop) with its config.
 struct Place {
     dir: tempfile::TempDir,
@@ -337,7 +323,7 @@ fn provider_exit(args: &ProviderExitArgs, conn: &ConnectArgs, as_json: bool) -> 
     // Signed with the drill token's audit key while the token still exists.
     if let (Some(p), true) = (&place, out.token.is_some()) {
         if let Err(e) = sign(&mut report, p) {
-            tracing::warn!(error = %text_of(&e), "the report could not be signed");
+            tracing::warn!(error = %e.full_text(), "the report could not be signed");
         }
     }
     // Teardown: the temporary directory goes, and the drill's SoftHSM2 token with it.
@@ -454,7 +440,7 @@ fn phases(
 ) -> Result<(), Stop> {
     // The bundle, as it is: what every later check compares against.
     run.phase("reading the bundle");
-    let bytes = read(&args.bundle).map_err(|e| run.fail("bundle", text_of(&e)))?;
+    let bytes = read(&args.bundle).map_err(|e| run.fail("bundle", e.full_text()))?;
     out.bundle_sha256 = kms_core::drill::file_sha256(&bytes);
     let bundle = kms_core::bundle::parse(&bytes)
         .map_err(|e| run.fail("bundle", format!("{}: {e}", args.bundle.display())))?;
@@ -487,24 +473,23 @@ fn phases(
     );
     if args.compare_live {
         run.phase("comparing with the live deployment");
-        let live = live_versions(conn).map_err(|e| run.fail("live_versions", text_of(&e)))?;
-        let (ok, detail) = compare_live(&live, &cases, &destroyed, &bundle_facts);
-        if ok {
-            run.pass("live_versions", detail);
-        } else {
-            return Err(run.fail("live_versions", detail));
+        let live = live_versions(conn).map_err(|e| run.fail("live_versions", e.full_text()))?;
+        let check = kms_core::drill::live_check(&bundle_facts, &live);
+        if !check.passed {
+            return Err(run.fail("live_versions", check.detail));
         }
+        run.checks.push(check);
     }
     run.reached("read", State::Start);
 
     // Isolated: a temporary directory, a token, PINs and TLS of the drill's own.
     run.phase("isolating (temporary directory, new token, TLS)");
-    let p = isolate(args).map_err(|e| run.fail("isolation", text_of(&e)))?;
+    let p = isolate(args).map_err(|e| run.fail("isolation", e.full_text()))?;
     let made = place.insert(p);
     let dir = made.dir.path().to_path_buf();
     run.left(|l| l.dir = Some(dir));
     let (config, empty) =
-        target_is_empty(made).map_err(|e| run.fail("target_empty", text_of(&e)))?;
+        target_is_empty(made).map_err(|e| run.fail("target_empty", e.full_text()))?;
     if let Some(found) = empty {
         return Err(run.fail(
             "target_empty",
@@ -547,7 +532,7 @@ fn phases(
                 (_, "bundle") => "bundle",
                 _ => "recovery",
             };
-            return Err(run.fail(name, text_of(&e)));
+            return Err(run.fail(name, e.full_text()));
         }
     };
     run.pass(
@@ -601,12 +586,12 @@ fn phases(
         policy_id: DRILL_POLICY_ID.into(),
     };
     let recovered_facts =
-        provision(made, &config, &additions).map_err(|e| run.fail("provision", text_of(&e)))?;
+        provision(made, &config, &additions).map_err(|e| run.fail("provision", e.full_text()))?;
     run.reached("provision", State::Provisioned);
 
     // Serving: the recovered copy's own server, on loopback.
     run.phase("starting the recovered server on loopback");
-    let server = Server::start(made).map_err(|e| run.fail("serve", text_of(&e)))?;
+    let server = Server::start(made).map_err(|e| run.fail("serve", e.full_text()))?;
     let pid = rustix::process::Pid::from_child(&server.child);
     run.left(|l| l.server = Some(pid));
     run.reached("serve", State::Serving);
@@ -634,7 +619,7 @@ fn phases(
     run.phase_at = now();
     let stopped = server.stop();
     run.left(|l| l.server = None);
-    let verified = verified.map_err(|e| run.fail("canaries", text_of(&e)))?;
+    let verified = verified.map_err(|e| run.fail("canaries", e.full_text()))?;
     out.verified = verified.per_level.values().sum();
     if let Some(rto) = verified.first_ok_ms {
         run.timings.insert("rto".into(), rto);
@@ -707,7 +692,7 @@ fn phases(
             let _ = run.fail("rto", "no canary was decrypted");
         }
     }
-    stopped.map_err(|e| run.fail("serve", text_of(&e)))?;
+    stopped.map_err(|e| run.fail("serve", e.full_text()))?;
     run.reached("stop", State::Verified);
 
     // Compared: the recovered copy against the bundle, and the audit chain across recovery.
@@ -1250,7 +1235,7 @@ fn sign(report: &mut Report, place: &Place) -> Result<(), Error> {
 }
 
 /// Every key and version of the live deployment (admin plane).
-fn live_versions(conn: &ConnectArgs) -> Result<Vec<(String, u32, i32)>, Error> {
+fn live_versions(conn: &ConnectArgs) -> Result<Vec<LiveKey>, Error> {
     conn.admin_call(|mut client| async move {
         let mut out = Vec::new();
         let mut page_token = String::new();
@@ -1263,7 +1248,11 @@ fn live_versions(conn: &ConnectArgs) -> Result<Vec<(String, u32, i32)>, Error> {
                 .await?
                 .into_inner();
             for k in page.keys {
-                out.push((k.key_id, k.current_version, k.state));
+                out.push(LiveKey {
+                    destroyed: k.state == i32::from(api::v1::KeyState::Destroyed),
+                    key_id: k.key_id,
+                    current_version: k.current_version,
+                });
             }
             if page.next_page_token.is_empty() {
                 break;
@@ -1272,56 +1261,6 @@ fn live_versions(conn: &ConnectArgs) -> Result<Vec<(String, u32, i32)>, Error> {
         }
         Ok(out)
     })
-}
-
-/// Whether every live key's versions are in the bundle.
-fn compare_live(
-    live: &[(String, u32, i32)],
-    cases: &[CanaryCase],
-    destroyed: &[kms_core::KeyId],
-    bundle: &Facts,
-) -> (bool, String) {
-    let mut in_bundle: BTreeMap<String, u32> = BTreeMap::new();
-    for c in cases {
-        let v = in_bundle.entry(c.key_id.to_string()).or_default();
-        *v = (*v).max(c.version);
-    }
-    let gone: Vec<String> = destroyed.iter().map(ToString::to_string).collect();
-    let destroyed_state = i32::from(api::v1::KeyState::Destroyed);
-    let mut missing = Vec::new();
-    for (id, current, state) in live {
-        if *state == destroyed_state || gone.contains(id) {
-            continue;
-        }
-        match in_bundle.get(id) {
-            None => missing.push(format!(
-                "key {id} (versions 1..{current}) is not in the bundle"
-            )),
-            Some(v) if v < current => missing.push(format!(
-                "key {id}: versions {}..{current} are not in the bundle",
-                v + 1
-            )),
-            Some(_) => {}
-        }
-    }
-    if missing.is_empty() {
-        (
-            true,
-            format!(
-                "every version of the live deployment's {} key(s) is in the bundle ({} versions)",
-                live.len(),
-                bundle.expected.values().sum::<u64>()
-            ),
-        )
-    } else {
-        (
-            false,
-            format!(
-                "the bundle is older than the live deployment: {}",
-                missing.join("; ")
-            ),
-        )
-    }
 }
 
 fn print_human(report: &Report, json_path: &Path, md_path: &Path) {

@@ -132,6 +132,24 @@ fn code_word(code: tonic::Code) -> &'static str {
 }
 
 impl Error {
+    /// The error and its causes, each once: a wrapper that already shows its cause (`{0}`,
+    /// or a transparent one) is not followed by the same text again.
+    pub(crate) fn full_text(&self) -> String {
+        let mut msg = self.to_string();
+        let mut source = match self {
+            Error::Rpc(status) => std::error::Error::source(status),
+            other => std::error::Error::source(other),
+        };
+        while let Some(s) = source {
+            let text = s.to_string();
+            if !msg.ends_with(&text) {
+                msg.push_str(&format!(": {text}"));
+            }
+            source = s.source();
+        }
+        msg
+    }
+
     /// The process exit code for this error: 2 for usage and configuration, 1 otherwise.
     pub(crate) fn exit_code(&self) -> u8 {
         match self {

@@ -229,21 +229,7 @@ fn run(cli: Cli) -> Result<(), Error> {
 
 fn report(e: &Error) {
     use std::io::Write;
-    let mut msg = format!("kms: {e}");
-    let mut source = match e {
-        Error::Rpc(status) => std::error::Error::source(status),
-        other => std::error::Error::source(other),
-    };
-    while let Some(s) = source {
-        // A wrapper that already shows its cause (`{0}`, or a transparent one) is not
-        // followed by the same text again.
-        let text = s.to_string();
-        if !msg.ends_with(&text) {
-            msg.push_str(&format!(": {text}"));
-        }
-        source = s.source();
-    }
-    let _ = writeln!(std::io::stderr().lock(), "{msg}");
+    let _ = writeln!(std::io::stderr().lock(), "kms: {}", e.full_text());
 }
 
 #[cfg(test)]

@@ -125,6 +125,8 @@ pub struct Facts {
     pub missing: Vec<String>,
     /// Destroyed keys.
     pub destroyed: Vec<String>,
+    /// Every key's current version, by key id.
+    pub current: BTreeMap<String, u32>,
     /// Versions with no escrow copy.
     pub unescrowed: Vec<String>,
     /// Versions with no canary.
@@ -274,6 +276,9 @@ impl Facts {
                 .entry(format!("{p}/{}", k.state.as_str()))
                 .or_default() += 1;
             level.insert(k.id, p.clone());
+            facts
+                .current
+                .insert(k.id.to_string(), k.current_version.get());
             if k.state == KeyState::Destroyed {
                 facts.destroyed.push(k.id.to_string());
                 continue;
@@ -418,6 +423,58 @@ pub fn version_checks(bundle: &Facts, verified: &BTreeMap<String, u64>) -> Vec<C
         )
     });
     out
+}
+
+/// A key of the live deployment, as its admin plane lists it.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct LiveKey {
+    /// Its id.
+    pub key_id: String,
+    /// Its current version.
+    pub current_version: u32,
+    /// Whether it is destroyed (its versions are gone, in the bundle or not).
+    pub destroyed: bool,
+}
+
+/// `live_versions`: every version of every non-destroyed live key is in the bundle; the keys
+/// and versions made after the export are named.
+pub fn live_check(bundle: &Facts, live: &[LiveKey]) -> Check {
+    let mut missing = Vec::new();
+    for k in live.iter().filter(|k| !k.destroyed) {
+        match bundle.current.get(&k.key_id) {
+            None => missing.push(format!(
+                "key {} (versions 1..{}) is not in the bundle",
+                k.key_id, k.current_version
+            )),
+            Some(v) if *v < k.current_version => missing.push(format!(
+                "key {}: versions {}..{} are not in the bundle",
+                k.key_id,
+                v.saturating_add(1),
+                k.current_version
+            )),
+            Some(_) => {}
+        }
+    }
+    if missing.is_empty() {
+        Check::new(
+            "live_versions",
+            true,
+            format!(
+                "every version of the live deployment's {} key(s) is in the bundle ({} versions)",
+                live.len(),
+                bundle.expected.values().sum::<u64>()
+            ),
+        )
+    } else {
+        Check::new(
+            "live_versions",
+            false,
+            format!(
+                "the bundle is older than the live deployment: {}",
+                first_few(&missing)
+            ),
+        )
+    }
 }
 
 /// Compares the recovered copy (drill additions left out) with the bundle.
