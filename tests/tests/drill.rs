@@ -449,6 +449,11 @@ fn a_provider_exit_drill_passes_and_its_report_verifies_against_the_production_l
     );
     assert!(!out.status.success());
     assert_eq!(failed(&older), ["live_versions"], "{older}");
+    assert_eq!(
+        older["state"], "done",
+        "a stale bundle is still drilled: {older}"
+    );
+    assert_eq!(older["key_versions_verified"], 5);
     assert!(check(&older, "live_versions")["detail"]
         .as_str()
         .unwrap()
