@@ -58,7 +58,7 @@ pub(crate) async fn run(args: AttestArgs, conn: &ConnectArgs, as_json: bool) -> 
                 as_json,
                 &json!({
                     "out": out.display().to_string(),
-                    "sha256": kms_core::receipt::Receipt::text_sha256(&text),
+                    "sha256": kms_core::audit::sha256_hex(text.as_bytes()),
                 }),
             )
         }

@@ -142,10 +142,7 @@ async fn download(
             bytes.extend_from_slice(&chunk.data);
             next = stream.message().await?;
         };
-        let sha = hex::encode(aws_lc_rs::digest::digest(
-            &aws_lc_rs::digest::SHA256,
-            &bytes,
-        ));
+        let sha = kms_core::audit::sha256_hex(&bytes);
         if sha != summary.bundle_sha256 {
             return Err(Error::Usage(
                 "the bundle received does not match the hash the server sent".into(),
@@ -189,10 +186,7 @@ fn load(file: &Path) -> Result<(kms_core::bundle::Bundle, String, usize), Error>
         file: file.to_path_buf(),
         source,
     })?;
-    let sha = hex::encode(aws_lc_rs::digest::digest(
-        &aws_lc_rs::digest::SHA256,
-        &bytes,
-    ));
+    let sha = kms_core::audit::sha256_hex(&bytes);
     Ok((bundle, sha, bytes.len()))
 }
 

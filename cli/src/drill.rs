@@ -358,7 +358,7 @@ fn provider_exit(args: &ProviderExitArgs, conn: &ConnectArgs, as_json: bool) -> 
     write_public(&report_json, text.as_bytes())?;
     let md = args.report.join("report.md");
     write_public(&md, markdown(&report, &teardown).as_bytes())?;
-    let sha = kms_core::drill::file_sha256(text.as_bytes());
+    let sha = kms_core::audit::sha256_hex(text.as_bytes());
     let mut summary = json!({
         "passed": report.passed,
         "state": report.state.as_str(),
@@ -441,7 +441,7 @@ fn phases(
     // The bundle, as it is: what every later check compares against.
     run.phase("reading the bundle");
     let bytes = read(&args.bundle).map_err(|e| run.fail("bundle", e.full_text()))?;
-    out.bundle_sha256 = kms_core::drill::file_sha256(&bytes);
+    out.bundle_sha256 = kms_core::audit::sha256_hex(&bytes);
     let bundle = kms_core::bundle::parse(&bytes)
         .map_err(|e| run.fail("bundle", format!("{}: {e}", args.bundle.display())))?;
     drop(bytes);
@@ -1100,7 +1100,7 @@ fn verify_canaries(
                     Ok(r) => {
                         let r = r.into_inner();
                         // The response wipes its plaintext when dropped.
-                        let hash = kms_core::drill::file_sha256(&r.plaintext);
+                        let hash = kms_core::audit::sha256_hex(&r.plaintext);
                         if r.key_id != case.key_id.to_string() || r.key_version != case.version {
                             Err(format!("{label}: opened as {}/{}", r.key_id, r.key_version))
                         } else if hash != case.dek_sha256 {
@@ -1393,7 +1393,7 @@ fn markdown(report: &Report, teardown: &str) -> String {
 fn verify_report(args: &VerifyReportArgs, as_json: bool) -> Result<(), Error> {
     let file = read(&args.file)?;
     let report = kms_core::drill::verify(&file).map_err(Error::DrillReport)?;
-    let sha = kms_core::drill::file_sha256(&file);
+    let sha = kms_core::audit::sha256_hex(&file);
     let mut out = json!({
         "valid": true,
         "passed": report.passed,

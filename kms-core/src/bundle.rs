@@ -14,7 +14,7 @@
 
 use std::collections::BTreeMap;
 
-use aws_lc_rs::digest::{digest, Context, Digest, SHA256};
+use aws_lc_rs::digest::{Context, Digest, SHA256};
 use aws_lc_rs::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_FIXED};
 use serde::{Deserialize, Serialize};
 
@@ -254,7 +254,7 @@ pub fn encode(
     let body = encode_records(records)?;
     header.format = FORMAT.into();
     header.body_len = u64::try_from(body.len()).map_err(|_| Error::Internal("bundle length"))?;
-    header.body_sha256 = hex::encode(digest(&SHA256, &body).as_ref());
+    header.body_sha256 = crate::audit::sha256_hex(&body);
     let header_json =
         serde_json::to_vec(&header).map_err(|_| Error::Internal("bundle header encoding"))?;
     if header_json.len() > MAX_HEADER {
@@ -347,7 +347,7 @@ pub fn parse(bytes: &[u8]) -> Result<Bundle, BundleError> {
     }
     let body_len = usize::try_from(header.body_len).unwrap_or(usize::MAX);
     let body = r.take(body_len, "records")?;
-    if hex::encode(digest(&SHA256, body).as_ref()) != header.body_sha256 {
+    if crate::audit::sha256_hex(body) != header.body_sha256 {
         return Err(BundleError::BodyHash);
     }
     let records = parse_records(body)?;

@@ -536,7 +536,7 @@ pub fn compare(bundle: &Facts, recovered: &Facts) -> Vec<Check> {
                 true,
                 format!(
                     "the stored rules, SHA-256 {}: {}",
-                    crate::drill::file_sha256(bundle.approval_rules.as_bytes()),
+                    crate::audit::sha256_hex(bundle.approval_rules.as_bytes()),
                     bundle.rules_summary
                 ),
             )
@@ -655,11 +655,6 @@ impl Report {
     }
 }
 
-/// SHA-256 of a report file, hex: how a recorded drill names it.
-pub fn file_sha256(bytes: &[u8]) -> String {
-    hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes).as_ref())
-}
-
 /// Checks a report file: its format, its one canonical form, and its signature under the
 /// key it names. That proves it intact since it was signed; who ran it is proven by a
 /// `drill.recorded` record in the production audit log (docs/DRILL.md).
@@ -725,7 +720,7 @@ pub fn to_record(
 ) -> Result<RecordedDrill, ReportError> {
     let report = verify(file)?;
     Ok(RecordedDrill {
-        report_sha256: file_sha256(file),
+        report_sha256: crate::audit::sha256_hex(file),
         passed: report.passed,
         finished_at: report.finished_at,
         bundle_sha256: report.bundle_sha256,

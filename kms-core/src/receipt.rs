@@ -6,7 +6,6 @@
 //! [`verify`] refuses any other form, so no byte of a receipt can change unnoticed, not even
 //! whitespace the signature does not cover.
 
-use aws_lc_rs::digest::{digest, SHA256};
 use aws_lc_rs::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_FIXED};
 use hsm_bridge::Hsm;
 use serde::{Deserialize, Serialize};
@@ -141,11 +140,6 @@ impl Receipt {
     /// The receipt's file text, in its one canonical form.
     pub fn to_text(&self) -> Result<String, Error> {
         document_text(self)
-    }
-
-    /// SHA-256 of the file text, hex: how the audit log names the receipt.
-    pub fn text_sha256(text: &str) -> String {
-        hex::encode(digest(&SHA256, text.as_bytes()).as_ref())
     }
 }
 

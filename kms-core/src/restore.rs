@@ -746,7 +746,7 @@ impl Prepared {
             ("transcript_sha256", h.transcript_sha256.clone()),
             (
                 "recover_transcript_sha256",
-                hex::encode(digest(&SHA256, &successor_bytes)),
+                crate::audit::sha256_hex(&successor_bytes),
             ),
             ("previous_signer", h.signer.id.clone()),
             ("signer", new_signer.clone()),

@@ -71,7 +71,10 @@ fn event(receipt: &Receipt, text: &str) -> AuditEvent {
         .map(|o| format!("{}#{}", o.label, o.cka_id.as_deref().unwrap_or("")))
         .collect();
     for (k, v) in [
-        ("receipt_sha256", Receipt::text_sha256(text)),
+        (
+            "receipt_sha256",
+            kms_core::audit::sha256_hex(text.as_bytes()),
+        ),
         ("signature", receipt.signature.value.clone()),
         ("signer", receipt.signature.key_id.clone()),
         ("versions", versions.join(",")),

@@ -269,7 +269,7 @@ fn a_provider_exit_drill_passes_and_its_report_verifies_against_the_production_l
     ] {
         assert!(report["timings_ms"][phase].is_u64(), "{phase}: {report}");
     }
-    let bundle_sha = kms_core::drill::file_sha256(&std::fs::read(&bundle).unwrap());
+    let bundle_sha = kms_core::audit::sha256_hex(&std::fs::read(&bundle).unwrap());
     assert_eq!(report["bundle_sha256"], bundle_sha);
     assert!(report["target_token"]["label"]
         .as_str()
@@ -331,7 +331,7 @@ fn a_provider_exit_drill_passes_and_its_report_verifies_against_the_production_l
     let recorded = &summary["recorded"];
     assert_eq!(
         recorded["report_sha256"],
-        kms_core::drill::file_sha256(&original)
+        kms_core::audit::sha256_hex(&original)
     );
     let export = dir.join("audit.jsonl");
     let pem = dir.join("signer.pem");

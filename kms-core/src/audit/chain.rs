@@ -266,9 +266,13 @@ pub fn signer_id(public_point: &[u8]) -> String {
 /// SHA-256 of a value's JSON, for the before/after fields of admin changes.
 pub fn object_hash<T: Serialize>(value: &T) -> Option<String> {
     let json = serde_json::to_vec(value).ok()?;
-    Some(hex::encode(
-        aws_lc_rs::digest::digest(&SHA256, &json).as_ref(),
-    ))
+    Some(sha256_hex(&json))
+}
+
+/// SHA-256 of `bytes`, lower-case hex: how records name a file (a receipt, an attestation, a
+/// bundle, a drill report) or a value.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(aws_lc_rs::digest::digest(&SHA256, bytes).as_ref())
 }
 
 /// The fixed DER prefix of a P-256 SubjectPublicKeyInfo (RFC 5480) before the 65-byte point.

@@ -30,8 +30,8 @@ use serde_json::value::RawValue;
 
 pub use chain::{
     checkpoint_message, key_seq, object_hash, public_key_from_pem, public_key_pem, record_hash,
-    recovered_record, seq_key, signer_id, split_record, AuditEvent, Checkpoint, Hash, RecordBody,
-    GENESIS, HASH_LEN, PRUNED_ACTION, RECOVERED_ACTION,
+    recovered_record, seq_key, sha256_hex, signer_id, split_record, AuditEvent, Checkpoint, Hash,
+    RecordBody, GENESIS, HASH_LEN, PRUNED_ACTION, RECOVERED_ACTION,
 };
 pub use log::{AuditConfig, AuditError, AuditLog, Pending, SIGNING_KEY_LABEL};
 pub(crate) use log::{CONTEXT_KEY, CONTEXT_KEY_AAD, SIGNER_PREFIX};

@@ -439,9 +439,7 @@ pub(super) fn make_canary(
         dek.expose_secret(),
         &context,
     )?;
-    let dek_sha256 = hex::encode(
-        aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, dek.expose_secret()).as_ref(),
-    );
+    let dek_sha256 = crate::audit::sha256_hex(dek.expose_secret());
     Ok(crate::key::Canary { blob, dek_sha256 })
 }
 

@@ -195,10 +195,10 @@ async fn make(
     })
     .await
     .map_err(|_| Status::internal("internal error"))??;
-    let sha = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &exported.bytes);
+    let sha = kms_core::audit::sha256_hex(&exported.bytes);
     let summary = BackupSummary {
         bundle_id,
-        bundle_sha256: hex::encode(sha.as_ref()),
+        bundle_sha256: sha,
         key_versions: exported.key_versions,
         size: u64::try_from(exported.bytes.len()).unwrap_or(u64::MAX),
         approval_id,

@@ -166,7 +166,7 @@ pub(super) async fn attest(
     if let Ok(text) = &result {
         done.detail.insert(
             "attestation_sha256".into(),
-            kms_core::receipt::Receipt::text_sha256(text),
+            kms_core::audit::sha256_hex(text.as_bytes()),
         );
     }
     svc.outcome(done, &operator, &result).await;
@@ -181,7 +181,7 @@ pub(super) async fn record_drill(
 ) -> Result<Response<RecordDrillResponse>, Status> {
     let (operator, mut intent) = svc.intent(kms_core::drill::RECORDED_ACTION, &request)?;
     let report = &request.get_ref().report;
-    let sha256 = kms_core::drill::file_sha256(report);
+    let sha256 = kms_core::audit::sha256_hex(report);
     intent.detail.insert("report_sha256".into(), sha256.clone());
     let drill = kms_core::drill::to_record(report, svc.gov.clock.now_unix(), &operator.to_string())
         .map_err(|e| Status::invalid_argument(e.to_string()));

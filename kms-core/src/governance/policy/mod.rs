@@ -489,9 +489,7 @@ pub fn active_set_sha256(store: &dyn Store) -> Result<String, Error> {
     }
     let json = serde_json::to_vec(&current_texts(&histories))
         .map_err(|_| Error::Internal("policy set encoding"))?;
-    Ok(hex::encode(
-        aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &json).as_ref(),
-    ))
+    Ok(crate::audit::sha256_hex(&json))
 }
 
 fn current_texts(histories: &BTreeMap<String, PolicyHistory>) -> BTreeMap<String, String> {
