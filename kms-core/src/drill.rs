@@ -12,7 +12,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
 use crate::key::{KeyRecord, KeyState, Protection, VersionRecord};
-use crate::receipt::{check_signature, document_message, ReceiptError, ReceiptSignature};
+use crate::receipt::{
+    check_signature, document_message, sign_document, ReceiptError, ReceiptSignature,
+};
 use crate::store::{Row, Store, Table};
 use crate::KeyId;
 
@@ -633,16 +635,11 @@ impl Report {
 
     /// Signs the report with the audit signing key in `hsm`, and names that key.
     pub fn sign(&mut self, hsm: &dyn Hsm) -> Result<(), Error> {
+        // The signer is named inside what is signed, so its point is read first.
         let key = hsm.p256_signing_key(crate::audit::SIGNING_KEY_LABEL)?;
         self.signer = Some(hex::encode(key.public_point()));
         self.signature = None;
-        let message = self.message()?;
-        let (signature, key_id) = crate::audit::sign_with_audit_key(hsm, &message)?;
-        self.signature = Some(ReceiptSignature {
-            algorithm: crate::receipt::ALGORITHM.into(),
-            key_id,
-            value: hex::encode(signature),
-        });
+        self.signature = Some(sign_document(hsm, &self.message()?)?);
         Ok(())
     }
 

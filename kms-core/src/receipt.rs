@@ -202,7 +202,8 @@ pub(crate) fn parse_document<T: Serialize + for<'de> Deserialize<'de>>(
     Ok(document)
 }
 
-/// Signs `message` with the audit signing key in `hsm`, as receipts and attestations carry it.
+/// Signs `message` with the audit signing key in `hsm`, as receipts, attestations and drill
+/// reports carry it.
 pub(crate) fn sign_document(hsm: &dyn Hsm, message: &[u8]) -> Result<ReceiptSignature, Error> {
     let (signature, key_id) = sign_with_audit_key(hsm, message)?;
     Ok(ReceiptSignature {
