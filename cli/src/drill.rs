@@ -20,7 +20,7 @@ use hsm_bridge::Pkcs11Hsm;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use kms_core::audit::{AuditEvent, AuditLog, RecordBody, VerifyOptions};
 use kms_core::drill::{
-    canaries, compare, version_checks, Additions, CanaryCase, Check, Facts, LiveKey, Report, State,
+    compare, version_checks, Additions, CanaryCase, Check, Facts, LiveKey, Report, State,
 };
 use kms_core::governance::inventory::{Inventory, NewWorkload};
 use kms_core::governance::policy::Policies;
@@ -446,20 +446,20 @@ fn phases(
         .map_err(|e| run.fail("bundle", format!("{}: {e}", args.bundle.display())))?;
     drop(bytes);
     out.epoch = Some(bundle.header.epoch);
-    let view = SnapshotView::from_rows(bundle.records.iter().map(|r| {
+    // The bundle's records become the view (moved, not copied: a bundle can be large).
+    let view = SnapshotView::from_rows(bundle.records.into_iter().map(|r| {
         (
             r.table,
             Row {
-                key: r.key.clone(),
-                value: r.value.clone(),
+                key: r.key,
+                value: r.value,
             },
         )
     }));
-    let old_token = bundle_token(&view);
-    let bundle_facts = Facts::of(&view, None).map_err(|e| run.fail("bundle", e.to_string()))?;
-    let (cases, destroyed) = canaries(&view).map_err(|e| run.fail("bundle", e.to_string()))?;
+    let (bundle_facts, cases) =
+        Facts::with_canaries(&view).map_err(|e| run.fail("bundle", e.to_string()))?;
     drop(view);
-    drop(bundle);
+    let destroyed = &bundle_facts.destroyed;
     out.expected = bundle_facts.expected.values().sum();
     run.pass(
         "bundle",
@@ -559,7 +559,7 @@ fn phases(
     }
     let t = recovered.token.clone();
     out.token = Some(t.clone());
-    match &old_token {
+    match bundle_facts.token.as_ref().map(|o| (&o.label, &o.serial)) {
         Some((label, serial)) if label == &t.label && serial == &t.serial => {
             return Err(run.fail(
                 "old_token_untouched",
@@ -613,7 +613,7 @@ fn phases(
         &made.tls,
         &server.data,
         cases,
-        &destroyed,
+        destroyed,
         usize::from(args.concurrency),
         &run.bar,
         run.started,
@@ -716,14 +716,6 @@ fn phases(
     run.reached("compare", State::Compared);
     run.state = State::Done;
     Ok(())
-}
-
-/// The old token, as the bundle's init transcript records it: label and serial.
-fn bundle_token(view: &SnapshotView) -> Option<(String, String)> {
-    use kms_core::store::{Store, Table};
-    let bytes = view.get(Table::Custody, b"transcript").ok()??;
-    let t = recovery::Transcript::parse(&bytes).ok()?;
-    Some((t.token.label, t.token.serial))
 }
 
 /// Makes the isolated place.

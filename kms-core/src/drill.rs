@@ -126,7 +126,7 @@ pub struct Facts {
     /// `KEY_ID/VERSION` a key's current version implies but the store lacks.
     pub missing: Vec<String>,
     /// Destroyed keys.
-    pub destroyed: Vec<String>,
+    pub destroyed: Vec<KeyId>,
     /// Every key's current version, by key id.
     pub current: BTreeMap<String, u32>,
     /// Versions with no escrow copy.
@@ -150,6 +150,9 @@ pub struct Facts {
     pub rules_summary: String,
     /// Ceremony id, epoch, threshold and custodians (name=recipient), or "none".
     pub custodians: String,
+    /// The token the custody transcript names: the deployment's own (the old one, for a
+    /// bundle).
+    pub token: Option<recovery::TokenInfo>,
 }
 
 /// A version to verify: its canary and what its DEK must hash to.
@@ -252,6 +255,20 @@ fn keys_and_versions(store: &dyn Store) -> Result<(Vec<KeyRecord>, Vec<VersionRe
 impl Facts {
     /// Gathers the facts of `store`, leaving out the drill's own additions when given.
     pub fn of(store: &dyn Store, additions: Option<&Additions>) -> Result<Self, Error> {
+        Ok(Self::gather(store, additions, false)?.0)
+    }
+
+    /// The facts of a bundle's store, and the canary of every version of its non-destroyed
+    /// keys: what the drill verifies. One read of the keys and versions serves both.
+    pub fn with_canaries(store: &dyn Store) -> Result<(Self, Vec<CanaryCase>), Error> {
+        Self::gather(store, None, true)
+    }
+
+    fn gather(
+        store: &dyn Store,
+        additions: Option<&Additions>,
+        want_canaries: bool,
+    ) -> Result<(Self, Vec<CanaryCase>), Error> {
         let view = Filtered {
             inner: store,
             skip: additions,
@@ -259,43 +276,57 @@ impl Facts {
         let store: &dyn Store = &view;
         let (keys, versions) = keys_and_versions(store)?;
         let mut facts = Facts::default();
-        let mut present = BTreeSet::new();
         let mut level = BTreeMap::new();
-        for v in &versions {
-            present.insert((v.key_id, v.version.get()));
-            let name = format!("{}/{}", v.key_id, v.version.get());
-            if v.escrow.is_none() {
-                facts.unescrowed.push(name.clone());
-            }
-            if v.canary.is_none() {
-                facts.without_canary.push(name);
-            }
-        }
         for k in &keys {
-            let p = k.protection.as_str().to_owned();
+            let p = k.protection.as_str();
             *facts
                 .keys
                 .entry(format!("{p}/{}", k.state.as_str()))
                 .or_default() += 1;
-            level.insert(k.id, p.clone());
             facts
                 .current
                 .insert(k.id.to_string(), k.current_version.get());
-            if k.state == KeyState::Destroyed {
-                facts.destroyed.push(k.id.to_string());
-                continue;
+            let destroyed = k.state == KeyState::Destroyed;
+            level.insert(k.id, (k.protection, destroyed));
+            if destroyed {
+                facts.destroyed.push(k.id);
+            } else {
+                *facts.expected.entry(p.to_owned()).or_default() +=
+                    u64::from(k.current_version.get());
             }
-            let current = k.current_version.get();
-            *facts.expected.entry(p).or_default() += u64::from(current);
-            for n in 1..=current {
+        }
+        let mut present = BTreeSet::new();
+        let mut cases = Vec::new();
+        for v in versions {
+            present.insert((v.key_id, v.version.get()));
+            let name = || format!("{}/{}", v.key_id, v.version.get());
+            if v.escrow.is_none() {
+                facts.unescrowed.push(name());
+            }
+            let Some(&(protection, destroyed)) = level.get(&v.key_id) else {
+                continue;
+            };
+            *facts
+                .stored
+                .entry(protection.as_str().to_owned())
+                .or_default() += 1;
+            match v.canary {
+                None => facts.without_canary.push(name()),
+                Some(canary) if want_canaries && !destroyed => cases.push(CanaryCase {
+                    key_id: v.key_id,
+                    version: v.version.get(),
+                    protection,
+                    blob: canary.blob,
+                    dek_sha256: canary.dek_sha256,
+                }),
+                Some(_) => {}
+            }
+        }
+        for k in keys.iter().filter(|k| k.state != KeyState::Destroyed) {
+            for n in 1..=k.current_version.get() {
                 if !present.contains(&(k.id, n)) {
                     facts.missing.push(format!("{}/{n}", k.id));
                 }
-            }
-        }
-        for v in &versions {
-            if let Some(p) = level.get(&v.key_id) {
-                *facts.stored.entry(p.clone()).or_default() += 1;
             }
         }
         facts.policies = crate::governance::policy::active_set_sha256(store)?;
@@ -322,6 +353,7 @@ impl Facts {
                     .iter()
                     .map(|c| format!("{}={}", c.name, c.recipient))
                     .collect();
+                facts.token = Some(t.token.clone());
                 format!(
                     "ceremony {} epoch {}, {} of [{}], transcript {}",
                     t.ceremony_id,
@@ -333,38 +365,8 @@ impl Facts {
             }
             None => "none".into(),
         };
-        Ok(facts)
+        Ok((facts, cases))
     }
-}
-
-/// The canaries of every non-destroyed key's versions in `store`, and the destroyed keys.
-pub fn canaries(store: &dyn Store) -> Result<(Vec<CanaryCase>, Vec<KeyId>), Error> {
-    let (keys, versions) = keys_and_versions(store)?;
-    let live: BTreeMap<KeyId, Protection> = keys
-        .iter()
-        .filter(|k| k.state != KeyState::Destroyed)
-        .map(|k| (k.id, k.protection))
-        .collect();
-    let destroyed = keys
-        .iter()
-        .filter(|k| k.state == KeyState::Destroyed)
-        .map(|k| k.id)
-        .collect();
-    let cases = versions
-        .into_iter()
-        .filter_map(|v| {
-            let protection = *live.get(&v.key_id)?;
-            let canary = v.canary?;
-            Some(CanaryCase {
-                key_id: v.key_id,
-                version: v.version.get(),
-                protection,
-                blob: canary.blob,
-                dek_sha256: canary.dek_sha256,
-            })
-        })
-        .collect();
-    Ok((cases, destroyed))
 }
 
 fn levels(map: &BTreeMap<String, u64>) -> String {
@@ -401,6 +403,12 @@ pub fn version_checks(bundle: &Facts, verified: &BTreeMap<String, u64>) -> Vec<C
         detail.push_str(&format!(
             "; missing from the bundle: {}",
             first_few(&bundle.missing)
+        ));
+    }
+    if !bundle.without_canary.is_empty() {
+        detail.push_str(&format!(
+            "; without a canary (made before canaries and exported before the next start): {}",
+            first_few(&bundle.without_canary)
         ));
     }
     out.push(Check::new("key_versions", complete, detail));
