@@ -58,9 +58,6 @@ impl DevLayout {
     pub(crate) fn config(&self) -> PathBuf {
         self.root.join("kms.toml")
     }
-    pub(crate) fn softhsm2_conf(&self) -> PathBuf {
-        self.root.join("softhsm2.conf")
-    }
     pub(crate) fn pki(&self, name: &str) -> PathBuf {
         self.root.join("pki").join(name)
     }
@@ -84,38 +81,9 @@ pub(crate) fn ensure(layout: &DevLayout) -> Result<PathBuf, Error> {
     restrict(&layout.root)?;
     restrict(&layout.root.join("secrets"))?;
 
-    let token_dir = layout.root.join("tokens");
-    if !token_dir.exists() {
+    if !layout.root.join("tokens").exists() {
         tracing::info!(dir = %layout.root.display(), "creating development SoftHSM2 token");
-        let rng = SystemRng::new();
-        let user_pin = random_pin(&rng)?;
-        let so_pin = random_pin(&rng)?;
-        hsm_bridge::softhsm::write_conf(&layout.softhsm2_conf(), &token_dir)?;
-        let created = || -> Result<(), Error> {
-            use secrecy::ExposeSecret;
-            write_private(
-                &layout.root.join("secrets/user.pin"),
-                user_pin.expose_secret().as_bytes(),
-            )?;
-            write_private(
-                &layout.root.join("secrets/so.pin"),
-                so_pin.expose_secret().as_bytes(),
-            )?;
-            hsm_bridge::softhsm::init_token(
-                &layout.softhsm2_conf(),
-                DEV_TOKEN_LABEL,
-                &so_pin,
-                &user_pin,
-            )?;
-            Ok(())
-        };
-        if let Err(e) = created() {
-            // Leave no half-made token behind: the next start tries again from scratch.
-            let _ = std::fs::remove_dir_all(&token_dir);
-            let _ = std::fs::remove_file(layout.root.join("secrets/user.pin"));
-            let _ = std::fs::remove_file(layout.root.join("secrets/so.pin"));
-            return Err(e);
-        }
+        new_token(&layout.root, DEV_TOKEN_LABEL)?;
     }
     if !layout.pki("server.pem").exists() {
         tracing::info!("creating development PKI");
@@ -141,6 +109,39 @@ pub(crate) fn ensure(layout: &DevLayout) -> Result<PathBuf, Error> {
     Ok(layout.config())
 }
 
+/// A new SoftHSM2 token labelled `label` under `root` (`softhsm2.conf`, `tokens/`), with
+/// random PINs in `secrets/user.pin` and `secrets/so.pin` (0600; `secrets/` must exist). On
+/// failure nothing of it is left behind.
+pub(crate) fn new_token(root: &Path, label: &str) -> Result<(), Error> {
+    use secrecy::ExposeSecret;
+    let rng = SystemRng::new();
+    let user_pin = random_pin(&rng)?;
+    let so_pin = random_pin(&rng)?;
+    let conf = root.join("softhsm2.conf");
+    let token_dir = root.join("tokens");
+    let created = || -> Result<(), Error> {
+        hsm_bridge::softhsm::write_conf(&conf, &token_dir)?;
+        write_private(
+            &root.join("secrets/user.pin"),
+            user_pin.expose_secret().as_bytes(),
+        )?;
+        write_private(
+            &root.join("secrets/so.pin"),
+            so_pin.expose_secret().as_bytes(),
+        )?;
+        hsm_bridge::softhsm::init_token(&conf, label, &so_pin, &user_pin)?;
+        Ok(())
+    };
+    let made = created();
+    if made.is_err() {
+        // Leave no half-made token behind: the next attempt starts from scratch.
+        let _ = std::fs::remove_dir_all(&token_dir);
+        let _ = std::fs::remove_file(root.join("secrets/user.pin"));
+        let _ = std::fs::remove_file(root.join("secrets/so.pin"));
+    }
+    made
+}
+
 fn restrict(dir: &Path) -> Result<(), Error> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(|source| {
@@ -152,7 +153,7 @@ fn restrict(dir: &Path) -> Result<(), Error> {
     })
 }
 
-pub(crate) fn random_pin(rng: &SystemRng) -> Result<SecretString, Error> {
+fn random_pin(rng: &SystemRng) -> Result<SecretString, Error> {
     let mut bytes = [0u8; 16];
     rng.fill(&mut bytes)?;
     let pin: String = bytes.iter().map(|b| format!("{b:02x}")).collect();

@@ -18,7 +18,7 @@ use api::ClientTls;
 use clap::{Args, Subcommand};
 use hsm_bridge::Pkcs11Hsm;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use kms_core::audit::{AuditEvent, AuditLog, RecordBody, VerifyOptions};
+use kms_core::audit::{AuditLog, RecordBody, VerifyOptions};
 use kms_core::drill::{
     compare, version_checks, Additions, CanaryCase, Check, Facts, LiveKey, Report, State,
 };
@@ -29,7 +29,6 @@ use kms_core::restore::RestoreError;
 use kms_core::store::{Row, SnapshotView};
 use kms_core::{Clock, Labels, RocksStore, SystemClock, SystemRng};
 use rcgen::{ExtendedKeyUsagePurpose, SanType};
-use secrecy::ExposeSecret;
 use serde_json::{json, Value};
 
 use crate::config::Config;
@@ -738,25 +737,12 @@ fn isolate(args: &ProviderExitArgs) -> Result<Place, Error> {
     };
     mkdir(&root.join("secrets"))?;
     mkdir(&root.join("pki"))?;
-    let rng = SystemRng::new();
     let (hsm_section, so_pin_file, own_token) = match &args.target_module {
         None => {
-            let user_pin = crate::dev::random_pin(&rng)?;
-            let so_pin = crate::dev::random_pin(&rng)?;
             let mut tag = [0u8; 4];
-            kms_core::Rng::fill(&rng, &mut tag)?;
+            kms_core::Rng::fill(&SystemRng::new(), &mut tag)?;
             let label = format!("kms-drill-{}", hex::encode(tag));
-            let conf = root.join("softhsm2.conf");
-            hsm_bridge::softhsm::write_conf(&conf, &root.join("tokens"))?;
-            write_private(
-                &root.join("secrets/user.pin"),
-                user_pin.expose_secret().as_bytes(),
-            )?;
-            write_private(
-                &root.join("secrets/so.pin"),
-                so_pin.expose_secret().as_bytes(),
-            )?;
-            hsm_bridge::softhsm::init_token(&conf, &label, &so_pin, &user_pin)?;
+            crate::dev::new_token(&root, &label)?;
             (
                 format!(
                     "token_label = {}\npin_file = \"secrets/user.pin\"\nsofthsm2_conf = \"softhsm2.conf\"\n",
@@ -864,18 +850,8 @@ fn provision(place: &Place, config: &Config, additions: &Additions) -> Result<Fa
     let store = Arc::new(RocksStore::open(&config.data_dir.join("store"))?);
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let log = AuditLog::open(store.clone(), clock.clone(), config.audit.settings())?;
-    let record = |action: &str, target: &str, after: Option<String>| -> Result<(), Error> {
-        let mut event = AuditEvent::new(action, "ok");
-        event.principal = Some(DRILL_PRINCIPAL.into());
-        event.detail.insert("target".into(), target.to_owned());
-        event
-            .detail
-            .insert("drill".into(), "provider-exit (recovered copy only)".into());
-        event.after = after;
-        log.submit(event)
-            .wait_blocking()
-            .map(|_| ())
-            .map_err(|e| Error::Usage(format!("cannot record a drill addition: {e}")))
+    let record = |action: &str, target: &str, after: Option<String>| {
+        crate::serve::record_offline_change(&log, DRILL_PRINCIPAL, action, target, after)
     };
     let ca =
         String::from_utf8_lossy(&read(&place.dir.path().join("pki/drill-ca.pem"))?).into_owned();

@@ -483,14 +483,26 @@ fn record_seed(
     target: &str,
     after: Option<String>,
 ) -> Result<(), Error> {
+    record_offline_change(log, SEEDER, action, target, after)
+}
+
+/// Records a change made outside the admin plane (at start-up, or by a drill in its
+/// recovered copy) as `principal`, waiting until it is durable.
+pub(crate) fn record_offline_change(
+    log: &AuditLog,
+    principal: &str,
+    action: &str,
+    target: &str,
+    after: Option<String>,
+) -> Result<(), Error> {
     let mut event = AuditEvent::new(action, "ok");
-    event.principal = Some(SEEDER.into());
+    event.principal = Some(principal.into());
     event.detail.insert("target".into(), target.to_owned());
     event.after = after;
     log.submit(event)
         .wait_blocking()
         .map(|_| ())
-        .map_err(|e| Error::Usage(format!("cannot record a start-up change: {e}")))
+        .map_err(|e| Error::Usage(format!("cannot record a change made by {principal}: {e}")))
 }
 
 /// Stores each configured trust bundle whose domain has none yet. Later changes are made on
