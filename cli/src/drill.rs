@@ -1057,11 +1057,10 @@ fn verify_canaries(
             let mut client = client.clone();
             async move {
                 let label = format!("{}/{}", case.key_id, case.version);
-                let context = BTreeMap::from([("sovereign-kms/canary".to_owned(), label.clone())]);
                 let answer = client
                     .decrypt(DecryptRequest {
-                        ciphertext: case.blob.clone(),
-                        encryption_context: context.into_iter().collect(),
+                        ciphertext: case.blob,
+                        encryption_context: case.context.into_iter().collect(),
                     })
                     .await;
                 let outcome = match answer {

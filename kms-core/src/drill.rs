@@ -166,6 +166,8 @@ pub struct CanaryCase {
     pub protection: Protection,
     /// The canary blob.
     pub blob: Vec<u8>,
+    /// The encryption context it was made with ([`crate::canary_context`]).
+    pub context: Vec<(String, String)>,
     /// Hex SHA-256 of its DEK.
     pub dek_sha256: String,
 }
@@ -313,6 +315,10 @@ impl Facts {
             match v.canary {
                 None => facts.without_canary.push(name()),
                 Some(canary) if want_canaries && !destroyed => cases.push(CanaryCase {
+                    context: crate::key::canary_context(v.key_id, v.version)?
+                        .entries()
+                        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                        .collect(),
                     key_id: v.key_id,
                     version: v.version.get(),
                     protection,
