@@ -188,12 +188,7 @@ fn k_shares_and_the_store_alone_open_every_escrowed_version() {
     let record = custody::load(store.as_ref()).unwrap().unwrap().record;
     let secret = combine(&shares).unwrap();
     let private = record.private_key(&secret).unwrap();
-    let versions: Vec<VersionRecord> = store
-        .scan(Table::Versions)
-        .unwrap()
-        .iter()
-        .map(|row| serde_json::from_slice(&row.value).unwrap())
-        .collect();
+    let versions = version_rows(&store);
     assert_eq!(versions.len(), 5);
     for dk in &blobs {
         let v = versions
@@ -338,12 +333,7 @@ fn a_reshare_reseals_everything_to_a_new_secret_and_refuses_the_old_shares() {
         ),
         "{old_again:?}"
     );
-    let versions: Vec<VersionRecord> = store
-        .scan(Table::Versions)
-        .unwrap()
-        .iter()
-        .map(|row| serde_json::from_slice(&row.value).unwrap())
-        .collect();
+    let versions = version_rows(&store);
     let new_private = new
         .record
         .private_key(&combine(&open_shares(&new, &new_ids, &[0, 1])).unwrap())
@@ -384,12 +374,7 @@ fn a_reshare_reseals_everything_to_a_new_secret_and_refuses_the_old_shares() {
 }
 
 fn version_rows(store: &RocksStore) -> Vec<VersionRecord> {
-    store
-        .scan(Table::Versions)
-        .unwrap()
-        .iter()
-        .map(|row| serde_json::from_slice(&row.value).unwrap())
-        .collect()
+    custody::version_records(store).unwrap()
 }
 
 /// Opens a version's canary through the key service, as a drill does through the data plane,

@@ -209,11 +209,8 @@ pub(super) async fn record_drill(
     let d = match result {
         Ok(d) => d,
         Err(e) => {
-            let refused: Result<(), Status> = Err(e);
-            svc.outcome(done, &operator, &refused).await;
-            return Err(refused
-                .err()
-                .unwrap_or_else(|| Status::internal("internal error")));
+            svc.outcome(done, &operator, &Err::<(), _>(e.clone())).await;
+            return Err(e);
         }
     };
     // The outcome with a signed checkpoint over it, so that an export taken right after
