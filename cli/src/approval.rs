@@ -7,6 +7,7 @@ use api::v1::{
     RejectChangeRequest, SetApprovalRulesRequest,
 };
 use clap::Subcommand;
+use kms_core::governance::actions::GatedAction;
 use serde_json::{json, Value};
 
 use crate::connect::ConnectArgs;
@@ -65,8 +66,8 @@ pub(crate) struct SetRules {
     expiry: humantime::Duration,
     /// Gated action (repeatable; default every gatable action). admin.SetApprovalRules is
     /// always gated.
-    #[arg(long = "gate", value_name = "ACTION")]
-    gated: Vec<String>,
+    #[arg(long = "gate", value_name = "ACTION", value_parser = parse_gated)]
+    gated: Vec<GatedAction>,
 }
 
 pub(crate) async fn run(
@@ -84,28 +85,7 @@ pub(crate) async fn run(
                 .await?
                 .into_inner();
             warn(&r.warning);
-            if as_json {
-                for a in &r.approvals {
-                    emit(true, &approval_json(a))?;
-                }
-                return Ok(());
-            }
-            if r.approvals.is_empty() {
-                return crate::output::raw("no approval requests\n");
-            }
-            for a in &r.approvals {
-                crate::output::raw(&format!(
-                    "{}  {:9}  {} {}  by {}  {}/{} approvals\n",
-                    a.id,
-                    a.state,
-                    a.action,
-                    a.target,
-                    shown_name(&a.requested_by_name, &a.requested_by),
-                    a.approvals.len(),
-                    a.required
-                ))?;
-            }
-            Ok(())
+            print_list(&r.approvals, as_json)
         }
         ApprovalCommand::Show(Id { id }) => {
             let a = client.get_approval(ApprovalId { id }).await?.into_inner();
@@ -143,13 +123,49 @@ pub(crate) async fn run(
                 .set_approval_rules(SetApprovalRulesRequest {
                     required,
                     expiry_secs: expiry.as_secs(),
-                    gated,
+                    gated: gated.iter().map(|a| a.as_str().to_owned()).collect(),
                 })
                 .await?
                 .into_inner();
             emit_change(as_json, r.approval.as_ref(), || rules_json(&r))
         }
     }
+}
+
+fn print_list(approvals: &[ApprovalInfo], as_json: bool) -> Result<(), Error> {
+    if as_json {
+        for a in approvals {
+            emit(true, &approval_json(a))?;
+        }
+        return Ok(());
+    }
+    if approvals.is_empty() {
+        return crate::output::raw("no approval requests\n");
+    }
+    for a in approvals {
+        crate::output::raw(&format!(
+            "{}  {:9}  {} {}  by {}  {}/{} approvals\n",
+            a.id,
+            a.state,
+            a.action,
+            a.target,
+            shown_name(&a.requested_by_name, &a.requested_by),
+            a.approvals.len(),
+            a.required
+        ))?;
+    }
+    Ok(())
+}
+
+/// A `--gate` value: one of the actions approvals can gate.
+fn parse_gated(s: &str) -> Result<GatedAction, String> {
+    s.parse().map_err(|_| {
+        let names: Vec<&str> = GatedAction::ALL.iter().map(|a| a.as_str()).collect();
+        format!(
+            "not an action approvals can gate; one of: {}",
+            names.join(", ")
+        )
+    })
 }
 
 fn warn(warning: &str) {

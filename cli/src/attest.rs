@@ -69,7 +69,7 @@ pub(crate) async fn run(args: AttestArgs, conn: &ConnectArgs, as_json: bool) -> 
 /// Checks the attestation against every key in the PEM file; the first that verifies it wins.
 fn verify(args: &VerifyArgs, as_json: bool) -> Result<(), Error> {
     use kms_core::attest::{verify, AttestError};
-    let keys = crate::audit::trusted_keys(&args.public_key)?;
+    let keys = kms_deployment::audit::trusted_keys(&args.public_key)?;
     let file = read(&args.file)?;
     let mut refusal = None;
     for point in keys.values() {

@@ -5,19 +5,18 @@
 //! (`--server`, or `--follow`) through `QueryAudit`.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use api::v1::QueryAuditRequest;
 use clap::{Args, Subcommand};
 use kms_core::audit::{
-    key_seq, public_key_from_pem, seq_key, signer_id, split_record, stored_checkpoints,
-    stored_signers, verify_store, Checkpoint, ExpectedHead, ExportLine, RecordBody, Report,
-    Signers, Verifier, VerifyOptions,
+    key_seq, public_key_from_pem, seq_key, split_record, stored_checkpoints, stored_signers,
+    verify_store, Checkpoint, ExpectedHead, ExportLine, RecordBody, Report, VerifyOptions,
 };
 use kms_core::store::{Store, Table};
-use kms_core::RocksStore;
+use kms_deployment::audit::{bad_line, for_each_line, open_store, trusted_keys, verify_file};
 
 use crate::connect::{ConnectArgs, Plane};
 use crate::error::{read, Error};
@@ -194,40 +193,6 @@ fn print_receipt(r: &kms_core::receipt::Receipt, as_json: bool) -> Result<(), Er
     ))
 }
 
-/// The RocksDB store under a data directory (`DIR/store`), or `DIR` itself if it is one.
-fn open_store(data_dir: &Path) -> Result<RocksStore, Error> {
-    let nested = data_dir.join("store");
-    let path = if nested.join("CURRENT").exists() {
-        nested
-    } else if data_dir.join("CURRENT").exists() {
-        data_dir.to_path_buf()
-    } else {
-        return Err(Error::Usage(format!(
-            "no store found in {} (expected {}/store)",
-            data_dir.display(),
-            data_dir.display()
-        )));
-    };
-    Ok(RocksStore::open_read_only(&path)?)
-}
-
-pub(crate) fn trusted_keys(path: &Path) -> Result<Signers, Error> {
-    let text = String::from_utf8_lossy(&read(path)?).into_owned();
-    let mut keys = Signers::new();
-    for block in text.split_inclusive("-----END PUBLIC KEY-----") {
-        if let Some(point) = public_key_from_pem(block) {
-            keys.insert(signer_id(&point), point);
-        }
-    }
-    if keys.is_empty() {
-        return Err(Error::Usage(format!(
-            "{}: no P-256 public key (PEM) found",
-            path.display()
-        )));
-    }
-    Ok(keys)
-}
-
 fn verify(args: &VerifyArgs, conn: &ConnectArgs, as_json: bool) -> Result<(), Error> {
     let trusted = args.public_key.as_deref().map(trusted_keys).transpose()?;
     let (expected, extra) = expected_head(args)?;
@@ -374,82 +339,6 @@ fn print_report(report: &Report, unanchored_tail: bool, as_json: bool) -> Result
             path: "stdout".into(),
             source,
         })
-}
-
-/// Two passes: signers and checkpoints first, then the records in file order.
-pub(crate) fn verify_file(
-    path: &Path,
-    trusted: Option<&Signers>,
-    from: Option<u64>,
-    expected: Option<ExpectedHead>,
-    extra: Option<Checkpoint>,
-) -> Result<Report, Error> {
-    let mut signers = Signers::new();
-    let mut checkpoints = Vec::new();
-    let mut first_record = None;
-    for_each_line(path, |n, line| {
-        match line.kind.as_str() {
-            "signer" => {
-                let (id, point) = line.as_signer().ok_or_else(|| bad_line(path, n))?;
-                signers.insert(id, point);
-            }
-            "checkpoint" => {
-                checkpoints.push(line.as_checkpoint().ok_or_else(|| bad_line(path, n))?)
-            }
-            "record" => {
-                first_record.get_or_insert(line.seq.unwrap_or(0));
-            }
-            _ => return Err(bad_line(path, n)),
-        }
-        Ok(())
-    })?;
-    // An export may start anywhere; it is checked from its first record.
-    let from = from.or(first_record.filter(|&s| s > 1));
-    let keys = trusted.unwrap_or(&signers);
-    checkpoints.extend(extra);
-    let mut verifier = Verifier::new(keys, checkpoints, from);
-    if let Some(head) = expected {
-        verifier = verifier.expect_head(head);
-    }
-    for_each_line(path, |n, line| {
-        if line.kind == "record" {
-            match line.as_record() {
-                Some((seq, value)) => verifier.record(seq, &value),
-                None => return Err(bad_line(path, n)),
-            }
-        }
-        Ok(())
-    })?;
-    Ok(verifier.finish())
-}
-
-fn bad_line(path: &Path, n: usize) -> Error {
-    Error::Usage(format!("{}:{n}: not an audit export line", path.display()))
-}
-
-pub(crate) fn for_each_line(
-    path: &Path,
-    mut f: impl FnMut(usize, ExportLine) -> Result<(), Error>,
-) -> Result<(), Error> {
-    let file = std::fs::File::open(path).map_err(|source| Error::File {
-        what: "cannot read",
-        path: path.to_path_buf(),
-        source,
-    })?;
-    for (i, line) in BufReader::new(file).lines().enumerate() {
-        let n = i.saturating_add(1);
-        let line = line.map_err(|source| Error::File {
-            what: "cannot read",
-            path: path.to_path_buf(),
-            source,
-        })?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let parsed: ExportLine = serde_json::from_str(&line).map_err(|_| bad_line(path, n))?;
-        f(n, parsed)?;
-    }
-    Ok(())
 }
 
 /// Where `--since` starts: a sequence number, or a time in ms since the epoch.

@@ -168,8 +168,8 @@ struct WorkerResult {
     first_error: Option<String>,
 }
 
-// Over 80 lines for a reason: one linear run whose report names every input and measurement;
-// a report helper would only take them all as arguments.
+// long: one linear run whose report names every input and measurement; a report helper
+// would only take them all as arguments.
 pub(crate) async fn run(args: BenchArgs, conn: &ConnectArgs, as_json: bool) -> Result<(), Error> {
     match (args.op.as_str(), args.pairs) {
         ("refusal-timing", Some(pairs)) => {
@@ -381,32 +381,7 @@ async fn refusal_timing(
     approvers.settle(p.approval.as_ref()).await?;
     let unknown = "00000000-0000-4000-8000-00000000beef".to_owned();
     let mut data = api::DataClient::new(data_tls.channel(&data_addr).await?);
-    let mut hists = [new_histogram()?, new_histogram()?];
-    let mut refused = [0u64; 2];
-    for i in 0..pairs {
-        let order = if i % 2 == 0 { [0, 1] } else { [1, 0] };
-        for which in order {
-            let request = GenerateDataKeyRequest {
-                key: if which == 0 {
-                    key.clone()
-                } else {
-                    unknown.clone()
-                },
-                ..Default::default()
-            };
-            let t = now();
-            let answer = data.generate_data_key(request).await;
-            let us = u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX);
-            if let Some(h) = hists.get_mut(which) {
-                let _ = h.record(us);
-            }
-            if let (Err(s), Some(n)) = (answer, refused.get_mut(which)) {
-                if s.code() == tonic::Code::PermissionDenied {
-                    *n += 1;
-                }
-            }
-        }
-    }
+    let (hists, refused) = time_pairs(&mut data, &key, &unknown, pairs).await?;
     if let Ok(p) = admin
         .delete_policy(api::v1::PolicyRequest {
             id: "bench-timing-forbidden".into(),
@@ -437,6 +412,43 @@ async fn refusal_timing(
         "mean_gap_us": ((forbidden.mean() - missing.mean()) * 10.0).round() / 10.0,
     });
     emit(as_json, &report)
+}
+
+/// Sends `pairs` pairs of data-key requests, one for `key` and one for `unknown`, their order
+/// alternating, and times each: (histograms in µs, PermissionDenied counts), forbidden first.
+async fn time_pairs(
+    data: &mut api::DataClient,
+    key: &str,
+    unknown: &str,
+    pairs: u32,
+) -> Result<([Histogram<u64>; 2], [u64; 2]), Error> {
+    let mut hists = [new_histogram()?, new_histogram()?];
+    let mut refused = [0u64; 2];
+    for i in 0..pairs {
+        let order = if i % 2 == 0 { [0, 1] } else { [1, 0] };
+        for which in order {
+            let request = GenerateDataKeyRequest {
+                key: if which == 0 {
+                    key.to_owned()
+                } else {
+                    unknown.to_owned()
+                },
+                ..Default::default()
+            };
+            let t = now();
+            let answer = data.generate_data_key(request).await;
+            let us = u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX);
+            if let Some(h) = hists.get_mut(which) {
+                let _ = h.record(us);
+            }
+            if let (Err(s), Some(n)) = (answer, refused.get_mut(which)) {
+                if s.code() == tonic::Code::PermissionDenied {
+                    *n += 1;
+                }
+            }
+        }
+    }
+    Ok((hists, refused))
 }
 
 /// What each worker sends: a key created for the run (and, for decrypt, one blob under it).

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 
 use api::ClientTls;
 use clap::Args;
+use kms_deployment::dev::DevLayout;
 
-use crate::dev::DevLayout;
 use crate::error::{read, Error};
 
 /// Connection options shared by client commands.

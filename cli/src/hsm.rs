@@ -31,14 +31,12 @@ pub(crate) struct InspectArgs {
 /// Runs an hsm command (blocking; before any async runtime exists).
 pub(crate) fn run(cmd: HsmCommand, data_dir: &Path, as_json: bool) -> Result<(), Error> {
     let HsmCommand::Inspect(args) = cmd;
-    let config_path = crate::ceremony::config_path_or_dev(args.config.as_ref(), data_dir)?;
-    let config = crate::config::Config::load(&config_path)?;
-    if let Some(conf) = &config.hsm.softhsm2_conf {
-        hsm_bridge::softhsm::use_conf(conf);
-    }
+    let config_path = kms_deployment::open::config_path_or_dev(args.config.as_ref(), data_dir)?;
+    let config = kms_deployment::config::Config::load(&config_path)?;
+    kms_deployment::open::use_softhsm2_conf(&config);
     // Read-only: inspection works beside a running server.
     let known = Known::read(&config.data_dir.join("store"))?;
-    let hsm = Pkcs11Hsm::open(&crate::serve::hsm_config(&config, &config_path)?)?;
+    let hsm = Pkcs11Hsm::open(&kms_deployment::open::hsm_config(&config, &config_path)?)?;
     let objects = hsm.inspect()?;
     let rows: Vec<Value> = objects.iter().map(|o| known.describe(o)).collect();
     if as_json {

@@ -1,9 +1,13 @@
 //! Parsing what a user types: k=v pairs, times, text files.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::PathBuf;
 
-use crate::error::{read, Error};
+use clap::Args;
+
+pub(crate) use kms_deployment::error::text_file;
+
+use crate::error::Error;
 
 pub(crate) fn pairs(flag: &str, entries: &[String]) -> Result<HashMap<String, String>, Error> {
     let mut map = HashMap::new();
@@ -43,7 +47,10 @@ pub(crate) fn when(flag: &str, s: &str) -> Result<u64, Error> {
         .map_err(|_| Error::Usage(format!("{flag}: {s:?} is before 1970")))
 }
 
-pub(crate) fn text_file(path: &Path) -> Result<String, Error> {
-    String::from_utf8(read(path)?)
-        .map_err(|_| Error::Usage(format!("{} is not UTF-8 text", path.display())))
+/// `--config` of a command that runs on the data directory (offline).
+#[derive(Args, Debug)]
+pub(crate) struct ConfigArg {
+    /// The deployment's config file (default: the development config under --data-dir).
+    #[arg(long)]
+    pub(crate) config: Option<PathBuf>,
 }

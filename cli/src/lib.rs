@@ -1,13 +1,16 @@
 //! # Design overview
 //!
 //! The `kms` command of sovereign-kms, as a library so that the binary and the end-to-end
-//! tests run the same code. `kms serve` runs the server; `kms key` and `kms data` call its
-//! admin and data planes; `kms bench` measures it. It parses flags and config files and prints
-//! results; it holds no server or domain logic.
+//! tests run the same code. It keeps flags, prompts, progress bars and printing: each
+//! subcommand parses its arguments and makes one call into the application layer
+//! (`kms_deployment`: opening a deployment, starting a node, the ceremonies and the drill) or
+//! one admin- or data-plane client call, and prints the result. It holds no server, host or
+//! domain logic.
 //!
 //! ```text
-//!   argv ─▶ clap ─▶ serve::prepare (HSM, store, keys; before any thread) ─▶ tokio ─▶ server
-//!                └▶ key / data / bench ─▶ api client ─▶ gRPC over mTLS
+//!   argv ─▶ clap ─▶ serve ─▶ kms_deployment::node (open, seed; before any thread) ─▶ tokio ─▶ server
+//!                ├▶ ceremony / drill / dev ─▶ kms_deployment
+//!                └▶ key / data / bench / ... ─▶ api client ─▶ gRPC over mTLS
 //! ```
 
 mod approval;
@@ -16,7 +19,6 @@ mod audit;
 mod backup;
 mod bench;
 mod ceremony;
-mod config;
 mod connect;
 mod data;
 mod dev;

@@ -90,29 +90,8 @@ pub(crate) async fn run(
 ) -> Result<(), Error> {
     let mut client = conn.admin().await?;
     match cmd {
-        OperatorCommand::Register(Register {
-            name,
-            identity,
-            cert,
-            owner,
-            roles,
-            expires,
-        }) => {
-            let identity = match (identity, cert) {
-                (Some(id), _) => id,
-                (None, Some(path)) => identity_of(&path)?.to_string(),
-                (None, None) => return Err(Error::Usage("give --identity or --cert".into())),
-            };
-            let o = client
-                .register_operator(RegisterOperatorRequest {
-                    name,
-                    identity,
-                    owner,
-                    roles,
-                    expires_at: when("--expires", &expires)?,
-                })
-                .await?
-                .into_inner();
+        OperatorCommand::Register(r) => {
+            let o = client.register_operator(r.request()?).await?.into_inner();
             emit_change(as_json, o.approval.as_ref(), || operator_json(&o))
         }
         OperatorCommand::Update(Update {
@@ -154,23 +133,7 @@ pub(crate) async fn run(
                 .list_operators(ListOperatorsRequest { include_inactive })
                 .await?
                 .into_inner();
-            if as_json {
-                for o in &r.operators {
-                    emit(true, &operator_json(o))?;
-                }
-                return Ok(());
-            }
-            for o in &r.operators {
-                crate::output::raw(&format!(
-                    "{:16}  {:16}  {}  {}  {}\n",
-                    o.name,
-                    o.roles.join(","),
-                    if o.active { "active  " } else { "inactive" },
-                    rfc3339(o.expires_at).as_str().unwrap_or("-"),
-                    o.identity
-                ))?;
-            }
-            Ok(())
+            print_list(&r.operators, as_json)
         }
         OperatorCommand::Whoami => {
             let o = client.who_am_i(WhoAmIRequest {}).await?.into_inner();
@@ -179,17 +142,42 @@ pub(crate) async fn run(
     }
 }
 
-/// The identity the admin plane takes from the certificate in `path` (its first PEM
-/// certificate).
-pub(crate) fn identity_of(path: &std::path::Path) -> Result<kms_core::OperatorId, Error> {
-    use rustls_pki_types::pem::PemObject;
-    let pem = crate::error::read(path)?;
-    let cert = rustls_pki_types::CertificateDer::pem_slice_iter(&pem)
-        .next()
-        .and_then(Result::ok)
-        .ok_or_else(|| Error::Usage(format!("{} holds no PEM certificate", path.display())))?;
-    server::operator_identity(cert.as_ref())
-        .ok_or_else(|| Error::Usage(format!("{} does not parse", path.display())))
+impl Register {
+    /// The request, with the identity read from `--cert` when it is not given.
+    fn request(self) -> Result<RegisterOperatorRequest, Error> {
+        let identity = match (self.identity, self.cert) {
+            (Some(id), _) => id,
+            (None, Some(path)) => kms_deployment::seed::operator_identity_of(&path)?.to_string(),
+            (None, None) => return Err(Error::Usage("give --identity or --cert".into())),
+        };
+        Ok(RegisterOperatorRequest {
+            name: self.name,
+            identity,
+            owner: self.owner,
+            roles: self.roles,
+            expires_at: when("--expires", &self.expires)?,
+        })
+    }
+}
+
+fn print_list(operators: &[OperatorInfo], as_json: bool) -> Result<(), Error> {
+    if as_json {
+        for o in operators {
+            emit(true, &operator_json(o))?;
+        }
+        return Ok(());
+    }
+    for o in operators {
+        crate::output::raw(&format!(
+            "{:16}  {:16}  {}  {}  {}\n",
+            o.name,
+            o.roles.join(","),
+            if o.active { "active  " } else { "inactive" },
+            rfc3339(o.expires_at).as_str().unwrap_or("-"),
+            o.identity
+        ))?;
+    }
+    Ok(())
 }
 
 fn operator_json(o: &OperatorInfo) -> Value {

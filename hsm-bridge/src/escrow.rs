@@ -18,7 +18,6 @@ use secrecy::{ExposeSecret, SecretBox, SecretString};
 use zeroize::Zeroize;
 
 use crate::error::{Error, Result};
-use crate::token::Pkcs11Hsm;
 use crate::TokenKey;
 
 /// Length of a `CKA_ID` this project gives its objects.
@@ -454,7 +453,7 @@ pub(crate) fn generate_escrowed(
     // No search for an object with `id` first: ids are 16 random bytes, and a search costs a
     // pass over every object on the token (measured: 2 ms at 200 keys on SoftHSM2). A clash
     // would make the later lookup by id refuse both, not pick one.
-    let template = crate::token::aes_key_template(label, id, true);
+    let template = aes_key_template(label, id, true);
     let key = session.generate_key(&Mechanism::AesKeyGen, &template)?;
     let steps = || -> Result<EscrowedKey> {
         let wrapped = session.wrap_key(&Mechanism::AesKeyWrapPad, escrow, key)?;
@@ -540,7 +539,7 @@ pub(crate) fn self_test(session: &Session) -> Result<()> {
 /// Imports the trusted escrow key as the token's Security Officer, reads it back and checks
 /// it against `pin`. For the init ceremony only, in a process that has not logged in to the
 /// token as the user (PKCS#11 keeps one login state per application, and logging the user out
-/// would invalidate the handles of private objects): run it before [`Pkcs11Hsm::open`].
+/// would invalidate the handles of private objects): run it before [`crate::Pkcs11Hsm::open`].
 ///
 /// The key is `CKA_DESTROYABLE=false`: this step cannot be undone. The PIN is never part of an
 /// error.
@@ -551,8 +550,8 @@ pub fn import_trusted_escrow_key(
     pin: &EscrowPin,
     value: &SecretBox<[u8; 32]>,
 ) -> Result<()> {
-    let ctx = crate::token::load_module(module)?;
-    let slot = crate::token::find_slot(&ctx, token_label, module)?;
+    let ctx = crate::slot::load_module(module)?;
+    let slot = crate::slot::find_slot(&ctx, token_label, module)?;
     let session = ctx.open_rw_session(slot)?;
     match session.login(UserType::So, Some(so_pin)) {
         Ok(()) => {}
@@ -587,12 +586,34 @@ pub fn import_trusted_escrow_key(
     result
 }
 
-impl Pkcs11Hsm {
-    /// Every object the logged-in user can see, attribute by attribute.
-    pub fn inspect(&self) -> Result<Vec<ObjectReport>> {
-        self.run_one(|session| {
-            let objects = session.find_objects(&[])?;
-            Ok(objects.into_iter().map(|o| report(session, o)).collect())
-        })
-    }
+/// AES-256 key length in bytes.
+const AES_256_LEN: u64 = 32;
+
+/// An AES-256 token key that only encrypts and decrypts. Every usage flag is set, so no token
+/// default decides one. A fixed key never leaves the HSM and cannot be changed; an escrowed one
+/// can be wrapped only under a trusted key, and stays modifiable so that it can be locked
+/// non-extractable once it has been (see `docs/CUSTODY.md`).
+pub(crate) fn aes_key_template(label: &str, id: &ObjectId, escrowed: bool) -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::ValueLen(AES_256_LEN.into()),
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(escrowed),
+        Attribute::WrapWithTrusted(escrowed),
+        Attribute::Encrypt(true),
+        Attribute::Decrypt(true),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+        Attribute::Sign(false),
+        Attribute::Verify(false),
+        Attribute::Derive(false),
+        Attribute::Modifiable(escrowed),
+        Attribute::Copyable(false),
+        Attribute::Destroyable(true),
+        Attribute::Id(id.0.to_vec()),
+        Attribute::Label(label.as_bytes().to_vec()),
+    ]
 }

@@ -27,6 +27,7 @@ mod config;
 mod error;
 mod escrow;
 mod pool;
+mod slot;
 pub mod softhsm;
 #[cfg(feature = "test-support")]
 pub mod test_support;

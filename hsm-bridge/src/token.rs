@@ -3,7 +3,7 @@
 use std::fmt;
 use std::path::PathBuf;
 
-use cryptoki::context::{CInitializeArgs, CInitializeFlags, Function, Pkcs11};
+use cryptoki::context::{Function, Pkcs11};
 use cryptoki::error::RvError;
 use cryptoki::mechanism::aead::GcmParams;
 use cryptoki::mechanism::Mechanism;
@@ -16,15 +16,16 @@ use zeroize::Zeroize;
 
 use crate::config::HsmConfig;
 use crate::error::{rv_is_device_fault, Error, Result};
-use crate::escrow::{self, CheckValue, EscrowPin, EscrowedKey, ObjectId};
+use crate::escrow::{
+    self, aes_key_template, report, CheckValue, EscrowPin, EscrowedKey, ObjectId, ObjectReport,
+};
 use crate::pool::SessionPool;
+use crate::slot::{find_slot, load_module};
 use crate::{
     Hsm, HsmEvent, HsmObserver, KeyAttributes, SigningKey, TokenKey, ECDSA_P256_SIG_LEN,
     GCM_NONCE_LEN, GCM_TAG_LEN, P256_POINT_LEN,
 };
 
-/// AES-256 key length in bytes.
-const AES_256_LEN: u64 = 32;
 /// GCM tag length in bits, as PKCS#11 wants it.
 const GCM_TAG_BITS: u64 = 128;
 /// DER of the named curve P-256 (OID 1.2.840.10045.3.1.7), as `CKA_EC_PARAMS` wants it.
@@ -532,36 +533,6 @@ fn is_bad_ciphertext(e: &Error) -> bool {
     )
 }
 
-/// Loads and initialises a PKCS#11 module (a second initialisation in one process is fine).
-pub(crate) fn load_module(module: &std::path::Path) -> Result<Pkcs11> {
-    let ctx = Pkcs11::new(module).map_err(|source| Error::ModuleLoad {
-        module: module.to_path_buf(),
-        source,
-    })?;
-    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
-        Ok(()) | Err(cryptoki::error::Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {
-            Ok(ctx)
-        }
-        Err(source) => Err(Error::ModuleLoad {
-            module: module.to_path_buf(),
-            source,
-        }),
-    }
-}
-
-pub(crate) fn find_slot(ctx: &Pkcs11, label: &str, module: &std::path::Path) -> Result<Slot> {
-    for slot in ctx.get_slots_with_token()? {
-        let info = ctx.get_token_info(slot)?;
-        if info.label().trim_end() == label {
-            return Ok(slot);
-        }
-    }
-    Err(Error::TokenNotFound {
-        label: label.to_owned(),
-        module: module.to_path_buf(),
-    })
-}
-
 fn find_key(session: &Session, label: &str) -> Result<Option<ObjectHandle>> {
     let template = [
         Attribute::Class(ObjectClass::SECRET_KEY),
@@ -656,35 +627,6 @@ fn root_key_id(label: &str) -> ObjectId {
     ObjectId(id)
 }
 
-/// An AES-256 token key that only encrypts and decrypts. Every usage flag is set, so no token
-/// default decides one. A fixed key never leaves the HSM and cannot be changed; an escrowed one
-/// can be wrapped only under a trusted key, and stays modifiable so that it can be locked
-/// non-extractable once it has been (see `docs/CUSTODY.md`).
-pub(crate) fn aes_key_template(label: &str, id: &ObjectId, escrowed: bool) -> Vec<Attribute> {
-    vec![
-        Attribute::Class(ObjectClass::SECRET_KEY),
-        Attribute::KeyType(KeyType::AES),
-        Attribute::ValueLen(AES_256_LEN.into()),
-        Attribute::Token(true),
-        Attribute::Private(true),
-        Attribute::Sensitive(true),
-        Attribute::Extractable(escrowed),
-        Attribute::WrapWithTrusted(escrowed),
-        Attribute::Encrypt(true),
-        Attribute::Decrypt(true),
-        Attribute::Wrap(false),
-        Attribute::Unwrap(false),
-        Attribute::Sign(false),
-        Attribute::Verify(false),
-        Attribute::Derive(false),
-        Attribute::Modifiable(escrowed),
-        Attribute::Copyable(false),
-        Attribute::Destroyable(true),
-        Attribute::Id(id.0.to_vec()),
-        Attribute::Label(label.as_bytes().to_vec()),
-    ]
-}
-
 /// Moves plaintext into a secret box of exactly its length and wipes the source buffer.
 fn into_secret(mut plain: Vec<u8>) -> SecretSlice<u8> {
     let boxed: Box<[u8]> = plain.as_slice().into();
@@ -716,4 +658,14 @@ pub fn token_objects(
     let found = session.find_objects(&[]).map(|o| o.len());
     let _ = session.logout();
     Ok(found?)
+}
+
+impl Pkcs11Hsm {
+    /// Every object the logged-in user can see, attribute by attribute.
+    pub fn inspect(&self) -> Result<Vec<ObjectReport>> {
+        self.run_one(|session| {
+            let objects = session.find_objects(&[])?;
+            Ok(objects.into_iter().map(|o| report(session, o)).collect())
+        })
+    }
 }

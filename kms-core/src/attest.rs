@@ -15,7 +15,7 @@ use crate::receipt::{
     check_signature, document_message, document_text, parse_document, sign_document, DocumentFault,
     ReceiptError, ReceiptSignature,
 };
-use crate::store::{Row, SnapshotView, Store, Table};
+use crate::store::{table_sha256, Row, SnapshotView, Store, Table};
 
 /// The `format` of every attestation this code writes.
 pub const FORMAT: &str = "sovereign-kms/attestation/v1";
@@ -97,9 +97,9 @@ pub struct ApprovalQuorum {
 pub struct StateHashes {
     /// The active policy set (see [`crate::governance::policy::active_set_sha256`]).
     pub policies: String,
-    /// The trust bundles table (see [`table_sha256`]).
+    /// The trust bundles table (see [`crate::store::table_sha256`]).
     pub trust_bundles: String,
-    /// The operator inventory table (see [`table_sha256`]).
+    /// The operator inventory table (see [`crate::store::table_sha256`]).
     pub operators: String,
 }
 
@@ -161,20 +161,6 @@ pub struct Attestation {
     pub signature: ReceiptSignature,
 }
 
-/// SHA-256 (hex) of a table's rows in key order: for each, the key's and the value's length
-/// (4 bytes, big-endian) and bytes.
-pub fn table_sha256(rows: &[Row]) -> String {
-    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
-    for row in rows {
-        for part in [&row.key, &row.value] {
-            let len = u32::try_from(part.len()).unwrap_or(u32::MAX);
-            ctx.update(&len.to_be_bytes());
-            ctx.update(part);
-        }
-    }
-    hex::encode(ctx.finish().as_ref())
-}
-
 /// The tables a statement is gathered from.
 const TABLES: [Table; 9] = [
     Table::Keys,
@@ -190,6 +176,7 @@ const TABLES: [Table; 9] = [
 
 /// Gathers the statement from the token and from one snapshot of the store, so that every
 /// count and hash in it is of the same point in time.
+// long: one statement filled field by field from one snapshot of the store.
 pub fn gather(
     store: &dyn Store,
     hsm: &dyn Hsm,
@@ -288,7 +275,7 @@ pub fn gather(
         custody,
         approvals: ApprovalQuorum {
             required: rules.required,
-            gated: rules.gated.into_iter().collect(),
+            gated: rules.gated.iter().map(|a| a.as_str().to_owned()).collect(),
         },
         last_drill: crate::drill::last_recorded(store)?
             .map(|d| serde_json::to_value(d).map_err(|_| Error::Internal("drill encoding")))

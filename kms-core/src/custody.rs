@@ -14,8 +14,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
 use crate::ids::{KeyId, KeyVersion};
-use crate::key::{kek_wrap_aad, Escrow, Protection, StoredMaterial, VersionRecord};
-use crate::kms::{put_version, unwrap_software};
+use crate::key::{
+    kek_wrap_aad, put_version, unwrap_software, Escrow, Protection, StoredMaterial, VersionRecord,
+};
 use crate::store::{Change, Store, Table};
 use crate::Rng;
 

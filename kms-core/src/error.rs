@@ -226,6 +226,9 @@ pub enum Error {
 #[derive(Clone, Copy, PartialEq, Eq, Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum InvalidInput {
+    /// An admin action name that is not one.
+    #[error("action (an admin action such as admin.PutPolicy)")]
+    Action,
     /// Alias syntax.
     #[error("alias (1-64 of A-Z a-z 0-9 / _ - ., not a UUID)")]
     Alias,

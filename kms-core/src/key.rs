@@ -4,8 +4,14 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use hsm_bridge::Hsm;
+use secrecy::ExposeSecret;
+
+use crate::blob::NONCE_LEN;
 use crate::error::{Error, InvalidInput};
 use crate::ids::{Alias, KeyId, KeyVersion};
+use crate::secret::{Kek, KEK_LEN};
+use crate::store::{Change, Table};
 
 /// Where a key version's material lives and where its operations run.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
@@ -299,4 +305,49 @@ pub fn kek_wrap_aad(id: KeyId, version: KeyVersion) -> Vec<u8> {
     aad.extend_from_slice(&id.to_bytes());
     aad.extend_from_slice(&version.get().to_be_bytes());
     aad
+}
+
+pub(crate) fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, Error> {
+    serde_json::to_vec(value).map_err(|_| Error::Internal("record encoding"))
+}
+
+/// A version's key in [`Table::Versions`]: key id ‖ version (big-endian).
+pub(crate) fn version_key(id: KeyId, version: KeyVersion) -> Vec<u8> {
+    let mut key = id.to_bytes().to_vec();
+    key.extend_from_slice(&version.get().to_be_bytes());
+    key
+}
+
+pub(crate) fn put_version(record: &VersionRecord) -> Result<Change, Error> {
+    Ok(Change::Put {
+        table: Table::Versions,
+        key: version_key(record.key_id, record.version),
+        value: encode(record)?,
+    })
+}
+
+/// Unwraps a software version's material under the root key.
+pub(crate) fn unwrap_software(hsm: &dyn Hsm, record: &VersionRecord) -> Result<Kek, Error> {
+    let StoredMaterial::Software { wrapped } = &record.material else {
+        return Err(Error::Internal("not a software version"));
+    };
+    let (nonce, sealed) = wrapped
+        .split_first_chunk::<NONCE_LEN>()
+        .ok_or(Error::Internal("wrapped key material truncated"))?;
+    let aad = kek_wrap_aad(record.key_id, record.version);
+    let plain = hsm
+        .aes_gcm_decrypt(hsm.root_key(), nonce, &aad, sealed)
+        .map_err(|e| {
+            tracing::error!(key_id = %record.key_id, version = %record.version, error = %e,
+                "key version does not unwrap under this token's root key");
+            Error::from(e)
+        })?;
+    Kek::init_with(|buf| {
+        let bytes: &[u8; KEK_LEN] = plain
+            .expose_secret()
+            .try_into()
+            .map_err(|_| Error::Internal("unwrapped key material has the wrong length"))?;
+        buf.copy_from_slice(bytes);
+        Ok(())
+    })
 }

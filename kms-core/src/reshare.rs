@@ -22,6 +22,7 @@ use crate::custody::{
     version_records, Custody, RECOVER_TRANSCRIPT_PREFIX, SEAL_PREFIX, TRANSCRIPT, VERIFIED_PREFIX,
 };
 use crate::error::Error;
+use crate::governance::actions::GatedAction;
 use crate::governance::approvals::{ApprovalRequest, Ticket, TicketRefusal};
 use crate::key::{kek_wrap_aad, Escrow, VersionRecord};
 use crate::restore::{check_share_set, rebuild, RestoreError};
@@ -31,13 +32,13 @@ use crate::store::{Change, Store, Table};
 pub(crate) const HISTORY_PREFIX: &[u8] = b"history/";
 
 /// The gated action that authorises a reshare.
-pub const ACTION: &str = "admin.Reshare";
+pub const ACTION: GatedAction = GatedAction::Reshare;
 /// An approved reshare: usable once, for an hour, by the offline ceremony.
 pub const TICKET: Ticket = Ticket::new(ACTION, 3600, b"reshare-used/");
 
 /// Whether the stored approval rules gate a reshare.
 pub fn gated(store: &dyn Store) -> Result<bool, Error> {
-    Ok(crate::governance::approvals::stored_rules(store)?.gates(ACTION))
+    Ok(crate::governance::approvals::stored_rules(store)?.gates(ACTION.action()))
 }
 
 /// The approved reshare `id`, if the ceremony may use it now (see [`Ticket::check`]). The

@@ -129,9 +129,13 @@ fn identities_parse_strictly() {
     }
 }
 
+fn action(name: &str) -> kms_core::governance::actions::AdminAction {
+    name.parse().unwrap()
+}
+
 fn request(action: &str) -> NewRequest {
     NewRequest {
-        action: action.into(),
+        action: action.parse().unwrap(),
         target: "p".into(),
         request: vec![1, 2, 3],
         view: "{}".into(),
@@ -214,9 +218,9 @@ fn an_action_added_by_a_later_release_starts_gated_under_rules_stored_before_it(
         .unwrap()
         .approvals
         .rules();
-    assert!(rules.gates("admin.ScheduleKeyDestruction"));
+    assert!(rules.gates(action("admin.ScheduleKeyDestruction")));
     assert!(
-        !rules.gates("admin.DeletePolicy"),
+        !rules.gates(action("admin.DeletePolicy")),
         "an operator's choice stays"
     );
     // Written back: the next start neither reports nor changes anything more.
@@ -227,7 +231,7 @@ fn an_action_added_by_a_later_release_starts_gated_under_rules_stored_before_it(
     assert_eq!(again, rules);
     // Taken off the list on purpose, it stays off.
     let mut open = again.gated.clone();
-    open.remove("admin.ScheduleKeyDestruction");
+    open.remove(&"admin.ScheduleKeyDestruction".parse().unwrap());
     let approvals = Approvals::open(store(&dir), ApprovalRules::default(), T0)
         .unwrap()
         .approvals;
@@ -239,5 +243,5 @@ fn an_action_added_by_a_later_release_starts_gated_under_rules_stored_before_it(
         .unwrap()
         .approvals
         .rules();
-    assert!(!reopened.gates("admin.ScheduleKeyDestruction"));
+    assert!(!reopened.gates(action("admin.ScheduleKeyDestruction")));
 }

@@ -201,6 +201,7 @@ impl Bound {
     }
 
     /// Serves both planes until `shutdown` resolves, then drains in-flight requests.
+    // long: both planes' servers, their layers and the drain, built side by side.
     pub async fn serve(
         self,
         services: Services,

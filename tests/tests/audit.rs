@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use api::v1::{
     BatchGenerateDataKeyRequest, DecryptRequest, EncryptRequest, GenerateDataKeyRequest,
@@ -774,7 +774,12 @@ fn load_then_kill(server: Server) -> Vec<String> {
             }
         }));
     }
-    std::thread::sleep(Duration::from_millis(1000));
+    // The kill comes once the load is well under way (at least 200 acknowledged), not after a
+    // fixed time that a slow machine might not fill.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while acknowledged.lock().unwrap().len() < 200 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let before_kill = acknowledged.lock().unwrap().len();
     server.kill9();
     stop.store(true, Ordering::Relaxed);

@@ -206,6 +206,7 @@ impl<'a> Verifier<'a> {
     }
 
     /// Checks the record stored under `seq` (`value` is hash ‖ body).
+    // long: every check of one record, in the order a verification reports them.
     pub fn record(&mut self, seq: u64, value: &[u8]) {
         if self.from.is_some_and(|f| seq < f) {
             return;

@@ -7,6 +7,7 @@
 //!      ─▶ grant, if presented (grants) ─▶ Cedar decision (policy, behind authz::Authorizer)
 //! ```
 
+pub mod actions;
 pub mod approvals;
 pub mod authz;
 pub mod grants;

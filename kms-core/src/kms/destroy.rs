@@ -10,13 +10,13 @@ use std::collections::BTreeMap;
 
 use hsm_bridge::{CheckValue, ObjectId};
 
-use super::material::{decode, put_key, version_key};
+use super::material::{decode, put_key};
 use super::Kms;
 use crate::error::Error;
 use crate::ids::{KeyId, KeyRef};
 use crate::key::{
-    DeletedVersion, Destruction, DestructionAuthority, KeyRecord, KeyState, StoredMaterial,
-    TokenObject, VersionRecord,
+    version_key, DeletedVersion, Destruction, DestructionAuthority, KeyRecord, KeyState,
+    StoredMaterial, TokenObject, VersionRecord,
 };
 use crate::receipt::{Receipt, Statement, DELETED, NOT_COVERED};
 use crate::store::{Change, Table};

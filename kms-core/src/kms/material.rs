@@ -5,14 +5,14 @@ use std::sync::Arc;
 
 use aws_lc_rs::aead::{LessSafeKey, UnboundKey, AES_256_GCM};
 use hsm_bridge::{CheckValue, Hsm, ObjectId, TokenKey};
-use secrecy::ExposeSecret;
 
 use super::{Cache, Deps, KeyEntry, VersionKey};
-use crate::blob::NONCE_LEN;
 use crate::error::Error;
 use crate::ids::{Alias, KeyId, KeyVersion};
-use crate::key::{kek_wrap_aad, KeyRecord, KeyState, StoredMaterial, VersionRecord};
-use crate::secret::{Kek, KEK_LEN};
+use crate::key::{
+    encode, put_version, unwrap_software, KeyRecord, KeyState, StoredMaterial, VersionRecord,
+};
+use crate::secret::Kek;
 use crate::store::{Change, Table};
 
 /// Store writes per batch when canaries are made at load.
@@ -132,32 +132,6 @@ pub(super) fn materialize(
     }
 }
 
-/// Unwraps a software version's material under the root key.
-pub(crate) fn unwrap_software(hsm: &dyn Hsm, record: &VersionRecord) -> Result<Kek, Error> {
-    let StoredMaterial::Software { wrapped } = &record.material else {
-        return Err(Error::Internal("not a software version"));
-    };
-    let (nonce, sealed) = wrapped
-        .split_first_chunk::<NONCE_LEN>()
-        .ok_or(Error::Internal("wrapped key material truncated"))?;
-    let aad = kek_wrap_aad(record.key_id, record.version);
-    let plain = hsm
-        .aes_gcm_decrypt(hsm.root_key(), nonce, &aad, sealed)
-        .map_err(|e| {
-            tracing::error!(key_id = %record.key_id, version = %record.version, error = %e,
-                "key version does not unwrap under this token's root key");
-            Error::from(e)
-        })?;
-    Kek::init_with(|buf| {
-        let bytes: &[u8; KEK_LEN] = plain
-            .expose_secret()
-            .try_into()
-            .map_err(|_| Error::Internal("unwrapped key material has the wrong length"))?;
-        buf.copy_from_slice(bytes);
-        Ok(())
-    })
-}
-
 pub(super) fn aead_key(kek: &Kek) -> Result<LessSafeKey, Error> {
     UnboundKey::new(&AES_256_GCM, kek.expose_secret())
         .map(LessSafeKey::new)
@@ -174,29 +148,10 @@ pub(super) fn decode<T: serde::de::DeserializeOwned>(
     })
 }
 
-fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, Error> {
-    serde_json::to_vec(value).map_err(|_| Error::Internal("record encoding"))
-}
-
 pub(super) fn put_key(record: &KeyRecord) -> Result<Change, Error> {
     Ok(Change::Put {
         table: Table::Keys,
         key: record.id.to_bytes().to_vec(),
-        value: encode(record)?,
-    })
-}
-
-/// A version's key in [`Table::Versions`]: key id ‖ version (big-endian).
-pub(super) fn version_key(id: KeyId, version: KeyVersion) -> Vec<u8> {
-    let mut key = id.to_bytes().to_vec();
-    key.extend_from_slice(&version.get().to_be_bytes());
-    key
-}
-
-pub(crate) fn put_version(record: &VersionRecord) -> Result<Change, Error> {
-    Ok(Change::Put {
-        table: Table::Versions,
-        key: version_key(record.key_id, record.version),
         value: encode(record)?,
     })
 }

@@ -22,13 +22,13 @@ use hsm_bridge::{Hsm, TokenKey};
 use parking_lot::{Mutex, RwLock};
 
 use self::material::{aead_key, load, put_alias, put_key};
-pub(crate) use self::material::{put_version, unwrap_software};
 use crate::blob::NONCE_LEN;
 use crate::clock::{Clock, Rng};
 use crate::custody::RecoveryRng;
 use crate::error::Error;
 use crate::governance::authz::Authorizer;
 use crate::ids::{Alias, KeyId, KeyRef, KeyVersion};
+use crate::key::put_version;
 use crate::key::{
     kek_wrap_aad, Escrow, KeyRecord, KeyState, Labels, Protection, StoredMaterial, VersionRecord,
 };
@@ -471,6 +471,7 @@ impl Kms {
     }
 
     /// Makes new material for `version` of `record`'s key.
+    // long: both protection levels' material, escrow and canary, made in one place.
     fn new_version(
         &self,
         record: &KeyRecord,

@@ -241,3 +241,17 @@ impl Store for SnapshotView {
             .map(|r| r.value.clone()))
     }
 }
+
+/// SHA-256 (hex) of a table's rows in key order: for each, the key's and the value's length
+/// (4 bytes, big-endian) and bytes.
+pub fn table_sha256(rows: &[Row]) -> String {
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    for row in rows {
+        for part in [&row.key, &row.value] {
+            let len = u32::try_from(part.len()).unwrap_or(u32::MAX);
+            ctx.update(&len.to_be_bytes());
+            ctx.update(part);
+        }
+    }
+    hex::encode(ctx.finish().as_ref())
+}

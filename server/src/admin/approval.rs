@@ -8,8 +8,9 @@ use api::v1::{
     ListApprovalsRequest, ListApprovalsResponse, RejectChangeRequest, SetApprovalRulesRequest,
 };
 use kms_core::audit::{object_hash, AuditEvent};
+use kms_core::governance::actions::{AdminAction, GatedAction};
 use kms_core::governance::approvals::{
-    ApprovalRequest, ApprovalRules, ApprovalState, NewRequest, Progress, GATED_ACTIONS,
+    ApprovalRequest, ApprovalRules, ApprovalState, NewRequest, Progress,
 };
 use kms_core::governance::operators::Role;
 use kms_core::{Kms, OperatorId, Principal};
@@ -73,25 +74,35 @@ fn decode<R: Message + Default>(bytes: &[u8]) -> Result<R, Status> {
     R::decode(bytes).map_err(|_| Status::internal("stored approval request does not decode"))
 }
 
-/// Runs a stored request as its requester. Every gated action is here, and nothing else: a
-/// request whose action is not listed cannot have been stored.
+/// Runs a stored request as its requester. The match is exhaustive: a gated action that
+/// nothing runs does not compile.
 fn execute(kms: &Kms, gov: &Governance, r: &ApprovalRequest) -> Result<Ran, Status> {
     let (bytes, who) = (r.request.as_slice(), r.requested_by.as_str());
-    Ok(match r.action.as_str() {
-        "admin.PutPolicy" => policy::apply_put(gov, decode(bytes)?, who)?.into(),
-        "admin.DeletePolicy" => policy::apply_delete(gov, decode(bytes)?, who)?.into(),
-        "admin.SetTrustBundle" => trust::apply_set(gov, decode(bytes)?, who)?.into(),
-        "admin.DeleteTrustBundle" => trust::apply_delete(gov, decode(bytes)?, who)?.into(),
-        "admin.RegisterWorkload" => inventory::apply_register(gov, decode(bytes)?, who)?.into(),
-        "admin.UpdateWorkload" => inventory::apply_update(gov, decode(bytes)?, who)?.into(),
-        "admin.DeactivateWorkload" => inventory::apply_deactivate(gov, decode(bytes)?, who)?.into(),
-        "admin.ReactivateWorkload" => inventory::apply_reactivate(gov, decode(bytes)?, who)?.into(),
-        "admin.RegisterOperator" => operators::apply_register(gov, decode(bytes)?, who)?.into(),
-        "admin.UpdateOperator" => operators::apply_update(gov, decode(bytes)?, who)?.into(),
-        "admin.DeactivateOperator" => operators::apply_deactivate(gov, decode(bytes)?, who)?.into(),
-        "admin.SetApprovalRules" => apply_set_rules(gov, decode(bytes)?, who)?.into(),
-        "admin.Unseal" => seal::apply_unseal(kms, decode(bytes)?, who)?.into(),
-        "admin.ScheduleKeyDestruction" => {
+    Ok(match r.action {
+        GatedAction::PutPolicy => policy::apply_put(gov, decode(bytes)?, who)?.into(),
+        GatedAction::DeletePolicy => policy::apply_delete(gov, decode(bytes)?, who)?.into(),
+        GatedAction::SetTrustBundle => trust::apply_set(gov, decode(bytes)?, who)?.into(),
+        GatedAction::DeleteTrustBundle => trust::apply_delete(gov, decode(bytes)?, who)?.into(),
+        GatedAction::RegisterWorkload => {
+            inventory::apply_register(gov, decode(bytes)?, who)?.into()
+        }
+        GatedAction::UpdateWorkload => inventory::apply_update(gov, decode(bytes)?, who)?.into(),
+        GatedAction::DeactivateWorkload => {
+            inventory::apply_deactivate(gov, decode(bytes)?, who)?.into()
+        }
+        GatedAction::ReactivateWorkload => {
+            inventory::apply_reactivate(gov, decode(bytes)?, who)?.into()
+        }
+        GatedAction::RegisterOperator => {
+            operators::apply_register(gov, decode(bytes)?, who)?.into()
+        }
+        GatedAction::UpdateOperator => operators::apply_update(gov, decode(bytes)?, who)?.into(),
+        GatedAction::DeactivateOperator => {
+            operators::apply_deactivate(gov, decode(bytes)?, who)?.into()
+        }
+        GatedAction::SetApprovalRules => apply_set_rules(gov, decode(bytes)?, who)?.into(),
+        GatedAction::Unseal => seal::apply_unseal(kms, decode(bytes)?, who)?.into(),
+        GatedAction::ScheduleKeyDestruction => {
             let authority = kms_core::DestructionAuthority {
                 requested_by: r.requested_by.clone(),
                 approvers: r.approvals.iter().map(|v| v.operator.clone()).collect(),
@@ -99,17 +110,16 @@ fn execute(kms: &Kms, gov: &Governance, r: &ApprovalRequest) -> Result<Ran, Stat
             };
             keys::apply_schedule_destroy(kms, gov, decode(bytes)?, authority)?.into()
         }
-        kms_core::reshare::ACTION => Ran {
+        GatedAction::Reshare => Ran {
             before: None,
             after: None,
             result: super::custody::reshare_ticket_result(r, gov.clock.now_unix()),
         },
-        super::backup::ACTION => Ran {
+        GatedAction::ExportBackup => Ran {
             before: None,
             after: None,
             result: super::backup::ticket_result(r, gov.clock.now_unix()),
         },
-        _ => return Err(Status::internal("approval request of an unknown action")),
     })
 }
 
@@ -124,7 +134,7 @@ fn name_of(gov: &Governance, identity: &str) -> String {
 pub(super) fn info(gov: &Governance, r: &ApprovalRequest) -> ApprovalInfo {
     ApprovalInfo {
         id: r.id.clone(),
-        action: r.action.clone(),
+        action: r.action.as_str().into(),
         target: r.target.clone(),
         hash: r.hash.clone(),
         view: r.view.clone(),
@@ -157,7 +167,7 @@ fn step_event(step: &str, r: &ApprovalRequest, by: &OperatorId) -> AuditEvent {
     e.set_caller(Principal::Operator(by.clone()), "mtls");
     e.detail.insert("approval_id".into(), r.id.clone());
     e.detail.insert("request_hash".into(), r.hash.clone());
-    e.detail.insert("change".into(), r.action.clone());
+    e.detail.insert("change".into(), r.action.as_str().into());
     e.detail.insert("target".into(), r.target.clone());
     e.detail
         .insert("requested_by".into(), r.requested_by.clone());
@@ -220,7 +230,7 @@ impl AdminService {
     /// One approval step: load the request, apply `step`, store and record it.
     async fn step<F>(
         &self,
-        action: &'static str,
+        action: AdminAction,
         request: &Request<impl Sized>,
         id: &str,
         step: F,
@@ -284,7 +294,7 @@ pub(super) async fn list(
         }
         all
     };
-    svc.gov_read("admin.ListApprovals", &request, state, move |gov| {
+    svc.gov_read(AdminAction::ListApprovals, &request, state, move |gov| {
         let approvals = all
             .iter()
             .filter(|r| wanted.is_none_or(|w| r.state == w))
@@ -309,7 +319,7 @@ pub(super) async fn get(
         svc.load(&id, &operator).await
     };
     let gov = svc.gov.clone();
-    svc.gov_read("admin.GetApproval", &request, id, move |_| {
+    svc.gov_read(AdminAction::GetApproval, &request, id, move |_| {
         req.map(|r| info(&gov, &r))
     })
     .await
@@ -320,10 +330,15 @@ pub(super) async fn reject(
     request: Request<RejectChangeRequest>,
 ) -> Result<Response<ApprovalInfo>, Status> {
     let RejectChangeRequest { id, reason } = request.get_ref().clone();
-    svc.step("admin.RejectChange", &request, &id, move |req, by, now| {
-        req.reject(by, now, &reason)?;
-        Ok("rejected")
-    })
+    svc.step(
+        AdminAction::RejectChange,
+        &request,
+        &id,
+        move |req, by, now| {
+            req.reject(by, now, &reason)?;
+            Ok("rejected")
+        },
+    )
     .await
 }
 
@@ -332,7 +347,7 @@ pub(super) async fn cancel(
     request: Request<ApprovalId>,
 ) -> Result<Response<ApprovalInfo>, Status> {
     let id = request.get_ref().id.clone();
-    svc.step("admin.CancelChange", &request, &id, |req, by, now| {
+    svc.step(AdminAction::CancelChange, &request, &id, |req, by, now| {
         req.cancel(by, now)?;
         Ok("cancelled")
     })
@@ -344,7 +359,7 @@ pub(super) async fn approve(
     request: Request<ApprovalId>,
 ) -> Result<Response<ApprovalInfo>, Status> {
     let id = request.get_ref().id.clone();
-    let (operator, mut intent) = svc.intent("admin.ApproveChange", &request)?;
+    let (operator, mut intent) = svc.intent(AdminAction::ApproveChange, &request)?;
     intent.detail.insert("approval_id".into(), id.clone());
     svc.audit.record(intent.clone()).await?;
     let _serial = svc.gov.approval_lock.lock().await;
@@ -418,8 +433,8 @@ fn rules_info(gov: &Governance, rules: &ApprovalRules) -> RulesInfo {
     RulesInfo {
         required: rules.required,
         expiry_secs: rules.expiry_secs,
-        gated: rules.gated.iter().cloned().collect(),
-        gatable: GATED_ACTIONS.iter().map(|a| (*a).to_owned()).collect(),
+        gated: rules.gated.iter().map(|a| a.as_str().into()).collect(),
+        gatable: GatedAction::ALL.iter().map(|a| a.as_str().into()).collect(),
         operators: u32::try_from(gov.operators.count_with(Role::Operator, now)).unwrap_or(0),
         warning: gov.quorum_warning().unwrap_or_default(),
         approval: None,
@@ -430,17 +445,27 @@ pub(super) async fn get_rules(
     svc: &AdminService,
     request: Request<GetApprovalRulesRequest>,
 ) -> Result<Response<RulesInfo>, Status> {
-    svc.gov_read("admin.GetApprovalRules", &request, String::new(), |gov| {
-        Ok(rules_info(gov, &gov.approvals.rules()))
-    })
+    svc.gov_read(
+        AdminAction::GetApprovalRules,
+        &request,
+        String::new(),
+        |gov| Ok(rules_info(gov, &gov.approvals.rules())),
+    )
     .await
 }
 
 fn parse_rules(req: &SetApprovalRulesRequest) -> Result<ApprovalRules, Status> {
     let gated = if req.gated.is_empty() {
-        GATED_ACTIONS.iter().map(|a| (*a).to_owned()).collect()
+        GatedAction::ALL.iter().copied().collect()
     } else {
-        req.gated.iter().cloned().collect()
+        // A name that is no gatable action makes the rules invalid, as before it was typed.
+        let invalid = || kms_core::Error::Invalid(kms_core::InvalidInput::ApprovalRules);
+        core(
+            req.gated
+                .iter()
+                .map(|a| a.parse::<GatedAction>().map_err(|_| invalid()))
+                .collect::<Result<_, _>>(),
+        )?
     };
     core(ApprovalRules::new(req.required, req.expiry_secs, gated))
 }
@@ -472,7 +497,7 @@ pub(super) async fn set_rules(
         "gated": rules.gated,
     });
     svc.gov_change(
-        "admin.SetApprovalRules",
+        AdminAction::SetApprovalRules,
         &request,
         "approval-rules".into(),
         view,

@@ -2,6 +2,7 @@
 
 use api::v1::{AuditCheckpoint, AuditRecord, AuditSigner, QueryAuditRequest, QueryAuditResponse};
 use kms_core::audit::{public_key_pem, stored_signers, AuditEvent, AuditPage, AuditQuery, Signers};
+use kms_core::governance::actions::AdminAction;
 use tonic::{Request, Response, Status};
 
 use super::{core, AdminService};
@@ -43,7 +44,7 @@ pub(super) async fn query(
             "decision filter must be \"allow\" or \"deny\"",
         ));
     }
-    svc.read("admin.QueryAudit", &request, event, move |_, store| {
+    svc.read(AdminAction::QueryAudit, &request, event, move |_, store| {
         let page = core(kms_core::audit::query(
             store,
             &AuditQuery {

@@ -9,6 +9,7 @@ use std::pin::Pin;
 use api::v1::{BackupChunk, BackupSummary, ExportBackupRequest};
 use kms_core::backup::ExportRequest;
 use kms_core::bundle::AuditHead;
+use kms_core::governance::actions::GatedAction;
 use kms_core::governance::approvals::{ApprovalRequest, NewRequest, Ticket};
 use kms_core::store::Table;
 use kms_core::OperatorId;
@@ -20,7 +21,7 @@ use super::{core, AdminService};
 use crate::audit::status_word;
 
 /// The gated action.
-pub(super) const ACTION: &str = "admin.ExportBackup";
+pub(super) const ACTION: GatedAction = GatedAction::ExportBackup;
 /// An approved export: the requester may download one bundle within the hour.
 pub(super) const TICKET: Ticket = Ticket::new(ACTION, 3600, b"export-used/");
 /// Bytes per streamed message (a 10,000-version bundle is about 12 MB).
@@ -55,12 +56,13 @@ fn one(chunk: BackupChunk) -> ExportStream {
     Box::pin(tokio_stream::iter(vec![Ok(chunk)]))
 }
 
+// long: the ticket check, the snapshot and the stream of one export, in order.
 pub(super) async fn export(
     svc: &AdminService,
     request: Request<ExportBackupRequest>,
 ) -> Result<Response<ExportStream>, Status> {
-    let (operator, mut intent) = svc.intent(ACTION, &request)?;
-    let gated = svc.gov.approvals.rules().gates(ACTION);
+    let (operator, mut intent) = svc.intent(ACTION.action(), &request)?;
+    let gated = svc.gov.approvals.rules().gates(ACTION.action());
     let ticket = if gated {
         let _serial = svc.gov.approval_lock.lock().await;
         let svc2 = svc.clone();
@@ -82,7 +84,7 @@ pub(super) async fn export(
                 drop(_serial);
                 intent.detail.insert("target".into(), "backup".into());
                 let new = NewRequest {
-                    action: ACTION.to_owned(),
+                    action: ACTION,
                     target: "backup".into(),
                     request: request.get_ref().encode_to_vec(),
                     view: serde_json::json!({

@@ -7,6 +7,7 @@ use api::v1::{
     AttestRequest, AttestResponse, AuthorizeReshareRequest, AuthorizeReshareResponse,
     RecordDrillRequest, RecordDrillResponse, ShareVerification, ShareVerificationRequest,
 };
+use kms_core::governance::actions::AdminAction;
 use recovery::ceremony::ShareClaim;
 use tonic::{Request, Response, Status};
 
@@ -37,7 +38,7 @@ pub(super) async fn record_verification(
         transcript_sha256: hex32("transcript_sha256", &req.transcript_sha256)?,
         commitment: hex32("commitment", &req.commitment)?,
     };
-    let (operator, mut intent) = svc.intent("ceremony.share_verified", &request)?;
+    let (operator, mut intent) = svc.intent(AdminAction::RecordShareVerification, &request)?;
     intent
         .detail
         .insert("custodian".into(), req.custodian.clone());
@@ -110,20 +111,20 @@ pub(super) async fn authorize_reshare(
         ));
     };
     let action = kms_core::reshare::ACTION;
-    if !svc.gov.approvals.rules().gates(action) {
+    if !svc.gov.approvals.rules().gates(action.action()) {
         return Ok(Response::new(AuthorizeReshareResponse {
             approval: None,
             gated: false,
         }));
     }
-    let (operator, mut intent) = svc.intent(action, &request)?;
+    let (operator, mut intent) = svc.intent(action.action(), &request)?;
     intent.detail.insert("target".into(), "custody".into());
     intent
         .detail
         .insert("threshold".into(), req.threshold.to_string());
     intent.detail.insert("custodians".into(), names.join(","));
     let new = NewRequest {
-        action: action.to_owned(),
+        action,
         target: "custody".into(),
         request: req.encode_to_vec(),
         view: serde_json::json!({
@@ -150,7 +151,7 @@ pub(super) async fn attest(
     svc: &AdminService,
     request: Request<AttestRequest>,
 ) -> Result<Response<AttestResponse>, Status> {
-    let (operator, intent) = svc.intent("admin.Attest", &request)?;
+    let (operator, intent) = svc.intent(AdminAction::Attest, &request)?;
     svc.audit.record(intent.clone()).await?;
     let kms = svc.kms.clone();
     let result = tokio::task::spawn_blocking(move || {
@@ -179,7 +180,7 @@ pub(super) async fn record_drill(
     svc: &AdminService,
     request: Request<RecordDrillRequest>,
 ) -> Result<Response<RecordDrillResponse>, Status> {
-    let (operator, mut intent) = svc.intent(kms_core::drill::RECORDED_ACTION, &request)?;
+    let (operator, mut intent) = svc.intent(AdminAction::RecordDrill, &request)?;
     let report = &request.get_ref().report;
     let sha256 = kms_core::audit::sha256_hex(report);
     intent.detail.insert("report_sha256".into(), sha256.clone());

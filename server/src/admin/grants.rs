@@ -3,6 +3,7 @@
 use api::v1::{
     GrantInfo, ListGrantsRequest, ListGrantsResponse, RevokeGrantsRequest, RevokeGrantsResponse,
 };
+use kms_core::governance::actions::AdminAction;
 use kms_core::governance::grants::Grant;
 use tonic::{Request, Response, Status};
 
@@ -17,21 +18,26 @@ pub(super) async fn list(
         true => None,
         false => Some(core(svc.kms.describe_key(&key_ref(&req.key)?))?.id),
     };
-    svc.gov_read("admin.ListGrants", &request, String::new(), move |gov| {
-        let now = gov.clock.now_unix();
-        let grants = gov
-            .grants
-            .list(|g| {
-                (req.creator.is_empty() || g.creator.as_str() == req.creator)
-                    && (req.grantee.is_empty() || g.grantee.as_str() == req.grantee)
-                    && key.is_none_or(|k| g.key_id == k)
-                    && (req.include_inactive || (g.revoked.is_none() && g.expires_at > now))
-            })
-            .iter()
-            .map(|g| grant_info(g, gov.grants.uses(&g.id)))
-            .collect();
-        Ok(ListGrantsResponse { grants })
-    })
+    svc.gov_read(
+        AdminAction::ListGrants,
+        &request,
+        String::new(),
+        move |gov| {
+            let now = gov.clock.now_unix();
+            let grants = gov
+                .grants
+                .list(|g| {
+                    (req.creator.is_empty() || g.creator.as_str() == req.creator)
+                        && (req.grantee.is_empty() || g.grantee.as_str() == req.grantee)
+                        && key.is_none_or(|k| g.key_id == k)
+                        && (req.include_inactive || (g.revoked.is_none() && g.expires_at > now))
+                })
+                .iter()
+                .map(|g| grant_info(g, gov.grants.uses(&g.id)))
+                .collect();
+            Ok(ListGrantsResponse { grants })
+        },
+    )
     .await
 }
 
@@ -59,22 +65,27 @@ pub(super) async fn revoke(
         req.creator,
         key.map(|k| k.to_string()).unwrap_or_default()
     );
-    svc.gov_apply("admin.RevokeGrants", &request, target, move |gov, who| {
-        let revoked = core(gov.grants.revoke_where(who, |g| {
-            (!req.grant_id.is_empty() && g.id.as_str() == req.grant_id)
-                || (!req.creator.is_empty() && g.creator.as_str() == req.creator)
-                || key.is_some_and(|k| g.key_id == k)
-        }))?;
-        if !req.grant_id.is_empty() && revoked.is_empty() {
-            return Err(Status::not_found(format!("no live grant {}", req.grant_id)));
-        }
-        let ids: Vec<String> = revoked.iter().map(|g| g.id.to_string()).collect();
-        Ok(Changed {
-            before: Some(ids.clone()),
-            after: None,
-            answer: RevokeGrantsResponse { revoked: ids },
-        })
-    })
+    svc.gov_apply(
+        AdminAction::RevokeGrants,
+        &request,
+        target,
+        move |gov, who| {
+            let revoked = core(gov.grants.revoke_where(who, |g| {
+                (!req.grant_id.is_empty() && g.id.as_str() == req.grant_id)
+                    || (!req.creator.is_empty() && g.creator.as_str() == req.creator)
+                    || key.is_some_and(|k| g.key_id == k)
+            }))?;
+            if !req.grant_id.is_empty() && revoked.is_empty() {
+                return Err(Status::not_found(format!("no live grant {}", req.grant_id)));
+            }
+            let ids: Vec<String> = revoked.iter().map(|g| g.id.to_string()).collect();
+            Ok(Changed {
+                before: Some(ids.clone()),
+                after: None,
+                answer: RevokeGrantsResponse { revoked: ids },
+            })
+        },
+    )
     .await
 }
 

@@ -7,6 +7,7 @@ use api::v1::{
     ListWorkloadsRequest, ListWorkloadsResponse, RegisterWorkloadRequest, UpdateWorkloadRequest,
     WorkloadInfo, WorkloadRequest,
 };
+use kms_core::governance::actions::AdminAction;
 use kms_core::governance::inventory::{
     NewWorkload, Selector, Usage, Workload, WorkloadFilter, WorkloadUpdate,
 };
@@ -79,7 +80,7 @@ pub(super) async fn register(
         &req.labels,
     );
     svc.gov_change(
-        "admin.RegisterWorkload",
+        AdminAction::RegisterWorkload,
         &request,
         new.selector.to_string(),
         view,
@@ -132,7 +133,7 @@ pub(super) async fn update(
         &req.labels,
     );
     svc.gov_change(
-        "admin.UpdateWorkload",
+        AdminAction::UpdateWorkload,
         &request,
         selector.to_string(),
         view,
@@ -171,7 +172,7 @@ pub(super) async fn deactivate(
     core(svc.gov.inventory.get(&selector))?;
     let view = serde_json::json!({ "selector": req.selector, "active": false });
     svc.gov_change(
-        "admin.DeactivateWorkload",
+        AdminAction::DeactivateWorkload,
         &request,
         selector.to_string(),
         view,
@@ -190,7 +191,7 @@ pub(super) async fn reactivate(
     core(svc.gov.inventory.get(&selector))?;
     let view = serde_json::json!({ "selector": req.selector, "active": true });
     svc.gov_change(
-        "admin.ReactivateWorkload",
+        AdminAction::ReactivateWorkload,
         &request,
         selector.to_string(),
         view,
@@ -206,7 +207,7 @@ pub(super) async fn describe(
 ) -> Result<Response<WorkloadInfo>, Status> {
     let selector = selector(&request.get_ref().selector)?;
     svc.gov_read(
-        "admin.DescribeWorkload",
+        AdminAction::DescribeWorkload,
         &request,
         selector.to_string(),
         move |gov| {
@@ -235,20 +236,25 @@ pub(super) async fn list(
         include_inactive: req.include_inactive,
     };
     let after = (!req.page_token.is_empty()).then_some(req.page_token);
-    svc.gov_read("admin.ListWorkloads", &request, String::new(), move |gov| {
-        let (page, more) = gov.inventory.list(&filter, after.as_deref(), limit);
-        let next_page_token = match (more, page.last()) {
-            (true, Some(last)) => last.selector.clone(),
-            _ => String::new(),
-        };
-        Ok(ListWorkloadsResponse {
-            workloads: page
-                .iter()
-                .map(|w| workload_info(w, gov.inventory.usage(&w.selector)))
-                .collect(),
-            next_page_token,
-        })
-    })
+    svc.gov_read(
+        AdminAction::ListWorkloads,
+        &request,
+        String::new(),
+        move |gov| {
+            let (page, more) = gov.inventory.list(&filter, after.as_deref(), limit);
+            let next_page_token = match (more, page.last()) {
+                (true, Some(last)) => last.selector.clone(),
+                _ => String::new(),
+            };
+            Ok(ListWorkloadsResponse {
+                workloads: page
+                    .iter()
+                    .map(|w| workload_info(w, gov.inventory.usage(&w.selector)))
+                    .collect(),
+                next_page_token,
+            })
+        },
+    )
     .await
 }
 

@@ -9,6 +9,7 @@ use api::v1::{
     KeyRequest, ListKeysRequest, ListKeysResponse, ScheduleKeyDestructionRequest,
 };
 use kms_core::audit::AuditEvent;
+use kms_core::governance::actions::AdminAction;
 use kms_core::governance::inventory::Workload;
 use kms_core::{
     Alias, DestructionAuthority, KeyId, KeyRecord, KeyState, Kms, Labels, NewKey, Protection,
@@ -40,7 +41,7 @@ pub(super) async fn create(
         labels: core(Labels::from_pairs(req.labels))?,
         protection,
     };
-    svc.change("admin.CreateKey", &request, None, move |kms| {
+    svc.change(AdminAction::CreateKey, &request, None, move |kms| {
         core(kms.create_key(spec))
     })
     .await
@@ -53,7 +54,7 @@ pub(super) async fn describe(
     let key = key_ref(&request.get_ref().key)?;
     let mut event = AuditEvent::default();
     event.key = Some(key.to_string());
-    svc.read("admin.DescribeKey", &request, event, move |kms, _| {
+    svc.read(AdminAction::DescribeKey, &request, event, move |kms, _| {
         core(kms.describe_key(&key)).map(|r| metadata(&r))
     })
     .await
@@ -74,7 +75,7 @@ pub(super) async fn list(
         ),
     };
     svc.read(
-        "admin.ListKeys",
+        AdminAction::ListKeys,
         &request,
         AuditEvent::default(),
         move |kms, _| {
@@ -94,7 +95,7 @@ pub(super) async fn rotate(
 ) -> Result<Response<KeyMetadata>, Status> {
     let key = key_ref(&request.get_ref().key)?;
     let k = key.clone();
-    svc.change("admin.RotateKey", &request, Some(key), move |kms| {
+    svc.change(AdminAction::RotateKey, &request, Some(key), move |kms| {
         core(kms.rotate_key(&k))
     })
     .await
@@ -106,7 +107,7 @@ pub(super) async fn disable(
 ) -> Result<Response<KeyMetadata>, Status> {
     let key = key_ref(&request.get_ref().key)?;
     let k = key.clone();
-    svc.change("admin.DisableKey", &request, Some(key), move |kms| {
+    svc.change(AdminAction::DisableKey, &request, Some(key), move |kms| {
         core(kms.set_key_state(&k, KeyState::Disabled))
     })
     .await
@@ -118,7 +119,7 @@ pub(super) async fn enable(
 ) -> Result<Response<KeyMetadata>, Status> {
     let key = key_ref(&request.get_ref().key)?;
     let k = key.clone();
-    svc.change("admin.EnableKey", &request, Some(key), move |kms| {
+    svc.change(AdminAction::EnableKey, &request, Some(key), move |kms| {
         core(kms.set_key_state(&k, KeyState::Enabled))
     })
     .await
@@ -131,7 +132,7 @@ pub(super) async fn create_alias(
     let key = key_ref(&request.get_ref().key)?;
     let new_alias = alias(request.get_ref().alias.clone())?;
     let k = key.clone();
-    svc.change("admin.CreateAlias", &request, Some(key), move |kms| {
+    svc.change(AdminAction::CreateAlias, &request, Some(key), move |kms| {
         core(kms.set_alias(new_alias, &k))
     })
     .await
@@ -181,7 +182,7 @@ pub(super) async fn schedule_destroy(
     });
     let kms = svc.kms.clone();
     svc.gov_change(
-        "admin.ScheduleKeyDestruction",
+        AdminAction::ScheduleKeyDestruction,
         &request,
         record.id.to_string(),
         view,
@@ -205,7 +206,7 @@ pub(super) async fn cancel_destroy(
     let key = key_ref(&request.get_ref().key)?;
     let k = key.clone();
     svc.change(
-        "admin.CancelKeyDestruction",
+        AdminAction::CancelKeyDestruction,
         &request,
         Some(key),
         move |kms| core(kms.cancel_destruction(&k)),
@@ -221,7 +222,7 @@ pub(super) async fn receipt(
     let mut event = AuditEvent::default();
     event.key = Some(key.to_string());
     svc.read(
-        "admin.GetDestructionReceipt",
+        AdminAction::GetDestructionReceipt,
         &request,
         event,
         move |kms, _| {
@@ -253,52 +254,57 @@ pub(super) async fn coverage(
 ) -> Result<Response<api::v1::KeyCoverageResponse>, Status> {
     let include_disabled = request.get_ref().include_disabled;
     let kms = svc.kms.clone();
-    svc.gov_read("admin.KeyCoverage", &request, String::new(), move |gov| {
-        let now = gov.clock.now_unix();
-        let registrations: Vec<Arc<Workload>> = gov
-            .inventory
-            .all()
-            .into_iter()
-            .filter(|w| w.active && now < w.expires_at)
-            .collect();
-        let mut keys_checked = 0u64;
-        let mut unusable_keys = Vec::new();
-        let mut after = None;
-        loop {
-            let (page, next) = kms.list_keys(after, MAX_PAGE);
-            for key in &page {
-                let skipped = match key.state {
-                    KeyState::Enabled => false,
-                    // No workload will ever use it again.
-                    KeyState::Destroyed => true,
-                    _ => !include_disabled,
-                };
-                if skipped {
-                    continue;
-                }
-                keys_checked += 1;
-                let mut usable = false;
-                for w in &registrations {
-                    if core(gov.policies.may_use(w, key))? {
-                        usable = true;
-                        break;
+    svc.gov_read(
+        AdminAction::KeyCoverage,
+        &request,
+        String::new(),
+        move |gov| {
+            let now = gov.clock.now_unix();
+            let registrations: Vec<Arc<Workload>> = gov
+                .inventory
+                .all()
+                .into_iter()
+                .filter(|w| w.active && now < w.expires_at)
+                .collect();
+            let mut keys_checked = 0u64;
+            let mut unusable_keys = Vec::new();
+            let mut after = None;
+            loop {
+                let (page, next) = kms.list_keys(after, MAX_PAGE);
+                for key in &page {
+                    let skipped = match key.state {
+                        KeyState::Enabled => false,
+                        // No workload will ever use it again.
+                        KeyState::Destroyed => true,
+                        _ => !include_disabled,
+                    };
+                    if skipped {
+                        continue;
+                    }
+                    keys_checked += 1;
+                    let mut usable = false;
+                    for w in &registrations {
+                        if core(gov.policies.may_use(w, key))? {
+                            usable = true;
+                            break;
+                        }
+                    }
+                    if !usable {
+                        unusable_keys.push(super::keys::metadata(key));
                     }
                 }
-                if !usable {
-                    unusable_keys.push(super::keys::metadata(key));
+                match next {
+                    Some(n) => after = Some(n),
+                    None => break,
                 }
             }
-            match next {
-                Some(n) => after = Some(n),
-                None => break,
-            }
-        }
-        Ok(api::v1::KeyCoverageResponse {
-            keys_checked,
-            registrations: u64::try_from(registrations.len()).unwrap_or(u64::MAX),
-            unusable_keys,
-        })
-    })
+            Ok(api::v1::KeyCoverageResponse {
+                keys_checked,
+                registrations: u64::try_from(registrations.len()).unwrap_or(u64::MAX),
+                unusable_keys,
+            })
+        },
+    )
     .await
 }
 

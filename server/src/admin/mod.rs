@@ -48,6 +48,7 @@ use api::v1::{
 use api::v1::{DestructionReceipt, ScheduleKeyDestructionRequest};
 use api::v1::{GetServiceStatusRequest, SealRequest, ServiceStatus, UnsealRequest};
 use kms_core::audit::{object_hash, AuditEvent};
+use kms_core::governance::actions::AdminAction;
 use kms_core::governance::approvals::NewRequest;
 use kms_core::{KeyRecord, KeyRef, Kms, OperatorId, Principal, Store};
 use serde::Serialize;
@@ -120,7 +121,7 @@ impl AdminService {
     /// once that record is durable.
     async fn read<T, R, F>(
         &self,
-        action: &'static str,
+        action: AdminAction,
         request: &Request<R>,
         event: AuditEvent,
         f: F,
@@ -136,7 +137,7 @@ impl AdminService {
             .await
             .map_err(|_| Status::internal("internal error"))?;
         let mut event = event;
-        event.action = action.into();
+        event.action = action.as_str().into();
         event.status = status_word(result.as_ref().err());
         event.set_caller(Principal::Operator(operator), "mtls");
         ids.stamp(&mut event);
@@ -147,7 +148,7 @@ impl AdminService {
     /// Runs one governance read, recorded with who read what.
     async fn gov_read<R, T, F>(
         &self,
-        action: &'static str,
+        action: AdminAction,
         request: &Request<R>,
         target: String,
         f: F,
@@ -177,11 +178,11 @@ impl AdminService {
     /// The record that `operator` asked for `action`, to be written before anything changes.
     fn intent<R>(
         &self,
-        action: &'static str,
+        action: AdminAction,
         request: &Request<R>,
     ) -> Result<(OperatorId, AuditEvent), Status> {
         let (operator, ids) = self.who(request)?;
-        let mut intent = AuditEvent::new(action, "requested");
+        let mut intent = AuditEvent::new(action.as_str(), "requested");
         intent.set_caller(Principal::Operator(operator.clone()), "mtls");
         ids.stamp(&mut intent);
         Ok((operator, intent))
@@ -207,7 +208,7 @@ impl AdminService {
     /// the key record before and after.
     async fn change<T, F>(
         &self,
-        action: &'static str,
+        action: AdminAction,
         request: &Request<T>,
         key: Option<KeyRef>,
         f: F,
@@ -246,7 +247,7 @@ impl AdminService {
     /// after).
     async fn gov_change<R, B, T, F>(
         &self,
-        action: &'static str,
+        action: AdminAction,
         request: &Request<R>,
         target: String,
         view: serde_json::Value,
@@ -259,13 +260,16 @@ impl AdminService {
         T: approval::Pending + Send + 'static,
         F: FnOnce(&Governance, &str) -> Result<Changed<B, T>, Status> + Send + 'static,
     {
-        if !self.gov.approvals.rules().gates(action) {
+        let gated = action
+            .gatable()
+            .filter(|_| self.gov.approvals.rules().gates(action));
+        let Some(gated) = gated else {
             return self.gov_apply(action, request, target, f).await;
-        }
+        };
         let (operator, mut intent) = self.intent(action, request)?;
         intent.detail.insert("target".into(), target.clone());
         let new = NewRequest {
-            action: action.to_owned(),
+            action: gated,
             target,
             request: request.get_ref().encode_to_vec(),
             view: view.to_string(),
@@ -304,7 +308,7 @@ impl AdminService {
     /// after) once it is.
     async fn gov_apply<R, B, T, F>(
         &self,
-        action: &'static str,
+        action: AdminAction,
         request: &Request<R>,
         target: String,
         f: F,
@@ -408,31 +412,6 @@ routes! {
     unseal(UnsealRequest) -> ServiceStatus => seal::unseal;
     get_service_status(GetServiceStatusRequest) -> ServiceStatus => seal::status;
 }
-
-/// The admin RPCs an operator with only the `auditor` role may call: reads, never changes.
-pub(crate) const READ_ONLY_METHODS: [&str; 21] = [
-    "DescribeKey",
-    "GetDestructionReceipt",
-    "ListKeys",
-    "KeyCoverage",
-    "QueryAudit",
-    "ListTrustBundles",
-    "DescribeWorkload",
-    "ListWorkloads",
-    "GetPolicy",
-    "ListPolicies",
-    "TestPolicy",
-    "PolicyStats",
-    "ListGrants",
-    "DescribeOperator",
-    "ListOperators",
-    "WhoAmI",
-    "ListApprovals",
-    "GetApproval",
-    "GetApprovalRules",
-    "GetServiceStatus",
-    "Attest",
-];
 
 /// A key id or alias as an operator sent it.
 fn key_ref(s: &str) -> Result<KeyRef, Status> {

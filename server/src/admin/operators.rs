@@ -7,6 +7,7 @@ use api::v1::{
     ListOperatorsRequest, ListOperatorsResponse, OperatorInfo, OperatorRequest,
     RegisterOperatorRequest, UpdateOperatorRequest, WhoAmIRequest,
 };
+use kms_core::governance::actions::AdminAction;
 use kms_core::governance::operators::{NewOperator, Operator, OperatorName, OperatorUpdate, Role};
 use kms_core::OperatorId;
 use tonic::{Request, Response, Status};
@@ -88,7 +89,7 @@ pub(super) async fn register(
         "expires_at": req.expires_at,
     });
     svc.gov_change(
-        "admin.RegisterOperator",
+        AdminAction::RegisterOperator,
         &request,
         req.name.clone(),
         view,
@@ -142,7 +143,7 @@ pub(super) async fn update(
         "expires_at": req.expires_at,
     });
     svc.gov_change(
-        "admin.UpdateOperator",
+        AdminAction::UpdateOperator,
         &request,
         req.name.clone(),
         view,
@@ -170,7 +171,7 @@ pub(super) async fn deactivate(
     core(svc.gov.operators.get(&name(&req.name)?))?;
     let view = serde_json::json!({ "name": req.name, "active": false });
     svc.gov_change(
-        "admin.DeactivateOperator",
+        AdminAction::DeactivateOperator,
         &request,
         req.name.clone(),
         view,
@@ -186,7 +187,7 @@ pub(super) async fn describe(
 ) -> Result<Response<OperatorInfo>, Status> {
     let wanted = name(&request.get_ref().name)?;
     svc.gov_read(
-        "admin.DescribeOperator",
+        AdminAction::DescribeOperator,
         &request,
         wanted.to_string(),
         move |gov| Ok(operator_info(core(gov.operators.get(&wanted))?.as_ref())),
@@ -199,16 +200,21 @@ pub(super) async fn list(
     request: Request<ListOperatorsRequest>,
 ) -> Result<Response<ListOperatorsResponse>, Status> {
     let include_inactive = request.get_ref().include_inactive;
-    svc.gov_read("admin.ListOperators", &request, String::new(), move |gov| {
-        Ok(ListOperatorsResponse {
-            operators: gov
-                .operators
-                .list(include_inactive)
-                .iter()
-                .map(|o| operator_info(o))
-                .collect(),
-        })
-    })
+    svc.gov_read(
+        AdminAction::ListOperators,
+        &request,
+        String::new(),
+        move |gov| {
+            Ok(ListOperatorsResponse {
+                operators: gov
+                    .operators
+                    .list(include_inactive)
+                    .iter()
+                    .map(|o| operator_info(o))
+                    .collect(),
+            })
+        },
+    )
     .await
 }
 
@@ -217,7 +223,7 @@ pub(super) async fn who_am_i(
     request: Request<WhoAmIRequest>,
 ) -> Result<Response<OperatorInfo>, Status> {
     let (operator, _) = svc.who(&request)?;
-    svc.gov_read("admin.WhoAmI", &request, String::new(), move |gov| {
+    svc.gov_read(AdminAction::WhoAmI, &request, String::new(), move |gov| {
         gov.operators
             .by_identity(operator.as_str())
             .map(|o| operator_info(&o))

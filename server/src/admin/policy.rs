@@ -5,6 +5,7 @@ use api::v1::{
     PolicyStatsRequest, PolicyStatsResponse, PutPolicyRequest, TestPolicyRequest,
     TestPolicyResponse,
 };
+use kms_core::governance::actions::AdminAction;
 use kms_core::governance::policy::PolicyVersion;
 use kms_core::governance::spiffe::SpiffeId;
 use kms_core::{AccessRequest, AuthMethod, Caller, Decision, EncryptionContext, Op};
@@ -49,7 +50,7 @@ pub(super) async fn put(
     let diff = unified_diff(&current, &req.text, "requested");
     let view = serde_json::json!({ "id": req.id, "text": req.text });
     svc.gov_change(
-        "admin.PutPolicy",
+        AdminAction::PutPolicy,
         &request,
         req.id.clone(),
         view,
@@ -64,11 +65,16 @@ pub(super) async fn get(
     request: Request<GetPolicyRequest>,
 ) -> Result<Response<PolicyInfo>, Status> {
     let req = request.get_ref().clone();
-    svc.gov_read("admin.GetPolicy", &request, req.id.clone(), move |gov| {
-        let version = (req.version != 0).then_some(req.version);
-        let v = core(gov.policies.get(&req.id, version))?;
-        Ok(policy_info(&req.id, &v))
-    })
+    svc.gov_read(
+        AdminAction::GetPolicy,
+        &request,
+        req.id.clone(),
+        move |gov| {
+            let version = (req.version != 0).then_some(req.version);
+            let v = core(gov.policies.get(&req.id, version))?;
+            Ok(policy_info(&req.id, &v))
+        },
+    )
     .await
 }
 
@@ -77,18 +83,23 @@ pub(super) async fn list(
     request: Request<ListPoliciesRequest>,
 ) -> Result<Response<ListPoliciesResponse>, Status> {
     let include_deleted = request.get_ref().include_deleted;
-    svc.gov_read("admin.ListPolicies", &request, String::new(), move |gov| {
-        let policies = gov
-            .policies
-            .list()
-            .iter()
-            .filter_map(|h| {
-                let last = h.versions.last()?;
-                (include_deleted || !last.deleted).then(|| policy_info(&h.id, last))
-            })
-            .collect();
-        Ok(ListPoliciesResponse { policies })
-    })
+    svc.gov_read(
+        AdminAction::ListPolicies,
+        &request,
+        String::new(),
+        move |gov| {
+            let policies = gov
+                .policies
+                .list()
+                .iter()
+                .filter_map(|h| {
+                    let last = h.versions.last()?;
+                    (include_deleted || !last.deleted).then(|| policy_info(&h.id, last))
+                })
+                .collect();
+            Ok(ListPoliciesResponse { policies })
+        },
+    )
     .await
 }
 
@@ -114,7 +125,7 @@ pub(super) async fn delete(
     let diff = unified_diff(&current.text, "", "deleted");
     let view = serde_json::json!({ "id": req.id, "delete": true });
     svc.gov_change(
-        "admin.DeletePolicy",
+        AdminAction::DeletePolicy,
         &request,
         req.id.clone(),
         view,
@@ -158,7 +169,7 @@ pub(super) async fn test(
     let purpose = (!req.purpose.is_empty()).then_some(req.purpose);
     let kms = svc.kms.clone();
     svc.gov_read(
-        "admin.TestPolicy",
+        AdminAction::TestPolicy,
         &request,
         req.principal.clone(),
         move |gov| {
@@ -209,21 +220,26 @@ pub(super) async fn stats(
 ) -> Result<Response<PolicyStatsResponse>, Status> {
     let reset = request.get_ref().reset;
     let stats = svc.stats.clone();
-    svc.gov_read("admin.PolicyStats", &request, String::new(), move |gov| {
-        let s = stats.snapshot(reset);
-        Ok(PolicyStatsResponse {
-            evaluations: s.count,
-            p50_ns: s.p50_ns,
-            p99_ns: s.p99_ns,
-            p999_ns: s.p999_ns,
-            max_ns: s.max_ns,
-            statements: u64::try_from(gov.policies.statement_count()).unwrap_or(u64::MAX),
-            cached_decisions: s.cached,
-            decision_p50_ns: s.decision_p50_ns,
-            decision_p99_ns: s.decision_p99_ns,
-            decision_max_ns: s.decision_max_ns,
-        })
-    })
+    svc.gov_read(
+        AdminAction::PolicyStats,
+        &request,
+        String::new(),
+        move |gov| {
+            let s = stats.snapshot(reset);
+            Ok(PolicyStatsResponse {
+                evaluations: s.count,
+                p50_ns: s.p50_ns,
+                p99_ns: s.p99_ns,
+                p999_ns: s.p999_ns,
+                max_ns: s.max_ns,
+                statements: u64::try_from(gov.policies.statement_count()).unwrap_or(u64::MAX),
+                cached_decisions: s.cached,
+                decision_p50_ns: s.decision_p50_ns,
+                decision_p99_ns: s.decision_p99_ns,
+                decision_max_ns: s.decision_max_ns,
+            })
+        },
+    )
     .await
 }
 

@@ -3,6 +3,7 @@
 
 use api::v1::{GetServiceStatusRequest, SealRequest, ServiceStatus, UnsealRequest};
 use kms_core::audit::AuditEvent;
+use kms_core::governance::actions::AdminAction;
 use kms_core::seal::SealRecord;
 use kms_core::{Kms, Principal};
 use tonic::{Request, Response, Status};
@@ -28,7 +29,7 @@ pub(super) async fn seal(
     svc: &AdminService,
     request: Request<SealRequest>,
 ) -> Result<Response<ServiceStatus>, Status> {
-    let (operator, mut intent) = svc.intent("admin.Seal", &request)?;
+    let (operator, mut intent) = svc.intent(AdminAction::Seal, &request)?;
     let reason = request.get_ref().reason.clone();
     let record = core(SealRecord::new(
         svc.gov.clock.now_unix(),
@@ -80,7 +81,7 @@ pub(super) async fn unseal(
     }
     let kms = svc.kms.clone();
     svc.gov_change(
-        "admin.Unseal",
+        AdminAction::Unseal,
         &request,
         "service".into(),
         serde_json::json!({ "unseal": true }),
@@ -95,7 +96,7 @@ pub(super) async fn status(
     request: Request<GetServiceStatusRequest>,
 ) -> Result<Response<ServiceStatus>, Status> {
     svc.read(
-        "admin.GetServiceStatus",
+        AdminAction::GetServiceStatus,
         &request,
         AuditEvent::default(),
         |_, store| Ok(status_of(core(kms_core::seal::load(store))?.as_ref())),

@@ -5,6 +5,7 @@ use api::v1::{
     ListTrustBundlesRequest, ListTrustBundlesResponse, SetTrustBundleRequest, TrustBundle,
     TrustDomainRequest,
 };
+use kms_core::governance::actions::AdminAction;
 use kms_core::governance::trust::TrustBundleRecord;
 use tonic::{Request, Response, Status};
 
@@ -68,7 +69,7 @@ pub(super) async fn set(
         "jwks": req.jwks,
     });
     svc.gov_change(
-        "admin.SetTrustBundle",
+        AdminAction::SetTrustBundle,
         &request,
         req.trust_domain.clone(),
         view,
@@ -112,7 +113,7 @@ pub(super) async fn delete(
     existing(&svc.gov, &domain)?;
     let view = serde_json::json!({ "trust_domain": domain, "remove": true });
     svc.gov_change(
-        "admin.DeleteTrustBundle",
+        AdminAction::DeleteTrustBundle,
         &request,
         domain,
         view,
@@ -126,13 +127,18 @@ pub(super) async fn list(
     svc: &AdminService,
     request: Request<ListTrustBundlesRequest>,
 ) -> Result<Response<ListTrustBundlesResponse>, Status> {
-    svc.gov_read("admin.ListTrustBundles", &request, String::new(), |gov| {
-        let bundles = core(kms_core::governance::trust::list(gov.store.as_ref()))?
-            .iter()
-            .map(bundle_info)
-            .collect();
-        Ok(ListTrustBundlesResponse { bundles })
-    })
+    svc.gov_read(
+        AdminAction::ListTrustBundles,
+        &request,
+        String::new(),
+        |gov| {
+            let bundles = core(kms_core::governance::trust::list(gov.store.as_ref()))?
+                .iter()
+                .map(bundle_info)
+                .collect();
+            Ok(ListTrustBundlesResponse { bundles })
+        },
+    )
     .await
 }
 

@@ -70,37 +70,49 @@ use crate::error::{read, Error};
 /// The parsed config file.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct Config {
-    pub(crate) data_dir: PathBuf,
-    pub(crate) hsm: HsmSection,
+pub struct Config {
+    /// The data directory: the store in `data_dir/store`, the endpoints file, exports.
+    pub data_dir: PathBuf,
+    /// `[hsm]`: the token.
+    pub hsm: HsmSection,
+    /// `[listen]`: the planes' addresses.
     #[serde(default)]
-    pub(crate) listen: ListenSection,
-    pub(crate) tls: TlsSection,
+    pub listen: ListenSection,
+    /// `[tls]`: the server certificate and the operators' CA.
+    pub tls: TlsSection,
+    /// `[audit]`: checkpoints and retention.
     #[serde(default)]
-    pub(crate) audit: AuditSection,
+    pub audit: AuditSection,
+    /// `[[trust_bundle]]`: workload trust domains stored at first start.
     #[serde(default)]
-    pub(crate) trust_bundle: Vec<TrustBundleSection>,
+    pub trust_bundle: Vec<TrustBundleSection>,
+    /// `[inventory]`: workload registrations.
     #[serde(default)]
-    pub(crate) inventory: InventorySection,
+    pub inventory: InventorySection,
+    /// `[grants]`: task grants.
     #[serde(default)]
-    pub(crate) grants: GrantsSection,
+    pub grants: GrantsSection,
+    /// `[jwt]`: JWT-SVIDs.
     #[serde(default)]
-    pub(crate) jwt: JwtSection,
+    pub jwt: JwtSection,
+    /// `[keys]`: key lifecycle.
     #[serde(default)]
-    pub(crate) keys: KeysSection,
+    pub keys: KeysSection,
+    /// `[approvals]`: M-of-N approvals (first start only; then the stored rules).
     #[serde(default)]
-    pub(crate) approvals: ApprovalsSection,
+    pub approvals: ApprovalsSection,
     /// Operators registered when the operator inventory is empty (first start only).
     #[serde(default)]
-    pub(crate) operator: Vec<OperatorSection>,
+    pub operator: Vec<OperatorSection>,
 }
 
+/// `[keys]`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct KeysSection {
+pub struct KeysSection {
     /// The shortest waiting period `kms key schedule-destroy` accepts, in days.
     #[serde(default = "default_min_destroy_waiting_days")]
-    pub(crate) min_destroy_waiting_days: u32,
+    pub min_destroy_waiting_days: u32,
 }
 
 impl Default for KeysSection {
@@ -117,7 +129,7 @@ fn default_min_destroy_waiting_days() -> u32 {
 
 impl KeysSection {
     /// The checked minimum: 1 to the longest waiting period.
-    pub(crate) fn min_destroy_waiting_days(&self, file: &Path) -> Result<u32, Error> {
+    pub fn min_destroy_waiting_days(&self, file: &Path) -> Result<u32, Error> {
         let days = self.min_destroy_waiting_days;
         if days == 0 || days > kms_core::MAX_DESTROY_WAITING_DAYS {
             return Err(Error::Config {
@@ -133,14 +145,16 @@ impl KeysSection {
     }
 }
 
+/// `[approvals]`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct ApprovalsSection {
+pub struct ApprovalsSection {
+    /// Approvals needed from operators other than the requester (M).
     #[serde(default = "default_required")]
-    pub(crate) required: u32,
+    pub required: u32,
     /// How long a request waits for its approvals (`24h`, `90m`).
     #[serde(default = "default_expiry", with = "humantime_serde_compat")]
-    pub(crate) expiry: std::time::Duration,
+    pub expiry: std::time::Duration,
 }
 
 impl Default for ApprovalsSection {
@@ -162,13 +176,13 @@ fn default_expiry() -> std::time::Duration {
 
 impl ApprovalsSection {
     /// The approval rules this section seeds (every gatable action gated).
-    pub(crate) fn rules(
+    pub fn rules(
         &self,
         file: &Path,
     ) -> Result<kms_core::governance::approvals::ApprovalRules, Error> {
-        let gated = kms_core::governance::approvals::GATED_ACTIONS
+        let gated = kms_core::governance::actions::GatedAction::ALL
             .iter()
-            .map(|a| (*a).to_owned())
+            .copied()
             .collect();
         kms_core::governance::approvals::ApprovalRules::new(
             self.required,
@@ -198,18 +212,21 @@ mod humantime_serde_compat {
 /// One `[[operator]]` of the bootstrap.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct OperatorSection {
-    pub(crate) name: String,
+pub struct OperatorSection {
+    /// The operator's name.
+    pub name: String,
     /// The certificate's identity (URI SAN or `x509-sha256:<hex>`), or
-    pub(crate) identity: Option<String>,
+    pub identity: Option<String>,
     /// the certificate itself (PEM), whose identity is taken as the admin plane takes it.
-    pub(crate) certificate: Option<PathBuf>,
-    pub(crate) owner: String,
+    pub certificate: Option<PathBuf>,
+    /// Who answers for the operator.
+    pub owner: String,
+    /// `operator` and/or `auditor`.
     #[serde(default = "default_roles")]
-    pub(crate) roles: Vec<String>,
+    pub roles: Vec<String>,
     /// How long the registration lasts from first start (`365d`).
     #[serde(default = "default_operator_lifetime", with = "humantime_serde_compat")]
-    pub(crate) expires_in: std::time::Duration,
+    pub expires_in: std::time::Duration,
 }
 
 fn default_roles() -> Vec<String> {
@@ -220,11 +237,13 @@ fn default_operator_lifetime() -> std::time::Duration {
     std::time::Duration::from_secs(365 * 86_400)
 }
 
+/// `[grants]`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct GrantsSection {
+pub struct GrantsSection {
+    /// The longest task grant, in seconds.
     #[serde(default = "default_max_grant_ttl")]
-    pub(crate) max_ttl_secs: u64,
+    pub max_ttl_secs: u64,
 }
 
 impl Default for GrantsSection {
@@ -241,30 +260,35 @@ fn default_max_grant_ttl() -> u64 {
 
 impl GrantsSection {
     /// The grant store's settings.
-    pub(crate) fn settings(&self) -> kms_core::governance::grants::GrantConfig {
+    pub fn settings(&self) -> kms_core::governance::grants::GrantConfig {
         kms_core::governance::grants::GrantConfig {
             max_ttl_secs: self.max_ttl_secs,
         }
     }
 }
 
+/// One `[[trust_bundle]]`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct TrustBundleSection {
-    pub(crate) trust_domain: String,
+pub struct TrustBundleSection {
+    /// The workload trust domain.
+    pub trust_domain: String,
     /// CA certificates (PEM) for X.509-SVIDs.
-    pub(crate) bundle: Option<PathBuf>,
+    pub bundle: Option<PathBuf>,
     /// JWKS (JSON) for JWT-SVIDs.
-    pub(crate) jwks: Option<PathBuf>,
+    pub jwks: Option<PathBuf>,
 }
 
+/// `[jwt]`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct JwtSection {
+pub struct JwtSection {
+    /// The audience every JWT-SVID's `aud` must hold.
     #[serde(default = "default_audience")]
-    pub(crate) audience: String,
+    pub audience: String,
+    /// The longest lifetime a JWT-SVID may have, in seconds.
     #[serde(default = "default_jwt_lifetime")]
-    pub(crate) max_lifetime_secs: u64,
+    pub max_lifetime_secs: u64,
 }
 
 impl Default for JwtSection {
@@ -286,7 +310,7 @@ fn default_jwt_lifetime() -> u64 {
 
 impl JwtSection {
     /// The JWT-SVID settings.
-    pub(crate) fn settings(&self) -> server::JwtConfig {
+    pub fn settings(&self) -> server::JwtConfig {
         server::JwtConfig {
             audience: self.audience.clone(),
             max_lifetime_secs: self.max_lifetime_secs,
@@ -294,11 +318,13 @@ impl JwtSection {
     }
 }
 
+/// `[inventory]`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct InventorySection {
+pub struct InventorySection {
+    /// The longest workload registration, in days.
     #[serde(default = "default_max_lifetime_days")]
-    pub(crate) max_lifetime_days: u64,
+    pub max_lifetime_days: u64,
 }
 
 impl Default for InventorySection {
@@ -315,21 +341,25 @@ fn default_max_lifetime_days() -> u64 {
 
 impl InventorySection {
     /// The inventory's settings.
-    pub(crate) fn settings(&self) -> kms_core::governance::inventory::InventoryConfig {
+    pub fn settings(&self) -> kms_core::governance::inventory::InventoryConfig {
         kms_core::governance::inventory::InventoryConfig {
             max_lifetime_secs: self.max_lifetime_days.saturating_mul(86_400),
         }
     }
 }
 
+/// `[audit]`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct AuditSection {
+pub struct AuditSection {
+    /// Sign a checkpoint after this many records.
     #[serde(default = "default_checkpoint_every")]
-    pub(crate) checkpoint_every: u64,
+    pub checkpoint_every: u64,
+    /// ... and at least this often, in seconds.
     #[serde(default = "default_checkpoint_interval")]
-    pub(crate) checkpoint_interval_secs: u64,
-    pub(crate) retention_days: Option<u64>,
+    pub checkpoint_interval_secs: u64,
+    /// Prune records older than this, in days (default: keep all).
+    pub retention_days: Option<u64>,
 }
 
 impl Default for AuditSection {
@@ -344,7 +374,7 @@ impl Default for AuditSection {
 
 impl AuditSection {
     /// The audit log's settings.
-    pub(crate) fn settings(&self) -> kms_core::audit::AuditConfig {
+    pub fn settings(&self) -> kms_core::audit::AuditConfig {
         kms_core::audit::AuditConfig::new(
             self.checkpoint_every,
             std::time::Duration::from_secs(self.checkpoint_interval_secs),
@@ -362,36 +392,49 @@ fn default_checkpoint_interval() -> u64 {
     60
 }
 
+/// `[hsm]`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct HsmSection {
-    pub(crate) module: Option<PathBuf>,
-    pub(crate) token_label: String,
-    pub(crate) pin_file: Option<PathBuf>,
-    pub(crate) pin_env: Option<String>,
-    pub(crate) softhsm2_conf: Option<PathBuf>,
-    pub(crate) max_sessions: Option<usize>,
+pub struct HsmSection {
+    /// The PKCS#11 module (default: SoftHSM2, searched for).
+    pub module: Option<PathBuf>,
+    /// The token's label.
+    pub token_label: String,
+    /// A file holding the user PIN.
+    pub pin_file: Option<PathBuf>,
+    /// ... or the environment variable holding it.
+    pub pin_env: Option<String>,
+    /// SoftHSM2's configuration file (SoftHSM2 only).
+    pub softhsm2_conf: Option<PathBuf>,
+    /// The most sessions the pool opens.
+    pub max_sessions: Option<usize>,
 }
 
+/// `[listen]`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct ListenSection {
+pub struct ListenSection {
+    /// The data plane's address.
     #[serde(default = "default_data")]
-    pub(crate) data: SocketAddr,
+    pub data: SocketAddr,
+    /// The admin plane's address.
     #[serde(default = "default_admin")]
-    pub(crate) admin: SocketAddr,
+    pub admin: SocketAddr,
     /// Who may use gRPC reflection: `off`, `authenticated` (the default) or `open` (the
     /// default of `kms serve --dev`).
     #[serde(default)]
-    pub(crate) reflection: Option<ReflectionSetting>,
+    pub reflection: Option<ReflectionSetting>,
 }
 
 /// `[listen] reflection`.
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
-pub(crate) enum ReflectionSetting {
+pub enum ReflectionSetting {
+    /// No reflection service.
     Off,
+    /// Reflection for authenticated callers only.
     Authenticated,
+    /// Reflection for anyone who completes the TLS handshake.
     Open,
 }
 
@@ -416,26 +459,30 @@ impl Default for ListenSection {
 }
 
 /// Default data-plane address.
-pub(crate) fn default_data() -> SocketAddr {
+fn default_data() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 7443))
 }
 
 /// Default admin-plane address.
-pub(crate) fn default_admin() -> SocketAddr {
+fn default_admin() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 7444))
 }
 
+/// `[tls]`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct TlsSection {
-    pub(crate) server_cert: PathBuf,
-    pub(crate) server_key: PathBuf,
-    pub(crate) admin_client_ca: PathBuf,
+pub struct TlsSection {
+    /// The server certificate (PEM), both planes.
+    pub server_cert: PathBuf,
+    /// Its private key (PEM).
+    pub server_key: PathBuf,
+    /// The operators' CA (admin plane client certificates).
+    pub admin_client_ca: PathBuf,
 }
 
 /// The non-secret settings a backup bundle carries for a recovered deployment (never PINs,
 /// paths or TLS material), as the `[section]`s of `kms.toml` name them.
-pub(crate) fn deployment_settings(config: &Config) -> serde_json::Value {
+pub fn deployment_settings(config: &Config) -> serde_json::Value {
     serde_json::json!({
         "approvals": {
             "required": config.approvals.required,
@@ -458,7 +505,7 @@ pub(crate) fn deployment_settings(config: &Config) -> serde_json::Value {
 
 impl Config {
     /// Reads and parses `path`, resolving relative paths against its directory.
-    pub(crate) fn load(path: &Path) -> Result<Self, Error> {
+    pub fn load(path: &Path) -> Result<Self, Error> {
         let text = String::from_utf8(read(path)?).map_err(|_| Error::Config {
             file: path.to_path_buf(),
             setting: "(file)",
@@ -503,7 +550,7 @@ impl Config {
 
     /// The user PIN, from the file or the environment variable named in the config. Never
     /// from the command line.
-    pub(crate) fn user_pin(&self, file: &Path) -> Result<SecretString, Error> {
+    pub fn user_pin(&self, file: &Path) -> Result<SecretString, Error> {
         let missing = |problem: &str| Error::Config {
             file: file.to_path_buf(),
             setting: "hsm.pin_file",

@@ -19,14 +19,11 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use aws_lc_rs::digest::{digest, SHA256};
-use hsm_bridge::{CheckValue, Hsm, ObjectId, Pkcs11Hsm, TokenKey, GCM_NONCE_LEN};
 use recovery::{
-    CeremonyKind, Purpose, RecoveryKeyRecord, RecoveryPrivateKey, RecoverySecret, ShareEnvelope,
-    TokenInfo, Transcript,
+    Purpose, RecoveryKeyRecord, RecoveryPrivateKey, RecoverySecret, ShareEnvelope, Transcript,
 };
 use secrecy::{ExposeSecret, ExposeSecretMut, SecretBox, SecretSlice};
 
-use crate::audit::{recovered_record, seq_key, signer_id, AuditEvent, Hash, RECOVERED_ACTION};
 use crate::bundle::{Bundle, BundleError, Header, Record};
 use crate::custody::{
     escrow_key_aad, escrow_pin, DeploymentKey, DEPLOYMENT_KEYS, RECORD, RECOVER_TRANSCRIPT_PREFIX,
@@ -34,7 +31,11 @@ use crate::custody::{
 };
 use crate::key::{kek_wrap_aad, Escrow, StoredMaterial, VersionRecord};
 use crate::secret::Kek;
-use crate::store::{Change, Store, Table};
+use crate::store::Table;
+
+mod apply;
+
+pub use self::apply::{Facts, Recovered};
 
 /// Store writes per batch while restoring.
 const BATCH: usize = 2000;
@@ -386,6 +387,7 @@ enum Opened {
 impl Verified {
     /// Opens every seal in memory: each version's escrow, the escrow key, the grant MAC key
     /// and the context-digest key. Nothing is written.
+    // long: one state-machine step: every seal opened in one pass, nothing written.
     pub fn prepare(self) -> Result<Prepared, RestoreError> {
         let Verified {
             checked,
@@ -521,283 +523,4 @@ impl std::fmt::Debug for Prepared {
             .field("versions", &self.versions.len())
             .finish_non_exhaustive()
     }
-}
-
-/// What the host tells the restore about the new deployment.
-#[derive(Clone, Debug)]
-pub struct Facts {
-    /// Now, Unix milliseconds.
-    pub time_ms: u64,
-    /// The new token, as `C_GetTokenInfo` says.
-    pub token: TokenInfo,
-}
-
-/// What a recovery restored.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct Recovered {
-    /// Key versions restored.
-    pub key_versions_restored: u64,
-    /// Of which `software`.
-    pub software: u64,
-    /// Of which `hsm`, imported from their escrow copies.
-    pub hsm: u64,
-    /// The `custody.recovered` record: the new chain's first.
-    pub audit_head: crate::bundle::AuditHead,
-    /// The new audit signer's id.
-    pub signer: String,
-    /// SHA-256 of the bundle, hex.
-    pub bundle_sha256: String,
-}
-
-impl Prepared {
-    /// The trusted escrow key the host imports as the new token's Security Officer before
-    /// [`Prepared::restore`] (same value, label and `CKA_ID`, so every escrow copy stays valid).
-    pub fn escrow_key(&self) -> Option<(&hsm_bridge::EscrowPin, &SecretBox<[u8; 32]>)> {
-        self.escrow.as_ref().map(|(p, v)| (p, v))
-    }
-
-    /// Key versions the bundle holds.
-    pub fn versions(&self) -> usize {
-        self.versions.len()
-    }
-
-    /// Writes the token and the store: each `hsm` version imported (its check value checked
-    /// against the record), each software version wrapped under the new root key, the
-    /// deployment keys likewise, every other record as it is, a recovery transcript pinning
-    /// the new audit signer, and `custody.recovered` chained to the bundle's head. `phase` is
-    /// called as each phase starts (`token`, `store`, `audit`, `write`), for timing. On failure the
-    /// token objects this call made are destroyed; the store is the host's to discard.
-    pub fn restore(
-        self,
-        hsm: &Pkcs11Hsm,
-        store: &dyn Store,
-        facts: Facts,
-        phase: &mut dyn FnMut(&'static str),
-    ) -> Result<Recovered, RestoreError> {
-        let mut imported: Vec<TokenKey> = Vec::new();
-        let result = self.restore_inner(hsm, store, facts, phase, &mut imported);
-        if result.is_err() {
-            for key in imported {
-                if let Err(e) = hsm.destroy_key(key) {
-                    tracing::error!(error = %e, "could not destroy a key imported by a failed recovery");
-                }
-            }
-        }
-        result
-    }
-
-    fn restore_inner(
-        self,
-        hsm: &Pkcs11Hsm,
-        store: &dyn Store,
-        facts: Facts,
-        phase: &mut dyn FnMut(&'static str),
-        imported: &mut Vec<TokenKey>,
-    ) -> Result<Recovered, RestoreError> {
-        let Prepared {
-            checked,
-            secret,
-            versions,
-            escrow,
-            deployment_keys,
-        } = self;
-        drop(escrow);
-        let token = |e: hsm_bridge::Error| RestoreError::Token(e.to_string());
-        phase("token");
-        let root = hsm.root_key();
-        let mut replaced: std::collections::BTreeMap<usize, Vec<u8>> = Default::default();
-        let (mut software, mut hsm_count) = (0u64, 0u64);
-        for (at, mut v, opened) in versions {
-            match (opened, &mut v.material) {
-                (
-                    Opened::Hsm(value),
-                    StoredMaterial::Hsm {
-                        label,
-                        id,
-                        check_value,
-                    },
-                ) => {
-                    let bad = || RestoreError::BundleContent {
-                        file: checked.file.clone(),
-                        what: format!(
-                            "key {} version {} names no token object",
-                            v.key_id, v.version
-                        ),
-                    };
-                    let oid = id
-                        .as_deref()
-                        .and_then(|i| ObjectId::from_hex(i).ok())
-                        .ok_or_else(bad)?;
-                    let (key, cv) = hsm.import_aes_key(label, &oid, &value).map_err(token)?;
-                    imported.push(key);
-                    let recorded = check_value
-                        .as_deref()
-                        .and_then(|c| CheckValue::from_hex(c).ok());
-                    if recorded != Some(cv) {
-                        return Err(RestoreError::BundleContent {
-                            file: checked.file.clone(),
-                            what: format!(
-                                "key {} version {}: the escrowed key's check value is not the recorded one",
-                                v.key_id, v.version
-                            ),
-                        });
-                    }
-                    hsm_count += 1;
-                }
-                (Opened::Software(kek), StoredMaterial::Software { wrapped }) => {
-                    let aad = kek_wrap_aad(v.key_id, v.version);
-                    *wrapped = wrap_under(hsm, root, &aad, kek.expose_secret()).map_err(token)?;
-                    software += 1;
-                }
-                _ => return Err(RestoreError::Store("version material mismatch".into())),
-            }
-            replaced.insert(
-                at,
-                serde_json::to_vec(&v)
-                    .map_err(|_| RestoreError::Store("version encoding".into()))?,
-            );
-        }
-        let signing = hsm
-            .p256_signing_key(crate::audit::SIGNING_KEY_LABEL)
-            .map_err(token)?;
-        let point = *signing.public_point();
-        let new_signer = signer_id(&point);
-
-        phase("store");
-        let mut changes: Vec<Change> = Vec::with_capacity(checked.bundle.records.len() + 8);
-        let mut recoveries = 0usize;
-        for (at, r) in checked.bundle.records.iter().enumerate() {
-            if r.table == Table::Custody && r.key.starts_with(RECOVER_TRANSCRIPT_PREFIX) {
-                recoveries += 1;
-            }
-            let value = replaced.remove(&at).unwrap_or_else(|| r.value.clone());
-            changes.push(Change::Put {
-                table: r.table,
-                key: r.key.clone(),
-                value,
-            });
-        }
-        for (dk, raw) in &deployment_keys {
-            changes.push(Change::Put {
-                table: dk.table,
-                key: dk.key.to_vec(),
-                value: wrap_under(hsm, root, dk.wrap_aad, raw.expose_secret()).map_err(token)?,
-            });
-        }
-        drop(deployment_keys);
-        changes.push(Change::Put {
-            table: Table::AuditMeta,
-            key: [crate::audit::SIGNER_PREFIX, new_signer.as_bytes()].concat(),
-            value: point.to_vec(),
-        });
-        let mut successor = checked.transcript.clone();
-        successor.kind = CeremonyKind::Recover;
-        // It follows the transcript on record (which may itself be a reshare's, naming its own
-        // predecessor): name that one, not the predecessor the clone carried.
-        successor.previous_sha256 = Some(hex::encode(
-            checked
-                .transcript
-                .sha256()
-                .map_err(|e| RestoreError::Store(e.to_string()))?,
-        ));
-        successor.token = facts.token.clone();
-        successor.audit_signer = new_signer.clone();
-        successor.time = facts.time_ms / 1000;
-        let mut nonce = [0u8; 32];
-        hsm.random(&mut nonce).map_err(token)?;
-        successor.nonce = hex::encode(nonce);
-        successor.mac = String::new();
-        successor
-            .mac_with(&secret)
-            .map_err(|e| RestoreError::Secret(e.to_string()))?;
-        drop(secret);
-        let successor_bytes = successor
-            .canonical()
-            .map_err(|e| RestoreError::Store(e.to_string()))?;
-        changes.push(Change::Put {
-            table: Table::Custody,
-            key: [
-                RECOVER_TRANSCRIPT_PREFIX,
-                format!("{:04}", recoveries + 1).as_bytes(),
-            ]
-            .concat(),
-            value: successor_bytes.clone(),
-        });
-
-        phase("audit");
-        let h = &checked.bundle.header;
-        let head_hash: Hash = hex::decode(&h.audit_head.hash)
-            .ok()
-            .and_then(|b| b.try_into().ok())
-            .ok_or_else(|| RestoreError::BundleContent {
-                file: checked.file.clone(),
-                what: "the header's audit head is malformed".into(),
-            })?;
-        let mut event = AuditEvent::new(RECOVERED_ACTION, "ok");
-        let facts_t = &facts.token;
-        for (k, v) in [
-            ("bundle_sha256", hex::encode(checked.sha256)),
-            ("bundle_id", h.bundle_id.clone()),
-            ("bundle_head_seq", h.audit_head.seq.to_string()),
-            ("bundle_head_hash", h.audit_head.hash.clone()),
-            ("exported_at", h.exported_at.to_string()),
-            ("ceremony_id", h.ceremony_id.clone()),
-            ("epoch", h.epoch.to_string()),
-            ("transcript_sha256", h.transcript_sha256.clone()),
-            (
-                "recover_transcript_sha256",
-                crate::audit::sha256_hex(&successor_bytes),
-            ),
-            ("previous_signer", h.signer.id.clone()),
-            ("signer", new_signer.clone()),
-            ("token_label", facts_t.label.clone()),
-            ("token_serial", facts_t.serial.clone()),
-            ("token_manufacturer", facts_t.manufacturer.clone()),
-            ("token_model", facts_t.model.clone()),
-            ("software_versions", software.to_string()),
-            (
-                "hsm_versions",
-                format!("{hsm_count} restored from escrow (imported into the new token)"),
-            ),
-        ] {
-            event.detail.insert(k.into(), v);
-        }
-        let seq = h.audit_head.seq.saturating_add(1);
-        let (hash, value) = recovered_record(h.audit_head.seq, &head_hash, facts.time_ms, &event)
-            .map_err(|e| RestoreError::Store(e.to_string()))?;
-        changes.push(Change::Put {
-            table: Table::AuditRecords,
-            key: seq_key(seq).to_vec(),
-            value,
-        });
-        phase("write");
-        store
-            .write_in_batches(changes, BATCH)
-            .map_err(|e| RestoreError::Store(e.to_string()))?;
-        Ok(Recovered {
-            key_versions_restored: software + hsm_count,
-            software,
-            hsm: hsm_count,
-            audit_head: crate::bundle::AuditHead {
-                seq,
-                hash: hex::encode(hash),
-            },
-            signer: new_signer,
-            bundle_sha256: hex::encode(checked.sha256),
-        })
-    }
-}
-
-/// `nonce ‖ AES-256-GCM(root, aad, value)`, the layout every root-wrapped value has.
-fn wrap_under(
-    hsm: &Pkcs11Hsm,
-    root: TokenKey,
-    aad: &[u8],
-    value: &[u8],
-) -> Result<Vec<u8>, hsm_bridge::Error> {
-    let mut nonce = [0u8; GCM_NONCE_LEN];
-    hsm.random(&mut nonce)?;
-    let mut out = nonce.to_vec();
-    out.extend(hsm.aes_gcm_encrypt(root, &nonce, aad, value)?);
-    Ok(out)
 }

@@ -20,50 +20,35 @@ use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, InvalidInput};
+use crate::governance::actions::{AdminAction, GatedAction};
 use crate::store::{Change, Row, Store, Table};
 
-/// Every action that can be gated, in the order the docs list them.
-pub const GATED_ACTIONS: [&str; 16] = [
-    "admin.PutPolicy",
-    "admin.DeletePolicy",
-    "admin.SetTrustBundle",
-    "admin.DeleteTrustBundle",
-    "admin.RegisterWorkload",
-    "admin.UpdateWorkload",
-    "admin.DeactivateWorkload",
-    "admin.ReactivateWorkload",
-    "admin.RegisterOperator",
-    "admin.UpdateOperator",
-    "admin.DeactivateOperator",
-    "admin.Unseal",
-    "admin.ScheduleKeyDestruction",
-    "admin.ExportBackup",
-    "admin.Reshare",
-    SET_RULES,
-];
+mod ticket;
+
+pub use self::ticket::{Ticket, TicketRefusal};
 
 /// The gatable actions added since rules were first stored (stored rules without `known`
 /// knew every other one), so that they are gated when older rules are read.
-const ADDED_AFTER_FIRST_RULES: [&str; 3] = [
-    "admin.ScheduleKeyDestruction",
-    "admin.ExportBackup",
-    "admin.Reshare",
+const ADDED_AFTER_FIRST_RULES: [GatedAction; 3] = [
+    GatedAction::ScheduleKeyDestruction,
+    GatedAction::ExportBackup,
+    GatedAction::Reshare,
 ];
 
-fn first_gatable() -> BTreeSet<String> {
-    GATED_ACTIONS
+fn first_gatable() -> BTreeSet<GatedAction> {
+    GatedAction::ALL
         .iter()
         .filter(|a| !ADDED_AFTER_FIRST_RULES.contains(a))
-        .map(|a| (*a).to_owned())
+        .copied()
         .collect()
 }
 
-fn all_gatable() -> BTreeSet<String> {
-    GATED_ACTIONS.iter().map(|a| (*a).to_owned()).collect()
+fn all_gatable() -> BTreeSet<GatedAction> {
+    GatedAction::ALL.iter().copied().collect()
 }
 
 /// The change of the rules themselves, which no rule can take off the list.
-pub const SET_RULES: &str = "admin.SetApprovalRules";
+pub const SET_RULES: GatedAction = GatedAction::SetApprovalRules;
 
 /// Most approvals a rule may require.
 pub const MAX_REQUIRED: u32 = 16;
@@ -82,13 +67,13 @@ pub struct ApprovalRules {
     pub required: u32,
     /// Seconds a request may wait before it expires.
     pub expiry_secs: u64,
-    /// Gated actions (a subset of [`GATED_ACTIONS`], always holding [`SET_RULES`]).
-    pub gated: BTreeSet<String>,
-    /// The gatable actions when these rules were set. An action added to [`GATED_ACTIONS`]
+    /// Gated actions (always holding [`SET_RULES`]).
+    pub gated: BTreeSet<GatedAction>,
+    /// The gatable actions when these rules were set. An action added to [`GatedAction`]
     /// by a later release is not in it, and [`Approvals::open`] gates it: a new sensitive
     /// action starts gated, never silently open.
     #[serde(default = "first_gatable")]
-    pub known: BTreeSet<String>,
+    pub known: BTreeSet<GatedAction>,
 }
 
 impl Default for ApprovalRules {
@@ -104,15 +89,18 @@ impl Default for ApprovalRules {
 
 impl ApprovalRules {
     /// Checked rules.
-    pub fn new(required: u32, expiry_secs: u64, gated: BTreeSet<String>) -> Result<Self, Error> {
+    pub fn new(
+        required: u32,
+        expiry_secs: u64,
+        gated: BTreeSet<GatedAction>,
+    ) -> Result<Self, Error> {
         if required == 0 || required > MAX_REQUIRED {
             return Err(Error::Invalid(InvalidInput::ApprovalRules));
         }
         if !(EXPIRY_BOUNDS_SECS.0..=EXPIRY_BOUNDS_SECS.1).contains(&expiry_secs) {
             return Err(Error::Invalid(InvalidInput::ApprovalRules));
         }
-        if !gated.contains(SET_RULES) || gated.iter().any(|a| !GATED_ACTIONS.contains(&a.as_str()))
-        {
+        if !gated.contains(&SET_RULES) {
             return Err(Error::Invalid(InvalidInput::ApprovalRules));
         }
         Ok(Self {
@@ -124,8 +112,8 @@ impl ApprovalRules {
     }
 
     /// True when `action` waits for approvals.
-    pub fn gates(&self, action: &str) -> bool {
-        self.gated.contains(action)
+    pub fn gates(&self, action: AdminAction) -> bool {
+        action.gatable().is_some_and(|g| self.gated.contains(&g))
     }
 }
 
@@ -240,7 +228,7 @@ pub struct ApprovalRequest {
     /// Random id, 32 hex digits.
     pub id: String,
     /// What kind of change (`admin.PutPolicy`).
-    pub action: String,
+    pub action: GatedAction,
     /// What it changes (a policy id, a selector, a trust domain, an operator name).
     pub target: String,
     /// The request message exactly as it will run.
@@ -298,7 +286,7 @@ pub enum Progress {
 #[derive(Clone, Debug)]
 pub struct NewRequest {
     /// Action.
-    pub action: String,
+    pub action: GatedAction,
     /// Target.
     pub target: String,
     /// Request bytes.
@@ -312,11 +300,11 @@ pub struct NewRequest {
 }
 
 /// SHA-256 over a domain string, the action and the request bytes, hex.
-pub fn request_hash(action: &str, request: &[u8]) -> String {
+pub fn request_hash(action: GatedAction, request: &[u8]) -> String {
     let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
     ctx.update(HASH_DOMAIN);
     ctx.update(&[0]);
-    ctx.update(action.as_bytes());
+    ctx.update(action.as_str().as_bytes());
     ctx.update(&[0]);
     ctx.update(request);
     hex::encode(ctx.finish().as_ref())
@@ -326,7 +314,7 @@ impl ApprovalRequest {
     /// A new pending request, under `rules` at `now`.
     pub fn new(id: String, new: NewRequest, rules: &ApprovalRules, now: u64) -> Self {
         Self {
-            hash: request_hash(&new.action, &new.request),
+            hash: request_hash(new.action, &new.request),
             id,
             action: new.action,
             target: new.target,
@@ -499,12 +487,12 @@ fn put_rules(rules: &ApprovalRules) -> Result<Change, Error> {
 
 /// Gates every action stored `rules` did not know (a later release added it) and marks them
 /// known; returns those actions. A new sensitive action starts gated, never silently open.
-fn gate_new_actions(rules: &mut ApprovalRules) -> Vec<String> {
-    let added: Vec<String> = all_gatable()
+fn gate_new_actions(rules: &mut ApprovalRules) -> Vec<GatedAction> {
+    let added: Vec<GatedAction> = all_gatable()
         .into_iter()
         .filter(|a| !rules.known.contains(a))
         .collect();
-    rules.gated.extend(added.iter().cloned());
+    rules.gated.extend(added.iter().copied());
     rules.known = all_gatable();
     added
 }
@@ -529,99 +517,6 @@ pub fn read_request(store: &dyn Store, id: &str) -> Result<ApprovalRequest, Erro
         .get(Table::Approvals, &request_key(id))?
         .ok_or_else(|| Error::Approval(ApprovalError::NotFound { id: id.to_owned() }))?;
     decode(&bytes)
-}
-
-/// A gated action whose approved change is a single-use ticket rather than a change made at
-/// once (a backup export, a reshare run offline): the executed request can be used once, for
-/// [`Ticket::secs`] after it ran, and is consumed by a row `used_prefix + id` in the approvals
-/// table, written in the same batch as what it allows when that is possible.
-#[derive(Clone, Copy, Debug)]
-pub struct Ticket {
-    /// The gated action.
-    pub action: &'static str,
-    /// How long an executed request stays usable, in seconds.
-    pub secs: u64,
-    used_prefix: &'static [u8],
-}
-
-/// Why an approval request is not a usable ticket.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum TicketRefusal {
-    /// It approves another action.
-    #[error("it approves {0}, not this")]
-    OtherAction(String),
-    /// It has not run (or was refused, cancelled, expired).
-    #[error("it is {0}, not approved and executed")]
-    NotExecuted(&'static str),
-    /// It ran longer ago than the ticket lasts.
-    #[error("it was approved more than {0} minutes ago; ask again")]
-    Expired(u64),
-    /// It was used already.
-    #[error("it was used already; ask again")]
-    Used,
-}
-
-impl Ticket {
-    /// A ticket for `action`, usable `secs` after it ran, consumed under `used_prefix`.
-    pub const fn new(action: &'static str, secs: u64, used_prefix: &'static [u8]) -> Self {
-        Self {
-            action,
-            secs,
-            used_prefix,
-        }
-    }
-
-    fn used_key(&self, id: &str) -> Vec<u8> {
-        [self.used_prefix, id.as_bytes()].concat()
-    }
-
-    /// Whether `r` can be used as this ticket at `now`.
-    pub fn check(
-        &self,
-        store: &dyn Store,
-        r: &ApprovalRequest,
-        now: u64,
-    ) -> Result<Result<(), TicketRefusal>, Error> {
-        if r.action != self.action {
-            return Ok(Err(TicketRefusal::OtherAction(r.action.clone())));
-        }
-        if r.state != ApprovalState::Executed {
-            return Ok(Err(TicketRefusal::NotExecuted(r.state.as_str())));
-        }
-        if r.ended_at.unwrap_or(0).saturating_add(self.secs) < now {
-            return Ok(Err(TicketRefusal::Expired(self.secs / 60)));
-        }
-        if store
-            .get(Table::Approvals, &self.used_key(&r.id))?
-            .is_some()
-        {
-            return Ok(Err(TicketRefusal::Used));
-        }
-        Ok(Ok(()))
-    }
-
-    /// The write that consumes ticket `id`, naming who used it.
-    pub fn consume(&self, id: &str, by: &str) -> Change {
-        Change::Put {
-            table: Table::Approvals,
-            key: self.used_key(id),
-            value: by.as_bytes().to_vec(),
-        }
-    }
-
-    /// What the executed request records as its result: the ticket, until when it is valid,
-    /// and how to use it.
-    pub fn result(&self, r: &ApprovalRequest, now: u64, usage: &str) -> String {
-        serde_json::json!({
-            "ticket": {
-                "requested_by": r.requested_by,
-                "valid_until": now.saturating_add(self.secs),
-                "use": usage,
-            }
-        })
-        .to_string()
-    }
 }
 
 /// What [`Approvals::open`] found.
@@ -649,6 +544,7 @@ impl Approvals {
                 let added = gate_new_actions(&mut stored);
                 if !added.is_empty() {
                     store.write(vec![put_rules(&stored)?])?;
+                    let added: Vec<&str> = added.iter().map(|a| a.as_str()).collect();
                     tracing::warn!(actions = %added.join(", "), "actions this release can gate are now gated; `kms approval set-rules` changes that");
                 }
                 let differs = stored != configured;
@@ -739,7 +635,7 @@ mod tests {
         ApprovalRequest::new(
             "00".repeat(16),
             NewRequest {
-                action: "admin.PutPolicy".into(),
+                action: GatedAction::PutPolicy,
                 target: "p".into(),
                 request: b"body".to_vec(),
                 view: "{}".into(),
@@ -831,23 +727,22 @@ mod tests {
 
     #[test]
     fn rules_keep_their_own_gate_and_bounds() {
-        let all: BTreeSet<String> = GATED_ACTIONS.iter().map(|a| (*a).to_owned()).collect();
+        let all: BTreeSet<GatedAction> = GatedAction::ALL.iter().copied().collect();
         assert!(ApprovalRules::new(2, 3600, all.clone()).is_ok());
         assert!(ApprovalRules::new(0, 3600, all.clone()).is_err());
         assert!(ApprovalRules::new(2, 10, all.clone()).is_err());
         let mut without = all.clone();
-        without.remove(SET_RULES);
+        without.remove(&SET_RULES);
         assert!(ApprovalRules::new(2, 3600, without).is_err());
-        let mut unknown = all;
-        unknown.insert("admin.CreateKey".into());
-        assert!(ApprovalRules::new(2, 3600, unknown).is_err());
+        // An action that cannot be gated cannot be named in rules: it is not a GatedAction.
+        assert!("admin.CreateKey".parse::<GatedAction>().is_err());
     }
 
     #[test]
     fn the_hash_covers_action_and_bytes() {
-        let a = request_hash("admin.PutPolicy", b"x");
-        assert_ne!(a, request_hash("admin.DeletePolicy", b"x"));
-        assert_ne!(a, request_hash("admin.PutPolicy", b"y"));
+        let a = request_hash(GatedAction::PutPolicy, b"x");
+        assert_ne!(a, request_hash(GatedAction::DeletePolicy, b"x"));
+        assert_ne!(a, request_hash(GatedAction::PutPolicy, b"y"));
         assert_eq!(a.len(), 64);
     }
 }
