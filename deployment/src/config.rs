@@ -429,6 +429,7 @@ pub struct ListenSection {
 /// `[listen] reflection`.
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum ReflectionSetting {
     /// No reflection service.
     Off,

@@ -264,6 +264,8 @@ pub fn open_shares(files: &ShareFiles) -> Result<Vec<(PathBuf, ShareEnvelope)>, 
 }
 
 /// Where the recovery writes.
+#[derive(Debug)]
+#[non_exhaustive]
 pub enum Target {
     /// An operator's config; its data directory must hold no store.
     Config(PathBuf),

@@ -37,6 +37,7 @@ pub mod drill;
 mod error;
 pub mod governance;
 mod ids;
+pub mod inspect;
 mod key;
 mod kms;
 mod op;
