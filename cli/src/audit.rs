@@ -4,7 +4,6 @@
 //! or on an exported file. `export` reads the data directory, or asks a running server
 //! (`--server`, or `--follow`) through `QueryAudit`.
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -12,11 +11,13 @@ use std::time::Duration;
 use api::v1::QueryAuditRequest;
 use clap::{Args, Subcommand};
 use kms_core::audit::{
-    key_seq, public_key_from_pem, seq_key, split_record, stored_checkpoints, stored_signers,
-    verify_store, Checkpoint, ExpectedHead, ExportLine, RecordBody, Report, VerifyOptions,
+    public_key_from_pem, stored_signers, verify_store, Checkpoint, ExpectedHead, ExportLine,
+    Report, VerifyOptions,
 };
-use kms_core::store::{Store, Table};
-use kms_deployment::audit::{bad_line, for_each_line, open_store, trusted_keys, verify_file};
+use kms_deployment::audit::{
+    bad_line, export_store, for_each_line, open_store, parse_since, trusted_keys, verify_file,
+    Since,
+};
 
 use crate::connect::{ConnectArgs, Plane};
 use crate::error::{read, Error};
@@ -341,28 +342,6 @@ fn print_report(report: &Report, unanchored_tail: bool, as_json: bool) -> Result
         })
 }
 
-/// Where `--since` starts: a sequence number, or a time in ms since the epoch.
-enum Since {
-    Seq(u64),
-    TimeMs(u64),
-}
-
-fn parse_since(s: &str) -> Result<Since, Error> {
-    if let Ok(seq) = s.parse::<u64>() {
-        return Ok(Since::Seq(seq.max(1)));
-    }
-    let t = humantime::parse_rfc3339_weak(s).map_err(|_| {
-        Error::Usage(format!(
-            "--since {s}: expected a sequence number or an RFC 3339 time (2026-11-22T10:00:00Z)"
-        ))
-    })?;
-    let ms = t
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0);
-    Ok(Since::TimeMs(ms))
-}
-
 /// Standard output or a file, line-buffered.
 struct Output {
     out: Box<dyn Write>,
@@ -414,50 +393,8 @@ impl Output {
 
 fn export_local(args: &ExportArgs, data_dir: &Path) -> Result<(), Error> {
     let since = parse_since(&args.since)?;
-    let store = open_store(data_dir)?;
     let mut out = Output::open(args.out.as_deref())?;
-    for (id, point) in stored_signers(&store)? {
-        out.line(&ExportLine::signer(&id, &point))?;
-    }
-    let checkpoints: BTreeMap<u64, Checkpoint> = stored_checkpoints(&store)?
-        .into_iter()
-        .filter_map(Result::ok)
-        .map(|c| (c.seq, c))
-        .collect();
-    let mut next = seq_key(match since {
-        Since::Seq(s) => s,
-        Since::TimeMs(_) => 1,
-    })
-    .to_vec();
-    let mut started = false;
-    loop {
-        let page = store.scan_from(Table::AuditRecords, &next, 4096)?;
-        let Some(last) = page.last() else { break };
-        next = last.key.clone();
-        next.push(0);
-        for row in &page {
-            let Some(seq) = key_seq(&row.key) else {
-                continue;
-            };
-            if !started {
-                if let Since::TimeMs(ms) = since {
-                    let time = split_record(&row.value)
-                        .and_then(|(_, b)| serde_json::from_slice::<RecordBody>(b).ok())
-                        .map(|b| b.time_ms);
-                    if time.is_some_and(|t| t < ms) {
-                        continue;
-                    }
-                }
-                started = true;
-            }
-            if let Some(line) = ExportLine::record(seq, &row.value) {
-                out.line(&line)?;
-            }
-            if let Some(cp) = checkpoints.get(&seq) {
-                out.line(&ExportLine::checkpoint(cp))?;
-            }
-        }
-    }
+    export_store(data_dir, since, &mut |line| out.line(line))?;
     out.finish()
 }
 

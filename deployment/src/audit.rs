@@ -2,12 +2,15 @@
 //! (one JSON line per signer, checkpoint or record, verified in two passes) and the public
 //! keys an auditor trusts. The checks themselves are `kms_core::audit`'s.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 
 use kms_core::audit::{
-    public_key_from_pem, signer_id, Checkpoint, ExpectedHead, ExportLine, Report, Signers, Verifier,
+    key_seq, public_key_from_pem, seq_key, signer_id, split_record, stored_checkpoints,
+    stored_signers, Checkpoint, ExpectedHead, ExportLine, RecordBody, Report, Signers, Verifier,
 };
+use kms_core::store::{Store, Table};
 use kms_core::RocksStore;
 
 use crate::error::{read, Error};
@@ -124,6 +127,89 @@ pub fn for_each_line(
         }
         let parsed: ExportLine = serde_json::from_str(&line).map_err(|_| bad_line(path, n))?;
         f(n, parsed)?;
+    }
+    Ok(())
+}
+
+/// Where `--since` starts: a sequence number, or a time in ms since the epoch.
+#[derive(Clone, Copy, Debug)]
+#[expect(
+    clippy::exhaustive_enums,
+    reason = "a position in the log is one or the other; the command matches both"
+)]
+pub enum Since {
+    /// From this sequence number.
+    Seq(u64),
+    /// From the first record at or after this time, ms since the epoch.
+    TimeMs(u64),
+}
+
+/// `--since`: a sequence number, or an RFC 3339 time.
+pub fn parse_since(s: &str) -> Result<Since, Error> {
+    if let Ok(seq) = s.parse::<u64>() {
+        return Ok(Since::Seq(seq.max(1)));
+    }
+    let t = humantime::parse_rfc3339_weak(s).map_err(|_| {
+        Error::Usage(format!(
+            "--since {s}: expected a sequence number or an RFC 3339 time (2026-11-22T10:00:00Z)"
+        ))
+    })?;
+    let ms = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0);
+    Ok(Since::TimeMs(ms))
+}
+
+/// Every signer, record and checkpoint of the store under `data_dir` from `since`, in log
+/// order (a checkpoint after the record it covers), one [`ExportLine`] at a time to `line`.
+pub fn export_store(
+    data_dir: &Path,
+    since: Since,
+    line: &mut dyn FnMut(&ExportLine) -> Result<(), Error>,
+) -> Result<(), Error> {
+    let store = open_store(data_dir)?;
+    for (id, point) in stored_signers(&store)? {
+        line(&ExportLine::signer(&id, &point))?;
+    }
+    let checkpoints: BTreeMap<u64, Checkpoint> = stored_checkpoints(&store)?
+        .into_iter()
+        .filter_map(Result::ok)
+        .map(|c| (c.seq, c))
+        .collect();
+    let mut next = seq_key(match since {
+        Since::Seq(s) => s,
+        Since::TimeMs(_) => 1,
+    })
+    .to_vec();
+    let mut started = false;
+    loop {
+        let page = store.scan_from(Table::AuditRecords, &next, 4096)?;
+        let Some(last) = page.last() else { break };
+        next = last.key.clone();
+        next.push(0);
+        for row in &page {
+            let Some(seq) = key_seq(&row.key) else {
+                continue;
+            };
+            if !started {
+                if let Since::TimeMs(ms) = since {
+                    let time = split_record(&row.value)
+                        .and_then(|(_, b)| serde_json::from_slice::<RecordBody>(b).ok())
+                        .map(|b| b.time_ms);
+                    if time.is_some_and(|t| t < ms) {
+                        continue;
+                    }
+                }
+                started = true;
+            }
+            if let Some(record) = ExportLine::record(seq, &row.value) {
+                line(&record)?;
+            }
+            if let Some(cp) = checkpoints.get(&seq) {
+                line(&ExportLine::checkpoint(cp))?;
+            }
+        }
     }
     Ok(())
 }

@@ -21,6 +21,7 @@
 //! ```
 
 pub mod audit;
+pub mod backup;
 pub mod ceremony;
 pub mod config;
 pub mod dev;
