@@ -337,12 +337,13 @@ pub fn verify_share(config_path: &Path, claim: &ShareClaim) -> Result<ShareVerif
         Err(e) => return Err(e.into()),
     };
     let custody = custody::load(store.as_ref())?.ok_or(kms_core::Error::CustodyMissing)?;
-    let (name, index) = custody::verify_claim(store.as_ref(), claim, SystemClock.now_unix())?;
-    let audit_log = AuditLog::open(
-        store.clone(),
-        Arc::new(SystemClock),
-        config.audit.settings(),
-    )?;
+    let clock: Arc<dyn Clock> = if crate::dev::is_dev_config(config_path, &config) {
+        Arc::new(crate::dev::DevClock::new(&config.data_dir))
+    } else {
+        Arc::new(SystemClock)
+    };
+    let (name, index) = custody::verify_claim(store.as_ref(), claim, clock.now_unix())?;
+    let audit_log = AuditLog::open(store.clone(), clock, config.audit.settings())?;
     let mut event = AuditEvent::new("ceremony.share_verified", "ok");
     event.detail.insert("custodian".into(), name.clone());
     event.detail.insert("index".into(), index.to_string());

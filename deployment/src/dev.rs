@@ -124,6 +124,17 @@ impl DevLayout {
     }
 }
 
+/// Whether `config` (read from `config_path`) is a development layout's: the `kms.toml` that
+/// `kms serve --dev` wrote in its data directory, on the development token. Such a deployment
+/// runs on the development clock, offline tools included.
+pub fn is_dev_config(config_path: &Path, config: &crate::config::Config) -> bool {
+    let canonical = |p: &Path| std::fs::canonicalize(p).ok();
+    let layout = DevLayout::new(config.data_dir.clone()).config();
+    config.hsm.token_label == DEV_TOKEN_LABEL
+        && canonical(&layout).is_some()
+        && canonical(&layout) == canonical(config_path)
+}
+
 /// Creates whatever is missing under `layout.root`: the token, PINs, PKI and config.
 pub fn ensure(layout: &DevLayout) -> Result<PathBuf, Error> {
     let mkdir = |p: &Path| {

@@ -64,7 +64,9 @@ impl Deployment {
     }
 
     /// Opens the deployment for a ceremony, with the server stopped: as [`Deployment::open`],
-    /// and the governance stores, so that the grant MAC key exists to be escrowed.
+    /// on the deployment's own clock (a development layout's is the development clock, so that
+    /// an approval's age is what the server saw), and the governance stores, so that the grant
+    /// MAC key exists to be escrowed.
     pub fn open_offline(config_path: &Path) -> Result<Self, Error> {
         let config = load(config_path)?;
         let store = Arc::new(
@@ -75,7 +77,12 @@ impl Deployment {
                 ))
             })?,
         );
-        let opened = Self::assemble(config, config_path, store, ClockKind::System)?;
+        let clock = if crate::dev::is_dev_config(config_path, &config) {
+            ClockKind::Dev
+        } else {
+            ClockKind::System
+        };
+        let opened = Self::assemble(config, config_path, store, clock)?;
         opened.governance()?;
         Ok(opened)
     }

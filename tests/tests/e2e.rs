@@ -463,3 +463,19 @@ fn every_subcommand_runs_without_panicking() {
         );
     }
 }
+
+/// The development clock moves on as often as asked (it once worked only the first time: the
+/// offset file could not be written over).
+#[test]
+fn the_dev_clock_advances_more_than_once() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join(".kms")).unwrap();
+    let advance = |by: &str| -> serde_json::Value {
+        let out = kms_tests::kms_in(KMS, dir.path(), &["dev", "advance-clock", by, "--json"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    assert_eq!(advance("1h")["offset_secs"], 3600);
+    assert_eq!(advance("30m")["offset_secs"], 5400);
+    assert_eq!(advance("1d")["offset_secs"], 91_800);
+}

@@ -900,3 +900,54 @@ fn a_reshare_moves_recovery_to_new_custodians_and_old_shares_lose_later_bundles(
     let got: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(got["key_versions_restored"], 3, "{got}");
 }
+
+/// Offline tools read the deployment's clock, not the host's: on a development deployment
+/// whose clock has moved two hours on, an approved reshare (a one-hour ticket) is refused as
+/// too old by the offline `kms ceremony reshare`, as the server would refuse it.
+#[test]
+fn an_offline_reshare_reads_the_deployments_clock() {
+    let a_tmp = tempfile::tempdir().unwrap();
+    let a = a_tmp.path();
+    let server = Server::start(KMS, a);
+    let (_, erin) = age_keygen(a, "erin");
+    let (_, frank) = age_keygen(a, "frank");
+    let plan = [
+        "--threshold".to_owned(),
+        "2".to_owned(),
+        "--custodian".to_owned(),
+        format!("erin={erin}"),
+        "--custodian".to_owned(),
+        format!("frank={frank}"),
+    ];
+    let mut ask: Vec<&str> = vec!["--as", "operator1", "ceremony", "authorize-reshare"];
+    ask.extend(plan.iter().map(String::as_str));
+    let approved = server.kms_approved(&ask);
+    let approval = approved["approval_id"].as_str().unwrap().to_owned();
+    drop(server.stop());
+
+    kms_ok(a, &["dev", "advance-clock", "2h", "--json"]);
+    let custodians = a.join(".kms/custodians");
+    let file = |n: &str| custodians.join(n).to_str().unwrap().to_owned();
+    let out = a.join("epoch2");
+    let mut args: Vec<String> = vec!["ceremony".into(), "reshare".into()];
+    args.extend(plan.iter().cloned());
+    for name in ["alice", "bob"] {
+        args.extend([
+            "--share".into(),
+            file(&format!("{name}.share.age")),
+            "--identity".into(),
+            file(&format!("{name}.key")),
+        ]);
+    }
+    args.extend([
+        "--approval".into(),
+        approval,
+        "--out-dir".into(),
+        out.to_str().unwrap().into(),
+    ]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let err = kms_err(a, &refs);
+    assert!(err.contains("more than 60 minutes ago"), "{err}");
+    assert!(entries(&out).is_empty(), "{:?}", entries(&out));
+    assert_eq!(kms_ok(a, &["ceremony", "status", "--json"])["epoch"], 1);
+}
