@@ -217,6 +217,16 @@ fn a_provider_exit_drill_passes_and_its_report_verifies_against_the_production_l
     let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["passed"], true);
     assert!(failed(&report).is_empty(), "{report}");
+    // The bundle's signer is named, not the drill token's new one.
+    let inspected = server.kms_json(&["backup", "inspect", bundle.to_str().unwrap()]);
+    let bundle_signer = inspected["signer"]["id"].as_str().unwrap();
+    let authentic = check(&report, "bundle_authentic")["detail"]
+        .as_str()
+        .unwrap();
+    assert!(
+        authentic.contains(bundle_signer),
+        "{authentic} / {bundle_signer}"
+    );
     for name in [
         "bundle",
         "live_versions",

@@ -444,7 +444,7 @@ fn recover_phase(
         "bundle_authentic",
         format!(
             "signed by {}, the signer the custody transcripts pin",
-            recovered.recovered.signer
+            recovered.recovered.bundle_signer
         ),
     );
     for (k, v) in &recovered.timings {

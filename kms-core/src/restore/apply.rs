@@ -34,6 +34,8 @@ pub struct Recovered {
     pub audit_head: crate::bundle::AuditHead,
     /// The new audit signer's id.
     pub signer: String,
+    /// The id of the signer whose signature on the bundle the quorum's transcript vouched for.
+    pub bundle_signer: String,
     /// SHA-256 of the bundle, hex.
     pub bundle_sha256: String,
 }
@@ -176,6 +178,7 @@ impl Prepared {
                 hash: hex::encode(hash),
             },
             signer: new_signer,
+            bundle_signer: h.signer.id.clone(),
             bundle_sha256: hex::encode(checked.sha256),
         })
     }
