@@ -220,66 +220,8 @@ def tarjan(graph):
 
 
 def core_cycles():
-    """Strongly connected groups of kms-core's modules, by `crate::...` paths (error types
-    excepted). A module is a top-level file or folder; inside `governance/`, each child is
-    its own module (governance::policy, governance::grants, ...)."""
-    src = os.path.join(ROOT, "kms-core", "src")
-
-    def module(parts):
-        parts = [p.removesuffix(".rs") for p in parts]
-        if parts and parts[-1] == "mod":
-            parts = parts[:-1]
-        if parts[:1] == ["governance"] and len(parts) > 1:
-            return "::".join(parts[:2])
-        return parts[0] if parts else ""
-
-    graph = defaultdict(set)
-    for path in source_files("kms-core"):
-        me = module(os.path.relpath(path, src).split(os.sep))
-        if me in ("lib", "main", "governance", ""):
-            continue
-        with open(path, encoding="utf-8") as fh:
-            text = strip(fh.read())
-        lines = text.split("\n")
-        skip = test_ranges(lines)
-        body = "\n".join(l for i, l in enumerate(lines) if not any(a <= i <= b for a, b in skip))
-        refs = [m.group(1).split("::") for m in re.finditer(r"crate::((?:\w+::)*\w+)", body)]
-        for m in re.finditer(r"use crate::\{([^}]*)\}", body):
-            refs += [[d] for d in re.findall(r"(?:^|,)\s*(\w+)", m.group(1))]
-        for parts in refs:
-            dep = module(parts)
-            if dep not in (me, "error", "") and dep != "governance":
-                graph[me].add(dep)
-    # Tarjan's algorithm.
-    index, low, stack, on, out = {}, {}, [], set(), []
-    counter = [0]
-
-    def visit(v):
-        index[v] = low[v] = counter[0]
-        counter[0] += 1
-        stack.append(v)
-        on.add(v)
-        for w in graph.get(v, ()):
-            if w not in index:
-                visit(w)
-                low[v] = min(low[v], low[w])
-            elif w in on:
-                low[v] = min(low[v], index[w])
-        if low[v] == index[v]:
-            comp = []
-            while True:
-                w = stack.pop()
-                on.discard(w)
-                comp.append(w)
-                if w == v:
-                    break
-            if len(comp) > 1:
-                out.append(sorted(comp))
-
-    for v in list(graph):
-        if v not in index:
-            visit(v)
-    return out
+    """Strongly connected groups of kms-core's modules (see crate_cycles)."""
+    return crate_cycles("kms-core")
 
 
 def main():
