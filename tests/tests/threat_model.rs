@@ -344,6 +344,9 @@ fn tm_t31_every_landing_runs_cargo_deny() {
         "the supply-chain check does not run cargo deny's licence, source and duplicate checks"
     );
     assert!(runs(&check, "cargo deny check advisories"));
+    // Without a route to the RustSec database, the offline copy is checked, never skipped.
+    assert!(runs(&check, "cargo deny --offline check advisories"));
+    assert!(runs(&check, "advisory-db.tar.gz"));
     let deny = read(&root().join("deny.toml"));
     for section in ["[licenses]", "[sources]", "[bans]", "[advisories]"] {
         assert!(deny.contains(section), "deny.toml has no {section}");
