@@ -161,21 +161,8 @@ impl ConnectArgs {
 }
 
 fn recorded_addr(layout: &DevLayout, plane: Plane) -> Result<String, Error> {
-    let path = layout.endpoints();
-    let bytes = std::fs::read(&path).map_err(|_| {
-        Error::Usage(format!(
-            "no running dev server recorded in {} (start `kms serve --dev`, or pass --server)",
-            path.display()
-        ))
-    })?;
-    let v: serde_json::Value = serde_json::from_slice(&bytes)
-        .map_err(|_| Error::Usage(format!("{} is not valid JSON", path.display())))?;
-    let field = match plane {
+    layout.recorded_addr(match plane {
         Plane::Admin => "admin",
         Plane::Data => "data",
-    };
-    v.get(field)
-        .and_then(|a| a.as_str())
-        .map(str::to_owned)
-        .ok_or_else(|| Error::Usage(format!("{} has no {field} address", path.display())))
+    })
 }

@@ -81,6 +81,24 @@ impl DevLayout {
         self.root.join("endpoints.json")
     }
 
+    /// The address a running server of this directory recorded for `plane` (`"data"` or
+    /// `"admin"`) in `endpoints.json` (written by [`crate::node::Node::run`]).
+    pub fn recorded_addr(&self, plane: &str) -> Result<String, Error> {
+        let path = self.endpoints();
+        let bytes = std::fs::read(&path).map_err(|_| {
+            Error::Usage(format!(
+                "no running dev server recorded in {} (start `kms serve --dev`, or pass --server)",
+                path.display()
+            ))
+        })?;
+        let v: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|_| Error::Usage(format!("{} is not valid JSON", path.display())))?;
+        v.get(plane)
+            .and_then(|a| a.as_str())
+            .map(str::to_owned)
+            .ok_or_else(|| Error::Usage(format!("{} has no {plane} address", path.display())))
+    }
+
     /// Issues another operator certificate from the development operator CA, refusing a name
     /// that is not an operator name or whose certificate exists.
     pub fn issue_new_operator(&self, name: &str) -> Result<IssuedOperator, Error> {
