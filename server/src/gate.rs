@@ -295,7 +295,14 @@ impl Shared {
                     Ok(r) => r,
                     Err(never) => match never {},
                 };
-                let failed = response.extensions().get::<Status>().cloned();
+                // The router answers a method its service does not have with a bare
+                // UNIMPLEMENTED (a grpc-status header, no `Status`): refused here like any
+                // other unserved method, and recorded.
+                let failed = response
+                    .extensions()
+                    .get::<Status>()
+                    .cloned()
+                    .or_else(|| unimplemented(&response));
                 match failed {
                     // Refused by the codec or the router before the service took it.
                     Some(status) if !taken.is_set() && route != Route::Health => {
@@ -573,4 +580,10 @@ struct Admitted {
 )]
 fn monotonic() -> Instant {
     Instant::now()
+}
+
+/// A bare UNIMPLEMENTED answer (the router's, for a method its service does not have).
+fn unimplemented(response: &http::Response<Body>) -> Option<Status> {
+    let code = response.headers().get("grpc-status")?;
+    (code.as_bytes() == b"12").then(|| Status::unimplemented(""))
 }

@@ -704,3 +704,36 @@ fn plaintexts_and_data_keys_do_not_stay_in_server_memory() {
     assert!(counts[4] <= 2, "single data key: {} copies", counts[4]);
     let _ = server.stop();
 }
+
+/// A method the data-plane service does not have, asked for with a valid certificate, is
+/// refused like any other unserved method (with its fixed message) and recorded, naming the
+/// caller (it was answered by the router with an empty UNIMPLEMENTED, unrecorded).
+#[test]
+fn an_unknown_method_of_the_plane_service_is_refused_and_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(KMS, dir.path(), "warn");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut wl = h2(&server, &server.data, Some("workload")).await;
+        let a = call(&mut wl, "/kms.v1.DataPlane/NoSuchMethod", &[], &[]).await;
+        assert_eq!(a.code, UNIMPLEMENTED, "{a:?}");
+        assert_eq!(a.message, "method not served on this listener");
+        assert!(a.request_id.is_some(), "{a:?}");
+    });
+    let _ = server.stop();
+    let events = records(dir.path());
+    let unserved: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["reason"] == "request.unserved_method")
+        .collect();
+    assert_eq!(unserved.len(), 1, "{events:?}");
+    assert_eq!(unserved[0]["action"], "data.NoSuchMethod");
+    assert!(
+        unserved[0]["principal"]
+            .as_str()
+            .unwrap()
+            .starts_with("spiffe://"),
+        "{}",
+        unserved[0]
+    );
+}
