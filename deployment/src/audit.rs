@@ -7,10 +7,9 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 
 use kms_core::audit::{
-    key_seq, public_key_from_pem, seq_key, signer_id, split_record, stored_checkpoints,
+    for_each_record, public_key_from_pem, signer_id, split_record, stored_checkpoints,
     stored_signers, Checkpoint, ExpectedHead, ExportLine, RecordBody, Report, Signers, Verifier,
 };
-use kms_core::store::{Store, Table};
 use kms_core::RocksStore;
 
 use crate::error::{read, Error};
@@ -177,39 +176,33 @@ pub fn export_store(
         .filter_map(Result::ok)
         .map(|c| (c.seq, c))
         .collect();
-    let mut next = seq_key(match since {
+    let from = match since {
         Since::Seq(s) => s,
         Since::TimeMs(_) => 1,
-    })
-    .to_vec();
+    };
     let mut started = false;
-    loop {
-        let page = store.scan_from(Table::AuditRecords, &next, 4096)?;
-        let Some(last) = page.last() else { break };
-        next = last.key.clone();
-        next.push(0);
-        for row in &page {
-            let Some(seq) = key_seq(&row.key) else {
-                continue;
-            };
-            if !started {
-                if let Since::TimeMs(ms) = since {
-                    let time = split_record(&row.value)
-                        .and_then(|(_, b)| serde_json::from_slice::<RecordBody>(b).ok())
-                        .map(|b| b.time_ms);
-                    if time.is_some_and(|t| t < ms) {
-                        continue;
-                    }
+    for_each_record(&store, from, |seq, row| {
+        let Some(seq) = seq else {
+            return Ok(());
+        };
+        if !started {
+            if let Since::TimeMs(ms) = since {
+                let time = split_record(&row.value)
+                    .and_then(|(_, b)| serde_json::from_slice::<RecordBody>(b).ok())
+                    .map(|b| b.time_ms);
+                if time.is_some_and(|t| t < ms) {
+                    return Ok(());
                 }
-                started = true;
             }
-            if let Some(record) = ExportLine::record(seq, &row.value) {
-                line(&record)?;
-            }
-            if let Some(cp) = checkpoints.get(&seq) {
-                line(&ExportLine::checkpoint(cp))?;
-            }
+            started = true;
         }
-    }
+        if let Some(record) = ExportLine::record(seq, &row.value) {
+            line(&record)?;
+        }
+        if let Some(cp) = checkpoints.get(&seq) {
+            line(&ExportLine::checkpoint(cp))?;
+        }
+        Ok::<(), Error>(())
+    })?;
     Ok(())
 }

@@ -114,6 +114,27 @@ impl VerifyOptions {
     }
 }
 
+/// Calls `f` with each stored audit record from sequence number `from` on, in order, read a
+/// page of 4,096 at a time; the sequence number is `None` for a row whose key is not one.
+pub fn for_each_record<E: From<Error>>(
+    store: &dyn Store,
+    from: u64,
+    mut f: impl FnMut(Option<u64>, &Row) -> Result<(), E>,
+) -> Result<(), E> {
+    let mut next = seq_key(from).to_vec();
+    loop {
+        let page = store.scan_from(Table::AuditRecords, &next, 4096)?;
+        let Some(last) = page.last() else {
+            return Ok(());
+        };
+        next = last.key.clone();
+        next.push(0);
+        for row in &page {
+            f(key_seq(&row.key), row)?;
+        }
+    }
+}
+
 /// Verifies the log in `store` (see [`VerifyOptions`]), page by page.
 /// `signers` are the trusted public keys; `None` trusts the ones recorded in the store.
 pub fn verify_store(
@@ -144,19 +165,13 @@ pub fn verify_store(
     if let Some(head) = expected {
         verifier = verifier.expect_head(head);
     }
-    let mut next = seq_key(from.unwrap_or(0)).to_vec();
-    loop {
-        let page = store.scan_from(Table::AuditRecords, &next, 4096)?;
-        let Some(last) = page.last() else { break };
-        next = last.key.clone();
-        next.push(0);
-        for row in &page {
-            match key_seq(&row.key) {
-                Some(seq) => verifier.record(seq, &row.value),
-                None => return Err(Error::AuditCorrupt { seq: 0 }),
-            }
+    for_each_record(store, from.unwrap_or(0), |seq, row| match seq {
+        Some(seq) => {
+            verifier.record(seq, &row.value);
+            Ok(())
         }
-    }
+        None => Err(Error::AuditCorrupt { seq: 0 }),
+    })?;
     let mut report = verifier.finish();
     if let Some(&seq) = unreadable.iter().min() {
         if report.first_bad_seq.is_none_or(|s| seq < s) {
