@@ -70,6 +70,17 @@ pub enum Error {
         /// Which name or id, and what is wrong.
         what: String,
     },
+    /// A key version's token object can do more than encrypt and decrypt: `CKA_WRAP`,
+    /// `CKA_UNWRAP` or `CKA_DERIVE` was switched on after it was made, so it could let its value
+    /// out under another key. The KMS refuses to use it.
+    #[error(
+        "the token key with CKA_ID {id} can wrap, unwrap or derive; a key version may only \
+         encrypt and decrypt (see kms hsm inspect)"
+    )]
+    KeyWidened {
+        /// Its `CKA_ID`, hex.
+        id: String,
+    },
     /// The trusted escrow key, or a key escrowed under it, is not as the ceremony pinned it.
     #[error("escrow: {what}")]
     Escrow {

@@ -108,6 +108,20 @@ pub struct KeyAttributes {
     pub value_len: u64,
 }
 
+/// An AES token key found by [`Hsm::aes_keys_by_id`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IdentifiedKey {
+    /// Its `CKA_ID`.
+    pub id: ObjectId,
+    /// Its `CKA_CHECK_VALUE`.
+    pub check_value: CheckValue,
+    /// The handle.
+    pub key: TokenKey,
+    /// Whether it can wrap, unwrap or derive (`CKA_WRAP`, `CKA_UNWRAP`, `CKA_DERIVE`), which a
+    /// key version never may.
+    pub widened: bool,
+}
+
 /// The operations the KMS needs from an HSM. Every method blocks.
 pub trait Hsm: Send + Sync {
     /// Fills `out` with random bytes from the token's generator.
@@ -141,7 +155,7 @@ pub trait Hsm: Send + Sync {
 
     /// Every AES secret key on the token that has a 16-byte `CKA_ID` and a check value, in one
     /// pass (for loading many versions at start without one search each).
-    fn aes_keys_by_id(&self) -> Result<Vec<(ObjectId, CheckValue, TokenKey)>>;
+    fn aes_keys_by_id(&self) -> Result<Vec<IdentifiedKey>>;
 
     /// Destroys a token key (one whose creation could not be recorded).
     fn destroy_key(&self, key: TokenKey) -> Result<()>;

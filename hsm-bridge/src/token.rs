@@ -22,8 +22,8 @@ use crate::escrow::{
 use crate::pool::SessionPool;
 use crate::slot::{find_slot, load_module};
 use crate::{
-    Hsm, HsmEvent, HsmObserver, KeyAttributes, SigningKey, TokenKey, ECDSA_P256_SIG_LEN,
-    GCM_NONCE_LEN, GCM_TAG_LEN, P256_POINT_LEN,
+    Hsm, HsmEvent, HsmObserver, IdentifiedKey, KeyAttributes, SigningKey, TokenKey,
+    ECDSA_P256_SIG_LEN, GCM_NONCE_LEN, GCM_TAG_LEN, P256_POINT_LEN,
 };
 
 /// GCM tag length in bits, as PKCS#11 wants it.
@@ -235,24 +235,21 @@ impl Hsm for Pkcs11Hsm {
     fn find_key_by_id(&self, id: &ObjectId, check_value: &CheckValue) -> Result<TokenKey> {
         let op = |s: &Session| -> Result<ObjectHandle> {
             let handle = escrow::find_by_id(s, id)?;
-            let raw = s
-                .get_attributes(handle, &[AttributeType::CheckValue])?
-                .into_iter()
-                .find_map(|a| match a {
-                    Attribute::CheckValue(v) => Some(v),
-                    _ => None,
-                });
-            if raw.as_deref() != Some(check_value.0.as_slice()) {
+            let (_, cv, widened) = identity_of(s, handle)?;
+            if cv.as_ref() != Some(check_value) {
                 return Err(Error::ObjectAmbiguous {
                     what: format!("the key with CKA_ID {id} has another check value"),
                 });
+            }
+            if widened {
+                return Err(Error::KeyWidened { id: id.to_hex() });
             }
             Ok(handle)
         };
         self.run_lookup(op).map(TokenKey)
     }
 
-    fn aes_keys_by_id(&self) -> Result<Vec<(ObjectId, CheckValue, TokenKey)>> {
+    fn aes_keys_by_id(&self) -> Result<Vec<IdentifiedKey>> {
         self.run_lookup(|s: &Session| {
             let objects = s.find_objects(&[
                 Attribute::Class(ObjectClass::SECRET_KEY),
@@ -260,22 +257,13 @@ impl Hsm for Pkcs11Hsm {
             ])?;
             let mut out = Vec::with_capacity(objects.len());
             for object in objects {
-                let (mut id, mut cv) = (None, None);
-                for a in
-                    s.get_attributes(object, &[AttributeType::Id, AttributeType::CheckValue])?
-                {
-                    match a {
-                        Attribute::Id(v) => {
-                            id = <[u8; crate::OBJECT_ID_LEN]>::try_from(v.as_slice()).ok()
-                        }
-                        Attribute::CheckValue(v) => {
-                            cv = <[u8; crate::CHECK_VALUE_LEN]>::try_from(v.as_slice()).ok()
-                        }
-                        _ => {}
-                    }
-                }
-                if let (Some(id), Some(cv)) = (id, cv) {
-                    out.push((ObjectId(id), CheckValue(cv), TokenKey(object)));
+                if let (Some(id), Some(check_value), widened) = identity_of(s, object)? {
+                    out.push(IdentifiedKey {
+                        id,
+                        check_value,
+                        key: TokenKey(object),
+                        widened,
+                    });
                 }
             }
             Ok(out)
@@ -668,4 +656,39 @@ impl Pkcs11Hsm {
             Ok(objects.into_iter().map(|o| report(session, o)).collect())
         })
     }
+}
+
+/// A key's `CKA_ID` (16 bytes) and check value when it has them, and whether it can wrap,
+/// unwrap or derive, read in one call.
+fn identity_of(
+    s: &Session,
+    object: ObjectHandle,
+) -> Result<(Option<ObjectId>, Option<CheckValue>, bool)> {
+    let (mut id, mut cv, mut widened) = (None, None, false);
+    let kinds = [
+        AttributeType::Id,
+        AttributeType::CheckValue,
+        AttributeType::Wrap,
+        AttributeType::Unwrap,
+        AttributeType::Derive,
+    ];
+    for a in s.get_attributes(object, &kinds)? {
+        match a {
+            Attribute::Id(v) => {
+                id = <[u8; crate::OBJECT_ID_LEN]>::try_from(v.as_slice())
+                    .ok()
+                    .map(ObjectId)
+            }
+            Attribute::CheckValue(v) => {
+                cv = <[u8; crate::CHECK_VALUE_LEN]>::try_from(v.as_slice())
+                    .ok()
+                    .map(CheckValue)
+            }
+            Attribute::Wrap(true) | Attribute::Unwrap(true) | Attribute::Derive(true) => {
+                widened = true
+            }
+            _ => {}
+        }
+    }
+    Ok((id, cv, widened))
 }

@@ -257,3 +257,67 @@ fn a_wrong_security_officer_pin_or_a_logged_in_user_is_a_typed_error() {
         Err(Error::ObjectAmbiguous { .. })
     ));
 }
+
+/// An escrowed version stays modifiable (so that it can be locked once wrapped), so whoever
+/// holds the user PIN can switch on `CKA_WRAP`, `CKA_UNWRAP` or `CKA_DERIVE`. Such a key is
+/// refused by every lookup of a version, and reported as widened by the bulk lookup the key
+/// service loads with (which then refuses to start; threat model T42).
+#[test]
+fn a_key_version_switched_to_wrap_unwrap_or_derive_is_refused() {
+    let t = token();
+    let config = t.config().unwrap();
+    let value = escrow_value(0x24);
+    let pin = pin_for(&value, 9);
+    import(&t, &pin, &value).unwrap();
+    let hsm = Pkcs11Hsm::open(&config).unwrap();
+    hsm.escrow_self_test(Some(&pin)).unwrap();
+    let ctx = Pkcs11::new(&config.module).unwrap();
+    let _ = ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK));
+    let slot = ctx.get_slots_with_token().unwrap()[0];
+    let session = ctx.open_rw_session(slot).unwrap();
+    // The key service's own login already holds for this process; a second one is refused.
+    let _ = session.login(UserType::User, Some(&config.user_pin));
+    for (n, widen) in [
+        Attribute::Wrap(true),
+        Attribute::Unwrap(true),
+        Attribute::Derive(true),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let id = ObjectId([20 + u8::try_from(n).unwrap(); 16]);
+        let made = hsm.generate_escrowed_key("v", &id, &pin).unwrap();
+        assert_eq!(
+            hsm.find_key_by_id(&id, &made.check_value).unwrap(),
+            made.key
+        );
+        let handle = session
+            .find_objects(&[Attribute::Id(id.0.to_vec())])
+            .unwrap()[0];
+        session.update_attributes(handle, &[widen]).unwrap();
+        assert!(
+            matches!(
+                hsm.find_key_by_id(&id, &made.check_value),
+                Err(Error::KeyWidened { .. })
+            ),
+            "key {n}"
+        );
+        let listed = hsm.aes_keys_by_id().unwrap();
+        let found = listed.iter().find(|k| k.id == id).unwrap();
+        assert!(found.widened, "key {n}");
+    }
+    // Keys as the KMS made them are not (the trusted escrow key wraps: it is no version).
+    let mut widened: Vec<[u8; 16]> = hsm
+        .aes_keys_by_id()
+        .unwrap()
+        .iter()
+        .filter(|k| k.widened && k.id != pin.id)
+        .map(|k| k.id.0)
+        .collect();
+    widened.sort_unstable();
+    assert_eq!(
+        widened,
+        [[20u8; 16], [21; 16], [22; 16]],
+        "only the keys switched above"
+    );
+}

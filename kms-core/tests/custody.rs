@@ -447,3 +447,53 @@ fn every_version_has_a_canary_and_versions_without_one_get_it_at_start() {
     assert_eq!(version_rows(&store), filled);
     drop(kms);
 }
+
+/// An `hsm` version whose token object was switched to wrap (with the user PIN, outside the
+/// KMS) stops the key service from starting, with an error naming the key (threat model T42).
+#[test]
+fn a_key_version_switched_to_wrap_stops_the_key_service_from_starting() {
+    use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+    use cryptoki::object::Attribute;
+    use cryptoki::session::UserType;
+
+    let (token, hsm, _dir, store) = common::deployment_with_custody();
+    let kms = open_kms(&hsm, &store);
+    new_key(&kms, Protection::Hsm);
+    drop(kms);
+    // Before: the service starts.
+    drop(open_kms(&hsm, &store));
+    let v = version_rows(&store).into_iter().next().unwrap();
+    let kms_core::StoredMaterial::Hsm { id: Some(id), .. } = &v.material else {
+        panic!("an hsm version with an id: {v:?}");
+    };
+    let config = token.config().unwrap();
+    let ctx = Pkcs11::new(&config.module).unwrap();
+    let _ = ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK));
+    let slot = ctx.get_slots_with_token().unwrap()[0];
+    let session = ctx.open_rw_session(slot).unwrap();
+    // The key service's login already holds for this process.
+    let _ = session.login(UserType::User, Some(&config.user_pin));
+    let handle = session
+        .find_objects(&[Attribute::Id(hex::decode(id).unwrap())])
+        .unwrap()[0];
+    session
+        .update_attributes(handle, &[Attribute::Wrap(true)])
+        .unwrap();
+    let opened = Kms::open(Deps {
+        hsm: hsm.clone(),
+        store: store.clone(),
+        clock: Arc::new(FixedClock),
+        rng: Arc::new(SystemRng::new()),
+        authorizer: Arc::new(AllowAuthenticated),
+    });
+    let Err(refused) = opened else {
+        panic!("the key service must not start on a key that can wrap");
+    };
+    assert!(
+        matches!(
+            refused,
+            kms_core::Error::Hsm(hsm_bridge::Error::KeyWidened { .. })
+        ),
+        "{refused}"
+    );
+}

@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use aws_lc_rs::aead::{LessSafeKey, UnboundKey, AES_256_GCM};
-use hsm_bridge::{CheckValue, Hsm, ObjectId, TokenKey};
+use hsm_bridge::{CheckValue, Hsm, IdentifiedKey, ObjectId};
 
 use super::{Cache, Deps, KeyEntry, VersionKey};
 use crate::error::Error;
@@ -85,7 +85,7 @@ pub(super) fn load(deps: &Deps, sealed: bool) -> Result<Cache, Error> {
 }
 
 /// The token's AES keys by `CKA_ID`, read once at load.
-type TokenIndex = HashMap<ObjectId, Vec<(CheckValue, TokenKey)>>;
+type TokenIndex = HashMap<ObjectId, Vec<IdentifiedKey>>;
 
 /// Turns a stored version into a usable one: find the token object (by id and check value,
 /// through `index`, which is read from the token on first need), or unwrap the material.
@@ -107,8 +107,8 @@ pub(super) fn materialize(
                 Some(index) => index,
                 None => {
                     let mut built = TokenIndex::new();
-                    for (id, cv, key) in hsm.aes_keys_by_id()? {
-                        built.entry(id).or_default().push((cv, key));
+                    for k in hsm.aes_keys_by_id()? {
+                        built.entry(k.id).or_default().push(k);
                     }
                     index.insert(built)
                 }
@@ -116,7 +116,12 @@ pub(super) fn materialize(
             // The same rule as a single lookup: exactly one key with the id, and its check
             // value is the recorded one.
             match index.get(&id).map(Vec::as_slice) {
-                Some([(cv, key)]) if *cv == check_value => Ok(VersionKey::Hsm(*key)),
+                Some([k]) if k.check_value == check_value && k.widened => {
+                    Err(Error::from(hsm_bridge::Error::KeyWidened {
+                        id: id.to_hex(),
+                    }))
+                }
+                Some([k]) if k.check_value == check_value => Ok(VersionKey::Hsm(k.key)),
                 None | Some([]) => Err(Error::from(hsm_bridge::Error::ObjectMissing {
                     id: id.to_hex(),
                 })),
