@@ -74,9 +74,6 @@ pub struct ProviderExit {
     pub concurrency: usize,
 }
 
-/// Every key and version of the live deployment, for `--compare-live`.
-pub type LiveVersions<'a> = &'a dyn Fn() -> Result<Vec<LiveKey>, Error>;
-
 /// A drill that ran to its end (passed or not): its report, written.
 #[derive(Debug)]
 pub struct Finished {
@@ -166,12 +163,13 @@ impl Run<'_> {
 }
 
 /// Runs a provider-exit drill and writes its report (`DIR/report.json`, `DIR/report.md`).
-/// Returns the report whether or not every check passed; an error only when no report could
-/// be written.
+/// `live`, for `--compare-live`, lists every key and version of the live deployment. Returns
+/// the report whether or not every check passed; an error only when no report could be
+/// written.
 pub fn provider_exit(
     args: &ProviderExit,
     progress: &dyn Progress,
-    live: Option<LiveVersions<'_>>,
+    live: Option<&dyn Fn() -> Result<Vec<LiveKey>, Error>>,
 ) -> Result<Finished, Error> {
     let report_json = args.report_dir.join("report.json");
     if report_json.exists() {
@@ -286,7 +284,7 @@ struct Outcome {
 /// check that cannot let it go on.
 fn phases(
     args: &ProviderExit,
-    live: Option<LiveVersions<'_>>,
+    live: Option<&dyn Fn() -> Result<Vec<LiveKey>, Error>>,
     run: &mut Run<'_>,
     out: &mut Outcome,
     place: &mut Option<Place>,
@@ -313,7 +311,7 @@ fn phases(
 /// canaries; and with `live`, the live deployment's versions.
 fn read_phase(
     args: &ProviderExit,
-    live: Option<LiveVersions<'_>>,
+    live: Option<&dyn Fn() -> Result<Vec<LiveKey>, Error>>,
     run: &mut Run<'_>,
     out: &mut Outcome,
 ) -> Result<(Facts, Vec<CanaryCase>), Stop> {
