@@ -99,6 +99,29 @@ impl DevLayout {
             .ok_or_else(|| Error::Usage(format!("{} has no {plane} address", path.display())))
     }
 
+    /// Rewrites `softhsm2.conf` when it does not name this directory's `tokens/` by its
+    /// absolute path (a layout made by an older release wrote it relative to the working
+    /// directory, and a moved layout names its old place), so that the layout works from any
+    /// working directory and after a move.
+    pub fn point_token_conf(&self) -> Result<(), Error> {
+        let conf = self.root.join("softhsm2.conf");
+        let tokens = self.root.join("tokens");
+        if !tokens.is_dir() || !conf.is_file() {
+            return Ok(());
+        }
+        let tokens = std::path::absolute(&tokens).map_err(|source| Error::File {
+            what: "cannot resolve",
+            path: tokens.clone(),
+            source,
+        })?;
+        let wanted = format!("directories.tokendir = {}\n", tokens.display());
+        let text = std::fs::read_to_string(&conf).unwrap_or_default();
+        if !text.contains(&wanted) {
+            hsm_bridge::softhsm::write_conf(&conf, &tokens)?;
+        }
+        Ok(())
+    }
+
     /// Issues another operator certificate from the development operator CA, refusing a name
     /// that is not an operator name or whose certificate exists.
     pub fn issue_new_operator(&self, name: &str) -> Result<IssuedOperator, Error> {
@@ -171,6 +194,8 @@ pub fn ensure(layout: &DevLayout) -> Result<PathBuf, Error> {
     if !layout.root.join("tokens").exists() {
         tracing::info!(dir = %layout.root.display(), "creating development SoftHSM2 token");
         new_token(&layout.root, DEV_TOKEN_LABEL)?;
+    } else {
+        layout.point_token_conf()?;
     }
     if !layout.pki("server.pem").exists() {
         tracing::info!("creating development PKI");
@@ -205,7 +230,12 @@ pub fn new_token(root: &Path, label: &str) -> Result<(), Error> {
     let user_pin = random_pin(&rng)?;
     let so_pin = random_pin(&rng)?;
     let conf = root.join("softhsm2.conf");
-    let token_dir = root.join("tokens");
+    // Absolute: SoftHSM2 resolves a relative token directory against the working directory.
+    let token_dir = std::path::absolute(root.join("tokens")).map_err(|source| Error::File {
+        what: "cannot resolve",
+        path: root.join("tokens"),
+        source,
+    })?;
     let created = || -> Result<(), Error> {
         hsm_bridge::softhsm::write_conf(&conf, &token_dir)?;
         write_private(

@@ -279,8 +279,10 @@ pub fn config_path_or_dev(config: Option<&PathBuf>, data_dir: &Path) -> Result<P
     if let Some(path) = config {
         return Ok(path.clone());
     }
-    let dev = crate::dev::DevLayout::new(data_dir.to_path_buf()).config();
+    let layout = crate::dev::DevLayout::new(data_dir.to_path_buf());
+    let dev = layout.config();
     if dev.exists() {
+        layout.point_token_conf()?;
         return Ok(dev);
     }
     Err(Error::Usage(format!(

@@ -479,3 +479,30 @@ fn the_dev_clock_advances_more_than_once() {
     assert_eq!(advance("30m")["offset_secs"], 5400);
     assert_eq!(advance("1d")["offset_secs"], 91_800);
 }
+
+/// A development layout works from any working directory and after it is moved: its
+/// SoftHSM2 configuration names the token directory by its absolute path, and is pointed at
+/// the layout's own `tokens/` again when the layout is opened somewhere else.
+#[test]
+fn a_dev_layout_works_from_another_directory_and_after_a_move() {
+    let first = tempfile::tempdir().unwrap();
+    let server = Server::start(KMS, first.path());
+    drop(server.stop());
+    let elsewhere = tempfile::tempdir().unwrap();
+    let inspect = |data_dir: &std::path::Path| {
+        let dir = data_dir.to_str().unwrap();
+        let out = kms_tests::kms_in(
+            KMS,
+            elsewhere.path(),
+            &["--data-dir", dir, "hsm", "inspect", "--json"],
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert!(text.contains("\"root-key\""), "{text}");
+    };
+    inspect(&first.path().join(".kms"));
+    let moved = tempfile::tempdir().unwrap();
+    let to = moved.path().join("kms-moved");
+    std::fs::rename(first.path().join(".kms"), &to).unwrap();
+    inspect(&to);
+}
