@@ -10,7 +10,7 @@ use hsm_bridge::Pkcs11Hsm;
 use kms_core::audit::{AuditEvent, AuditLog};
 use kms_core::custody;
 use kms_core::{Clock, RocksStore, SystemClock};
-use recovery::ceremony::ShareClaim;
+use recovery::ceremony::{Sealed, ShareClaim};
 use recovery::{Custodian, TokenInfo};
 use secrecy::SecretString;
 use serde_json::{json, Value};
@@ -175,33 +175,19 @@ fn init(
         custody::prepare_init(store, opened.hsm.as_ref(), token, &rng, plan, escrow_key)?;
     let sealed = prepared.sealed();
     let escrowed = prepared.escrowed();
-    let mut files = Vec::new();
-    for (name, bytes) in &sealed.share_files {
-        files.push((out_dir.join(format!("{name}.share.age")), bytes.clone()));
-    }
-    files.push((
-        out_dir.join("transcript.json"),
-        sealed.transcript.canonical().map_err(Error::from)?,
-    ));
-    write_all(&files)?;
+    let files = write_ceremony_files(out_dir, sealed)?;
     let pin = prepared.escrow_pin().clone();
     // The commit point: before it, only the files above (removed here) and the imported
     // escrow key, whose value was never stored, exist.
     let sealed = match custody::commit_init(store, prepared) {
         Ok(sealed) => sealed,
         Err(e) => {
-            for (path, _) in &files {
-                let _ = std::fs::remove_file(path);
-            }
+            remove_all(&files);
             return Err(e.into());
         }
     };
     let sha = hex::encode(sealed.transcript_sha256);
-    let names: Vec<String> = sealed
-        .share_files
-        .iter()
-        .map(|(n, _)| n.to_string())
-        .collect();
+    let names = custodian_names(&sealed);
     let mut event = AuditEvent::new("ceremony.init", "ok");
     event
         .detail
@@ -272,7 +258,7 @@ fn tmp(path: &Path) -> PathBuf {
 
 /// Writes each file under a temporary name, syncs it, renames it, then syncs the directory.
 /// On failure nothing of them is left.
-pub fn write_all(files: &[(PathBuf, Vec<u8>)]) -> Result<(), Error> {
+fn write_all(files: &[(PathBuf, Vec<u8>)]) -> Result<(), Error> {
     let result = files.iter().try_for_each(|(path, bytes)| {
         let t = tmp(path);
         let write = || -> std::io::Result<()> {
@@ -305,6 +291,37 @@ pub fn write_all(files: &[(PathBuf, Vec<u8>)]) -> Result<(), Error> {
             })?;
     }
     Ok(())
+}
+
+/// Writes what a ceremony made into `out_dir`: `NAME.share.age` for each custodian and
+/// `transcript.json`, all or none. Returns their paths.
+pub fn write_ceremony_files(out_dir: &Path, sealed: &Sealed) -> Result<Vec<PathBuf>, Error> {
+    let mut files = Vec::with_capacity(sealed.share_files.len().saturating_add(1));
+    for (name, bytes) in &sealed.share_files {
+        files.push((out_dir.join(format!("{name}.share.age")), bytes.clone()));
+    }
+    files.push((
+        out_dir.join("transcript.json"),
+        sealed.transcript.canonical().map_err(Error::from)?,
+    ));
+    write_all(&files)?;
+    Ok(files.into_iter().map(|(path, _)| path).collect())
+}
+
+/// Removes a ceremony's files again (its commit failed).
+pub fn remove_all(paths: &[PathBuf]) {
+    for path in paths {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+/// The custodians of a ceremony's shares, in custodian order.
+pub fn custodian_names(sealed: &Sealed) -> Vec<String> {
+    sealed
+        .share_files
+        .iter()
+        .map(|(n, _)| n.to_string())
+        .collect()
 }
 
 /// What a share verification found.

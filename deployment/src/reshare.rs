@@ -81,18 +81,7 @@ pub fn run(config_path: &Path, args: &Reshare) -> Result<Value, Error> {
         let rng = aws_lc_rs::rand::SystemRandom::new();
         let resealed = open.reseal(plan, &rng)?;
         let sealed = resealed.sealed();
-        let mut files = Vec::new();
-        for (name, bytes) in &sealed.share_files {
-            files.push((
-                args.out_dir.join(format!("{name}.share.age")),
-                bytes.clone(),
-            ));
-        }
-        files.push((
-            args.out_dir.join("transcript.json"),
-            sealed.transcript.canonical().map_err(Error::from)?,
-        ));
-        crate::ceremony::write_all(&files)?;
+        let files = crate::ceremony::write_ceremony_files(&args.out_dir, sealed)?;
         let extra = ticket
             .iter()
             .map(|id| reshare::TICKET.consume(id, "kms ceremony reshare"))
@@ -101,9 +90,7 @@ pub fn run(config_path: &Path, args: &Reshare) -> Result<Value, Error> {
         let sealed = match resealed.commit(store, extra) {
             Ok(sealed) => sealed,
             Err(e) => {
-                for (path, _) in &files {
-                    let _ = std::fs::remove_file(path);
-                }
+                crate::ceremony::remove_all(&files);
                 return Err(Error::from(e));
             }
         };
@@ -122,11 +109,7 @@ pub fn run(config_path: &Path, args: &Reshare) -> Result<Value, Error> {
         }
     };
     let sha = hex::encode(sealed.transcript_sha256);
-    let names: Vec<String> = sealed
-        .share_files
-        .iter()
-        .map(|(n, _)| n.to_string())
-        .collect();
+    let names = crate::ceremony::custodian_names(&sealed);
     let epoch = sealed.record.epoch.get();
     // What the new transcript and seals already say: the epoch it follows, the transcript it
     // replaces, how many seals were made again.
