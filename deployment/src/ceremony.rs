@@ -9,14 +9,14 @@ use std::sync::Arc;
 use hsm_bridge::Pkcs11Hsm;
 use kms_core::audit::{AuditEvent, AuditLog};
 use kms_core::custody;
-use kms_core::{Clock, RocksStore, SystemClock};
+use kms_core::RocksStore;
 use recovery::ceremony::{Sealed, ShareClaim};
 use recovery::{Custodian, TokenInfo};
 use secrecy::SecretString;
 use serde_json::{json, Value};
 
 use crate::error::Error;
-use crate::open::Deployment;
+use crate::open::{ClockKind, Deployment};
 
 /// The environment variable read for the Security Officer PIN unless told otherwise.
 const SO_PIN_ENV: &str = "KMS_SO_PIN";
@@ -354,11 +354,7 @@ pub fn verify_share(config_path: &Path, claim: &ShareClaim) -> Result<ShareVerif
         Err(e) => return Err(e.into()),
     };
     let custody = custody::load(store.as_ref())?.ok_or(kms_core::Error::CustodyMissing)?;
-    let clock: Arc<dyn Clock> = if crate::dev::is_dev_config(config_path, &config) {
-        Arc::new(crate::dev::DevClock::new(&config.data_dir))
-    } else {
-        Arc::new(SystemClock)
-    };
+    let clock = ClockKind::of(config_path, &config).clock(&config.data_dir);
     let (name, index) = custody::verify_claim(store.as_ref(), claim, clock.now_unix())?;
     let audit_log = AuditLog::open(store.clone(), clock, config.audit.settings())?;
     let mut event = AuditEvent::new("ceremony.share_verified", "ok");

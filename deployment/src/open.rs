@@ -46,6 +46,27 @@ pub enum ClockKind {
     System,
 }
 
+impl ClockKind {
+    /// The clock of the deployment `config` (read from `config_path`) when no server says
+    /// otherwise: a development layout's runs on the development clock.
+    pub fn of(config_path: &Path, config: &Config) -> Self {
+        if crate::dev::is_dev_config(config_path, config) {
+            ClockKind::Dev
+        } else {
+            ClockKind::System
+        }
+    }
+
+    /// The clock itself, for the deployment whose data directory is `data_dir`.
+    pub fn clock(self, data_dir: &Path) -> Arc<dyn Clock> {
+        match self {
+            // Tests move this clock forward (`kms dev advance-clock`); never outside --dev.
+            ClockKind::Dev => Arc::new(crate::dev::DevClock::new(data_dir)),
+            ClockKind::System => Arc::new(SystemClock),
+        }
+    }
+}
+
 impl Deployment {
     /// Opens the deployment `config_path` names, as a server does: the data directory made
     /// owner-only, the store, the audit log (on `clock`), then the token.
@@ -77,11 +98,7 @@ impl Deployment {
                 ))
             })?,
         );
-        let clock = if crate::dev::is_dev_config(config_path, &config) {
-            ClockKind::Dev
-        } else {
-            ClockKind::System
-        };
+        let clock = ClockKind::of(config_path, &config);
         let opened = Self::assemble(config, config_path, store, clock)?;
         opened.governance()?;
         Ok(opened)
@@ -93,11 +110,7 @@ impl Deployment {
         store: Arc<RocksStore>,
         clock: ClockKind,
     ) -> Result<Self, Error> {
-        let clock: Arc<dyn Clock> = match clock {
-            // Tests move this clock forward (`kms dev advance-clock`); never outside --dev.
-            ClockKind::Dev => Arc::new(crate::dev::DevClock::new(&config.data_dir)),
-            ClockKind::System => Arc::new(SystemClock),
-        };
+        let clock = clock.clock(&config.data_dir);
         let audit_log = Arc::new(AuditLog::open(
             store.clone(),
             clock.clone(),
