@@ -75,4 +75,22 @@ impl TestToken {
             SecretString::from(self.user_pin.expose_secret().to_owned()),
         ))
     }
+
+    /// A read-write session on this token, outside [`crate::Pkcs11Hsm`], logged in as the
+    /// user (a login this process already holds is kept): for tests that change token objects
+    /// as someone holding the user PIN could.
+    pub fn user_session(&self) -> Result<cryptoki::session::Session> {
+        let module = find_softhsm2_module()?;
+        let ctx = crate::slot::load_module(&module)?;
+        let slot = crate::slot::find_slot(&ctx, &self.label, &module)?;
+        let session = ctx.open_rw_session(slot)?;
+        match session.login(cryptoki::session::UserType::User, Some(&self.user_pin)) {
+            Ok(())
+            | Err(cryptoki::error::Error::Pkcs11(
+                cryptoki::error::RvError::UserAlreadyLoggedIn,
+                _,
+            )) => Ok(session),
+            Err(e) => Err(e.into()),
+        }
+    }
 }

@@ -12,10 +12,8 @@
 use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use aws_lc_rs::cipher::{EncryptingKey, UnboundCipherKey, AES_256};
 use aws_lc_rs::key_wrap::{AesKek, KeyWrapPadded, AES_256 as KW_AES_256};
-use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, KeyType, ObjectClass};
-use cryptoki::session::UserType;
 use hsm_bridge::test_support::TestToken;
 use hsm_bridge::{CheckValue, Error, EscrowPin, Hsm, ObjectId, Pkcs11Hsm};
 use secrecy::{ExposeSecret, SecretBox, SecretString};
@@ -189,17 +187,10 @@ fn a_key_whose_escrow_cannot_be_made_is_not_left_on_the_token() {
 #[test]
 fn the_escrow_key_cannot_be_changed_destroyed_or_used_to_unwrap() {
     let t = token();
-    let config = t.config().unwrap();
     let value = escrow_value(0x33);
     let pin = pin_for(&value, 9);
     import(&t, &pin, &value).unwrap();
-    let ctx = Pkcs11::new(&config.module).unwrap();
-    let _ = ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK));
-    let slot = ctx.get_slots_with_token().unwrap()[0];
-    let session = ctx.open_rw_session(slot).unwrap();
-    session
-        .login(UserType::User, Some(&config.user_pin))
-        .unwrap();
+    let session = t.user_session().unwrap();
     let handle = session
         .find_objects(&[Attribute::Id(pin.id.0.to_vec())])
         .unwrap()[0];
@@ -271,12 +262,7 @@ fn a_key_version_switched_to_wrap_unwrap_or_derive_is_refused() {
     import(&t, &pin, &value).unwrap();
     let hsm = Pkcs11Hsm::open(&config).unwrap();
     hsm.escrow_self_test(Some(&pin)).unwrap();
-    let ctx = Pkcs11::new(&config.module).unwrap();
-    let _ = ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK));
-    let slot = ctx.get_slots_with_token().unwrap()[0];
-    let session = ctx.open_rw_session(slot).unwrap();
-    // The key service's own login already holds for this process; a second one is refused.
-    let _ = session.login(UserType::User, Some(&config.user_pin));
+    let session = t.user_session().unwrap();
     for (n, widen) in [
         Attribute::Wrap(true),
         Attribute::Unwrap(true),

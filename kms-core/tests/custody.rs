@@ -452,9 +452,7 @@ fn every_version_has_a_canary_and_versions_without_one_get_it_at_start() {
 /// KMS) stops the key service from starting, with an error naming the key (threat model T42).
 #[test]
 fn a_key_version_switched_to_wrap_stops_the_key_service_from_starting() {
-    use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
     use cryptoki::object::Attribute;
-    use cryptoki::session::UserType;
 
     let (token, hsm, _dir, store) = common::deployment_with_custody();
     let kms = open_kms(&hsm, &store);
@@ -466,13 +464,7 @@ fn a_key_version_switched_to_wrap_stops_the_key_service_from_starting() {
     let kms_core::StoredMaterial::Hsm { id: Some(id), .. } = &v.material else {
         panic!("an hsm version with an id: {v:?}");
     };
-    let config = token.config().unwrap();
-    let ctx = Pkcs11::new(&config.module).unwrap();
-    let _ = ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK));
-    let slot = ctx.get_slots_with_token().unwrap()[0];
-    let session = ctx.open_rw_session(slot).unwrap();
-    // The key service's login already holds for this process.
-    let _ = session.login(UserType::User, Some(&config.user_pin));
+    let session = token.user_session().unwrap();
     let handle = session
         .find_objects(&[Attribute::Id(hex::decode(id).unwrap())])
         .unwrap()[0];
