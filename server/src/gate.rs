@@ -295,21 +295,25 @@ impl Shared {
                     Ok(r) => r,
                     Err(never) => match never {},
                 };
-                // The router answers a method its service does not have with a bare
-                // UNIMPLEMENTED (a grpc-status header, no `Status`): refused here like any
-                // other unserved method, and recorded.
-                let failed = response
-                    .extensions()
-                    .get::<Status>()
-                    .cloned()
-                    .or_else(|| unimplemented(&response));
-                match failed {
-                    // Refused by the codec or the router before the service took it.
-                    Some(status) if !taken.is_set() && route != Route::Health => {
-                        self.refused_before_service(status, admitted, path, &ids, started)
-                            .await
+                // Only a request the service never took can have been refused before it: by
+                // the codec (a `Status`), or by the router, which answers a method its service
+                // does not have with a bare UNIMPLEMENTED (a grpc-status header). Either is
+                // refused here like any other, and recorded.
+                if taken.is_set() || route == Route::Health {
+                    response
+                } else {
+                    let failed = response
+                        .extensions()
+                        .get::<Status>()
+                        .cloned()
+                        .or_else(|| unimplemented(&response));
+                    match failed {
+                        Some(status) => {
+                            self.refused_before_service(status, admitted, path, &ids, started)
+                                .await
+                        }
+                        None => response,
                     }
-                    _ => response,
                 }
             }
         };
