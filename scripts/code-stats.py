@@ -25,7 +25,7 @@ import sys
 from collections import defaultdict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CRATES = ["hsm-bridge", "kms-core", "recovery", "api", "server", "deployment", "cli", "tests"]
+CRATES = ["hsm-bridge", "kms-core", "recovery", "api", "server", "deployment", "loadgen", "cli", "tests"]
 MAX_FILE_LINES = 700
 MAX_FN_LINES = 80
 FN_RE = re.compile(r"^\s*(?:pub(?:\([^)]*\))?\s+)?(?:const\s+)?(?:async\s+)?(?:unsafe\s+)?fn\s+(\w+)")

@@ -78,23 +78,21 @@ pub(crate) async fn run(
     let mut client = conn.admin().await?;
     match cmd {
         ApprovalCommand::List(List { state }) => {
+            let state = state.unwrap_or_default();
             let r = client
-                .list_approvals(ListApprovalsRequest {
-                    state: state.unwrap_or_default(),
-                })
-                .await?
-                .into_inner();
-            warn(&r.warning);
-            print_list(&r.approvals, as_json)
+                .list_approvals(ListApprovalsRequest { state })
+                .await?;
+            warn(&r.get_ref().warning);
+            print_list(&r.get_ref().approvals, as_json)
         }
-        ApprovalCommand::Show(Id { id }) => {
-            let a = client.get_approval(ApprovalId { id }).await?.into_inner();
-            show(as_json, &a)
-        }
-        ApprovalCommand::Approve(Id { id }) => {
-            let a = client.approve_change(ApprovalId { id }).await?.into_inner();
-            show(as_json, &a)
-        }
+        ApprovalCommand::Show(Id { id }) => show(
+            as_json,
+            &client.get_approval(ApprovalId { id }).await?.into_inner(),
+        ),
+        ApprovalCommand::Approve(Id { id }) => show(
+            as_json,
+            &client.approve_change(ApprovalId { id }).await?.into_inner(),
+        ),
         ApprovalCommand::Reject(Reject { id, reason }) => {
             let a = client
                 .reject_change(RejectChangeRequest { id, reason })
@@ -288,53 +286,19 @@ fn rules_json(r: &ApprovalRules) -> Value {
 }
 
 /// The development operators other than the requester, for tools that make gated changes on
-/// a development server (`kms bench`): they approve each change until it runs.
-pub(crate) struct DevApprovers {
-    clients: Vec<(String, api::AdminClient)>,
-}
-
-impl DevApprovers {
-    /// Connects as `operator2` and `operator3` (the requester is `operator1`, or `--as`).
-    pub(crate) async fn connect(conn: &ConnectArgs) -> Result<Self, Error> {
-        let mut clients = Vec::new();
-        for name in ["operator1", "operator2", "operator3"] {
-            if conn.as_name.as_deref().unwrap_or("operator1") == name {
-                continue;
-            }
-            let mut as_other = conn.clone();
-            as_other.as_name = Some(name.into());
-            as_other.client_cert = None;
-            as_other.client_key = None;
-            clients.push((name.to_owned(), as_other.admin().await?));
+/// a development server (`kms bench`): connected as `operator2` and `operator3` (the requester
+/// is `operator1`, or `--as`), they approve each change until it runs.
+pub(crate) async fn dev_approvers(conn: &ConnectArgs) -> Result<kms_loadgen::Approvers, Error> {
+    let mut clients = Vec::new();
+    for name in ["operator1", "operator2", "operator3"] {
+        if conn.as_name.as_deref().unwrap_or("operator1") == name {
+            continue;
         }
-        Ok(Self { clients })
+        let mut as_other = conn.clone();
+        as_other.as_name = Some(name.into());
+        as_other.client_cert = None;
+        as_other.client_key = None;
+        clients.push(as_other.admin().await?);
     }
-
-    /// Approves `pending` (if the change waits) until it has run; an error if it did not.
-    pub(crate) async fn settle(&self, pending: Option<&ApprovalInfo>) -> Result<(), Error> {
-        let Some(a) = pending else {
-            return Ok(());
-        };
-        for (_, client) in &self.clients {
-            let r = client
-                .clone()
-                .approve_change(ApprovalId { id: a.id.clone() })
-                .await?
-                .into_inner();
-            match r.state.as_str() {
-                "executed" => return Ok(()),
-                "pending" => continue,
-                other => {
-                    return Err(Error::Usage(format!(
-                        "approval {} of {} {} ended {other}: {}",
-                        r.id, r.action, r.target, r.reason
-                    )))
-                }
-            }
-        }
-        Err(Error::Usage(format!(
-            "approval {} needs more approvals than the development operators can give",
-            a.id
-        )))
-    }
+    Ok(kms_loadgen::Approvers::new(clients))
 }
