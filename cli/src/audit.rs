@@ -278,19 +278,7 @@ fn eprintln_note(note: &str) {
 
 fn print_report(report: &Report, unanchored_tail: bool, as_json: bool) -> Result<(), Error> {
     if as_json {
-        let mut value = serde_json::to_value(report).map_err(|e| Error::Usage(e.to_string()))?;
-        if let Some(object) = value.as_object_mut() {
-            if let (Some(cp), Some(seen)) = (
-                &report.last_checkpoint,
-                object
-                    .get_mut("last_checkpoint")
-                    .and_then(|v| v.as_object_mut()),
-            ) {
-                seen.insert("time".into(), rfc3339(cp.time_ms / 1000));
-            }
-            object.insert("unanchored_accepted".into(), (!unanchored_tail).into());
-        }
-        return emit(true, &value);
+        return emit(true, &report_json(report, unanchored_tail)?);
     }
     let range = match (report.first_seq, report.last_seq) {
         (Some(a), Some(b)) => format!(" (records {a}..{b})"),
@@ -340,6 +328,24 @@ fn print_report(report: &Report, unanchored_tail: bool, as_json: bool) -> Result
             path: "stdout".into(),
             source,
         })
+}
+
+/// The report as JSON, with the last checkpoint's time in RFC 3339 and whether an unanchored
+/// tail was accepted.
+fn report_json(report: &Report, unanchored_tail: bool) -> Result<serde_json::Value, Error> {
+    let mut value = serde_json::to_value(report).map_err(|e| Error::Usage(e.to_string()))?;
+    if let Some(object) = value.as_object_mut() {
+        if let (Some(cp), Some(seen)) = (
+            &report.last_checkpoint,
+            object
+                .get_mut("last_checkpoint")
+                .and_then(|v| v.as_object_mut()),
+        ) {
+            seen.insert("time".into(), rfc3339(cp.time_ms / 1000));
+        }
+        object.insert("unanchored_accepted".into(), (!unanchored_tail).into());
+    }
+    Ok(value)
 }
 
 /// Standard output or a file, line-buffered.
