@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use hsm_bridge::Pkcs11Hsm;
-use kms_core::audit::{AuditEvent, AuditLog};
+use kms_core::audit::AuditLog;
+
+use crate::events::{ceremony_done, ceremony_failed, Ceremony};
 use kms_core::custody;
 use kms_core::RocksStore;
 use recovery::ceremony::{Sealed, ShareClaim};
@@ -111,12 +113,9 @@ pub fn run_init(
     if let Err(e) = &result {
         tracing::error!(escrow_key_id = %pin.id, "init failed after the escrow key import; the token keeps an unpinned escrow key, which `kms hsm inspect` flags and the KMS never wraps under");
         // The failure is on record, with the key it left behind.
-        let mut event = AuditEvent::new("ceremony.init", "error");
-        event.reason = Some(e.to_string());
-        event.detail.insert("escrow_key_id".into(), pin.id.to_hex());
-        event
-            .detail
-            .insert("escrow_key_check_value".into(), pin.check_value.to_hex());
+        let event = ceremony_failed(Ceremony::Init, e)
+            .with("escrow_key_id", pin.id.to_hex())
+            .with("escrow_key_check_value", pin.check_value.to_hex());
         if opened.audit_log.submit(event).wait_blocking().is_err() {
             tracing::error!("the failed init could not be audited");
         }
@@ -188,20 +187,14 @@ fn init(
     };
     let sha = hex::encode(sealed.transcript_sha256);
     let names = custodian_names(&sealed);
-    let mut event = AuditEvent::new("ceremony.init", "ok");
-    event
-        .detail
-        .insert("ceremony_id".into(), sealed.record.ceremony_id.to_string());
-    event.detail.insert("transcript_sha256".into(), sha.clone());
-    event
-        .detail
-        .insert("threshold".into(), threshold.to_string());
-    event.detail.insert("custodians".into(), names.join(","));
-    event.detail.insert("escrowed".into(), escrowed.to_string());
-    event.detail.insert("escrow_key_id".into(), pin.id.to_hex());
-    event
-        .detail
-        .insert("escrow_key_check_value".into(), pin.check_value.to_hex());
+    let event = ceremony_done(Ceremony::Init)
+        .with("ceremony_id", sealed.record.ceremony_id)
+        .with("transcript_sha256", &sha)
+        .with("threshold", threshold)
+        .with("custodians", names.join(","))
+        .with("escrowed", escrowed)
+        .with("escrow_key_id", pin.id.to_hex())
+        .with("escrow_key_check_value", pin.check_value.to_hex());
     opened
         .audit_log
         .submit(event)
@@ -357,12 +350,10 @@ pub fn verify_share(config_path: &Path, claim: &ShareClaim) -> Result<ShareVerif
     let clock = ClockKind::of(config_path, &config).clock(&config.data_dir);
     let (name, index) = custody::verify_claim(store.as_ref(), claim, clock.now_unix())?;
     let audit_log = AuditLog::open(store.clone(), clock, config.audit.settings())?;
-    let mut event = AuditEvent::new("ceremony.share_verified", "ok");
-    event.detail.insert("custodian".into(), name.clone());
-    event.detail.insert("index".into(), index.to_string());
-    event
-        .detail
-        .insert("ceremony_id".into(), custody.record.ceremony_id.to_string());
+    let event = ceremony_done(Ceremony::ShareVerified)
+        .with("custodian", &name)
+        .with("index", index)
+        .with("ceremony_id", custody.record.ceremony_id);
     let written = audit_log.submit(event).wait_blocking();
     audit_log.close();
     written

@@ -27,6 +27,7 @@ pub mod config;
 pub mod dev;
 pub mod drill;
 pub mod error;
+mod events;
 pub mod node;
 pub mod open;
 pub mod recover;

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use kms_core::audit::{AuditEvent, AuditLog};
+use kms_core::audit::AuditLog;
 use kms_core::{Deps, Kms, RocksStore, SystemRng};
 use server::{Audit, Bound, Governance, ListenConfig, PolicyStats, Services, TimedAuthorizer};
 
@@ -143,17 +143,8 @@ impl Node {
         } else {
             Audit::new(self.audit_log.clone())
         };
-        let mut start = AuditEvent::new("server.start", "ok");
-        for (k, v) in [
-            ("version", env!("CARGO_PKG_VERSION").to_owned()),
-            ("boot", boot.clone()),
-            ("data", data.to_string()),
-            ("admin", admin.to_string()),
-        ] {
-            start.detail.insert(k.into(), v);
-        }
         self.audit_log
-            .submit(start)
+            .submit(crate::events::server_start(&boot, data, admin))
             .wait()
             .await
             .map_err(|e| Error::Usage(format!("cannot start: {e}")))?;
@@ -173,8 +164,7 @@ impl Node {
             tracing::warn!(error = %e, "workload usage could not be saved at stop");
         }
         let _ = std::fs::remove_file(&self.endpoints);
-        let mut stop = AuditEvent::new("server.stop", if result.is_ok() { "ok" } else { "error" });
-        stop.detail.insert("boot".into(), boot);
+        let stop = crate::events::server_stop(&boot, result.is_ok());
         if self.audit_log.submit(stop).wait().await.is_err() {
             tracing::error!("the server stop could not be audited");
         }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use hsm_bridge::{find_softhsm2_module, HsmConfig, HsmEvent, Pkcs11Hsm};
-use kms_core::audit::{AuditEvent, AuditLog};
+use kms_core::audit::AuditLog;
 use kms_core::governance::approvals::Approvals;
 use kms_core::governance::grants::Grants;
 use kms_core::governance::inventory::Inventory;
@@ -259,11 +259,7 @@ fn open_hsm(
     let hsm = match Pkcs11Hsm::open(&hsm_config) {
         Ok(hsm) => Arc::new(hsm),
         Err(e) => {
-            let mut event = AuditEvent::new("hsm.open_failed", "error");
-            event.reason = Some(e.to_string());
-            event
-                .detail
-                .insert("token".into(), hsm_config.token_label.clone());
+            let event = crate::events::hsm_open_failed(&hsm_config.token_label, &e);
             let _ = audit_log.submit(event).wait_blocking();
             audit_log.close();
             return Err(e.into());
@@ -277,10 +273,8 @@ fn open_hsm(
             return;
         };
         if let Some(log) = observer_log.upgrade() {
-            let mut record = AuditEvent::new("hsm.retry", "retrying");
-            record.reason = Some(error.clone());
             // Not awaited: the operation that met the failure is itself audited.
-            drop(log.submit(record));
+            drop(log.submit(crate::events::hsm_retry(error)));
         }
     }));
     Ok(hsm)

@@ -5,8 +5,8 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::events::{ceremony_done, ceremony_failed, Ceremony};
 use api::v1::AuthorizeReshareRequest;
-use kms_core::audit::AuditEvent;
 use kms_core::reshare::{self, Plan};
 use prost::Message;
 use recovery::Custodian;
@@ -99,8 +99,7 @@ pub fn run(config_path: &Path, args: &Reshare) -> Result<Value, Error> {
     let (sealed, ticket) = match result {
         Ok(done) => done,
         Err(e) => {
-            let mut event = AuditEvent::new("ceremony.reshare", "error");
-            event.reason = Some(e.to_string());
+            let event = ceremony_failed(Ceremony::Reshare, &e);
             if opened.audit_log.submit(event).wait_blocking().is_err() {
                 tracing::error!("the refused reshare could not be audited");
             }
@@ -120,20 +119,16 @@ pub fn run(config_path: &Path, args: &Reshare) -> Result<Value, Error> {
         .clone()
         .unwrap_or_default();
     let resealed_count = sealed.seals.len();
-    let mut event = AuditEvent::new("ceremony.reshare", "ok");
-    for (k, v) in [
-        ("ceremony_id", sealed.record.ceremony_id.to_string()),
-        ("from_epoch", from_epoch.to_string()),
-        ("epoch", epoch.to_string()),
-        ("transcript_sha256", sha.clone()),
-        ("previous_transcript_sha256", previous_sha.clone()),
-        ("threshold", args.plan.threshold.to_string()),
-        ("custodians", names.join(",")),
-        ("resealed", resealed_count.to_string()),
-        ("approval_id", ticket.clone().unwrap_or_default()),
-    ] {
-        event.detail.insert(k.into(), v);
-    }
+    let event = ceremony_done(Ceremony::Reshare)
+        .with("ceremony_id", sealed.record.ceremony_id)
+        .with("from_epoch", from_epoch)
+        .with("epoch", epoch)
+        .with("transcript_sha256", &sha)
+        .with("previous_transcript_sha256", &previous_sha)
+        .with("threshold", args.plan.threshold)
+        .with("custodians", names.join(","))
+        .with("resealed", resealed_count)
+        .with("approval_id", ticket.as_deref().unwrap_or_default());
     let audited = opened.audit_log.submit(event).wait_blocking();
     opened.audit_log.close();
     audited.map_err(|_| {

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use kms_core::audit::{object_hash, AuditEvent, AuditLog};
+use kms_core::audit::{object_hash, AuditLog};
 use kms_core::governance::actions::AdminAction;
 use kms_core::governance::inventory::{NewWorkload, Selector};
 use kms_core::governance::operators::NewOperator;
@@ -35,14 +35,12 @@ pub fn record_offline_change(
     target: &str,
     after: Option<String>,
 ) -> Result<(), Error> {
-    let mut event = AuditEvent::new(action.as_str(), "ok");
-    event.principal = Some(principal.into());
-    event.detail.insert("target".into(), target.to_owned());
-    event.after = after;
-    log.submit(event)
-        .wait_blocking()
-        .map(|_| ())
-        .map_err(|e| Error::Usage(format!("cannot record a change made by {principal}: {e}")))
+    log.submit(crate::events::offline_change(
+        principal, action, target, after,
+    ))
+    .wait_blocking()
+    .map(|_| ())
+    .map_err(|e| Error::Usage(format!("cannot record a change made by {principal}: {e}")))
 }
 
 /// Records a start-up change in the audit log, waiting until it is durable.
@@ -249,9 +247,7 @@ pub fn report_approvals(gov: &Governance, log: &AuditLog) -> Result<(), Error> {
         return Ok(());
     };
     tracing::warn!("approvals: {warning}");
-    let mut event = AuditEvent::new("approval.quorum_unreachable", "warning");
-    event.principal = Some(SEEDER.into());
-    event.reason = Some(warning);
+    let event = crate::events::start_up_warning(SEEDER, "approval.quorum_unreachable", warning);
     log.submit(event)
         .wait_blocking()
         .map(|_| ())

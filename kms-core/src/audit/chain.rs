@@ -123,6 +123,29 @@ impl AuditEvent {
         }
     }
 
+    /// The same event, done by `principal` (for changes made outside the planes, whose
+    /// caller is not authenticated per request: start-up, ceremonies, drills).
+    #[must_use]
+    pub fn by(mut self, principal: impl Into<String>) -> Self {
+        self.principal = Some(principal.into());
+        self
+    }
+
+    /// The same event, with why it was refused or failed.
+    #[must_use]
+    pub fn because(mut self, reason: impl Into<String>) -> Self {
+        self.reason = Some(reason.into());
+        self
+    }
+
+    /// The same event, with the fact `name` = `value` (a later value for a name replaces an
+    /// earlier one).
+    #[must_use]
+    pub fn with(mut self, name: &str, value: impl ToString) -> Self {
+        self.detail.insert(name.to_owned(), value.to_string());
+        self
+    }
+
     /// Fills the caller fields: who (as [`Principal`] names it) and how it authenticated
     /// (`mtls`, `jwt`, `grant`, or `none`). Every record's caller is set here and nowhere
     /// else.
@@ -314,6 +337,24 @@ pub fn public_key_from_pem(pem: &str) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_event_is_built_in_one_expression() {
+        let e = AuditEvent::new("ceremony.init", "error")
+            .by("kms ceremony init")
+            .because("token full")
+            .with("threshold", 2)
+            .with("custodians", "alice,bob")
+            .with("threshold", 3);
+        assert_eq!(e.principal.as_deref(), Some("kms ceremony init"));
+        assert_eq!(e.reason.as_deref(), Some("token full"));
+        assert_eq!(e.detail.get("threshold").map(String::as_str), Some("3"));
+        assert_eq!(e.detail.len(), 2);
+        assert_eq!(
+            (e.action.as_str(), e.status.as_str()),
+            ("ceremony.init", "error")
+        );
+    }
 
     #[test]
     fn record_round_trips_and_hash_covers_every_byte() {
