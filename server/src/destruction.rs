@@ -60,9 +60,9 @@ async fn destroy(kms: &Arc<Kms>, audit: &Audit, id: KeyId, now: u64) -> Result<b
 /// The `key.destroyed` record: the receipt's hash and signature, and what it states.
 fn event(receipt: &Receipt, text: &str) -> AuditEvent {
     let s = &receipt.statement;
-    let mut e = AuditEvent::new("key.destroyed", "ok");
-    e.principal = Some(ACTOR.into());
-    e.key = Some(s.key_id.clone());
+    let mut e = AuditEvent::new("key.destroyed", "ok")
+        .by(ACTOR)
+        .on_key(&s.key_id);
     let versions: Vec<String> = s.versions.iter().map(|v| v.version.to_string()).collect();
     let objects: Vec<String> = s
         .versions

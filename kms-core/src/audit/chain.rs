@@ -131,6 +131,13 @@ impl AuditEvent {
         self
     }
 
+    /// The same event, about `key` (an id, or the alias asked for).
+    #[must_use]
+    pub fn on_key(mut self, key: impl ToString) -> Self {
+        self.key = Some(key.to_string());
+        self
+    }
+
     /// The same event, with why it was refused or failed.
     #[must_use]
     pub fn because(mut self, reason: impl Into<String>) -> Self {

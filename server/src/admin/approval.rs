@@ -163,14 +163,13 @@ pub(super) fn info(gov: &Governance, r: &ApprovalRequest) -> ApprovalInfo {
 
 /// An `approval.*` record of a step on `r`, made by `by`.
 fn step_event(step: &str, r: &ApprovalRequest, by: &OperatorId) -> AuditEvent {
-    let mut e = AuditEvent::new(format!("approval.{step}"), "ok");
+    let mut e = AuditEvent::new(format!("approval.{step}"), "ok")
+        .with("approval_id", &r.id)
+        .with("request_hash", &r.hash)
+        .with("change", r.action.as_str())
+        .with("target", &r.target)
+        .with("requested_by", &r.requested_by);
     e.set_caller(Principal::Operator(by.clone()), "mtls");
-    e.detail.insert("approval_id".into(), r.id.clone());
-    e.detail.insert("request_hash".into(), r.hash.clone());
-    e.detail.insert("change".into(), r.action.as_str().into());
-    e.detail.insert("target".into(), r.target.clone());
-    e.detail
-        .insert("requested_by".into(), r.requested_by.clone());
     e
 }
 

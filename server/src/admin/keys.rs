@@ -52,8 +52,7 @@ pub(super) async fn describe(
     request: Request<KeyRequest>,
 ) -> Result<Response<KeyMetadata>, Status> {
     let key = key_ref(&request.get_ref().key)?;
-    let mut event = AuditEvent::default();
-    event.key = Some(key.to_string());
+    let event = AuditEvent::default().on_key(&key);
     svc.read(AdminAction::DescribeKey, &request, event, move |kms, _| {
         core(kms.describe_key(&key)).map(|r| metadata(&r))
     })
@@ -219,8 +218,7 @@ pub(super) async fn receipt(
     request: Request<KeyRequest>,
 ) -> Result<Response<DestructionReceipt>, Status> {
     let key = key_ref(&request.get_ref().key)?;
-    let mut event = AuditEvent::default();
-    event.key = Some(key.to_string());
+    let event = AuditEvent::default().on_key(&key);
     svc.read(
         AdminAction::GetDestructionReceipt,
         &request,

@@ -46,12 +46,10 @@ pub(super) async fn seal(
     done.status = status_word(result.as_ref().err());
     svc.outcome(done, &operator, &result).await;
     if let Ok(sealed) = &result {
-        let mut event = AuditEvent::new("service.sealed", "ok");
+        let mut event = AuditEvent::new("service.sealed", "ok")
+            .because(&sealed.reason)
+            .with("sealed_by", &sealed.sealed_by);
         event.set_caller(Principal::Operator(operator.clone()), "mtls");
-        event.reason = Some(sealed.reason.clone());
-        event
-            .detail
-            .insert("sealed_by".into(), sealed.sealed_by.clone());
         svc.audit.record(event).await?;
     }
     result.map(|r| Response::new(status_of(Some(&r))))
