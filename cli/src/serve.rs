@@ -27,6 +27,10 @@ pub(crate) struct ServeArgs {
     /// Admin-plane address, overriding the config (port 0 picks a free port).
     #[arg(long)]
     admin_addr: Option<SocketAddr>,
+    /// Metrics (`GET /metrics`) and health (`GET /health`) address, overriding the config's
+    /// `[listen] metrics` (default 127.0.0.1:9464; loopback only; port 0 picks a free port).
+    #[arg(long, value_parser = parse_metrics_addr)]
+    metrics_addr: Option<SocketAddr>,
     /// Serve without recording requests in the audit log, to measure what auditing costs.
     /// Development instances only.
     #[arg(long, requires = "dev", hide = true)]
@@ -54,6 +58,7 @@ pub(crate) fn prepare(args: &ServeArgs, data_dir: &Path) -> Result<Node, Error> 
             dev: args.dev,
             data_addr: args.data_addr,
             admin_addr: args.admin_addr,
+            metrics_addr: args.metrics_addr,
             unaudited: args.unaudited,
             no_policy: args.no_policy,
         },
@@ -68,4 +73,17 @@ pub(crate) async fn run(node: Node) -> Result<(), Error> {
         let _ = out.flush();
     })
     .await
+}
+
+/// A loopback address: metrics are served in plain HTTP.
+fn parse_metrics_addr(s: &str) -> Result<SocketAddr, String> {
+    let addr: SocketAddr = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not an address such as 127.0.0.1:9464"))?;
+    if !server::plain_http_allowed(addr) {
+        return Err(format!(
+            "{addr} is not a loopback address: metrics are served in plain HTTP, on loopback only"
+        ));
+    }
+    Ok(addr)
 }

@@ -424,6 +424,55 @@ pub struct ListenSection {
     /// default of `kms serve --dev`).
     #[serde(default)]
     pub reflection: Option<ReflectionSetting>,
+    /// Where metrics and health are served (plain HTTP, loopback only), or `"off"`.
+    #[serde(default)]
+    pub metrics: MetricsSetting,
+}
+
+/// `[listen] metrics`: a loopback address (the default `127.0.0.1:9464`), or `"off"`.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(try_from = "String")]
+#[non_exhaustive]
+pub enum MetricsSetting {
+    /// No metrics listener.
+    Off,
+    /// Metrics and health on this loopback address.
+    On(SocketAddr),
+}
+
+impl MetricsSetting {
+    /// The address to serve metrics on, if any.
+    pub fn addr(self) -> Option<SocketAddr> {
+        match self {
+            Self::Off => None,
+            Self::On(addr) => Some(addr),
+        }
+    }
+}
+
+impl Default for MetricsSetting {
+    fn default() -> Self {
+        Self::On(SocketAddr::from(([127, 0, 0, 1], 9464)))
+    }
+}
+
+impl TryFrom<String> for MetricsSetting {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        if s == "off" {
+            return Ok(Self::Off);
+        }
+        let addr: SocketAddr = s.parse().map_err(|_| {
+            format!("{s:?} is neither \"off\" nor an address such as 127.0.0.1:9464")
+        })?;
+        if !server::plain_http_allowed(addr) {
+            return Err(format!(
+                "{addr} is not a loopback address: metrics are served in plain HTTP, on loopback only"
+            ));
+        }
+        Ok(Self::On(addr))
+    }
 }
 
 /// `[listen] reflection`.
@@ -455,6 +504,7 @@ impl Default for ListenSection {
             data: default_data(),
             admin: default_admin(),
             reflection: None,
+            metrics: MetricsSetting::default(),
         }
     }
 }

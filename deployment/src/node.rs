@@ -22,6 +22,8 @@ pub struct NodeOptions {
     pub data_addr: Option<SocketAddr>,
     /// Admin-plane address, overriding the config.
     pub admin_addr: Option<SocketAddr>,
+    /// Metrics and health address, overriding the config (loopback only).
+    pub metrics_addr: Option<SocketAddr>,
     /// Serve without recording requests in the audit log (measurement only; dev only).
     pub unaudited: bool,
     /// Allow every admitted workload every key, skipping Cedar (measurement only; dev only).
@@ -105,6 +107,7 @@ impl Node {
                 server_cert: config.tls.server_cert,
                 server_key: config.tls.server_key,
                 admin_client_ca: config.tls.admin_client_ca,
+                metrics_addr: options.metrics_addr.or(config.listen.metrics.addr()),
             },
             reflection: match config.listen.reflection {
                 Some(setting) => setting.into(),
@@ -122,7 +125,13 @@ impl Node {
         let shutdown = shutdown_signal();
         let bound = Bound::bind(&self.listen).await?;
         let (data, admin) = bound.local_addrs()?;
-        let listening = serde_json::json!({ "event": "listening", "data": data.to_string(), "admin": admin.to_string() });
+        let metrics = bound.metrics_addr()?.map(|a| a.to_string());
+        let listening = serde_json::json!({
+            "event": "listening",
+            "data": data.to_string(),
+            "admin": admin.to_string(),
+            "metrics": metrics,
+        });
         let tmp = self.endpoints.with_extension("json.tmp");
         write_public(&tmp, listening.to_string().as_bytes())?;
         std::fs::rename(&tmp, &self.endpoints).map_err(|source| Error::File {
@@ -131,7 +140,7 @@ impl Node {
             source,
         })?;
         announce(&listening);
-        tracing::info!(%data, %admin, "serving");
+        tracing::info!(%data, %admin, metrics = metrics.as_deref().unwrap_or("off"), "serving");
         if self.dev {
             tracing::info!(
                 "try: kms key create --alias demo && kms data generate-key --key demo --context app=demo"

@@ -17,6 +17,13 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// Metrics were asked for on an address other than loopback, where they would be served
+    /// in plain HTTP to anyone who can reach it.
+    #[error("metrics are served in plain HTTP, on a loopback address only; {addr} is not one")]
+    MetricsNotLoopback {
+        /// The address.
+        addr: SocketAddr,
+    },
     /// A PEM file could not be read or held nothing usable.
     #[error("cannot use {what} from {}", path.display())]
     Pem {

@@ -65,7 +65,7 @@ pub(crate) enum Plane {
 }
 
 impl Plane {
-    fn word(self) -> &'static str {
+    pub(crate) fn word(self) -> &'static str {
         match self {
             Plane::Data => "data",
             Plane::Admin => "admin",
@@ -176,6 +176,8 @@ struct Shared {
     budget: Mutex<Budget>,
     /// Set while the service is sealed: the data plane refuses every request.
     sealed: Arc<AtomicBool>,
+    /// Where every answered request is counted.
+    metrics: crate::metrics::Metrics,
 }
 
 /// Individually recorded refusals left this second, and what was only counted.
@@ -193,6 +195,7 @@ impl GateLayer {
         gov: Arc<Governance>,
         reflection: Reflection,
         sealed: Arc<AtomicBool>,
+        metrics: crate::metrics::Metrics,
     ) -> Self {
         Self {
             shared: Arc::new(Shared {
@@ -201,6 +204,7 @@ impl GateLayer {
                 gov,
                 reflection,
                 sealed,
+                metrics,
                 budget: Mutex::new(Budget {
                     second: monotonic(),
                     left: UNAUTHENTICATED_PER_SEC,
@@ -279,6 +283,7 @@ impl Shared {
         >,
     {
         let started = monotonic();
+        let _in_flight = self.metrics.start(self.plane);
         let ids = RequestTag::new(request.headers());
         let taken = Taken::default();
         // A `Uri` clone shares its bytes: no copy of the path unless a record needs it.
@@ -322,6 +327,9 @@ impl Shared {
                 response.headers_mut().insert(REQUEST_ID, v);
             }
         }
+        let code = crate::metrics::response_code(response.headers());
+        self.metrics
+            .answered(self.plane, path, code, started.elapsed());
         response
     }
 

@@ -30,6 +30,7 @@ mod error;
 mod gate;
 mod governance;
 mod identity;
+mod metrics;
 mod policy_stats;
 mod tls;
 mod wire;
@@ -37,6 +38,7 @@ mod wire;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -58,6 +60,7 @@ pub use error::Error;
 pub use gate::{Reflection, SUMMARY_EVERY, UNAUTHENTICATED_PER_SEC};
 pub use governance::{Governance, GRANT_HEADER, MAX_PURPOSE, PURPOSE_HEADER};
 pub use identity::{operator_identity, svid_facts};
+pub use metrics::{plain_http_allowed, Metrics};
 pub use policy_stats::{EvalStats, PolicyStats, TimedAuthorizer};
 
 /// Where and how the two planes listen.
@@ -73,6 +76,8 @@ pub struct ListenConfig {
     pub server_key: PathBuf,
     /// CA(s) whose client certificates the admin plane accepts.
     pub admin_client_ca: PathBuf,
+    /// Metrics and health address (plain HTTP, loopback only), or none.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// The HTTP/2 and connection limits of one listener (documented in SECURITY.md).
@@ -161,6 +166,7 @@ pub struct Bound {
     admin: TcpListener,
     data_tls: Arc<rustls::ServerConfig>,
     admin_tls: Arc<rustls::ServerConfig>,
+    metrics: Option<TcpListener>,
 }
 
 impl Bound {
@@ -177,11 +183,19 @@ impl Bound {
                 .await
                 .map_err(|source| Error::Bind { addr, source })
         };
+        let metrics = match config.metrics_addr {
+            Some(addr) if !metrics::plain_http_allowed(addr) => {
+                return Err(Error::MetricsNotLoopback { addr })
+            }
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
         Ok(Self {
             data: bind(config.data_addr).await?,
             admin: bind(config.admin_addr).await?,
             data_tls,
             admin_tls,
+            metrics,
         })
     }
 
@@ -198,6 +212,19 @@ impl Bound {
             addr(&self.data, unspecified)?,
             addr(&self.admin, unspecified)?,
         ))
+    }
+
+    /// The metrics and health address actually bound, if metrics are served.
+    pub fn metrics_addr(&self) -> Result<Option<SocketAddr>, Error> {
+        self.metrics
+            .as_ref()
+            .map(|l| {
+                l.local_addr().map_err(|source| Error::Bind {
+                    addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+                    source,
+                })
+            })
+            .transpose()
     }
 
     /// Serves both planes until `shutdown` resolves, then drains in-flight requests.
@@ -224,12 +251,14 @@ impl Bound {
                 .map_err(Error::Reflection)
         };
         let open = services.reflection != Reflection::Off;
+        let metrics = Metrics::new(services.kms.sealed_flag());
         let data_gate = gate::GateLayer::new(
             gate::Plane::Data,
             services.audit.clone(),
             services.gov.clone(),
             services.reflection,
             services.kms.sealed_flag(),
+            metrics.clone(),
         );
         let admin_gate = gate::GateLayer::new(
             gate::Plane::Admin,
@@ -237,12 +266,44 @@ impl Bound {
             services.gov.clone(),
             services.reflection,
             services.kms.sealed_flag(),
+            metrics.clone(),
         );
+        let observed = {
+            let stop = stopped(stop_rx.clone());
+            let metrics = metrics.clone();
+            async move {
+                match self.metrics {
+                    Some(listener) => metrics::serve(listener, metrics, stop).await,
+                    None => Ok(()),
+                }
+            }
+        };
 
         let (data_health, data_health_svc) = tonic_health::server::health_reporter();
         data_health
             .set_serving::<DataPlaneServer<DataService>>()
             .await;
+        // The data plane's health follows the seal: NOT_SERVING while every request would be
+        // refused.
+        let seal_watch = {
+            let (sealed, health) = (services.kms.sealed_flag(), data_health.clone());
+            let was = Arc::new(AtomicBool::new(false));
+            every(SEAL_CHECK_EVERY, stop_rx.clone(), move || {
+                let (sealed, health, was) = (sealed.clone(), health.clone(), was.clone());
+                async move {
+                    let now = sealed.load(Ordering::Relaxed);
+                    if was.swap(now, Ordering::Relaxed) != now {
+                        let status = if now {
+                            tonic_health::ServingStatus::NotServing
+                        } else {
+                            tonic_health::ServingStatus::Serving
+                        };
+                        health.set_service_status("", status).await;
+                        health.set_service_status("kms.v1.DataPlane", status).await;
+                    }
+                }
+            })
+        };
         let limits = Limits::DATA;
         let data = limits
             .builder()
@@ -320,7 +381,11 @@ impl Bound {
             })
         };
 
-        let (d, a, (), ()) = tokio::join!(data, admin, summaries, destructions);
+        let (d, a, m, (), (), ()) =
+            tokio::join!(data, admin, observed, summaries, destructions, seal_watch);
+        if let Err(e) = m {
+            tracing::error!(error = %e, "the metrics listener failed");
+        }
         data_gate.summarise().await;
         admin_gate.summarise().await;
         d.map_err(|source| Error::Serve {
@@ -334,6 +399,9 @@ impl Bound {
         Ok(())
     }
 }
+
+/// How often the data plane's gRPC health is brought in line with the seal.
+const SEAL_CHECK_EVERY: Duration = Duration::from_millis(250);
 
 /// Runs `tick` every `period` until `stop` turns true.
 async fn every<F, Fut>(

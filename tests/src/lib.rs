@@ -28,6 +28,8 @@ pub struct Server {
     pub data: String,
     /// Bound admin-plane address.
     pub admin: String,
+    /// The metrics and health listener's address.
+    pub metrics: String,
     log: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
@@ -49,6 +51,8 @@ impl Server {
                 "--data-addr",
                 "127.0.0.1:0",
                 "--admin-addr",
+                "127.0.0.1:0",
+                "--metrics-addr",
                 "127.0.0.1:0",
             ])
             .env("RUST_LOG", log_filter)
@@ -88,6 +92,7 @@ impl Server {
             dir: dir.to_path_buf(),
             data: v["data"].as_str().unwrap_or_default().to_owned(),
             admin: v["admin"].as_str().unwrap_or_default().to_owned(),
+            metrics: v["metrics"].as_str().unwrap_or_default().to_owned(),
             log,
         }
     }

@@ -117,7 +117,7 @@ pub(super) fn isolate(target: Option<&TargetToken>) -> Result<Place, Error> {
         format!(
             "# Written by `kms drill provider-exit`: the recovered copy, on loopback only.\n\
              data_dir = \".\"\n\n[hsm]\n{hsm_section}\n\
-             [listen]\ndata = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nreflection = \"off\"\n\n\
+             [listen]\ndata = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nreflection = \"off\"\nmetrics = \"off\"\n\n\
              [tls]\nserver_cert = \"pki/server.pem\"\nserver_key = \"pki/server.key\"\n\
              admin_client_ca = \"pki/admin-ca.pem\"\n"
         )

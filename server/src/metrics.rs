@@ -1,0 +1,427 @@
+//! What a node tells its operators: Prometheus metrics and health, on a listener of their
+//! own (plain HTTP, loopback only; see docs/OPERATIONS.md).
+//!
+//! Every request on either plane is counted by the gate, by plane, method and gRPC status,
+//! with its duration in a histogram (histograms, not summaries, so percentiles aggregate
+//! across nodes). No label takes a value the caller chooses: a method is named only if its
+//! plane's service has it (anything else is `unknown`), and key ids, identities and request ids
+//! are never labels.
+//!
+//! `GET /metrics` answers in the Prometheus text format, or in OpenMetrics when the scraper
+//! asks for it; `GET /health` answers 200 `{"status":"serving"}`, or 503
+//! `{"status":"not_serving","reason":...}` while the node cannot serve keys.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
+use prost::Message;
+
+use crate::gate::Plane;
+
+/// Upper bounds of the request-duration buckets, in seconds: 50 µs to 10 s.
+const DURATION_BUCKETS: [f64; 17] = [
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0,
+];
+
+/// A method label for anything a plane's service does not have.
+const UNKNOWN: &str = "unknown";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RpcLabels {
+    plane: &'static str,
+    method: Arc<String>,
+    code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodLabels {
+    plane: &'static str,
+    method: Arc<String>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PlaneLabels {
+    plane: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+}
+
+/// A node's metrics, shared by both gates and the metrics listener.
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    registry: Registry,
+    requests: Family<RpcLabels, Counter>,
+    durations: Family<MethodLabels, Histogram, fn() -> Histogram>,
+    in_flight: Family<PlaneLabels, Gauge>,
+    sealed_gauge: Gauge,
+    uptime: Gauge<f64, AtomicU64>,
+    started: Instant,
+    sealed: Arc<AtomicBool>,
+    /// Method label by request path, for each plane's own services.
+    methods: HashMap<String, Arc<String>>,
+    unknown: Arc<String>,
+}
+
+fn duration_histogram() -> Histogram {
+    Histogram::new(DURATION_BUCKETS)
+}
+
+impl Metrics {
+    /// Metrics for a node whose seal state is `sealed`.
+    pub fn new(sealed: Arc<AtomicBool>) -> Self {
+        let mut registry = Registry::with_prefix("kms");
+        let requests = Family::<RpcLabels, Counter>::default();
+        registry.register(
+            "rpc_requests",
+            "Requests answered, by plane, method and gRPC status (refusals included)",
+            requests.clone(),
+        );
+        let durations = Family::<MethodLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+            duration_histogram,
+        );
+        registry.register(
+            "rpc_duration_seconds",
+            "Time from a request's headers to its answer, by plane and method",
+            durations.clone(),
+        );
+        let in_flight = Family::<PlaneLabels, Gauge>::default();
+        registry.register(
+            "rpc_in_flight",
+            "Requests being served, by plane",
+            in_flight.clone(),
+        );
+        let sealed_gauge = Gauge::default();
+        registry.register(
+            "sealed",
+            "1 while the service is sealed (every data-plane request refused), else 0",
+            sealed_gauge.clone(),
+        );
+        let uptime = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "uptime_seconds",
+            "Seconds since the node started",
+            uptime.clone(),
+        );
+        registry.register(
+            "build",
+            "The version of the running kms",
+            Info::new(BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            }),
+        );
+        Self {
+            inner: Arc::new(Inner {
+                registry,
+                requests,
+                durations,
+                in_flight,
+                sealed_gauge,
+                uptime,
+                started: now(),
+                sealed,
+                methods: plane_methods(),
+                unknown: Arc::new(UNKNOWN.to_owned()),
+            }),
+        }
+    }
+
+    /// Counts a request as in flight on `plane` until the returned guard is dropped.
+    pub(crate) fn start(&self, plane: Plane) -> InFlight {
+        let gauge = self.inner.in_flight.get_or_create_owned(&PlaneLabels {
+            plane: plane.word(),
+        });
+        gauge.inc();
+        InFlight(gauge)
+    }
+
+    /// Counts an answered request: its plane, its path, the gRPC status it was answered with
+    /// and how long it took.
+    pub(crate) fn answered(&self, plane: Plane, path: &str, code: tonic::Code, took: Duration) {
+        let method = self
+            .inner
+            .methods
+            .get(path)
+            .unwrap_or(&self.inner.unknown)
+            .clone();
+        let plane = plane.word();
+        self.inner
+            .durations
+            .get_or_create(&MethodLabels {
+                plane,
+                method: method.clone(),
+            })
+            .observe(took.as_secs_f64());
+        self.inner
+            .requests
+            .get_or_create(&RpcLabels {
+                plane,
+                method,
+                code: code_label(code),
+            })
+            .inc();
+    }
+
+    /// The scrape: Prometheus text (version 0.0.4), or OpenMetrics when `openmetrics`.
+    pub fn encode(&self, openmetrics: bool) -> Result<String, std::fmt::Error> {
+        let inner = &self.inner;
+        inner
+            .sealed_gauge
+            .set(i64::from(inner.sealed.load(Ordering::Relaxed)));
+        inner.uptime.set(inner.started.elapsed().as_secs_f64());
+        let mut out = String::with_capacity(16 * 1024);
+        if openmetrics {
+            prometheus_client::encoding::text::encode(&mut out, &inner.registry)?;
+        } else {
+            prometheus_client::encoding::prometheus_text::encode(&mut out, &inner.registry)?;
+        }
+        Ok(out)
+    }
+
+    /// Why the node cannot serve keys now, if it cannot.
+    pub fn not_serving(&self) -> Option<&'static str> {
+        self.inner
+            .sealed
+            .load(Ordering::Relaxed)
+            .then_some("sealed")
+    }
+}
+
+#[expect(
+    clippy::disallowed_methods,
+    reason = "uptime is measured on the monotonic clock"
+)]
+fn now() -> Instant {
+    Instant::now()
+}
+
+/// Holds one request in a plane's in-flight gauge.
+pub(crate) struct InFlight(Gauge);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// `/service/Method` → `Method` for every method of the two planes' services, the health
+/// service (`Health.Check`, `Health.Watch`) and reflection (`Reflection`).
+fn plane_methods() -> HashMap<String, Arc<String>> {
+    let mut methods = HashMap::new();
+    for set in [
+        api::DATA_FILE_DESCRIPTOR_SET,
+        api::ADMIN_FILE_DESCRIPTOR_SET,
+    ] {
+        let Ok(set) = prost_types::FileDescriptorSet::decode(set) else {
+            continue;
+        };
+        for file in set.file {
+            let package = file.package.unwrap_or_default();
+            for service in file.service {
+                let name = format!("{package}.{}", service.name.unwrap_or_default());
+                for m in service.method {
+                    let m = m.name.unwrap_or_default();
+                    methods.insert(format!("/{name}/{m}"), Arc::new(m));
+                }
+            }
+        }
+    }
+    for m in ["Check", "Watch"] {
+        methods.insert(
+            format!("/grpc.health.v1.Health/{m}"),
+            Arc::new(format!("Health.{m}")),
+        );
+    }
+    methods.insert(
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo".to_owned(),
+        Arc::new("Reflection".to_owned()),
+    );
+    methods
+}
+
+/// The status a response carries (a trailers-only answer has it in its headers; a unary
+/// answer that carries a message succeeded, its OK in the trailers).
+pub(crate) fn response_code(headers: &tonic::codegen::http::HeaderMap) -> tonic::Code {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+        .map_or(tonic::Code::Ok, tonic::Code::from_i32)
+}
+
+fn code_label(code: tonic::Code) -> &'static str {
+    use tonic::Code as C;
+    match code {
+        C::Ok => "ok",
+        C::Cancelled => "cancelled",
+        C::Unknown => "unknown",
+        C::InvalidArgument => "invalid_argument",
+        C::DeadlineExceeded => "deadline_exceeded",
+        C::NotFound => "not_found",
+        C::AlreadyExists => "already_exists",
+        C::PermissionDenied => "permission_denied",
+        C::ResourceExhausted => "resource_exhausted",
+        C::FailedPrecondition => "failed_precondition",
+        C::Aborted => "aborted",
+        C::OutOfRange => "out_of_range",
+        C::Unimplemented => "unimplemented",
+        C::Internal => "internal",
+        C::Unavailable => "unavailable",
+        C::DataLoss => "data_loss",
+        C::Unauthenticated => "unauthenticated",
+    }
+}
+
+/// Serves `GET /metrics` and `GET /health` on `listener` until `stop` resolves.
+pub(crate) async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Metrics,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use axum::http::{header, HeaderMap, StatusCode};
+    use axum::response::IntoResponse;
+    use axum::routing::get;
+    let scrape = |m: Metrics| {
+        move |headers: HeaderMap| async move {
+            let openmetrics = headers
+                .get(header::ACCEPT)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.contains("application/openmetrics-text"));
+            let content_type = if openmetrics {
+                "application/openmetrics-text; version=1.0.0; charset=utf-8"
+            } else {
+                prometheus_client::encoding::prometheus_text::CONTENT_TYPE
+            };
+            match m.encode(openmetrics) {
+                Ok(body) => {
+                    (StatusCode::OK, [(header::CONTENT_TYPE, content_type)], body).into_response()
+                }
+                Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+            }
+        }
+    };
+    let health = |m: Metrics| {
+        move || async move {
+            let (status, body) = match m.not_serving() {
+                None => (StatusCode::OK, serde_json::json!({ "status": "serving" })),
+                Some(reason) => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    serde_json::json!({ "status": "not_serving", "reason": reason }),
+                ),
+            };
+            (
+                status,
+                [(header::CONTENT_TYPE, "application/json")],
+                body.to_string(),
+            )
+        }
+    };
+    let app = axum::Router::new()
+        .route("/metrics", get(scrape(metrics.clone())))
+        .route("/health", get(health(metrics)));
+    axum::serve(listener, app)
+        .with_graceful_shutdown(stop)
+        .await
+}
+
+/// Whether `addr` may serve metrics in plain HTTP: loopback only.
+pub fn plain_http_allowed(addr: SocketAddr) -> bool {
+    addr.ip().is_loopback()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn methods_are_named_only_if_a_plane_has_them() {
+        let m = Metrics::new(Arc::new(AtomicBool::new(false)));
+        let took = Duration::from_micros(300);
+        m.answered(
+            Plane::Data,
+            "/kms.v1.DataPlane/GenerateDataKey",
+            tonic::Code::Ok,
+            took,
+        );
+        m.answered(
+            Plane::Data,
+            "/kms.v1.DataPlane/NoSuchThing",
+            tonic::Code::Unimplemented,
+            took,
+        );
+        m.answered(
+            Plane::Admin,
+            "/x/../../etc",
+            tonic::Code::Unimplemented,
+            took,
+        );
+        let text = m.encode(false).unwrap_or_default();
+        assert!(
+            text.contains(
+                "kms_rpc_requests_total{plane=\"data\",method=\"GenerateDataKey\",code=\"ok\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(text.contains(
+            "kms_rpc_requests_total{plane=\"data\",method=\"unknown\",code=\"unimplemented\"} 1"
+        ));
+        assert!(!text.contains("NoSuchThing") && !text.contains("etc"));
+        assert!(text.contains("kms_rpc_duration_seconds_bucket{le=\"0.0005\",plane=\"data\",method=\"GenerateDataKey\"} 1")
+            || text.contains("kms_rpc_duration_seconds_bucket{plane=\"data\",method=\"GenerateDataKey\",le=\"0.0005\"} 1"), "{text}");
+    }
+
+    #[test]
+    fn the_seal_shows_in_the_scrape_and_the_health() {
+        let sealed = Arc::new(AtomicBool::new(false));
+        let m = Metrics::new(sealed.clone());
+        assert!(m.encode(false).unwrap_or_default().contains("kms_sealed 0"));
+        assert_eq!(m.not_serving(), None);
+        sealed.store(true, Ordering::Relaxed);
+        assert!(m.encode(false).unwrap_or_default().contains("kms_sealed 1"));
+        assert_eq!(m.not_serving(), Some("sealed"));
+        let open = m.encode(true).unwrap_or_default();
+        assert!(open.ends_with("# EOF\n"), "{open}");
+    }
+
+    #[test]
+    fn every_plane_method_has_a_label() {
+        let methods = plane_methods();
+        for path in [
+            "/kms.v1.DataPlane/Decrypt",
+            "/kms.v1.Admin/RotateKey",
+            "/grpc.health.v1.Health/Check",
+        ] {
+            assert!(methods.contains_key(path), "{path}");
+        }
+        assert!(methods.len() > 50, "{}", methods.len());
+    }
+
+    #[test]
+    fn a_trailers_only_answer_carries_its_code() {
+        let mut h = tonic::codegen::http::HeaderMap::new();
+        assert_eq!(response_code(&h), tonic::Code::Ok);
+        h.insert(
+            "grpc-status",
+            tonic::codegen::http::HeaderValue::from_static("7"),
+        );
+        assert_eq!(response_code(&h), tonic::Code::PermissionDenied);
+    }
+}

@@ -1,0 +1,203 @@
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "test code: a failed step is a failed test"
+)]
+//! Metrics and health of the real `kms serve --dev` on loopback: the scrape counts what the
+//! planes answered, names no caller-chosen value, and the health follows the seal, over HTTP
+//! and over gRPC.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use kms_tests::Server;
+use tonic_health::pb::health_check_response::ServingStatus;
+
+/// The CLI built for this test run from the current code.
+const KMS: &str = env!("CARGO_BIN_EXE_kms-under-test");
+
+/// `GET path` over plain HTTP/1.1: (status code, headers, body).
+fn get(addr: &str, path: &str, accept: Option<&str>) -> (u16, String, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let accept = accept
+        .map(|a| format!("Accept: {a}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{accept}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    let code = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (code, head.to_owned(), body.to_owned())
+}
+
+/// The value of the series `name{labels}` in a Prometheus text scrape.
+fn value(scrape: &str, series: &str) -> Option<f64> {
+    scrape
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[test]
+fn the_scrape_counts_what_the_planes_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(KMS, dir.path());
+    let key = server.kms_json(&["key", "create", "--alias", "m"])["key_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for _ in 0..3 {
+        server.kms_json(&["data", "generate-key", "--key", "m"]);
+    }
+    let unknown = "00000000-0000-4000-8000-000000000042";
+    assert!(!server
+        .kms(&["data", "generate-key", "--key", unknown])
+        .status
+        .success());
+
+    let (code, head, scrape) = get(&server.metrics, "/metrics", None);
+    assert_eq!(code, 200);
+    assert!(
+        head.to_lowercase()
+            .contains("content-type: text/plain; version=0.0.4"),
+        "{head}"
+    );
+    let ok = "kms_rpc_requests_total{plane=\"data\",method=\"GenerateDataKey\",code=\"ok\"}";
+    assert_eq!(value(&scrape, ok), Some(3.0), "{scrape}");
+    let refused =
+        "kms_rpc_requests_total{plane=\"data\",method=\"GenerateDataKey\",code=\"permission_denied\"}";
+    assert_eq!(value(&scrape, refused), Some(1.0), "{scrape}");
+    let count = "kms_rpc_duration_seconds_count{plane=\"data\",method=\"GenerateDataKey\"}";
+    assert_eq!(value(&scrape, count), Some(4.0), "{scrape}");
+    let created = "kms_rpc_requests_total{plane=\"admin\",method=\"CreateKey\",code=\"ok\"}";
+    assert_eq!(value(&scrape, created), Some(1.0), "{scrape}");
+    assert_eq!(value(&scrape, "kms_sealed"), Some(0.0));
+    assert!(value(&scrape, "kms_uptime_seconds").unwrap() > 0.0);
+    assert!(scrape.contains(&format!(
+        "kms_build_info{{version=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION")
+    )));
+    // Nothing a caller chose is a label: not the key, not the identity, not a request id.
+    for secret_ish in [key.as_str(), unknown, "spiffe://", "workload/demo"] {
+        assert!(!scrape.contains(secret_ish), "{secret_ish} in the scrape");
+    }
+    // The scrape's own in-flight gauge has returned to 0 on both planes.
+    assert_eq!(
+        value(&scrape, "kms_rpc_in_flight{plane=\"data\"}"),
+        Some(0.0)
+    );
+
+    let (code, head, open) = get(
+        &server.metrics,
+        "/metrics",
+        Some("application/openmetrics-text; version=1.0.0"),
+    );
+    assert_eq!(code, 200);
+    assert!(head.contains("application/openmetrics-text"), "{head}");
+    assert!(open.ends_with("# EOF\n"), "{open}");
+    assert_eq!(get(&server.metrics, "/nothing", None).0, 404);
+}
+
+#[test]
+fn health_follows_the_seal_over_http_and_grpc() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(KMS, dir.path());
+    let (code, _, body) = get(&server.metrics, "/health", None);
+    assert_eq!((code, body.as_str()), (200, "{\"status\":\"serving\"}"));
+    assert_eq!(grpc_health(&server), ServingStatus::Serving);
+
+    server.kms_json(&["--as", "operator2", "seal", "--reason", "drill"]);
+    let (code, _, body) = get(&server.metrics, "/health", None);
+    assert_eq!(code, 503, "{body}");
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["status"], "not_serving");
+    assert_eq!(body["reason"], "sealed");
+    let (_, _, scrape) = get(&server.metrics, "/metrics", None);
+    assert_eq!(value(&scrape, "kms_sealed"), Some(1.0));
+    assert!(
+        wait_for(&server, ServingStatus::NotServing),
+        "gRPC health still serving"
+    );
+
+    let asked = server.kms_json(&["--as", "operator2", "unseal"]);
+    let id = asked["approval_id"].as_str().unwrap().to_owned();
+    server.kms_json(&["--as", "operator1", "approval", "approve", &id]);
+    let ran = server.kms_json(&["--as", "operator3", "approval", "approve", &id]);
+    assert_eq!(ran["state"], "executed", "{ran}");
+    assert_eq!(get(&server.metrics, "/health", None).0, 200);
+    assert!(
+        wait_for(&server, ServingStatus::Serving),
+        "gRPC health did not come back"
+    );
+}
+
+/// Watches the data plane's gRPC health (a stream of its changes) until it says `want`, for
+/// at most 10 s.
+fn wait_for(server: &Server, want: ServingStatus) -> bool {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let channel = server
+            .client_tls("workload")
+            .channel(&server.data)
+            .await
+            .unwrap();
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+        let request = tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        };
+        let mut changes = health.watch(request).await.unwrap().into_inner();
+        let seen = async {
+            while let Ok(Some(m)) = changes.message().await {
+                if m.status == i32::from(want) {
+                    return true;
+                }
+            }
+            false
+        };
+        tokio::time::timeout(Duration::from_secs(10), seen)
+            .await
+            .unwrap_or(false)
+    })
+}
+
+/// The data plane's overall gRPC health.
+fn grpc_health(server: &Server) -> ServingStatus {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let channel = server
+            .client_tls("workload")
+            .channel(&server.data)
+            .await
+            .unwrap();
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+        let status = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        ServingStatus::try_from(status).unwrap()
+    })
+}
+
+#[test]
+fn metrics_are_served_on_loopback_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(KMS)
+        .current_dir(dir.path())
+        .args(["serve", "--dev", "--metrics-addr", "0.0.0.0:9464"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not a loopback address"), "{err}");
+}
