@@ -201,3 +201,164 @@ fn metrics_are_served_on_loopback_only() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("not a loopback address"), "{err}");
 }
+
+/// A Prometheus server (Debian's `prometheus`) on loopback with its own directory, stopped
+/// by its pid when dropped.
+struct Prometheus {
+    child: std::process::Child,
+    addr: String,
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Prometheus {
+    /// Starts Prometheus scraping `target` every second, and waits (up to 30 s) until it is
+    /// ready.
+    fn start(dir: &std::path::Path, target: &str) -> Prometheus {
+        let config = dir.join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+                 scrape_configs:\n  - job_name: kms\n    static_configs:\n      - targets: ['{target}']\n"
+            ),
+        )
+        .unwrap();
+        // A free loopback port: bound, read and released just before Prometheus takes it.
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .to_string();
+        let log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
+        let child = std::process::Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address={addr}"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect(
+                "prometheus (Debian package `prometheus`, installed by scripts/install-deps.sh)",
+            );
+        let p = Prometheus { child, addr };
+        let ready = (0..300).any(|_| {
+            TcpStream::connect(&p.addr).is_ok() && get(&p.addr, "/-/ready", None).0 == 200
+                || !wait_a_tick()
+        });
+        assert!(ready, "prometheus not ready: {}", read_log(dir));
+        p
+    }
+
+    /// The value of the first series an instant query returns, once it returns one for which
+    /// `accept` holds (waiting up to 30 s for scrapes to bring it).
+    fn query_until(&self, query: &str, accept: impl Fn(f64) -> bool) -> Option<f64> {
+        let path = format!("/api/v1/query?query={}", url_encode(query));
+        (0..300).find_map(|_| {
+            let (_, _, body) = get(&self.addr, &path, None);
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            let found = v["data"]["result"][0]["value"][1]
+                .as_str()
+                .and_then(|s| s.parse::<f64>().ok())
+                .filter(|x| accept(*x));
+            if found.is_none() {
+                wait_a_tick();
+            }
+            found
+        })
+    }
+}
+
+fn read_log(dir: &std::path::Path) -> String {
+    std::fs::read_to_string(dir.join("prometheus.log")).unwrap_or_default()
+}
+
+/// Waits 100 ms: Prometheus's next scrape or readiness is an event outside this process
+/// with no notification to wait on, so it is polled.
+#[expect(
+    clippy::disallowed_methods,
+    reason = "polls an external server that sends no notification"
+)]
+fn wait_a_tick() -> bool {
+    std::thread::sleep(Duration::from_millis(100));
+    true
+}
+
+fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                char::from(b).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[test]
+fn a_real_prometheus_scrapes_counters_latencies_and_the_seal() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(KMS, dir.path());
+    let prom_dir = tempfile::tempdir().unwrap();
+    let prometheus = Prometheus::start(prom_dir.path(), &server.metrics);
+    let r = server.kms_json(&[
+        "bench",
+        "--op",
+        "generate-data-key",
+        "--concurrency",
+        "2",
+        "--duration",
+        "2",
+    ]);
+    let sent = r["requests"].as_f64().unwrap();
+    assert!(sent > 0.0 && r["errors"] == 0, "{r}");
+
+    let ok = "kms_rpc_requests_total{plane=\"data\",method=\"GenerateDataKey\",code=\"ok\"}";
+    let counted = prometheus.query_until(ok, |x| (x - sent).abs() < 0.5);
+    assert_eq!(counted, Some(sent), "{}", read_log(prom_dir.path()));
+    let p99 = "histogram_quantile(0.99, sum by (le) \
+               (kms_rpc_duration_seconds_bucket{plane=\"data\",method=\"GenerateDataKey\"}))";
+    let p99 = prometheus.query_until(p99, |x| x > 0.0).unwrap();
+    assert!(p99 < 10.0, "p99 {p99} s");
+    assert_eq!(
+        prometheus.query_until("kms_sealed", |x| x == 0.0),
+        Some(0.0)
+    );
+
+    server.kms_json(&["--as", "operator2", "seal", "--reason", "prometheus test"]);
+    assert_eq!(
+        prometheus.query_until("kms_sealed", |x| x == 1.0),
+        Some(1.0)
+    );
+
+    // The scrape is valid Prometheus text, as Prometheus's own linter reads it.
+    let (_, _, scrape) = get(&server.metrics, "/metrics", None);
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(scrape.as_bytes())
+        .unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
