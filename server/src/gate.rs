@@ -283,7 +283,7 @@ impl Shared {
         >,
     {
         let started = monotonic();
-        let _in_flight = self.metrics.start(self.plane);
+        let _in_flight = self.metrics.start(self.plane.word());
         let ids = RequestTag::new(request.headers());
         let taken = Taken::default();
         // A `Uri` clone shares its bytes: no copy of the path unless a record needs it.
@@ -329,7 +329,7 @@ impl Shared {
         }
         let code = crate::metrics::response_code(response.headers());
         self.metrics
-            .answered(self.plane, path, code, started.elapsed());
+            .answered(self.plane.word(), path, code, started.elapsed());
         response
     }
 
