@@ -2,9 +2,9 @@
 //!
 //! `kms bench` draws its measurements from here, and so can any test or tool that needs load
 //! on the planes: callers spread over HTTP/2 connections, each sending one request after
-//! another until a deadline ([`closed_loop`]), key creation and rotation one after another
-//! ([`lifecycle`]), refusals of a forbidden and of an unknown key interleaved
-//! ([`refusal_timing`]), and synthetic governance to measure against ([`populate`]). Every
+//! another until a deadline ([`closed_loop()`]), key creation and rotation one after another
+//! ([`lifecycle()`]), refusals of a forbidden and of an unknown key interleaved
+//! ([`refusal_timing()`]), and synthetic governance to measure against ([`populate()`]). Every
 //! latency is of a whole RPC, in microseconds, in an HDR histogram.
 //!
 //! The crate speaks only the public API (`kms-api`): it opens no store and holds no key.
