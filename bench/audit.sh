@@ -33,7 +33,7 @@ for mode in on off on off on off; do
   cd "$work"
   flags=()
   [ "$mode" = off ] && flags=(--unaudited)
-  RUST_LOG=warn "$kms" serve --dev "${flags[@]}" --data-addr 127.0.0.1:0 --admin-addr 127.0.0.1:0 > serve.out 2> serve.log &
+  RUST_LOG=warn "$kms" serve --dev "${flags[@]}" --data-addr 127.0.0.1:0 --admin-addr 127.0.0.1:0 --metrics-addr 127.0.0.1:0 > serve.out 2> serve.log &
   server=$!
   for _ in $(seq 1 600); do
     [ -s serve.out ] && break

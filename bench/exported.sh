@@ -6,7 +6,7 @@
 WORK=$(mktemp -d)
 trap 'if [ -n "${PID:-}" ]; then kill "$PID" 2>/dev/null || true; fi; rm -rf "$WORK"' EXIT
 cd "$WORK"
-"$BIN" serve --dev --data-addr 127.0.0.1:0 --admin-addr 127.0.0.1:0 >serve.out 2>serve.err &
+"$BIN" serve --dev --data-addr 127.0.0.1:0 --admin-addr 127.0.0.1:0 --metrics-addr 127.0.0.1:0 >serve.out 2>serve.err &
 PID=$!
 for _ in $(seq 1 300); do [ -s .kms/endpoints.json ] && break; sleep 0.2; done
 if [[ $SECS == =* ]]; then

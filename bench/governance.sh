@@ -26,7 +26,7 @@ for mode in nopolicy large nopolicy large nopolicy large; do
   cd "$work"
   flags=()
   [ "$mode" = nopolicy ] && flags=(--no-policy)
-  RUST_LOG=warn "$kms" serve --dev "${flags[@]}" --data-addr 127.0.0.1:0 --admin-addr 127.0.0.1:0 > serve.out 2> serve.log &
+  RUST_LOG=warn "$kms" serve --dev "${flags[@]}" --data-addr 127.0.0.1:0 --admin-addr 127.0.0.1:0 --metrics-addr 127.0.0.1:0 > serve.out 2> serve.log &
   server=$!
   for _ in $(seq 1 600); do
     [ -s serve.out ] && break

@@ -9,7 +9,7 @@ work="$(mktemp -d)"
 trap 'kill "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true; rm -rf "$work"' EXIT
 
 cd "$work"
-RUST_LOG=warn "$kms" serve --dev --data-addr 127.0.0.1:0 --admin-addr 127.0.0.1:0 > serve.out 2> serve.log &
+RUST_LOG=warn "$kms" serve --dev --data-addr 127.0.0.1:0 --admin-addr 127.0.0.1:0 --metrics-addr 127.0.0.1:0 > serve.out 2> serve.log &
 server=$!
 for _ in $(seq 1 600); do
   [ -s serve.out ] && break

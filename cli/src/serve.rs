@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use clap::Args;
+use kms_deployment::config::MetricsSetting;
 use kms_deployment::dev::{self, DevLayout};
 use kms_deployment::node::{Node, NodeOptions};
 
@@ -28,9 +29,10 @@ pub(crate) struct ServeArgs {
     #[arg(long)]
     admin_addr: Option<SocketAddr>,
     /// Metrics (`GET /metrics`) and health (`GET /health`) address, overriding the config's
-    /// `[listen] metrics` (default 127.0.0.1:9464; loopback only; port 0 picks a free port).
+    /// `[listen] metrics` (default 127.0.0.1:9464; loopback only; port 0 picks a free port), or
+    /// `off`.
     #[arg(long, value_parser = parse_metrics_addr)]
-    metrics_addr: Option<SocketAddr>,
+    metrics_addr: Option<MetricsSetting>,
     /// Serve without recording requests in the audit log, to measure what auditing costs.
     /// Development instances only.
     #[arg(long, requires = "dev", hide = true)]
@@ -75,15 +77,7 @@ pub(crate) async fn run(node: Node) -> Result<(), Error> {
     .await
 }
 
-/// A loopback address: metrics are served in plain HTTP.
-fn parse_metrics_addr(s: &str) -> Result<SocketAddr, String> {
-    let addr: SocketAddr = s
-        .parse()
-        .map_err(|_| format!("{s:?} is not an address such as 127.0.0.1:9464"))?;
-    if !server::plain_http_allowed(addr) {
-        return Err(format!(
-            "{addr} is not a loopback address: metrics are served in plain HTTP, on loopback only"
-        ));
-    }
-    Ok(addr)
+/// `off`, or a loopback address: metrics are served in plain HTTP.
+fn parse_metrics_addr(s: &str) -> Result<MetricsSetting, String> {
+    MetricsSetting::try_from(s.to_owned())
 }

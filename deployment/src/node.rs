@@ -22,8 +22,8 @@ pub struct NodeOptions {
     pub data_addr: Option<SocketAddr>,
     /// Admin-plane address, overriding the config.
     pub admin_addr: Option<SocketAddr>,
-    /// Metrics and health address, overriding the config (loopback only).
-    pub metrics_addr: Option<SocketAddr>,
+    /// Metrics and health address or `off`, overriding the config.
+    pub metrics_addr: Option<crate::config::MetricsSetting>,
     /// Serve without recording requests in the audit log (measurement only; dev only).
     pub unaudited: bool,
     /// Allow every admitted workload every key, skipping Cedar (measurement only; dev only).
@@ -107,7 +107,7 @@ impl Node {
                 server_cert: config.tls.server_cert,
                 server_key: config.tls.server_key,
                 admin_client_ca: config.tls.admin_client_ca,
-                metrics_addr: options.metrics_addr.or(config.listen.metrics.addr()),
+                metrics_addr: options.metrics_addr.unwrap_or(config.listen.metrics).addr(),
             },
             reflection: match config.listen.reflection {
                 Some(setting) => setting.into(),

@@ -176,8 +176,8 @@ struct Shared {
     budget: Mutex<Budget>,
     /// Set while the service is sealed: the data plane refuses every request.
     sealed: Arc<AtomicBool>,
-    /// Where every answered request is counted.
-    metrics: crate::metrics::Metrics,
+    /// Where every answered request is counted; none when no listener serves metrics.
+    metrics: Option<crate::metrics::Metrics>,
 }
 
 /// Individually recorded refusals left this second, and what was only counted.
@@ -195,7 +195,7 @@ impl GateLayer {
         gov: Arc<Governance>,
         reflection: Reflection,
         sealed: Arc<AtomicBool>,
-        metrics: crate::metrics::Metrics,
+        metrics: Option<crate::metrics::Metrics>,
     ) -> Self {
         Self {
             shared: Arc::new(Shared {
@@ -283,7 +283,7 @@ impl Shared {
         >,
     {
         let started = monotonic();
-        let _in_flight = self.metrics.start(self.plane.word());
+        let _in_flight = self.metrics.as_ref().map(|m| m.start(self.plane.word()));
         let ids = RequestTag::new(request.headers());
         let taken = Taken::default();
         // A `Uri` clone shares its bytes: no copy of the path unless a record needs it.
@@ -327,9 +327,10 @@ impl Shared {
                 response.headers_mut().insert(REQUEST_ID, v);
             }
         }
-        let code = crate::metrics::response_code(response.headers());
-        self.metrics
-            .answered(self.plane.word(), path, code, started.elapsed());
+        if let Some(m) = &self.metrics {
+            let code = crate::metrics::response_code(response.headers());
+            m.answered(self.plane.word(), path, code, started.elapsed());
+        }
         response
     }
 

@@ -251,7 +251,11 @@ impl Bound {
                 .map_err(Error::Reflection)
         };
         let open = services.reflection != Reflection::Off;
-        let metrics = Metrics::new(services.kms.sealed_flag());
+        // Requests are counted only when a listener serves the counts.
+        let metrics = self
+            .metrics
+            .is_some()
+            .then(|| Metrics::new(services.kms.sealed_flag()));
         let data_gate = gate::GateLayer::new(
             gate::Plane::Data,
             services.audit.clone(),
@@ -272,9 +276,11 @@ impl Bound {
             let stop = stopped(stop_rx.clone());
             let metrics = metrics.clone();
             async move {
-                match self.metrics {
-                    Some(listener) => metrics::serve(listener, metrics, stop).await,
-                    None => Ok(()),
+                match (self.metrics, metrics) {
+                    (Some(listener), Some(metrics)) => {
+                        metrics::serve(listener, metrics, stop).await
+                    }
+                    _ => Ok(()),
                 }
             }
         };

@@ -362,3 +362,35 @@ fn a_real_prometheus_scrapes_counters_latencies_and_the_seal() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn metrics_can_be_turned_off() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(KMS)
+        .current_dir(dir.path())
+        .args([
+            "serve",
+            "--dev",
+            "--data-addr",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
+        ])
+        .args(["--metrics-addr", "off"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let listening: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(listening["event"], "listening", "{line}");
+    assert!(listening["metrics"].is_null(), "{line}");
+    let recorded = std::fs::read_to_string(dir.path().join(".kms/endpoints.json")).unwrap();
+    assert!(recorded.contains("\"metrics\":null"), "{recorded}");
+}
