@@ -237,3 +237,52 @@ fn context_digests_are_keyed_stable_and_hide_values() {
     assert_eq!(log.context_digest(&ctx("acme")).unwrap(), a);
     log.close();
 }
+
+/// What an observer was told, in order.
+#[derive(Default)]
+struct Told(parking_lot::Mutex<Vec<String>>);
+
+impl kms_core::audit::AuditObserver for Told {
+    fn committed(&self, records: usize, _took: Duration) {
+        self.0.lock().push(format!("committed {records}"));
+    }
+    fn failed(&self, records: usize) {
+        self.0.lock().push(format!("failed {records}"));
+    }
+    fn checkpointed(&self, time_ms: u64) {
+        self.0.lock().push(format!("checkpoint {time_ms}"));
+    }
+}
+
+#[test]
+fn an_observer_is_told_of_each_batch_and_checkpoint() {
+    let h = Harness::new();
+    let config = AuditConfig::new(3, Duration::from_secs(3600), None);
+    let (store, log) = h.open(config);
+    append(&log, 2);
+    log.close();
+    drop((log, store));
+    // Reopened: the observer first hears of the checkpoint close signed.
+    let (_store, log) = h.open(config);
+    let told = Arc::new(Told::default());
+    log.observe(told.clone());
+    let start = h.clock.now_unix_ms();
+    append(&log, 3);
+    log.close();
+    let said = told.0.lock().clone();
+    assert_eq!(
+        said.first().map(String::as_str),
+        Some(format!("checkpoint {start}").as_str())
+    );
+    let committed: usize = said
+        .iter()
+        .filter_map(|s| s.strip_prefix("committed ")?.parse::<usize>().ok())
+        .sum();
+    assert_eq!(committed, 3, "{said:?}");
+    // Three records reach checkpoint_every: one more checkpoint after the first.
+    assert!(
+        said.iter().filter(|s| s.starts_with("checkpoint")).count() >= 2,
+        "{said:?}"
+    );
+    assert!(!said.iter().any(|s| s.starts_with("failed")), "{said:?}");
+}

@@ -119,6 +119,14 @@ impl Audit {
         self.log.as_ref()?.context_digest(context)
     }
 
+    /// Has `observer` told of the log's batches, failures and checkpoints (nothing when
+    /// auditing is disabled).
+    pub(crate) fn observe(&self, observer: Arc<dyn kms_core::audit::AuditObserver>) {
+        if let Some(log) = &self.log {
+            log.observe(observer);
+        }
+    }
+
     /// Queues a record; the returned wait must finish before the request is answered.
     pub(crate) fn submit(&self, event: AuditEvent) -> Option<Pending> {
         self.log.as_ref().map(|log| log.submit(event))

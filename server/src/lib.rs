@@ -255,7 +255,10 @@ impl Bound {
         let metrics = self
             .metrics
             .is_some()
-            .then(|| Metrics::new(services.kms.sealed_flag()));
+            .then(|| Metrics::new(services.kms.sealed_flag(), services.gov.clock.clone()));
+        if let Some(m) = &metrics {
+            services.audit.observe(Arc::new(m.clone()));
+        }
         let data_gate = gate::GateLayer::new(
             gate::Plane::Data,
             services.audit.clone(),

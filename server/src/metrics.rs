@@ -17,6 +17,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use kms_core::audit::AuditObserver;
+use kms_core::Clock;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -30,6 +32,17 @@ use prost::Message;
 const DURATION_BUCKETS: [f64; 17] = [
     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
     1.0, 2.5, 5.0, 10.0,
+];
+
+/// Upper bounds of the audit batch-size buckets, in records: 1 to 4,096 (the writer's most).
+const BATCH_BUCKETS: [f64; 13] = [
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0,
+];
+
+/// Upper bounds of the audit commit-time buckets, in seconds: 100 µs to 2.5 s.
+const COMMIT_BUCKETS: [f64; 14] = [
+    0.000_1, 0.000_25, 0.000_5, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.25, 0.5,
+    2.5,
 ];
 
 /// A method label for anything a plane's service does not have.
@@ -64,7 +77,6 @@ pub struct Metrics {
     inner: Arc<Inner>,
 }
 
-#[derive(Debug)]
 struct Inner {
     registry: Registry,
     requests: Family<RpcLabels, Counter>,
@@ -74,9 +86,100 @@ struct Inner {
     uptime: Gauge<f64, AtomicU64>,
     started: Instant,
     sealed: Arc<AtomicBool>,
+    audit: AuditMetrics,
+    clock: Arc<dyn Clock>,
     /// Method label by request path, for each plane's own services.
     methods: HashMap<String, Arc<String>>,
     unknown: Arc<String>,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics")
+            .field("sealed", &self.sealed)
+            .field("audit", &self.audit)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The audit writer's numbers, told by the writer itself (see [`AuditObserver`]).
+#[derive(Debug)]
+struct AuditMetrics {
+    records: Counter,
+    failures: Counter,
+    batch: Histogram,
+    commit: Histogram,
+    checkpoint_age: Gauge<f64, AtomicU64>,
+    /// When the last checkpoint was signed (ms since the epoch); 0 before any.
+    last_checkpoint_ms: AtomicU64,
+    /// Set while the last write failed: requests are being refused.
+    failing: AtomicBool,
+}
+
+impl AuditMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            records: Counter::default(),
+            failures: Counter::default(),
+            batch: Histogram::new(BATCH_BUCKETS),
+            commit: Histogram::new(COMMIT_BUCKETS),
+            checkpoint_age: Gauge::default(),
+            last_checkpoint_ms: AtomicU64::new(0),
+            failing: AtomicBool::new(false),
+        };
+        let audit = registry.sub_registry_with_prefix("audit");
+        audit.register(
+            "records",
+            "Audit records written durably",
+            m.records.clone(),
+        );
+        audit.register(
+            "append_failures",
+            "Audit records that could not be written (their requests were refused); must stay 0",
+            m.failures.clone(),
+        );
+        audit.register(
+            "commit_batch_records",
+            "Records per synced audit write (group commit)",
+            m.batch.clone(),
+        );
+        audit.register(
+            "commit_duration_seconds",
+            "Time of one synced audit write",
+            m.commit.clone(),
+        );
+        audit.register(
+            "checkpoint_age_seconds",
+            "Seconds since the last signed checkpoint (-1 before the first)",
+            m.checkpoint_age.clone(),
+        );
+        m
+    }
+}
+
+impl AuditObserver for Metrics {
+    fn committed(&self, records: usize, took: Duration) {
+        let a = &self.inner.audit;
+        a.records.inc_by(u64::try_from(records).unwrap_or(u64::MAX));
+        a.batch
+            .observe(f64::from(u32::try_from(records).unwrap_or(u32::MAX)));
+        a.commit.observe(took.as_secs_f64());
+        a.failing.store(false, Ordering::Relaxed);
+    }
+
+    fn failed(&self, records: usize) {
+        let a = &self.inner.audit;
+        a.failures
+            .inc_by(u64::try_from(records).unwrap_or(u64::MAX));
+        a.failing.store(true, Ordering::Relaxed);
+    }
+
+    fn checkpointed(&self, time_ms: u64) {
+        self.inner
+            .audit
+            .last_checkpoint_ms
+            .store(time_ms, Ordering::Relaxed);
+    }
 }
 
 fn duration_histogram() -> Histogram {
@@ -84,9 +187,10 @@ fn duration_histogram() -> Histogram {
 }
 
 impl Metrics {
-    /// Metrics for a node whose seal state is `sealed`.
-    pub fn new(sealed: Arc<AtomicBool>) -> Self {
+    /// Metrics for a node whose seal state is `sealed`, whose audit times are on `clock`.
+    pub fn new(sealed: Arc<AtomicBool>, clock: Arc<dyn Clock>) -> Self {
         let mut registry = Registry::with_prefix("kms");
+        let audit = AuditMetrics::register(&mut registry);
         let requests = Family::<RpcLabels, Counter>::default();
         registry.register(
             "rpc_requests",
@@ -136,6 +240,8 @@ impl Metrics {
                 uptime,
                 started: now(),
                 sealed,
+                audit,
+                clock,
                 methods: plane_methods(),
                 unknown: Arc::new(UNKNOWN.to_owned()),
             }),
@@ -192,6 +298,13 @@ impl Metrics {
             .sealed_gauge
             .set(i64::from(inner.sealed.load(Ordering::Relaxed)));
         inner.uptime.set(inner.started.elapsed().as_secs_f64());
+        let last = inner.audit.last_checkpoint_ms.load(Ordering::Relaxed);
+        let age_ms = inner.clock.now_unix_ms().saturating_sub(last);
+        inner.audit.checkpoint_age.set(if last == 0 {
+            -1.0
+        } else {
+            f64::from(u32::try_from(age_ms).unwrap_or(u32::MAX)) / 1000.0
+        });
         let mut out = String::with_capacity(16 * 1024);
         if openmetrics {
             prometheus_client::encoding::text::encode(&mut out, &inner.registry)?;
@@ -203,10 +316,13 @@ impl Metrics {
 
     /// Why the node cannot serve keys now, if it cannot.
     pub fn not_serving(&self) -> Option<&'static str> {
-        self.inner
-            .sealed
-            .load(Ordering::Relaxed)
-            .then_some("sealed")
+        if self.inner.sealed.load(Ordering::Relaxed) {
+            Some("sealed")
+        } else if self.inner.audit.failing.load(Ordering::Relaxed) {
+            Some("audit log unavailable")
+        } else {
+            None
+        }
     }
 }
 
@@ -356,9 +472,54 @@ pub fn plain_http_allowed(addr: SocketAddr) -> bool {
 mod tests {
     use super::*;
 
+    struct Fixed(u64);
+
+    impl Clock for Fixed {
+        fn now_unix(&self) -> u64 {
+            self.0 / 1000
+        }
+        fn now_unix_ms(&self) -> u64 {
+            self.0
+        }
+    }
+
+    fn test_clock() -> Arc<dyn Clock> {
+        Arc::new(Fixed(1_800_000_000_000))
+    }
+
+    #[test]
+    fn the_audit_writer_s_numbers_and_failures_show() {
+        let m = Metrics::new(Arc::new(AtomicBool::new(false)), test_clock());
+        assert!(m
+            .encode(false)
+            .unwrap_or_default()
+            .contains("kms_audit_checkpoint_age_seconds -1"));
+        m.committed(3, Duration::from_micros(700));
+        m.checkpointed(1_800_000_000_000 - 12_500);
+        let text = m.encode(false).unwrap_or_default();
+        assert!(text.contains("kms_audit_records_total 3"), "{text}");
+        assert!(
+            text.contains("kms_audit_checkpoint_age_seconds 12.5"),
+            "{text}"
+        );
+        assert!(
+            text.contains("kms_audit_commit_batch_records_count 1"),
+            "{text}"
+        );
+        assert_eq!(m.not_serving(), None);
+        m.failed(2);
+        assert!(m
+            .encode(false)
+            .unwrap_or_default()
+            .contains("kms_audit_append_failures_total 2"));
+        assert_eq!(m.not_serving(), Some("audit log unavailable"));
+        m.committed(1, Duration::from_micros(500));
+        assert_eq!(m.not_serving(), None);
+    }
+
     #[test]
     fn methods_are_named_only_if_a_plane_has_them() {
-        let m = Metrics::new(Arc::new(AtomicBool::new(false)));
+        let m = Metrics::new(Arc::new(AtomicBool::new(false)), test_clock());
         let took = Duration::from_micros(300);
         m.answered(
             "data",
@@ -391,7 +552,7 @@ mod tests {
     #[test]
     fn the_seal_shows_in_the_scrape_and_the_health() {
         let sealed = Arc::new(AtomicBool::new(false));
-        let m = Metrics::new(sealed.clone());
+        let m = Metrics::new(sealed.clone(), test_clock());
         assert!(m.encode(false).unwrap_or_default().contains("kms_sealed 0"));
         assert_eq!(m.not_serving(), None);
         sealed.store(true, Ordering::Relaxed);

@@ -80,6 +80,12 @@ fn the_scrape_counts_what_the_planes_answered() {
     assert_eq!(value(&scrape, created), Some(1.0), "{scrape}");
     assert_eq!(value(&scrape, "kms_sealed"), Some(0.0));
     assert!(value(&scrape, "kms_uptime_seconds").unwrap() > 0.0);
+    // Every request above was recorded; the writer told how, and nothing failed.
+    assert!(value(&scrape, "kms_audit_records_total").unwrap() >= 5.0, "{scrape}");
+    assert_eq!(value(&scrape, "kms_audit_append_failures_total"), Some(0.0));
+    assert!(value(&scrape, "kms_audit_commit_duration_seconds_count").unwrap() >= 1.0);
+    // The dev server signs a checkpoint at start-up (anchoring its seeding records).
+    assert!(value(&scrape, "kms_audit_checkpoint_age_seconds").unwrap() >= 0.0, "{scrape}");
     assert!(scrape.contains(&format!(
         "kms_build_info{{version=\"{}\"}} 1",
         env!("CARGO_PKG_VERSION")

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use aws_lc_rs::hmac;
 use hsm_bridge::{Hsm, SigningKey, GCM_NONCE_LEN};
@@ -20,6 +20,7 @@ use super::chain::{
     checkpoint_message, encode_chained, encode_record, key_seq, record_hash, seq_key, signer_id,
     split_record, AuditEvent, Checkpoint, Hash, RecordBody, GENESIS, PRUNED_ACTION,
 };
+use super::observe::AuditObserver;
 use crate::clock::Clock;
 use crate::context::EncryptionContext;
 use crate::error::Error;
@@ -107,6 +108,7 @@ enum Msg {
     /// The same, with a checkpoint signed over it in the same write.
     AppendCheckpointed(Vec<u8>, Reply),
     Signer(Signer),
+    Observer(Arc<dyn AuditObserver>),
     Close(oneshot::Sender<()>),
 }
 
@@ -145,10 +147,14 @@ impl AuditLog {
                 (seq.saturating_add(1), hash)
             }
         };
-        let last_checkpoint = match store.last(Table::AuditCheckpoints)? {
-            Some(row) => key_seq(&row.key).unwrap_or(0),
-            None => 0,
-        };
+        let last_row = store.last(Table::AuditCheckpoints)?;
+        let last_checkpoint = last_row
+            .as_ref()
+            .and_then(|row| key_seq(&row.key))
+            .unwrap_or(0);
+        let last_signed_ms = last_row
+            .and_then(|row| serde_json::from_slice::<Checkpoint>(&row.value).ok())
+            .map(|c| c.time_ms);
         let first_retained = store
             .scan_from(Table::AuditRecords, &seq_key(0), 1)?
             .first()
@@ -168,6 +174,8 @@ impl AuditLog {
             last_prune_ms: 0,
             first_retained,
             signer: None,
+            observer: None,
+            last_signed_ms,
         };
         let thread = std::thread::Builder::new()
             .name("audit-writer".into())
@@ -260,6 +268,13 @@ impl AuditLog {
         Pending(rx)
     }
 
+    /// Has `observer` told of every batch, failure and checkpoint from now on (and at once of
+    /// the last checkpoint in the store).
+    pub fn observe(&self, observer: Arc<dyn AuditObserver>) {
+        // A stopped writer has nothing more to tell.
+        drop(self.tx.send(Msg::Observer(observer)));
+    }
+
     /// Keyed digest of an encryption context, so that records can be correlated by context
     /// without holding its values. `None` for an empty context or before the HSM is attached.
     pub fn context_digest(&self, context: &EncryptionContext) -> Option<String> {
@@ -312,6 +327,9 @@ struct Writer {
     last_prune_ms: u64,
     first_retained: u64,
     signer: Option<Signer>,
+    observer: Option<Arc<dyn AuditObserver>>,
+    /// When the last checkpoint in the store was signed.
+    last_signed_ms: Option<u64>,
 }
 
 impl Writer {
@@ -350,6 +368,12 @@ impl Writer {
                     Msg::Signer(signer) => {
                         self.signer = Some(signer);
                         anchor |= self.unanchored > 0;
+                    }
+                    Msg::Observer(observer) => {
+                        if let Some(t) = self.last_signed_ms {
+                            observer.checkpointed(t);
+                        }
+                        self.observer = Some(observer);
                     }
                     Msg::Close(reply) => close = Some(reply),
                 }
@@ -420,15 +444,27 @@ impl Writer {
         if changes.is_empty() {
             return;
         }
-        match self.store.write(changes) {
+        let started = monotonic();
+        let result = self.store.write(changes);
+        let took = started.elapsed();
+        match result {
             Ok(()) => {
                 self.next_seq = seq;
                 self.head = head;
                 if checkpoint.is_some() {
                     self.unanchored = 0;
                     self.last_checkpoint_ms = now;
+                    self.last_signed_ms = Some(now);
                 } else {
                     self.unanchored = unanchored;
+                }
+                if let Some(o) = &self.observer {
+                    if !replies.is_empty() {
+                        o.committed(replies.len(), took);
+                    }
+                    if checkpoint.is_some() {
+                        o.checkpointed(now);
+                    }
                 }
                 for (reply, seq) in replies {
                     let _ = reply.send(Ok(seq));
@@ -436,6 +472,9 @@ impl Writer {
             }
             Err(e) => {
                 tracing::error!(error = %e, records = written, "audit log write failed; requests are refused until it succeeds");
+                if let Some(o) = &self.observer {
+                    o.failed(replies.len());
+                }
                 for (reply, _) in replies {
                     let _ = reply.send(Err(AuditError::Unavailable));
                 }
@@ -541,4 +580,12 @@ impl Writer {
             Err(e) => tracing::warn!(error = %e, "audit retention: prune failed; will retry"),
         }
     }
+}
+
+#[expect(
+    clippy::disallowed_methods,
+    reason = "measures how long a durable write takes, for the node's metrics"
+)]
+fn monotonic() -> Instant {
+    Instant::now()
 }

@@ -22,6 +22,7 @@
 
 mod chain;
 mod log;
+mod observe;
 mod query;
 mod verify;
 
@@ -35,6 +36,7 @@ pub use chain::{
 };
 pub use log::{AuditConfig, AuditError, AuditLog, Pending, SIGNING_KEY_LABEL};
 pub(crate) use log::{CONTEXT_KEY, CONTEXT_KEY_AAD, SIGNER_PREFIX};
+pub use observe::AuditObserver;
 pub use query::{query, AuditPage, AuditQuery, FoundRecord, MAX_PAGE, MAX_SCAN};
 pub use verify::{
     BreakKind, CheckpointSeen, ExpectedHead, RecoverySeen, Report, Signers, Verifier,
