@@ -252,10 +252,13 @@ impl Bound {
         };
         let open = services.reflection != Reflection::Off;
         // Requests are counted only when a listener serves the counts.
-        let metrics = self
-            .metrics
-            .is_some()
-            .then(|| Metrics::new(services.kms.sealed_flag(), services.gov.clock.clone()));
+        let metrics = self.metrics.is_some().then(|| {
+            Metrics::new(
+                services.kms.sealed_flag(),
+                services.gov.clock.clone(),
+                &services.stats,
+            )
+        });
         if let Some(m) = &metrics {
             services.audit.observe(Arc::new(m.clone()));
         }

@@ -28,6 +28,8 @@ use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 use prost::Message;
 
+use crate::policy_stats::PolicyStats;
+
 /// Upper bounds of the request-duration buckets, in seconds: 50 µs to 10 s.
 const DURATION_BUCKETS: [f64; 17] = [
     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -187,10 +189,12 @@ fn duration_histogram() -> Histogram {
 }
 
 impl Metrics {
-    /// Metrics for a node whose seal state is `sealed`, whose audit times are on `clock`.
-    pub fn new(sealed: Arc<AtomicBool>, clock: Arc<dyn Clock>) -> Self {
+    /// Metrics for a node whose seal state is `sealed`, whose audit times are on `clock`, and
+    /// whose policy decisions are `policy`'s.
+    pub fn new(sealed: Arc<AtomicBool>, clock: Arc<dyn Clock>, policy: &PolicyStats) -> Self {
         let mut registry = Registry::with_prefix("kms");
         let audit = AuditMetrics::register(&mut registry);
+        policy.register(&mut registry);
         let requests = Family::<RpcLabels, Counter>::default();
         registry.register(
             "rpc_requests",
@@ -489,7 +493,11 @@ mod tests {
 
     #[test]
     fn the_audit_writer_s_numbers_and_failures_show() {
-        let m = Metrics::new(Arc::new(AtomicBool::new(false)), test_clock());
+        let m = Metrics::new(
+            Arc::new(AtomicBool::new(false)),
+            test_clock(),
+            &PolicyStats::new(),
+        );
         assert!(m
             .encode(false)
             .unwrap_or_default()
@@ -519,7 +527,11 @@ mod tests {
 
     #[test]
     fn methods_are_named_only_if_a_plane_has_them() {
-        let m = Metrics::new(Arc::new(AtomicBool::new(false)), test_clock());
+        let m = Metrics::new(
+            Arc::new(AtomicBool::new(false)),
+            test_clock(),
+            &PolicyStats::new(),
+        );
         let took = Duration::from_micros(300);
         m.answered(
             "data",
@@ -552,7 +564,7 @@ mod tests {
     #[test]
     fn the_seal_shows_in_the_scrape_and_the_health() {
         let sealed = Arc::new(AtomicBool::new(false));
-        let m = Metrics::new(sealed.clone(), test_clock());
+        let m = Metrics::new(sealed.clone(), test_clock(), &PolicyStats::new());
         assert!(m.encode(false).unwrap_or_default().contains("kms_sealed 0"));
         assert_eq!(m.not_serving(), None);
         sealed.store(true, Ordering::Relaxed);

@@ -6,12 +6,17 @@
 //! evaluated (not answered from the decision cache). An evaluated decision's time includes
 //! the cache lookup before it, a few hundred nanoseconds.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use kms_core::governance::policy::Policies;
-use kms_core::{AccessRequest, Authorizer, Verdict};
+use kms_core::{AccessRequest, Authorizer, Decision, Verdict};
 use parking_lot::Mutex;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 
 #[expect(
     clippy::disallowed_methods,
@@ -34,10 +39,41 @@ struct Timings {
     decisions: hdrhistogram::Histogram<u64>,
 }
 
-/// Decision times, shared by the data plane's authorizer and the admin plane's stats RPC.
+/// Decision times, shared by the data plane's authorizer and the admin plane's stats RPC,
+/// and counted for the metrics listener once it is there.
 #[derive(Clone, Default)]
 pub struct PolicyStats {
     timings: Arc<Mutex<Option<Timings>>>,
+    metrics: Arc<OnceLock<PolicyMetrics>>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabels {
+    effect: &'static str,
+    source: &'static str,
+}
+
+/// Upper bounds of the evaluation-time buckets, in seconds: 1 µs to 10 ms.
+const EVAL_BUCKETS: [f64; 12] = [
+    0.000_001,
+    0.000_002_5,
+    0.000_005,
+    0.000_01,
+    0.000_025,
+    0.000_05,
+    0.000_1,
+    0.000_25,
+    0.000_5,
+    0.001,
+    0.002_5,
+    0.01,
+];
+
+/// Policy decisions for Prometheus: by effect and by where they came from.
+#[derive(Clone, Debug)]
+struct PolicyMetrics {
+    decisions: Family<DecisionLabels, Counter>,
+    evaluation: Histogram,
 }
 
 impl std::fmt::Debug for PolicyStats {
@@ -79,13 +115,49 @@ impl PolicyStats {
             .map(|(evals, decisions)| Timings { evals, decisions });
         Self {
             timings: Arc::new(Mutex::new(timings)),
+            metrics: Arc::new(OnceLock::new()),
         }
     }
 
-    fn record(&self, started: Instant, reused: bool) {
-        let ns = u64::try_from(started.elapsed().as_nanos())
-            .unwrap_or(u64::MAX)
-            .max(1);
+    /// Registers the decision metrics in `registry` and counts every decision from now on.
+    pub(crate) fn register(&self, registry: &mut Registry) {
+        let m = PolicyMetrics {
+            decisions: Family::default(),
+            evaluation: Histogram::new(EVAL_BUCKETS),
+        };
+        let policy = registry.sub_registry_with_prefix("policy");
+        policy.register(
+            "decisions",
+            "Data-plane policy decisions, by effect (allow, deny) and source (cedar: evaluated; \
+             cache: reused from the decision cache)",
+            m.decisions.clone(),
+        );
+        policy.register(
+            "evaluation_duration_seconds",
+            "Time of a decision Cedar evaluated (the cache lookup before it included)",
+            m.evaluation.clone(),
+        );
+        let _ = self.metrics.set(m);
+    }
+
+    fn record(&self, started: Instant, reused: bool, decision: Decision) {
+        let took = started.elapsed();
+        if let Some(m) = self.metrics.get() {
+            // Anything but an allow refuses the request.
+            let effect = if decision == Decision::Allow {
+                "allow"
+            } else {
+                "deny"
+            };
+            let source = if reused { "cache" } else { "cedar" };
+            m.decisions
+                .get_or_create(&DecisionLabels { effect, source })
+                .inc();
+            if !reused {
+                m.evaluation.observe(took.as_secs_f64());
+            }
+        }
+        let ns = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX).max(1);
         if let Some(t) = self.timings.lock().as_mut() {
             let _ = t.decisions.record(ns);
             if !reused {
@@ -140,7 +212,8 @@ impl Authorizer for TimedAuthorizer {
     fn decide(&self, request: &AccessRequest<'_>) -> Verdict {
         let started = stopwatch();
         let decided = self.policies.decide(request);
-        self.stats.record(started, decided.reused);
+        self.stats
+            .record(started, decided.reused, decided.verdict.decision);
         decided.verdict
     }
 }

@@ -80,12 +80,27 @@ fn the_scrape_counts_what_the_planes_answered() {
     assert_eq!(value(&scrape, created), Some(1.0), "{scrape}");
     assert_eq!(value(&scrape, "kms_sealed"), Some(0.0));
     assert!(value(&scrape, "kms_uptime_seconds").unwrap() > 0.0);
+    // At least the three allowed requests' decisions, evaluated by Cedar or reused from the
+    // decision cache (a request may take more than one decision).
+    let allowed: f64 = scrape
+        .lines()
+        .filter(|l| l.starts_with("kms_policy_decisions_total{effect=\"allow\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(allowed >= 3.0, "{scrape}");
+    assert!(value(&scrape, "kms_policy_evaluation_duration_seconds_count").unwrap() >= 1.0);
     // Every request above was recorded; the writer told how, and nothing failed.
-    assert!(value(&scrape, "kms_audit_records_total").unwrap() >= 5.0, "{scrape}");
+    assert!(
+        value(&scrape, "kms_audit_records_total").unwrap() >= 5.0,
+        "{scrape}"
+    );
     assert_eq!(value(&scrape, "kms_audit_append_failures_total"), Some(0.0));
     assert!(value(&scrape, "kms_audit_commit_duration_seconds_count").unwrap() >= 1.0);
     // The dev server signs a checkpoint at start-up (anchoring its seeding records).
-    assert!(value(&scrape, "kms_audit_checkpoint_age_seconds").unwrap() >= 0.0, "{scrape}");
+    assert!(
+        value(&scrape, "kms_audit_checkpoint_age_seconds").unwrap() >= 0.0,
+        "{scrape}"
+    );
     assert!(scrape.contains(&format!(
         "kms_build_info{{version=\"{}\"}} 1",
         env!("CARGO_PKG_VERSION")
