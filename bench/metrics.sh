@@ -33,12 +33,14 @@ for mode in on off on off on off; do
   for args in \
     "--op generate-data-key --protection software --concurrency 1" \
     "--op generate-data-key --protection software --concurrency 64"; do
+    scraper=""
     if [ -n "$metrics" ]; then
       (sleep "$((secs / 2))"; curl -s "http://$metrics/metrics" > scrape.txt) &
+      scraper=$!
     fi
     # shellcheck disable=SC2086
     "$kms" bench --json --duration "$secs" $args | sed "s/^{/{\"metrics\":\"$mode\",/"
-    wait
+    [ -z "$scraper" ] || wait "$scraper"
   done
   if [ -n "$metrics" ]; then
     echo "{\"metrics\":\"on\",\"series\":$(grep -vc '^#' scrape.txt)}"

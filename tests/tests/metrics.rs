@@ -415,3 +415,63 @@ fn metrics_can_be_turned_off() {
     let recorded = std::fs::read_to_string(dir.path().join(".kms/endpoints.json")).unwrap();
     assert!(recorded.contains("\"metrics\":null"), "{recorded}");
 }
+
+/// Every `kms_*` name in `text` (a dashboard or rule file).
+fn kms_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("kms_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        names.insert(tail[..end].to_owned());
+        rest = &tail[end..];
+    }
+    names
+}
+
+#[test]
+fn the_dashboard_and_alerts_use_only_what_a_node_exports_and_the_rules_pass_promtool() {
+    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(KMS, dir.path());
+    server.kms_json(&["key", "create", "--alias", "d"]);
+    server.kms_json(&["data", "generate-key", "--key", "d"]);
+    let (_, _, scrape) = get(&server.metrics, "/metrics", None);
+    let exported: std::collections::BTreeSet<String> = scrape
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next().map(str::to_owned))
+        .collect();
+    let dashboard = std::fs::read_to_string(deploy.join("grafana/sovereign-kms.json")).unwrap();
+    let parsed: serde_json::Value = serde_json::from_str(&dashboard).unwrap();
+    assert!(parsed["panels"].as_array().unwrap().len() >= 10);
+    let alerts = std::fs::read_to_string(deploy.join("prometheus/alerts.yml")).unwrap();
+    for (file, text) in [("dashboard", &dashboard), ("alerts", &alerts)] {
+        let used = kms_names(text);
+        assert!(used.len() >= 5, "{file}: {used:?}");
+        for name in used {
+            assert!(
+                exported.contains(&name),
+                "{file} uses {name}, which no node exports"
+            );
+        }
+    }
+    for args in [
+        &["check", "rules", "alerts.yml"][..],
+        &["test", "rules", "alerts_test.yml"][..],
+    ] {
+        let out = std::process::Command::new("promtool")
+            .args(args)
+            .current_dir(deploy.join("prometheus"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "promtool {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
