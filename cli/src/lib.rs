@@ -164,20 +164,38 @@ pub fn minimal_invocations() -> Vec<Vec<String>> {
 pub fn main() -> ExitCode {
     // Everything kms writes (the store, the audit log, keys, exports) is for its owner only.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let cli = Cli::parse();
+    let format = match &cli.command {
+        Command::Serve(args) => serve::log_format(args, &cli.connect.data_dir),
+        _ => kms_deployment::config::LogFormat::Text,
+    };
+    start_logging(format);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             report(&e);
             ExitCode::from(e.exit_code())
         }
+    }
+}
+
+/// Logs to stderr, filtered by RUST_LOG (default `info`), as text or as JSON lines.
+fn start_logging(format: kms_deployment::config::LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == kms_deployment::config::LogFormat::Json {
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init();
+    } else {
+        builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
     }
 }
 

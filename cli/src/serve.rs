@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use clap::Args;
-use kms_deployment::config::MetricsSetting;
+use kms_deployment::config::{Config, LogFormat, MetricsSetting};
 use kms_deployment::dev::{self, DevLayout};
 use kms_deployment::node::{Node, NodeOptions};
 
@@ -33,6 +33,10 @@ pub(crate) struct ServeArgs {
     /// `off`.
     #[arg(long, value_parser = parse_metrics_addr)]
     metrics_addr: Option<MetricsSetting>,
+    /// Log format, overriding the config's `[log] format`: `text` or `json` (one JSON object
+    /// per line). Set RUST_LOG=info,kms::request=debug for a line per request.
+    #[arg(long, value_parser = ["text", "json"])]
+    log_format: Option<String>,
     /// Serve without recording requests in the audit log, to measure what auditing costs.
     /// Development instances only.
     #[arg(long, requires = "dev", hide = true)]
@@ -80,4 +84,24 @@ pub(crate) async fn run(node: Node) -> Result<(), Error> {
 /// `off`, or a loopback address: metrics are served in plain HTTP.
 fn parse_metrics_addr(s: &str) -> Result<MetricsSetting, String> {
     MetricsSetting::try_from(s.to_owned())
+}
+
+/// The log format `kms serve` runs with: the flag, else the config's `[log] format` (the
+/// development config when `--dev`), else text. A config that does not load is reported by
+/// start-up itself, in text.
+pub(crate) fn log_format(args: &ServeArgs, data_dir: &Path) -> LogFormat {
+    match args.log_format.as_deref() {
+        Some("json") => return LogFormat::Json,
+        Some(_) => return LogFormat::Text,
+        None => {}
+    }
+    let path = match (&args.config, args.dev) {
+        (Some(path), _) => path.clone(),
+        (None, true) => DevLayout::new(data_dir.to_path_buf()).config(),
+        (None, false) => return LogFormat::Text,
+    };
+    if !path.exists() {
+        return LogFormat::Text;
+    }
+    Config::load(&path).map_or(LogFormat::Text, |c| c.log.format)
 }

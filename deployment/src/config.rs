@@ -104,6 +104,30 @@ pub struct Config {
     /// Operators registered when the operator inventory is empty (first start only).
     #[serde(default)]
     pub operator: Vec<OperatorSection>,
+    /// `[log]`: the server's log format.
+    #[serde(default)]
+    pub log: LogSection,
+}
+
+/// `[log]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSection {
+    /// `text` (the default) or `json`: one JSON object per line.
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+/// `[log] format`.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line: time, level, target, message and the event's fields.
+    Json,
 }
 
 /// `[keys]`.

@@ -327,10 +327,21 @@ impl Shared {
                 response.headers_mut().insert(REQUEST_ID, v);
             }
         }
+        let code = crate::metrics::response_code(response.headers());
         if let Some(m) = &self.metrics {
-            let code = crate::metrics::response_code(response.headers());
             m.answered(self.plane.word(), path, code, started.elapsed());
         }
+        // One line per request when asked for (RUST_LOG=info,kms::request=debug); its fields
+        // are computed only then.
+        tracing::debug!(
+            target: "kms::request",
+            request_id = %ids.server,
+            plane = self.plane.word(),
+            rpc = %self.action(path),
+            outcome = crate::metrics::code_label(code),
+            duration_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            "request"
+        );
         response
     }
 

@@ -392,7 +392,8 @@ pub(crate) fn response_code(headers: &tonic::codegen::http::HeaderMap) -> tonic:
         .map_or(tonic::Code::Ok, tonic::Code::from_i32)
 }
 
-fn code_label(code: tonic::Code) -> &'static str {
+/// The status as a label: `ok`, `permission_denied`, ...
+pub(crate) fn code_label(code: tonic::Code) -> &'static str {
     use tonic::Code as C;
     match code {
         C::Ok => "ok",

@@ -42,6 +42,11 @@ impl Server {
 
     /// The same, with `RUST_LOG` set to `log_filter`.
     pub fn start_with(bin: &str, dir: &Path, log_filter: &str) -> Server {
+        Self::start_with_args(bin, dir, log_filter, &[])
+    }
+
+    /// The same, with `extra` added to `kms serve`'s arguments.
+    pub fn start_with_args(bin: &str, dir: &Path, log_filter: &str, extra: &[&str]) -> Server {
         let bin = std::env::var_os("KMS_BIN").map_or_else(|| PathBuf::from(bin), PathBuf::from);
         let mut child = Command::new(&bin)
             .current_dir(dir)
@@ -55,6 +60,7 @@ impl Server {
                 "--metrics-addr",
                 "127.0.0.1:0",
             ])
+            .args(extra)
             .env("RUST_LOG", log_filter)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

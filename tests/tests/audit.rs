@@ -500,8 +500,33 @@ fn assert_absent(haystack: &str, what: &str, secret: &[u8]) {
 
 #[test]
 fn no_secret_reaches_the_logs_or_the_audit_log() {
+    no_secret_reaches_the_logs_or_the_audit_log_in("text");
+}
+
+/// The same canaries with the server logging JSON lines (`--log-format json`), each line an
+/// object, one per request among them.
+#[test]
+fn no_secret_reaches_json_logs_either() {
+    let log = no_secret_reaches_the_logs_or_the_audit_log_in("json");
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let request = lines
+        .iter()
+        .find(|l| l["target"] == "kms::request" && l["rpc"] == "data.GenerateDataKey")
+        .expect("a request line");
+    assert_eq!(request["plane"], "data");
+    assert_eq!(request["outcome"], "ok");
+    assert_eq!(request["request_id"].as_str().map(str::len), Some(32));
+    assert!(request["duration_us"].is_u64(), "{request}");
+}
+
+/// Drives every operation with canary secrets against a server logging in `format` at TRACE,
+/// and checks that none reaches its log or the audit log; returns the server's log.
+fn no_secret_reaches_the_logs_or_the_audit_log_in(format: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start_with(KMS, dir.path(), "trace");
+    let server = Server::start_with_args(KMS, dir.path(), "trace", &["--log-format", format]);
     let plaintext = b"CANARY-PLAINTEXT-5b9e1c7a40d2";
     let context_value = "canary-context-value-d41d8cd98f";
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -731,6 +756,7 @@ fn no_secret_reaches_the_logs_or_the_audit_log() {
         assert_absent(&everything, "grant token tag", tag.as_bytes());
     }
     assert!(export.contains("data.CreateGrant"));
+    log
 }
 
 /// Runs 20 clients against the server for a second, then SIGKILLs it mid-load; returns the

@@ -475,3 +475,45 @@ fn the_dashboard_and_alerts_use_only_what_a_node_exports_and_the_rules_pass_prom
         );
     }
 }
+
+#[test]
+fn the_config_chooses_json_logs_and_refuses_metrics_off_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(KMS, dir.path());
+    let _ = server.stop();
+    let config = dir.path().join(".kms/kms.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+
+    std::fs::write(&config, format!("{text}\n[log]\nformat = \"json\"\n")).unwrap();
+    let server = Server::start(KMS, dir.path());
+    server.kms_json(&["key", "list"]);
+    let log = server.stop();
+    assert!(log.lines().count() > 3, "{log}");
+    for line in log.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(
+            v["level"].is_string() && v["timestamp"].is_string(),
+            "{line}"
+        );
+    }
+
+    let elsewhere = text.replace("[listen]", "[listen]\nmetrics = \"10.1.2.3:9464\"");
+    assert_ne!(elsewhere, text, "the dev config has a [listen] section");
+    std::fs::write(&config, elsewhere).unwrap();
+    let out = std::process::Command::new(KMS)
+        .current_dir(dir.path())
+        .args([
+            "serve",
+            "--dev",
+            "--data-addr",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not a loopback address"), "{err}");
+}
