@@ -517,3 +517,124 @@ fn the_config_chooses_json_logs_and_refuses_metrics_off_loopback() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("not a loopback address"), "{err}");
 }
+
+/// An unsigned JWT claiming `sub`: its claims are what a caller chooses, and it is refused.
+fn forged_jwt(sub: &str) -> String {
+    use base64::Engine;
+    let b64 = |v: serde_json::Value| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+    };
+    format!(
+        "{}.{}.c2lnbmF0dXJl",
+        b64(serde_json::json!({ "alg": "ES256", "typ": "JWT" })),
+        b64(serde_json::json!({ "sub": sub, "aud": ["kms"], "exp": 4_000_000_000u64 })),
+    )
+}
+
+#[test]
+fn many_keys_identities_and_requests_stay_under_two_thousand_series() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(KMS, dir.path());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let keys = rt.block_on(async {
+        let admin = server
+            .client_tls("operator1")
+            .admin(&server.admin)
+            .await
+            .unwrap();
+        // 1,000 keys, made by 8 callers.
+        let makers: Vec<_> = (0..8)
+            .map(|_| {
+                let mut admin = admin.clone();
+                tokio::spawn(async move {
+                    let mut made = Vec::new();
+                    for _ in 0..125 {
+                        let r = admin
+                            .create_key(api::v1::CreateKeyRequest::default())
+                            .await
+                            .unwrap();
+                        made.push(r.into_inner().key_id);
+                    }
+                    made
+                })
+            })
+            .collect();
+        let mut keys = Vec::new();
+        for m in makers {
+            keys.extend(m.await.unwrap());
+        }
+        // 100 registered identities, approved by the other development operators.
+        let mut others = Vec::new();
+        for name in ["operator2", "operator3"] {
+            others.push(server.client_tls(name).admin(&server.admin).await.unwrap());
+        }
+        let approvers = kms_loadgen::Approvers::new(others);
+        kms_loadgen::populate(&mut admin.clone(), &approvers, 0, 100)
+            .await
+            .unwrap();
+        keys
+    });
+    assert_eq!(keys.len(), 1_000);
+    let keys = std::sync::Arc::new(keys);
+    rt.block_on(async {
+        // 10,000 data keys over the 1,000 keys, each with its own context and request id.
+        let channel = server
+            .client_tls("workload")
+            .channel(&server.data)
+            .await
+            .unwrap();
+        let callers: Vec<_> = (0..16u32)
+            .map(|c| {
+                let (keys, channel) = (keys.clone(), channel.clone());
+                tokio::spawn(async move {
+                    let mut data = api::DataClient::new(channel);
+                    for i in (c..10_000).step_by(16) {
+                        let mut request = tonic::Request::new(api::v1::GenerateDataKeyRequest {
+                            key: keys[usize::try_from(i).unwrap() % 1_000].clone(),
+                            encryption_context: [("conversation".into(), format!("c-{i}"))].into(),
+                            spec: api::v1::DataKeySpec::Aes256.into(),
+                        });
+                        request
+                            .metadata_mut()
+                            .insert("x-request-id", format!("req-{i}").parse().unwrap());
+                        data.generate_data_key(request).await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        for c in callers {
+            c.await.unwrap();
+        }
+        // 100 callers claiming identities of their own choosing, all refused.
+        let mut anonymous = server.client_tls("workload");
+        anonymous.cert_pem.clear();
+        anonymous.key_pem.clear();
+        let mut data = anonymous.data(&server.data).await.unwrap();
+        for i in 0..100 {
+            let mut request = tonic::Request::new(api::v1::GenerateDataKeyRequest {
+                key: keys[i].clone(),
+                ..Default::default()
+            });
+            let jwt = forged_jwt(&format!("spiffe://chosen.example/caller-{i}"));
+            request
+                .metadata_mut()
+                .insert("authorization", format!("Bearer {jwt}").parse().unwrap());
+            assert!(data.generate_data_key(request).await.is_err());
+        }
+    });
+    let (_, _, scrape) = get(&server.metrics, "/metrics", None);
+    let series = scrape.lines().filter(|l| !l.starts_with('#')).count();
+    assert!(series < 2_000, "{series} series");
+    let ok = "kms_rpc_requests_total{plane=\"data\",method=\"GenerateDataKey\",code=\"ok\"}";
+    assert_eq!(value(&scrape, ok), Some(10_000.0));
+    for secret_ish in [
+        keys[0].as_str(),
+        keys[999].as_str(),
+        "req-",
+        "c-1",
+        "chosen.example",
+    ] {
+        assert!(!scrape.contains(secret_ish), "{secret_ish} in the scrape");
+    }
+    eprintln!("{series} series after 10,000 requests over 1,000 keys");
+}
