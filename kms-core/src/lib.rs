@@ -59,7 +59,9 @@ pub use key::{
     canary_context, kek_wrap_aad, Canary, DeletedVersion, Destruction, DestructionAuthority,
     Escrow, KeyRecord, KeyState, Labels, Protection, StoredMaterial, TokenObject, VersionRecord,
 };
-pub use kms::{DataKey, Deps, Kms, NewKey, Opened, ReEncrypted, Sealed, MAX_DESTROY_WAITING_DAYS};
+pub use kms::{
+    DataKey, Deps, KeyCensus, Kms, NewKey, Opened, ReEncrypted, Sealed, MAX_DESTROY_WAITING_DAYS,
+};
 pub use op::Op;
 pub use secret::{Dek, Kek, Plaintext, DEK_LEN, KEK_LEN};
 pub use store::{RocksStore, Store};

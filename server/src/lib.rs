@@ -24,6 +24,7 @@
 mod admin;
 mod audit;
 mod authn;
+mod census;
 mod data;
 mod destruction;
 mod error;
@@ -257,6 +258,7 @@ impl Bound {
                 services.kms.sealed_flag(),
                 services.gov.clock.clone(),
                 &services.stats,
+                Some((services.kms.clone(), services.gov.clone())),
             )
         });
         if let Some(m) = &metrics {

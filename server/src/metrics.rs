@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kms_core::audit::AuditObserver;
-use kms_core::Clock;
+use kms_core::{Clock, Kms};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -28,6 +28,8 @@ use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 use prost::Message;
 
+use crate::census::Census;
+use crate::governance::Governance;
 use crate::policy_stats::PolicyStats;
 
 /// Upper bounds of the request-duration buckets, in seconds: 50 µs to 10 s.
@@ -90,6 +92,7 @@ struct Inner {
     sealed: Arc<AtomicBool>,
     audit: AuditMetrics,
     clock: Arc<dyn Clock>,
+    census: Option<Census>,
     /// Method label by request path, for each plane's own services.
     methods: HashMap<String, Arc<String>>,
     unknown: Arc<String>,
@@ -189,12 +192,19 @@ fn duration_histogram() -> Histogram {
 }
 
 impl Metrics {
-    /// Metrics for a node whose seal state is `sealed`, whose audit times are on `clock`, and
-    /// whose policy decisions are `policy`'s.
-    pub fn new(sealed: Arc<AtomicBool>, clock: Arc<dyn Clock>, policy: &PolicyStats) -> Self {
+    /// Metrics for a node whose seal state is `sealed`, whose audit times are on `clock`,
+    /// whose policy decisions are `policy`'s, and whose keys and governance, when given, are
+    /// counted at each scrape.
+    pub fn new(
+        sealed: Arc<AtomicBool>,
+        clock: Arc<dyn Clock>,
+        policy: &PolicyStats,
+        holdings: Option<(Arc<Kms>, Arc<Governance>)>,
+    ) -> Self {
         let mut registry = Registry::with_prefix("kms");
         let audit = AuditMetrics::register(&mut registry);
         policy.register(&mut registry);
+        let census = holdings.map(|(kms, gov)| Census::register(&mut registry, kms, gov));
         let requests = Family::<RpcLabels, Counter>::default();
         registry.register(
             "rpc_requests",
@@ -246,6 +256,7 @@ impl Metrics {
                 sealed,
                 audit,
                 clock,
+                census,
                 methods: plane_methods(),
                 unknown: Arc::new(UNKNOWN.to_owned()),
             }),
@@ -295,9 +306,13 @@ impl Metrics {
             .inc();
     }
 
-    /// The scrape: Prometheus text (version 0.0.4), or OpenMetrics when `openmetrics`.
+    /// The scrape: Prometheus text (version 0.0.4), or OpenMetrics when `openmetrics`. Counts
+    /// keys and governance afresh, reading the store: call it where blocking is allowed.
     pub fn encode(&self, openmetrics: bool) -> Result<String, std::fmt::Error> {
         let inner = &self.inner;
+        if let Some(c) = &inner.census {
+            c.refresh();
+        }
         inner
             .sealed_gauge
             .set(i64::from(inner.sealed.load(Ordering::Relaxed)));
@@ -436,11 +451,12 @@ pub(crate) async fn serve(
             } else {
                 prometheus_client::encoding::prometheus_text::CONTENT_TYPE
             };
-            match m.encode(openmetrics) {
-                Ok(body) => {
+            let encoded = tokio::task::spawn_blocking(move || m.encode(openmetrics)).await;
+            match encoded {
+                Ok(Ok(body)) => {
                     (StatusCode::OK, [(header::CONTENT_TYPE, content_type)], body).into_response()
                 }
-                Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+                Ok(Err(_)) | Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
             }
         }
     };
@@ -498,6 +514,7 @@ mod tests {
             Arc::new(AtomicBool::new(false)),
             test_clock(),
             &PolicyStats::new(),
+            None,
         );
         assert!(m
             .encode(false)
@@ -532,6 +549,7 @@ mod tests {
             Arc::new(AtomicBool::new(false)),
             test_clock(),
             &PolicyStats::new(),
+            None,
         );
         let took = Duration::from_micros(300);
         m.answered(
@@ -565,7 +583,7 @@ mod tests {
     #[test]
     fn the_seal_shows_in_the_scrape_and_the_health() {
         let sealed = Arc::new(AtomicBool::new(false));
-        let m = Metrics::new(sealed.clone(), test_clock(), &PolicyStats::new());
+        let m = Metrics::new(sealed.clone(), test_clock(), &PolicyStats::new(), None);
         assert!(m.encode(false).unwrap_or_default().contains("kms_sealed 0"));
         assert_eq!(m.not_serving(), None);
         sealed.store(true, Ordering::Relaxed);

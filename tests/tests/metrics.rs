@@ -80,6 +80,20 @@ fn the_scrape_counts_what_the_planes_answered() {
     assert_eq!(value(&scrape, created), Some(1.0), "{scrape}");
     assert_eq!(value(&scrape, "kms_sealed"), Some(0.0));
     assert!(value(&scrape, "kms_uptime_seconds").unwrap() > 0.0);
+    // What the node holds: the one key, its version, the development workload.
+    let keys = "kms_keys{state=\"enabled\",protection=\"software\"}";
+    assert_eq!(value(&scrape, keys), Some(1.0), "{scrape}");
+    assert_eq!(
+        value(&scrape, "kms_keys{state=\"destroyed\",protection=\"hsm\"}"),
+        Some(0.0)
+    );
+    assert_eq!(
+        value(&scrape, "kms_key_versions{protection=\"software\"}"),
+        Some(1.0)
+    );
+    assert_eq!(value(&scrape, "kms_workloads{state=\"active\"}"), Some(1.0));
+    assert_eq!(value(&scrape, "kms_approvals_pending"), Some(0.0));
+    assert_eq!(value(&scrape, "kms_grants_live"), Some(0.0));
     // At least the three allowed requests' decisions, evaluated by Cedar or reused from the
     // decision cache (a request may take more than one decision).
     let allowed: f64 = scrape
@@ -133,6 +147,12 @@ fn health_follows_the_seal_over_http_and_grpc() {
     let (code, _, body) = get(&server.metrics, "/health", None);
     assert_eq!((code, body.as_str()), (200, "{\"status\":\"serving\"}"));
     assert_eq!(grpc_health(&server), ServingStatus::Serving);
+    server.kms_json(&["key", "create"]);
+    let (_, _, scrape) = get(&server.metrics, "/metrics", None);
+    assert_eq!(
+        value(&scrape, "kms_key_versions{protection=\"software\"}"),
+        Some(1.0)
+    );
 
     server.kms_json(&["--as", "operator2", "seal", "--reason", "drill"]);
     let (code, _, body) = get(&server.metrics, "/health", None);
@@ -142,6 +162,11 @@ fn health_follows_the_seal_over_http_and_grpc() {
     assert_eq!(body["reason"], "sealed");
     let (_, _, scrape) = get(&server.metrics, "/metrics", None);
     assert_eq!(value(&scrape, "kms_sealed"), Some(1.0));
+    // Sealed: no usable version in memory, and the unseal waits for approvals.
+    assert_eq!(
+        value(&scrape, "kms_key_versions{protection=\"software\"}"),
+        Some(0.0)
+    );
     assert!(
         wait_for(&server, ServingStatus::NotServing),
         "gRPC health still serving"
@@ -149,6 +174,12 @@ fn health_follows_the_seal_over_http_and_grpc() {
 
     let asked = server.kms_json(&["--as", "operator2", "unseal"]);
     let id = asked["approval_id"].as_str().unwrap().to_owned();
+    let (_, _, scrape) = get(&server.metrics, "/metrics", None);
+    assert_eq!(
+        value(&scrape, "kms_approvals_pending"),
+        Some(1.0),
+        "{scrape}"
+    );
     server.kms_json(&["--as", "operator1", "approval", "approve", &id]);
     let ran = server.kms_json(&["--as", "operator3", "approval", "approve", &id]);
     assert_eq!(ran["state"], "executed", "{ran}");

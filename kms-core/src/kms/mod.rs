@@ -144,6 +144,20 @@ enum HsmEscrow {
     Unavailable(String),
 }
 
+/// Keys of one state and protection level, counted ([`Kms::census`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct KeyCensus {
+    /// The state's name (`enabled`, ...).
+    pub state: &'static str,
+    /// The protection level's name (`hsm`, `software`).
+    pub protection: &'static str,
+    /// How many keys.
+    pub keys: u64,
+    /// How many versions they hold in memory.
+    pub versions: u64,
+}
+
 #[derive(Default)]
 struct Cache {
     keys: BTreeMap<KeyId, Arc<KeyEntry>>,
@@ -357,6 +371,35 @@ impl Kms {
     /// A key's metadata.
     pub fn describe_key(&self, key: &KeyRef) -> Result<KeyRecord, Error> {
         Ok(self.entry(key)?.record.clone())
+    }
+
+    /// How many keys there are in each (state, protection), and how many usable versions they
+    /// hold in memory (none while sealed): for a node's metrics. Counted under the cache's read
+    /// lock, without copying a record.
+    pub fn census(&self) -> Vec<KeyCensus> {
+        let mut counts: BTreeMap<(&'static str, &'static str), (u64, u64)> = BTreeMap::new();
+        for entry in self.cache.read().keys.values() {
+            let r = &entry.record;
+            let slot = counts
+                .entry((r.state.as_str(), r.protection.as_str()))
+                .or_default();
+            slot.0 += 1;
+            let usable = entry
+                .versions
+                .values()
+                .filter(|v| !matches!(v.as_ref(), VersionKey::Sealed))
+                .count();
+            slot.1 += u64::try_from(usable).unwrap_or(u64::MAX);
+        }
+        counts
+            .into_iter()
+            .map(|((state, protection), (keys, versions))| KeyCensus {
+                state,
+                protection,
+                keys,
+                versions,
+            })
+            .collect()
     }
 
     /// Up to `limit` keys after `after`, in id order, and the id to continue from.
