@@ -42,6 +42,7 @@ pub struct Node {
     reflection: server::Reflection,
     endpoints: PathBuf,
     dev: bool,
+    token: Option<server::TokenWatch>,
 }
 
 impl Node {
@@ -76,8 +77,24 @@ impl Node {
         }
         gov.load_bundles()?;
         let stats = PolicyStats::new();
+        // With metrics served, the key service runs on a metered HSM.
+        let metrics_addr = options
+            .metrics_addr
+            .unwrap_or(d.config.listen.metrics)
+            .addr();
+        let token = metrics_addr.map(|_| server::TokenWatch {
+            hsm: d.hsm.clone(),
+            metrics: server::HsmMetrics::new(),
+        });
+        let hsm: Arc<dyn hsm_bridge::Hsm> = match &token {
+            Some(t) => Arc::new(hsm_bridge::Metered::new(
+                d.hsm.clone(),
+                Arc::new(t.metrics.clone()),
+            )),
+            None => d.hsm.clone(),
+        };
         let kms = Kms::open(Deps {
-            hsm: d.hsm,
+            hsm,
             store: d.store.clone(),
             clock: d.clock,
             rng: d.rng,
@@ -107,7 +124,7 @@ impl Node {
                 server_cert: config.tls.server_cert,
                 server_key: config.tls.server_key,
                 admin_client_ca: config.tls.admin_client_ca,
-                metrics_addr: options.metrics_addr.unwrap_or(config.listen.metrics).addr(),
+                metrics_addr,
             },
             reflection: match config.listen.reflection {
                 Some(setting) => setting.into(),
@@ -116,6 +133,7 @@ impl Node {
             },
             endpoints: config.data_dir.join("endpoints.json"),
             dev: options.dev,
+            token,
         })
     }
 
@@ -164,6 +182,7 @@ impl Node {
             gov: self.gov.clone(),
             stats: self.stats,
             reflection: self.reflection,
+            token: self.token,
         };
         let flusher = tokio::spawn(flush_usage_every(self.gov.clone(), USAGE_FLUSH));
         let result = bound.serve(services, shutdown).await;

@@ -26,6 +26,7 @@
 mod config;
 mod error;
 mod escrow;
+mod metered;
 mod pool;
 mod slot;
 pub mod softhsm;
@@ -46,6 +47,8 @@ pub use escrow::{
     import_trusted_escrow_key, CheckValue, EscrowPin, EscrowedKey, ObjectId, ObjectReport,
     CHECK_VALUE_LEN, OBJECT_ID_LEN,
 };
+pub use metered::{outcome_label, HsmMeter, HsmOp, Metered};
+pub use pool::PoolStats;
 pub use token::{token_objects, Pkcs11Hsm, TokenFacts};
 
 /// Length of an AES-GCM nonce in bytes (96 bits, SP 800-38D §8.2.1 deterministic IV length).

@@ -21,6 +21,22 @@ struct PoolState {
     sessions: Vec<Session>,
     /// Sessions open in total: idle plus handed out.
     open: usize,
+    /// Times a caller waited for a session (every one was handed out).
+    waits: u64,
+}
+
+/// The session pool, as a node's metrics read it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PoolStats {
+    /// Sessions open: idle plus handed out.
+    pub open: usize,
+    /// Sessions idle in the pool.
+    pub idle: usize,
+    /// The most the pool opens.
+    pub max: usize,
+    /// Times a caller waited for a session, since the token was opened.
+    pub waits: u64,
 }
 
 impl SessionPool {
@@ -29,6 +45,7 @@ impl SessionPool {
             idle: Mutex::new(PoolState {
                 sessions: Vec::new(),
                 open: 0,
+                waits: 0,
             }),
             freed: Condvar::new(),
             max: max.max(1),
@@ -53,7 +70,19 @@ impl SessionPool {
                     }
                 };
             }
+            state.waits = state.waits.saturating_add(1);
             self.freed.wait(&mut state);
+        }
+    }
+
+    /// How the pool stands now.
+    pub(crate) fn stats(&self) -> PoolStats {
+        let state = self.idle.lock();
+        PoolStats {
+            open: state.open,
+            idle: state.sessions.len(),
+            max: self.max,
+            waits: state.waits,
         }
     }
 
@@ -121,5 +150,12 @@ impl Drop for PooledSession<'_> {
         } else {
             self.pool.put_back(session);
         }
+    }
+}
+
+impl crate::Pkcs11Hsm {
+    /// How the token's session pool stands now.
+    pub fn pool_stats(&self) -> PoolStats {
+        self.pool.stats()
     }
 }

@@ -35,7 +35,7 @@ const P256_EC_PARAMS: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03
 pub struct Pkcs11Hsm {
     ctx: Pkcs11,
     slot: Slot,
-    pool: SessionPool,
+    pub(crate) pool: SessionPool,
     root: TokenKey,
     /// Keeps the login alive: PKCS#11 logs the application out when its last session closes.
     _login: Mutex<Session>,

@@ -249,3 +249,45 @@ fn signing_key_is_made_once_signs_and_never_leaves_the_token() {
     assert!(attrs.contains(&Attribute::Extractable(false)));
     assert!(attrs.contains(&Attribute::Token(true)));
 }
+
+/// What a meter was told, in order.
+#[derive(Default)]
+struct Told(std::sync::Mutex<Vec<(&'static str, &'static str, &'static str)>>);
+
+impl hsm_bridge::HsmMeter for Told {
+    fn observe(&self, op: hsm_bridge::HsmOp, outcome: &'static str, _took: std::time::Duration) {
+        self.0
+            .lock()
+            .unwrap()
+            .push((op.as_str(), op.mechanism(), outcome));
+    }
+}
+
+#[test]
+fn a_metered_hsm_tells_each_operation_and_how_it_ended() {
+    let t = token();
+    let inner: Arc<dyn Hsm> = Arc::new(Pkcs11Hsm::open(&t.config().unwrap()).unwrap());
+    let told = Arc::new(Told::default());
+    let hsm = hsm_bridge::Metered::new(inner, told.clone());
+    let nonce = [7u8; hsm_bridge::GCM_NONCE_LEN];
+    let sealed = hsm
+        .aes_gcm_encrypt(hsm.root_key(), &nonce, b"aad", b"metered")
+        .unwrap();
+    let opened = hsm
+        .aes_gcm_decrypt(hsm.root_key(), &nonce, b"aad", &sealed)
+        .unwrap();
+    assert_eq!(opened.expose_secret(), b"metered");
+    let wrong = hsm.aes_gcm_decrypt(hsm.root_key(), &nonce, b"other", &sealed);
+    assert!(matches!(wrong, Err(Error::DecryptFailed)));
+    let mut out = [0u8; 8];
+    hsm.random(&mut out).unwrap();
+    assert_eq!(
+        *told.0.lock().unwrap(),
+        [
+            ("encrypt", "aes_gcm", "ok"),
+            ("decrypt", "aes_gcm", "ok"),
+            ("decrypt", "aes_gcm", "decrypt_failed"),
+            ("random", "rng", "ok"),
+        ]
+    );
+}

@@ -34,6 +34,7 @@ mod identity;
 mod metrics;
 mod policy_stats;
 mod tls;
+mod token_metrics;
 mod wire;
 
 use std::future::Future;
@@ -63,6 +64,7 @@ pub use governance::{Governance, GRANT_HEADER, MAX_PURPOSE, PURPOSE_HEADER};
 pub use identity::{operator_identity, svid_facts};
 pub use metrics::{plain_http_allowed, Metrics};
 pub use policy_stats::{EvalStats, PolicyStats, TimedAuthorizer};
+pub use token_metrics::{HsmMetrics, TokenWatch, DEEP_CHECK_EVERY};
 
 /// Where and how the two planes listen.
 #[derive(Clone, Debug)]
@@ -149,6 +151,8 @@ pub struct Services {
     pub stats: PolicyStats,
     /// Who may use gRPC reflection.
     pub reflection: Reflection,
+    /// The token and what the key service's metered HSM counted, when metrics are served.
+    pub token: Option<TokenWatch>,
 }
 
 impl std::fmt::Debug for Services {
@@ -259,6 +263,7 @@ impl Bound {
                 services.gov.clock.clone(),
                 &services.stats,
                 Some((services.kms.clone(), services.gov.clone())),
+                services.token.clone(),
             )
         });
         if let Some(m) = &metrics {
@@ -297,15 +302,22 @@ impl Bound {
         data_health
             .set_serving::<DataPlaneServer<DataService>>()
             .await;
-        // The data plane's health follows the seal: NOT_SERVING while every request would be
-        // refused.
+        // The data plane's health follows the seal (and, with metrics on, the audit log and the
+        // token's deep check): NOT_SERVING while requests would be refused.
         let seal_watch = {
             let (sealed, health) = (services.kms.sealed_flag(), data_health.clone());
+            let watched = metrics.clone();
             let was = Arc::new(AtomicBool::new(false));
             every(SEAL_CHECK_EVERY, stop_rx.clone(), move || {
                 let (sealed, health, was) = (sealed.clone(), health.clone(), was.clone());
+                let watched = watched.clone();
                 async move {
-                    let now = sealed.load(Ordering::Relaxed);
+                    let now = match watched {
+                        Some(m) => tokio::task::spawn_blocking(move || m.not_serving().is_some())
+                            .await
+                            .unwrap_or(true),
+                        None => sealed.load(Ordering::Relaxed),
+                    };
                     if was.swap(now, Ordering::Relaxed) != now {
                         let status = if now {
                             tonic_health::ServingStatus::NotServing

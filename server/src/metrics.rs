@@ -31,6 +31,7 @@ use prost::Message;
 use crate::census::Census;
 use crate::governance::Governance;
 use crate::policy_stats::PolicyStats;
+use crate::token_metrics::{TokenGauges, TokenWatch};
 
 /// Upper bounds of the request-duration buckets, in seconds: 50 µs to 10 s.
 const DURATION_BUCKETS: [f64; 17] = [
@@ -93,6 +94,7 @@ struct Inner {
     audit: AuditMetrics,
     clock: Arc<dyn Clock>,
     census: Option<Census>,
+    token: Option<TokenGauges>,
     /// Method label by request path, for each plane's own services.
     methods: HashMap<String, Arc<String>>,
     unknown: Arc<String>,
@@ -200,11 +202,13 @@ impl Metrics {
         clock: Arc<dyn Clock>,
         policy: &PolicyStats,
         holdings: Option<(Arc<Kms>, Arc<Governance>)>,
+        token: Option<TokenWatch>,
     ) -> Self {
         let mut registry = Registry::with_prefix("kms");
         let audit = AuditMetrics::register(&mut registry);
         policy.register(&mut registry);
         let census = holdings.map(|(kms, gov)| Census::register(&mut registry, kms, gov));
+        let token = token.map(|watch| TokenGauges::register(&mut registry, watch, clock.clone()));
         let requests = Family::<RpcLabels, Counter>::default();
         registry.register(
             "rpc_requests",
@@ -257,6 +261,7 @@ impl Metrics {
                 audit,
                 clock,
                 census,
+                token,
                 methods: plane_methods(),
                 unknown: Arc::new(UNKNOWN.to_owned()),
             }),
@@ -313,6 +318,9 @@ impl Metrics {
         if let Some(c) = &inner.census {
             c.refresh();
         }
+        if let Some(t) = &inner.token {
+            t.refresh();
+        }
         inner
             .sealed_gauge
             .set(i64::from(inner.sealed.load(Ordering::Relaxed)));
@@ -333,14 +341,16 @@ impl Metrics {
         Ok(out)
     }
 
-    /// Why the node cannot serve keys now, if it cannot.
-    pub fn not_serving(&self) -> Option<&'static str> {
+    /// Why the node cannot serve keys now, if it cannot: sealed, audit writes failing, or
+    /// the token failing the deep check (run at most every 10 s; blocks on the token, so
+    /// call it where blocking is allowed).
+    pub fn not_serving(&self) -> Option<String> {
         if self.inner.sealed.load(Ordering::Relaxed) {
-            Some("sealed")
+            Some("sealed".into())
         } else if self.inner.audit.failing.load(Ordering::Relaxed) {
-            Some("audit log unavailable")
+            Some("audit log unavailable".into())
         } else {
-            None
+            self.inner.token.as_ref().and_then(TokenGauges::problem)
         }
     }
 }
@@ -462,7 +472,10 @@ pub(crate) async fn serve(
     };
     let health = |m: Metrics| {
         move || async move {
-            let (status, body) = match m.not_serving() {
+            let problem = tokio::task::spawn_blocking(move || m.not_serving())
+                .await
+                .unwrap_or_else(|_| Some("health check failed".into()));
+            let (status, body) = match problem {
                 None => (StatusCode::OK, serde_json::json!({ "status": "serving" })),
                 Some(reason) => (
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -515,6 +528,7 @@ mod tests {
             test_clock(),
             &PolicyStats::new(),
             None,
+            None,
         );
         assert!(m
             .encode(false)
@@ -532,15 +546,15 @@ mod tests {
             text.contains("kms_audit_commit_batch_records_count 1"),
             "{text}"
         );
-        assert_eq!(m.not_serving(), None);
+        assert_eq!(m.not_serving(), None::<String>);
         m.failed(2);
         assert!(m
             .encode(false)
             .unwrap_or_default()
             .contains("kms_audit_append_failures_total 2"));
-        assert_eq!(m.not_serving(), Some("audit log unavailable"));
+        assert_eq!(m.not_serving().as_deref(), Some("audit log unavailable"));
         m.committed(1, Duration::from_micros(500));
-        assert_eq!(m.not_serving(), None);
+        assert_eq!(m.not_serving(), None::<String>);
     }
 
     #[test]
@@ -549,6 +563,7 @@ mod tests {
             Arc::new(AtomicBool::new(false)),
             test_clock(),
             &PolicyStats::new(),
+            None,
             None,
         );
         let took = Duration::from_micros(300);
@@ -583,12 +598,18 @@ mod tests {
     #[test]
     fn the_seal_shows_in_the_scrape_and_the_health() {
         let sealed = Arc::new(AtomicBool::new(false));
-        let m = Metrics::new(sealed.clone(), test_clock(), &PolicyStats::new(), None);
+        let m = Metrics::new(
+            sealed.clone(),
+            test_clock(),
+            &PolicyStats::new(),
+            None,
+            None,
+        );
         assert!(m.encode(false).unwrap_or_default().contains("kms_sealed 0"));
-        assert_eq!(m.not_serving(), None);
+        assert_eq!(m.not_serving(), None::<String>);
         sealed.store(true, Ordering::Relaxed);
         assert!(m.encode(false).unwrap_or_default().contains("kms_sealed 1"));
-        assert_eq!(m.not_serving(), Some("sealed"));
+        assert_eq!(m.not_serving().as_deref(), Some("sealed"));
         let open = m.encode(true).unwrap_or_default();
         assert!(open.ends_with("# EOF\n"), "{open}");
     }

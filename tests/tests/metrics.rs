@@ -669,3 +669,56 @@ fn many_keys_identities_and_requests_stay_under_two_thousand_series() {
     }
     eprintln!("{series} series after 10,000 requests over 1,000 keys");
 }
+
+#[test]
+fn health_turns_not_serving_when_the_token_goes_away() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(KMS, dir.path());
+    server.kms_json(&["key", "create", "--alias", "h", "--protection", "hsm"]);
+    server.kms_json(&["data", "generate-key", "--key", "h"]);
+    let (code, _, _) = get(&server.metrics, "/health", None);
+    assert_eq!(code, 200);
+    let (_, _, scrape) = get(&server.metrics, "/metrics", None);
+    let ok = "kms_hsm_operations_total{operation=\"encrypt\",mechanism=\"aes_gcm\",outcome=\"ok\"}";
+    assert!(value(&scrape, ok).unwrap() >= 1.0, "{scrape}");
+    assert!(value(&scrape, "kms_hsm_sessions_max").unwrap() >= 1.0);
+
+    // The token's files vanish, as a removed device would. The deep check's last answer is
+    // reused for 10 s of the deployment's clock; the development clock moves past it.
+    let tokens = dir.path().join(".kms/tokens");
+    let away = dir.path().join("tokens-away");
+    std::fs::rename(&tokens, &away).unwrap();
+    server.kms_json(&["dev", "advance-clock", "11s"]);
+    let (code, _, body) = get(&server.metrics, "/health", None);
+    assert_eq!(code, 503, "{body}");
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["status"], "not_serving");
+    assert!(
+        body["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("hsm unavailable"),
+        "{body}"
+    );
+    assert!(
+        wait_for(&server, ServingStatus::NotServing),
+        "gRPC health still serving"
+    );
+    assert!(!server
+        .kms(&["data", "generate-key", "--key", "h"])
+        .status
+        .success());
+    let (_, _, scrape) = get(&server.metrics, "/metrics", None);
+    let failed =
+        "kms_hsm_operations_total{operation=\"encrypt\",mechanism=\"aes_gcm\",outcome=\"error\"}";
+    assert!(value(&scrape, failed).unwrap() >= 1.0, "{scrape}");
+
+    // SoftHSM2 gives the objects new handles when the files return: the node serves again
+    // after a restart, which finds its keys afresh.
+    std::fs::rename(&away, &tokens).unwrap();
+    let _ = server.stop();
+    let server = Server::start(KMS, dir.path());
+    assert_eq!(get(&server.metrics, "/health", None).0, 200);
+    assert_eq!(grpc_health(&server), ServingStatus::Serving);
+    server.kms_json(&["data", "generate-key", "--key", "h"]);
+}
