@@ -77,22 +77,11 @@ impl Node {
         }
         gov.load_bundles()?;
         let stats = PolicyStats::new();
-        // With metrics served, the key service runs on a metered HSM.
         let metrics_addr = options
             .metrics_addr
             .unwrap_or(d.config.listen.metrics)
             .addr();
-        let token = metrics_addr.map(|_| server::TokenWatch {
-            hsm: d.hsm.clone(),
-            metrics: server::HsmMetrics::new(),
-        });
-        let hsm: Arc<dyn hsm_bridge::Hsm> = match &token {
-            Some(t) => Arc::new(hsm_bridge::Metered::new(
-                d.hsm.clone(),
-                Arc::new(t.metrics.clone()),
-            )),
-            None => d.hsm.clone(),
-        };
+        let (hsm, token) = metered(&d.hsm, metrics_addr.is_some());
         let kms = Kms::open(Deps {
             hsm,
             store: d.store.clone(),
@@ -202,6 +191,23 @@ impl Node {
         tracing::info!("stopped");
         Ok(result?)
     }
+}
+
+/// The HSM the key service runs on: with metrics served, one that counts every operation,
+/// and the token and its counts for the metrics listener.
+fn metered(
+    hsm: &Arc<hsm_bridge::Pkcs11Hsm>,
+    metrics: bool,
+) -> (Arc<dyn hsm_bridge::Hsm>, Option<server::TokenWatch>) {
+    if !metrics {
+        return (hsm.clone(), None);
+    }
+    let watch = server::TokenWatch {
+        hsm: hsm.clone(),
+        metrics: server::HsmMetrics::new(),
+    };
+    let counted = hsm_bridge::Metered::new(hsm.clone(), Arc::new(watch.metrics.clone()));
+    (Arc::new(counted), Some(watch))
 }
 
 /// How often last-seen times and call counts are written back.
