@@ -43,6 +43,7 @@ pub struct Node {
     endpoints: PathBuf,
     dev: bool,
     token: Option<server::TokenWatch>,
+    store_metrics: Option<server::StoreMetrics>,
 }
 
 impl Node {
@@ -82,6 +83,11 @@ impl Node {
             .unwrap_or(d.config.listen.metrics)
             .addr();
         let (hsm, token) = metered(&d.hsm, metrics_addr.is_some());
+        let store_metrics = metrics_addr.map(|_| {
+            let m = server::StoreMetrics::new();
+            d.store.observe(Arc::new(m.clone()));
+            m
+        });
         let kms = Kms::open(Deps {
             hsm,
             store: d.store.clone(),
@@ -123,6 +129,7 @@ impl Node {
             endpoints: config.data_dir.join("endpoints.json"),
             dev: options.dev,
             token,
+            store_metrics,
         })
     }
 
@@ -172,6 +179,7 @@ impl Node {
             stats: self.stats,
             reflection: self.reflection,
             token: self.token,
+            store_metrics: self.store_metrics,
         };
         let flusher = tokio::spawn(flush_usage_every(self.gov.clone(), USAGE_FLUSH));
         let result = bound.serve(services, shutdown).await;

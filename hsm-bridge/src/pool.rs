@@ -158,4 +158,11 @@ impl crate::Pkcs11Hsm {
     pub fn pool_stats(&self) -> PoolStats {
         self.pool.stats()
     }
+
+    /// Operations retried on a fresh session after a session loss or device error, since the
+    /// token was opened. The token stays logged in for the life of the process (one session
+    /// keeps the login), so there are no re-logins to count.
+    pub fn retries(&self) -> u64 {
+        self.retries.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }

@@ -42,6 +42,7 @@ pub struct Pkcs11Hsm {
     module: PathBuf,
     label: String,
     observer: std::sync::OnceLock<HsmObserver>,
+    pub(crate) retries: std::sync::atomic::AtomicU64,
     /// The pinned escrow key, once checked: it can be neither changed nor destroyed, so its
     /// handle stays good for the life of the login.
     escrow_key: Mutex<Option<(EscrowPin, ObjectHandle)>>,
@@ -85,6 +86,7 @@ impl Pkcs11Hsm {
             module,
             label: config.token_label.clone(),
             observer: std::sync::OnceLock::new(),
+            retries: std::sync::atomic::AtomicU64::new(0),
             escrow_key: Mutex::new(None),
         })
     }
@@ -92,6 +94,8 @@ impl Pkcs11Hsm {
     /// Logs a retry and tells the observer, if one is set.
     fn retrying(&self, e: &Error) {
         tracing::warn!(error = %e, token = %self.label, "hsm session lost; retrying once");
+        self.retries
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Some(observer) = self.observer.get() {
             observer(&HsmEvent::Retry {
                 error: e.to_string(),

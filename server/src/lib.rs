@@ -33,6 +33,7 @@ mod governance;
 mod identity;
 mod metrics;
 mod policy_stats;
+mod store_metrics;
 mod tls;
 mod token_metrics;
 mod wire;
@@ -64,6 +65,7 @@ pub use governance::{Governance, GRANT_HEADER, MAX_PURPOSE, PURPOSE_HEADER};
 pub use identity::{operator_identity, svid_facts};
 pub use metrics::{plain_http_allowed, Metrics};
 pub use policy_stats::{EvalStats, PolicyStats, TimedAuthorizer};
+pub use store_metrics::StoreMetrics;
 pub use token_metrics::{HsmMetrics, TokenWatch, DEEP_CHECK_EVERY};
 
 /// Where and how the two planes listen.
@@ -153,6 +155,8 @@ pub struct Services {
     pub reflection: Reflection,
     /// The token and what the key service's metered HSM counted, when metrics are served.
     pub token: Option<TokenWatch>,
+    /// The store's write times, when metrics are served.
+    pub store_metrics: Option<StoreMetrics>,
 }
 
 impl std::fmt::Debug for Services {
@@ -264,6 +268,7 @@ impl Bound {
                 &services.stats,
                 Some((services.kms.clone(), services.gov.clone())),
                 services.token.clone(),
+                services.store_metrics.as_ref(),
             )
         });
         if let Some(m) = &metrics {

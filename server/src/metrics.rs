@@ -31,6 +31,7 @@ use prost::Message;
 use crate::census::Census;
 use crate::governance::Governance;
 use crate::policy_stats::PolicyStats;
+use crate::store_metrics::StoreMetrics;
 use crate::token_metrics::{TokenGauges, TokenWatch};
 
 /// Upper bounds of the request-duration buckets, in seconds: 50 µs to 10 s.
@@ -203,12 +204,16 @@ impl Metrics {
         policy: &PolicyStats,
         holdings: Option<(Arc<Kms>, Arc<Governance>)>,
         token: Option<TokenWatch>,
+        store: Option<&StoreMetrics>,
     ) -> Self {
         let mut registry = Registry::with_prefix("kms");
         let audit = AuditMetrics::register(&mut registry);
         policy.register(&mut registry);
         let census = holdings.map(|(kms, gov)| Census::register(&mut registry, kms, gov));
         let token = token.map(|watch| TokenGauges::register(&mut registry, watch, clock.clone()));
+        if let Some(s) = store {
+            s.register(&mut registry);
+        }
         let requests = Family::<RpcLabels, Counter>::default();
         registry.register(
             "rpc_requests",
@@ -529,6 +534,7 @@ mod tests {
             &PolicyStats::new(),
             None,
             None,
+            None,
         );
         assert!(m
             .encode(false)
@@ -563,6 +569,7 @@ mod tests {
             Arc::new(AtomicBool::new(false)),
             test_clock(),
             &PolicyStats::new(),
+            None,
             None,
             None,
         );
@@ -602,6 +609,7 @@ mod tests {
             sealed.clone(),
             test_clock(),
             &PolicyStats::new(),
+            None,
             None,
             None,
         );

@@ -103,6 +103,8 @@ pub(crate) struct TokenGauges {
     max: Gauge,
     waits: Counter,
     waits_seen: Mutex<u64>,
+    retries: Counter,
+    retries_seen: Mutex<u64>,
     /// The deployment's clock (a development instance's moves with `kms dev advance-clock`).
     clock: Arc<dyn Clock>,
     /// When the deep check last ran (ms on `clock`), and the problem it found, if any.
@@ -141,6 +143,8 @@ impl TokenGauges {
             max: Gauge::default(),
             waits: Counter::default(),
             waits_seen: Mutex::new(0),
+            retries: Counter::default(),
+            retries_seen: Mutex::new(0),
             clock,
             last_check: Mutex::new(None),
         };
@@ -164,6 +168,11 @@ impl TokenGauges {
             "Times an operation waited for a session (every one was in use)",
             g.waits.clone(),
         );
+        hsm.register(
+            "retries",
+            "Operations retried once on a fresh session after a session loss or device error",
+            g.retries.clone(),
+        );
         g
     }
 
@@ -177,6 +186,10 @@ impl TokenGauges {
         let mut seen = self.waits_seen.lock();
         self.waits.inc_by(s.waits.saturating_sub(*seen));
         *seen = s.waits;
+        let retries = self.watch.hsm.retries();
+        let mut seen = self.retries_seen.lock();
+        self.retries.inc_by(retries.saturating_sub(*seen));
+        *seen = retries;
     }
 
     /// Why the token cannot serve, if it cannot: a random draw and a read of the root key's

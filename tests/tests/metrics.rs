@@ -103,6 +103,9 @@ fn the_scrape_counts_what_the_planes_answered() {
         .sum();
     assert!(allowed >= 3.0, "{scrape}");
     assert!(value(&scrape, "kms_policy_evaluation_duration_seconds_count").unwrap() >= 1.0);
+    // The key's creation and every audit batch were synced writes; none failed.
+    assert!(value(&scrape, "kms_store_write_duration_seconds_count").unwrap() >= 2.0);
+    assert_eq!(value(&scrape, "kms_store_write_failures_total"), Some(0.0));
     // Every request above was recorded; the writer told how, and nothing failed.
     assert!(
         value(&scrape, "kms_audit_records_total").unwrap() >= 5.0,
@@ -682,6 +685,7 @@ fn health_turns_not_serving_when_the_token_goes_away() {
     let ok = "kms_hsm_operations_total{operation=\"encrypt\",mechanism=\"aes_gcm\",outcome=\"ok\"}";
     assert!(value(&scrape, ok).unwrap() >= 1.0, "{scrape}");
     assert!(value(&scrape, "kms_hsm_sessions_max").unwrap() >= 1.0);
+    assert_eq!(value(&scrape, "kms_hsm_retries_total"), Some(0.0));
 
     // The token's files vanish, as a removed device would. The deep check's last answer is
     // reused for 10 s of the deployment's clock; the development clock moves past it.

@@ -4,7 +4,7 @@
 
 mod rocks;
 
-pub use rocks::RocksStore;
+pub use rocks::{RocksStore, StoreMeter};
 
 use crate::error::Error;
 

@@ -2,6 +2,8 @@
 #![allow(clippy::disallowed_types, reason = "this is the RocksDB adapter")]
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use rocksdb::{
     BottommostLevelCompaction, ColumnFamilyDescriptor, CompactOptions, DBCompressionType,
@@ -15,9 +17,22 @@ use crate::error::Error;
 pub struct RocksStore {
     db: DB,
     path: PathBuf,
+    meter: OnceLock<Arc<dyn StoreMeter>>,
+}
+
+/// What is told of each synced write (a node's metrics). Called on the writing thread, after
+/// the write: keep it quick.
+pub trait StoreMeter: Send + Sync {
+    /// A write of `changes` changes took `took`; `ok` is false when it failed.
+    fn written(&self, changes: usize, took: Duration, ok: bool);
 }
 
 impl RocksStore {
+    /// Has `meter` told of every write from now on (only the first call has an effect).
+    pub fn observe(&self, meter: Arc<dyn StoreMeter>) {
+        let _ = self.meter.set(meter);
+    }
+
     /// Opens the store, creating the directory and missing column families on first start.
     pub fn open(path: &Path) -> Result<Self, Error> {
         let mut opts = Options::default();
@@ -33,6 +48,7 @@ impl RocksStore {
         Ok(Self {
             db,
             path: path.to_path_buf(),
+            meter: OnceLock::new(),
         })
     }
 
@@ -54,6 +70,7 @@ impl RocksStore {
                     return Ok(Self {
                         db,
                         path: path.to_path_buf(),
+                        meter: OnceLock::new(),
                     })
                 }
                 Err(e)
@@ -104,6 +121,8 @@ impl RocksStore {
 
 impl Store for RocksStore {
     fn write(&self, changes: Vec<Change>) -> Result<(), Error> {
+        let count = changes.len();
+        let started = stopwatch();
         let bytes = changes
             .iter()
             .map(|c| match c {
@@ -124,9 +143,14 @@ impl Store for RocksStore {
         }
         let mut opts = WriteOptions::default();
         opts.set_sync(true);
-        self.db
+        let written = self
+            .db
             .write_opt(batch, &opts)
-            .map_err(|e| store("write", e))
+            .map_err(|e| store("write", e));
+        if let Some(meter) = self.meter.get() {
+            meter.written(count, started.elapsed(), written.is_ok());
+        }
+        written
     }
 
     fn scan(&self, table: Table) -> Result<Vec<Row>, Error> {
@@ -227,6 +251,14 @@ fn store(op: &'static str, e: rocksdb::Error) -> Error {
         op,
         source: Box::new(e),
     }
+}
+
+#[expect(
+    clippy::disallowed_methods,
+    reason = "a synced write's duration is measured wall time, for the node's metrics"
+)]
+fn stopwatch() -> Instant {
+    Instant::now()
 }
 
 #[cfg(test)]
