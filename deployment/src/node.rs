@@ -82,12 +82,7 @@ impl Node {
             .metrics_addr
             .unwrap_or(d.config.listen.metrics)
             .addr();
-        let (hsm, token) = metered(&d.hsm, metrics_addr.is_some());
-        let store_metrics = metrics_addr.map(|_| {
-            let m = server::StoreMetrics::new();
-            d.store.observe(Arc::new(m.clone()));
-            m
-        });
+        let (hsm, token, store_metrics) = metered(&d, metrics_addr.is_some());
         let kms = Kms::open(Deps {
             hsm,
             store: d.store.clone(),
@@ -201,21 +196,27 @@ impl Node {
     }
 }
 
-/// The HSM the key service runs on: with metrics served, one that counts every operation,
-/// and the token and its counts for the metrics listener.
+/// The HSM the key service runs on. With metrics served: one that counts every operation,
+/// the token and its counts for the metrics listener, and the store's writes timed.
 fn metered(
-    hsm: &Arc<hsm_bridge::Pkcs11Hsm>,
+    d: &Deployment,
     metrics: bool,
-) -> (Arc<dyn hsm_bridge::Hsm>, Option<server::TokenWatch>) {
+) -> (
+    Arc<dyn hsm_bridge::Hsm>,
+    Option<server::TokenWatch>,
+    Option<server::StoreMetrics>,
+) {
     if !metrics {
-        return (hsm.clone(), None);
+        return (d.hsm.clone(), None, None);
     }
     let watch = server::TokenWatch {
-        hsm: hsm.clone(),
+        hsm: d.hsm.clone(),
         metrics: server::HsmMetrics::new(),
     };
-    let counted = hsm_bridge::Metered::new(hsm.clone(), Arc::new(watch.metrics.clone()));
-    (Arc::new(counted), Some(watch))
+    let counted = hsm_bridge::Metered::new(d.hsm.clone(), Arc::new(watch.metrics.clone()));
+    let store = server::StoreMetrics::new();
+    d.store.observe(Arc::new(store.clone()));
+    (Arc::new(counted), Some(watch), Some(store))
 }
 
 /// How often last-seen times and call counts are written back.
