@@ -176,6 +176,8 @@ pub struct Bound {
     data_tls: Arc<rustls::ServerConfig>,
     admin_tls: Arc<rustls::ServerConfig>,
     metrics: Option<TcpListener>,
+    /// When the certificates the listeners present or trust expire, by name.
+    certificates: Vec<(&'static str, u64)>,
 }
 
 impl Bound {
@@ -199,12 +201,20 @@ impl Bound {
             Some(addr) => Some(bind(addr).await?),
             None => None,
         };
+        let certificates = [
+            ("server", &config.server_cert),
+            ("operator_ca", &config.admin_client_ca),
+        ]
+        .into_iter()
+        .filter_map(|(name, path)| Some((name, tls::not_after(path)?)))
+        .collect();
         Ok(Self {
             data: bind(config.data_addr).await?,
             admin: bind(config.admin_addr).await?,
             data_tls,
             admin_tls,
             metrics,
+            certificates,
         })
     }
 
@@ -273,6 +283,9 @@ impl Bound {
         });
         if let Some(m) = &metrics {
             services.audit.observe(Arc::new(m.clone()));
+            for (name, not_after) in &self.certificates {
+                m.certificate_expires(name, *not_after);
+            }
         }
         let data_gate = gate::GateLayer::new(
             gate::Plane::Data,

@@ -73,6 +73,11 @@ struct PlaneLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CertificateLabels {
+    certificate: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: &'static str,
 }
@@ -96,6 +101,7 @@ struct Inner {
     clock: Arc<dyn Clock>,
     census: Option<Census>,
     token: Option<TokenGauges>,
+    certificates: Family<CertificateLabels, Gauge>,
     /// Method label by request path, for each plane's own services.
     methods: HashMap<String, Arc<String>>,
     unknown: Arc<String>,
@@ -194,6 +200,46 @@ fn duration_histogram() -> Histogram {
     Histogram::new(DURATION_BUCKETS)
 }
 
+/// The node's own gauges: seal, uptime, build, certificate expiry.
+struct Process {
+    sealed: Gauge,
+    uptime: Gauge<f64, AtomicU64>,
+    certificates: Family<CertificateLabels, Gauge>,
+}
+
+impl Process {
+    fn register(registry: &mut Registry) -> Self {
+        let p = Self {
+            sealed: Gauge::default(),
+            uptime: Gauge::default(),
+            certificates: Family::default(),
+        };
+        registry.register(
+            "sealed",
+            "1 while the service is sealed (every data-plane request refused), else 0",
+            p.sealed.clone(),
+        );
+        registry.register(
+            "uptime_seconds",
+            "Seconds since the node started",
+            p.uptime.clone(),
+        );
+        registry.register(
+            "build",
+            "The version of the running kms",
+            Info::new(BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            }),
+        );
+        registry.register(
+            "tls_certificate_expiry_timestamp_seconds",
+            "When a certificate the listeners present (server) or trust (operator_ca) expires",
+            p.certificates.clone(),
+        );
+        p
+    }
+}
+
 impl Metrics {
     /// Metrics for a node whose seal state is `sealed`, whose audit times are on `clock`,
     /// whose policy decisions are `policy`'s, and whose keys and governance, when given, are
@@ -214,6 +260,7 @@ impl Metrics {
         if let Some(s) = store {
             s.register(&mut registry);
         }
+        let process = Process::register(&mut registry);
         let requests = Family::<RpcLabels, Counter>::default();
         registry.register(
             "rpc_requests",
@@ -234,43 +281,33 @@ impl Metrics {
             "Requests being served, by plane",
             in_flight.clone(),
         );
-        let sealed_gauge = Gauge::default();
-        registry.register(
-            "sealed",
-            "1 while the service is sealed (every data-plane request refused), else 0",
-            sealed_gauge.clone(),
-        );
-        let uptime = Gauge::<f64, AtomicU64>::default();
-        registry.register(
-            "uptime_seconds",
-            "Seconds since the node started",
-            uptime.clone(),
-        );
-        registry.register(
-            "build",
-            "The version of the running kms",
-            Info::new(BuildLabels {
-                version: env!("CARGO_PKG_VERSION"),
-            }),
-        );
         Self {
             inner: Arc::new(Inner {
                 registry,
                 requests,
                 durations,
                 in_flight,
-                sealed_gauge,
-                uptime,
+                sealed_gauge: process.sealed,
+                uptime: process.uptime,
                 started: now(),
                 sealed,
                 audit,
                 clock,
                 census,
                 token,
+                certificates: process.certificates,
                 methods: plane_methods(),
                 unknown: Arc::new(UNKNOWN.to_owned()),
             }),
         }
+    }
+
+    /// Records that the certificate `name` expires at `not_after` (seconds since the epoch).
+    pub(crate) fn certificate_expires(&self, name: &'static str, not_after: u64) {
+        self.inner
+            .certificates
+            .get_or_create(&CertificateLabels { certificate: name })
+            .set(i64::try_from(not_after).unwrap_or(i64::MAX));
     }
 
     /// Counts a request as in flight on `plane` (`data` or `admin`) until the returned guard

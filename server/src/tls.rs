@@ -92,6 +92,13 @@ fn server_config(
     Ok(Arc::new(config))
 }
 
+/// When the first certificate in the PEM file `path` expires (seconds since the epoch), if it
+/// reads and parses.
+pub(crate) fn not_after(path: &Path) -> Option<u64> {
+    let certs = read_certs("certificate", path).ok()?;
+    crate::identity::svid_facts(certs.first()?.as_ref()).map(|f| f.not_after)
+}
+
 fn read_certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
     let pem_err = |source| Error::Pem {
         what,

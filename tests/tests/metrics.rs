@@ -80,6 +80,13 @@ fn the_scrape_counts_what_the_planes_answered() {
     assert_eq!(value(&scrape, created), Some(1.0), "{scrape}");
     assert_eq!(value(&scrape, "kms_sealed"), Some(0.0));
     assert!(value(&scrape, "kms_uptime_seconds").unwrap() > 0.0);
+    // The development server certificate expires in the future (about a year out).
+    let expiry = "kms_tls_certificate_expiry_timestamp_seconds{certificate=\"server\"}";
+    let now = std::time::SystemTime::UNIX_EPOCH
+        .elapsed()
+        .unwrap()
+        .as_secs_f64();
+    assert!(value(&scrape, expiry).unwrap() > now + 86_400.0, "{scrape}");
     // What the node holds: the one key, its version, the development workload.
     let keys = "kms_keys{state=\"enabled\",protection=\"software\"}";
     assert_eq!(value(&scrape, keys), Some(1.0), "{scrape}");
