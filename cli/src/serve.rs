@@ -29,8 +29,9 @@ pub(crate) struct ServeArgs {
     #[arg(long)]
     admin_addr: Option<SocketAddr>,
     /// Metrics (`GET /metrics`) and health (`GET /health`) address, overriding the config's
-    /// `[listen] metrics` (default 127.0.0.1:9464; loopback only; port 0 picks a free port), or
-    /// `off`.
+    /// `[listen] metrics` (default 127.0.0.1:9464; port 0 picks a free port), or `off`. Plain
+    /// HTTP on a loopback address only; elsewhere the config must name
+    /// `[listen] metrics_client_ca`, and the listener speaks TLS.
     #[arg(long, value_parser = parse_metrics_addr)]
     metrics_addr: Option<MetricsSetting>,
     /// Log format, overriding the config's `[log] format`: `text` or `json` (one JSON object
@@ -81,7 +82,7 @@ pub(crate) async fn run(node: Node) -> Result<(), Error> {
     .await
 }
 
-/// `off`, or a loopback address: metrics are served in plain HTTP.
+/// `off`, or an address.
 fn parse_metrics_addr(s: &str) -> Result<MetricsSetting, String> {
     MetricsSetting::try_from(s.to_owned())
 }

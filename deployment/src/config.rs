@@ -12,6 +12,8 @@
 //! [listen]
 //! data = "127.0.0.1:7443"
 //! admin = "127.0.0.1:7444"
+//! metrics = "127.0.0.1:9464"                  # or "off"; plain HTTP on loopback only, unless
+//! # metrics_client_ca = "scraper-ca.pem"      # given: then TLS, and a client certificate
 //!
 //! [tls]
 //! server_cert = "server.pem"
@@ -448,9 +450,14 @@ pub struct ListenSection {
     /// default of `kms serve --dev`).
     #[serde(default)]
     pub reflection: Option<ReflectionSetting>,
-    /// Where metrics and health are served (plain HTTP, loopback only), or `"off"`.
+    /// Where metrics and health are served, or `"off"`: plain HTTP on a loopback address, or
+    /// TLS with client certificates from `metrics_client_ca` (required on any other address).
     #[serde(default)]
     pub metrics: MetricsSetting,
+    /// The CA whose client certificates the metrics listener accepts: with it, the listener
+    /// speaks TLS (the server certificate of `[tls]`) and requires a certificate.
+    #[serde(default)]
+    pub metrics_client_ca: Option<PathBuf>,
 }
 
 /// `[listen] metrics`: a loopback address (the default `127.0.0.1:9464`), or `"off"`.
@@ -490,11 +497,6 @@ impl TryFrom<String> for MetricsSetting {
         let addr: SocketAddr = s.parse().map_err(|_| {
             format!("{s:?} is neither \"off\" nor an address such as 127.0.0.1:9464")
         })?;
-        if !server::plain_http_allowed(addr) {
-            return Err(format!(
-                "{addr} is not a loopback address: metrics are served in plain HTTP, on loopback only"
-            ));
-        }
         Ok(Self::On(addr))
     }
 }
@@ -529,6 +531,7 @@ impl Default for ListenSection {
             admin: default_admin(),
             reflection: None,
             metrics: MetricsSetting::default(),
+            metrics_client_ca: None,
         }
     }
 }
@@ -609,6 +612,9 @@ impl Config {
             }
         }
         abs(&mut config.tls.admin_client_ca);
+        if let Some(p) = config.listen.metrics_client_ca.as_mut() {
+            abs(p);
+        }
         for o in &mut config.operator {
             if let Some(p) = o.certificate.as_mut() {
                 abs(p);

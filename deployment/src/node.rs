@@ -115,6 +115,7 @@ impl Node {
                 server_key: config.tls.server_key,
                 admin_client_ca: config.tls.admin_client_ca,
                 metrics_addr,
+                metrics_client_ca: config.listen.metrics_client_ca,
             },
             reflection: match config.listen.reflection {
                 Some(setting) => setting.into(),

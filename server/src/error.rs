@@ -19,7 +19,10 @@ pub enum Error {
     },
     /// Metrics were asked for on an address other than loopback, where they would be served
     /// in plain HTTP to anyone who can reach it.
-    #[error("metrics are served in plain HTTP, on a loopback address only; {addr} is not one")]
+    #[error(
+        "{addr} is not a loopback address: metrics are served there only over TLS, with \
+         [listen] metrics_client_ca naming the scrapers' CA"
+    )]
     MetricsNotLoopback {
         /// The address.
         addr: SocketAddr,

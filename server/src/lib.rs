@@ -81,8 +81,11 @@ pub struct ListenConfig {
     pub server_key: PathBuf,
     /// CA(s) whose client certificates the admin plane accepts.
     pub admin_client_ca: PathBuf,
-    /// Metrics and health address (plain HTTP, loopback only), or none.
+    /// Metrics and health address, or none: plain HTTP on loopback, or TLS with client
+    /// certificates from `metrics_client_ca` (required on any other address).
     pub metrics_addr: Option<SocketAddr>,
+    /// The CA whose client certificates the metrics listener requires, making it TLS.
+    pub metrics_client_ca: Option<PathBuf>,
 }
 
 /// The HTTP/2 and connection limits of one listener (documented in SECURITY.md).
@@ -176,6 +179,8 @@ pub struct Bound {
     data_tls: Arc<rustls::ServerConfig>,
     admin_tls: Arc<rustls::ServerConfig>,
     metrics: Option<TcpListener>,
+    /// The metrics listener's TLS configuration, when it has a client CA.
+    metrics_tls: Option<Arc<rustls::ServerConfig>>,
     /// When the certificates the listeners present or trust expire, by name.
     certificates: Vec<(&'static str, u64)>,
 }
@@ -194,8 +199,13 @@ impl Bound {
                 .await
                 .map_err(|source| Error::Bind { addr, source })
         };
+        let metrics_tls = config
+            .metrics_client_ca
+            .as_ref()
+            .map(|ca| tls::metrics_server_config(&config.server_cert, &config.server_key, ca))
+            .transpose()?;
         let metrics = match config.metrics_addr {
-            Some(addr) if !metrics::plain_http_allowed(addr) => {
+            Some(addr) if metrics_tls.is_none() && !metrics::plain_http_allowed(addr) => {
                 return Err(Error::MetricsNotLoopback { addr })
             }
             Some(addr) => Some(bind(addr).await?),
@@ -214,6 +224,7 @@ impl Bound {
             data_tls,
             admin_tls,
             metrics,
+            metrics_tls,
             certificates,
         })
     }
@@ -309,7 +320,7 @@ impl Bound {
             async move {
                 match (self.metrics, metrics) {
                     (Some(listener), Some(metrics)) => {
-                        metrics::serve(listener, metrics, stop).await
+                        metrics::serve(listener, self.metrics_tls, metrics, stop).await
                     }
                     _ => Ok(()),
                 }

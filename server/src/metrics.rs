@@ -483,9 +483,11 @@ pub(crate) fn code_label(code: tonic::Code) -> &'static str {
     }
 }
 
-/// Serves `GET /metrics` and `GET /health` on `listener` until `stop` resolves.
+/// Serves `GET /metrics` and `GET /health` on `listener` until `stop` resolves: plain HTTP,
+/// or TLS with a client certificate when `tls` is given.
 pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
     metrics: Metrics,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
@@ -534,9 +536,65 @@ pub(crate) async fn serve(
     let app = axum::Router::new()
         .route("/metrics", get(scrape(metrics.clone())))
         .route("/health", get(health(metrics)));
-    axum::serve(listener, app)
-        .with_graceful_shutdown(stop)
-        .await
+    match tls {
+        None => {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stop)
+                .await
+        }
+        Some(tls) => {
+            serve_tls(listener, tls, app, stop).await;
+            Ok(())
+        }
+    }
+}
+
+/// Most TLS connections the metrics listener holds at once (scrapers are few).
+const METRICS_CONNECTIONS: usize = 64;
+/// Longest a TLS handshake on the metrics listener may take.
+const METRICS_HANDSHAKE: Duration = Duration::from_secs(10);
+
+/// Accepts TLS connections (each proving a client certificate from the scrapers' CA in its
+/// handshake) and serves `app` on each, until `stop` resolves.
+async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    app: axum::Router,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let slots = Arc::new(tokio::sync::Semaphore::new(METRICS_CONNECTIONS));
+    tokio::pin!(stop);
+    loop {
+        let (tcp, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics listener: accept failed");
+                    continue;
+                }
+            },
+            () = &mut stop => return,
+        };
+        // Over the limit, the connection is closed at once.
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            continue;
+        };
+        let (acceptor, app) = (acceptor.clone(), app.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            let Ok(Ok(stream)) =
+                tokio::time::timeout(METRICS_HANDSHAKE, acceptor.accept(tcp)).await
+            else {
+                return;
+            };
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let _ =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+        });
+    }
 }
 
 /// Whether `addr` may serve metrics in plain HTTP: loopback only.

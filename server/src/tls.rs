@@ -58,6 +58,25 @@ pub(crate) fn admin_server_config(
     Ok(config)
 }
 
+/// The metrics listener's rustls configuration: the server certificate, and a client
+/// certificate from `client_ca` required in the handshake (as on the admin plane, with no
+/// session resumption), for HTTP/2 or HTTP/1.1.
+pub(crate) fn metrics_server_config(
+    cert_chain: &Path,
+    key: &Path,
+    client_ca: &Path,
+) -> Result<Arc<rustls::ServerConfig>, Error> {
+    let mut config = admin_server_config(cert_chain, key, client_ca)?;
+    let config_mut = Arc::get_mut(&mut config).ok_or_else(|| {
+        tls(
+            "metrics",
+            std::io::Error::other("TLS configuration is shared"),
+        )
+    })?;
+    config_mut.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
 /// The data plane's rustls configuration: a client certificate is requested and its key
 /// proven in the handshake; whether it is trusted is decided per request (`authn.rs`).
 pub(crate) fn data_server_config(

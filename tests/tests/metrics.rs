@@ -733,3 +733,143 @@ fn health_turns_not_serving_when_the_token_goes_away() {
     assert_eq!(grpc_health(&server), ServingStatus::Serving);
     server.kms_json(&["data", "generate-key", "--key", "h"]);
 }
+
+/// `GET path` over TLS to `addr`, trusting the dev server CA, presenting `client` (a
+/// certificate and key, PEM) if given: the status code and body, or the connection's error.
+fn get_tls(
+    server: &Server,
+    addr: &str,
+    path: &str,
+    client: Option<(&[u8], &[u8])>,
+) -> Result<(u16, String), String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut roots = rustls::RootCertStore::empty();
+    let server_ca = server.dir.join(".kms/pki/server-ca.pem");
+    for ca in CertificateDer::pem_file_iter(server_ca).unwrap() {
+        roots.add(ca.unwrap()).unwrap();
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots);
+    let mut config = match client {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let certs = CertificateDer::pem_slice_iter(cert)
+                .map(Result::unwrap)
+                .collect();
+            let key = PrivateKeyDer::from_pem_slice(key).unwrap();
+            builder.with_client_auth_cert(certs, key).unwrap()
+        }
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .map_err(|e| e.to_string())?;
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut raw = Vec::new();
+        stream
+            .read_to_end(&mut raw)
+            .await
+            .map_err(|e| e.to_string())?;
+        let raw = String::from_utf8_lossy(&raw).into_owned();
+        let (head, body) = raw.split_once("\r\n\r\n").ok_or(raw.clone())?;
+        let code = head
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or(raw.clone())?;
+        Ok((code, body.to_owned()))
+    })
+}
+
+#[test]
+fn with_a_scrapers_ca_metrics_are_served_over_tls_to_its_certificates_only() {
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
+        IsCa, KeyPair, KeyUsagePurpose,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(KMS, dir.path());
+    let _ = server.stop();
+    // A CA for the scrapers, and one scraper's client certificate.
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "scrapers");
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+    let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+    let mut params = CertificateParams::new(vec!["prometheus".to_owned()]).unwrap();
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let key = KeyPair::generate().unwrap();
+    let scraper = params.signed_by(&key, &ca).unwrap();
+    let (cert, key) = (scraper.pem(), key.serialize_pem());
+    std::fs::write(dir.path().join(".kms/scraper-ca.pem"), ca.pem()).unwrap();
+    let config = dir.path().join(".kms/kms.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let with = text.replace(
+        "[listen]",
+        "[listen]\nmetrics_client_ca = \"scraper-ca.pem\"",
+    );
+    assert_ne!(with, text);
+    std::fs::write(&config, with).unwrap();
+
+    let server = Server::start(KMS, dir.path());
+    let (code, body) = get_tls(
+        &server,
+        &server.metrics,
+        "/metrics",
+        Some((cert.as_bytes(), key.as_bytes())),
+    )
+    .unwrap();
+    assert_eq!(code, 200);
+    assert!(body.contains("kms_sealed 0"), "{body}");
+    let (code, body) = get_tls(
+        &server,
+        &server.metrics,
+        "/health",
+        Some((cert.as_bytes(), key.as_bytes())),
+    )
+    .unwrap();
+    assert_eq!((code, body.as_str()), (200, "{\"status\":\"serving\"}"));
+    // No certificate, or one from another CA (an operator's): no answer.
+    assert!(get_tls(&server, &server.metrics, "/metrics", None).is_err());
+    let pki = dir.path().join(".kms/pki");
+    let operator = std::fs::read(pki.join("operator1.pem")).unwrap();
+    let operator_key = std::fs::read(pki.join("operator1.key")).unwrap();
+    let other = get_tls(
+        &server,
+        &server.metrics,
+        "/metrics",
+        Some((&operator, &operator_key)),
+    );
+    assert!(other.is_err(), "{other:?}");
+    // Nor plain HTTP.
+    let mut s = TcpStream::connect(&server.metrics).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    assert!(
+        !String::from_utf8_lossy(&raw).contains("kms_"),
+        "plain HTTP was answered"
+    );
+}
