@@ -32,7 +32,8 @@ for mode in on off on off on off; do
   metrics=$(python3 -c 'import json,sys; print(json.load(sys.stdin)["metrics"] or "")' < serve.out)
   for args in \
     "--op generate-data-key --protection software --concurrency 1" \
-    "--op generate-data-key --protection software --concurrency 64"; do
+    "--op generate-data-key --protection software --concurrency 64" \
+    "--op generate-data-key --protection hsm --concurrency 64"; do
     scraper=""
     if [ -n "$metrics" ]; then
       (sleep "$((secs / 2))"; curl -s "http://$metrics/metrics" > scrape.txt) &
