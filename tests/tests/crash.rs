@@ -38,6 +38,8 @@ struct Acknowledged {
     rotations: BTreeMap<String, u32>,
     /// Grants created.
     grants: Vec<String>,
+    /// Failures while the server was up (none are expected).
+    unexpected: Vec<String>,
 }
 
 impl Acknowledged {
@@ -98,7 +100,10 @@ async fn client(
                     ..Default::default()
                 })
                 .await
-                .map(|r| acked.lock().unwrap().grants.push(r.into_inner().grant_id)),
+                .map(|r| {
+                    let grant = r.into_inner().grant_id.clone();
+                    acked.lock().unwrap().grants.push(grant);
+                }),
             _ => {
                 let value = format!("c{c}-{i}");
                 data.generate_data_key(GenerateDataKeyRequest {
@@ -108,17 +113,28 @@ async fn client(
                 })
                 .await
                 .map(|r| {
-                    let r = r.into_inner();
+                    let mut r = r.into_inner();
+                    let (ciphertext, plaintext) = (
+                        std::mem::take(&mut r.ciphertext),
+                        std::mem::take(&mut r.plaintext),
+                    );
                     acked
                         .lock()
                         .unwrap()
                         .blobs
-                        .push((r.ciphertext, value, r.plaintext));
+                        .push((ciphertext, value, plaintext));
                 })
             }
         };
-        if ok.is_err() {
-            // The server is gone (killed): what was not answered was not acknowledged.
+        if let Err(status) = ok {
+            // Once the kill is under way, what was not answered was not acknowledged.
+            if !stop.load(Ordering::SeqCst) {
+                acked
+                    .lock()
+                    .unwrap()
+                    .unexpected
+                    .push(format!("client {c}, request {i}: {status}"));
+            }
             return;
         }
         done.fetch_add(1, Ordering::Relaxed);
@@ -152,8 +168,9 @@ fn load_and_kill(server: Server, kill_after: usize, acked: &Arc<Mutex<Acknowledg
     while done.load(Ordering::Relaxed) < kill_after && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(2));
     }
+    // Stop is raised before the kill, so a failure the kill causes is not counted unexpected.
+    stop.store(true, Ordering::SeqCst);
     server.kill9();
-    stop.store(true, Ordering::Relaxed);
     rt.block_on(async {
         for c in clients {
             c.await.unwrap();
@@ -263,10 +280,31 @@ fn acknowledged_writes_survive_sigkill_cycles() {
         check(&restarted, &acked.lock().unwrap(), cycle);
         server = Some(restarted);
     }
-    let writes = acked.lock().unwrap().writes();
+    let a = acked.lock().unwrap();
+    assert!(
+        a.unexpected.is_empty(),
+        "failures under load: {:?}",
+        a.unexpected
+    );
+    let writes = a.writes();
     assert!(
         writes > cycles * 10,
         "the load ran: {writes} acknowledged writes"
+    );
+    // Every kind of write was acknowledged, so every kind was checked.
+    let kinds = (
+        a.blobs.len(),
+        a.keys.len(),
+        a.rotations.len(),
+        a.grants.len(),
+    );
+    assert!(
+        kinds.0 > 0 && kinds.1 > 0 && kinds.2 > 0 && kinds.3 > 0,
+        "{kinds:?}"
+    );
+    println!(
+        "crash-test: data keys {}, keys {}, rotated keys {}, grants {}",
+        kinds.0, kinds.1, kinds.2, kinds.3
     );
     println!("crash-test: {cycles} cycles, {writes} acknowledged writes, 0 lost");
 }
