@@ -4,7 +4,9 @@
     clippy::panic,
     clippy::indexing_slicing,
     clippy::disallowed_methods,
-    reason = "test code: a failed step is a failed test; the kill waits on the load's progress"
+    clippy::print_stdout,
+    reason = "test code: a failed step is a failed test; the kill waits on the load's progress; \
+              the totals are printed for make crash-test"
 )]
 //! Crash cycles: the real `kms serve --dev` on loopback, driven by 16 clients (data keys,
 //! grants, key creations and rotations), killed with SIGKILL at a random moment, restarted, and
