@@ -30,6 +30,7 @@ mod destruction;
 mod error;
 mod gate;
 mod governance;
+mod histogram;
 mod identity;
 mod metrics;
 mod policy_stats;

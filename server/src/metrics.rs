@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use kms_core::audit::AuditObserver;
@@ -30,6 +30,7 @@ use prost::Message;
 
 use crate::census::Census;
 use crate::governance::Governance;
+use crate::histogram::AtomicHistogram;
 use crate::policy_stats::PolicyStats;
 use crate::store_metrics::StoreMetrics;
 use crate::token_metrics::{TokenGauges, TokenWatch};
@@ -91,8 +92,9 @@ pub struct Metrics {
 struct Inner {
     registry: Registry,
     requests: Family<RpcLabels, Counter>,
-    durations: Family<MethodLabels, Histogram, fn() -> Histogram>,
-    in_flight: Family<PlaneLabels, Gauge>,
+    durations: Family<MethodLabels, AtomicHistogram, fn() -> AtomicHistogram>,
+    /// The data plane's and the admin plane's in-flight gauges.
+    in_flight: [Gauge; 2],
     sealed_gauge: Gauge,
     uptime: Gauge<f64, AtomicU64>,
     started: Instant,
@@ -102,9 +104,10 @@ struct Inner {
     census: Option<Census>,
     token: Option<TokenGauges>,
     certificates: Family<CertificateLabels, Gauge>,
-    /// Method label by request path, for each plane's own services.
-    methods: HashMap<String, Arc<String>>,
-    unknown: Arc<String>,
+    /// Each plane's methods by request path, with their series once used.
+    methods: HashMap<String, Method>,
+    /// Everything else.
+    unknown: Method,
 }
 
 impl std::fmt::Debug for Inner {
@@ -196,8 +199,37 @@ impl AuditObserver for Metrics {
     }
 }
 
-fn duration_histogram() -> Histogram {
-    Histogram::new(DURATION_BUCKETS)
+fn duration_histogram() -> AtomicHistogram {
+    AtomicHistogram::new(&DURATION_BUCKETS)
+}
+
+/// A method's label and its series on each plane (data, admin), made on first use and kept,
+/// so that a request touches no family's lock.
+#[derive(Debug)]
+struct Method {
+    name: Arc<String>,
+    planes: [Slot; 2],
+}
+
+#[derive(Debug, Default)]
+struct Slot {
+    duration: OnceLock<AtomicHistogram>,
+    /// By gRPC status code (0-16).
+    codes: [OnceLock<Counter>; 17],
+}
+
+impl Method {
+    fn new(name: String) -> Self {
+        Self {
+            name: Arc::new(name),
+            planes: Default::default(),
+        }
+    }
+}
+
+/// The index of a plane's series: 0 for the data plane, 1 for the admin plane.
+fn plane_index(plane: &str) -> usize {
+    usize::from(plane != "data")
 }
 
 /// The node's own gauges: seal, uptime, build, certificate expiry.
@@ -267,20 +299,23 @@ impl Metrics {
             "Requests answered, by plane, method and gRPC status (refusals included)",
             requests.clone(),
         );
-        let durations = Family::<MethodLabels, Histogram, fn() -> Histogram>::new_with_constructor(
-            duration_histogram,
-        );
+        let durations =
+            Family::<MethodLabels, AtomicHistogram, fn() -> AtomicHistogram>::new_with_constructor(
+                duration_histogram,
+            );
         registry.register(
             "rpc_duration_seconds",
             "Time from a request's headers to its answer, by plane and method",
             durations.clone(),
         );
-        let in_flight = Family::<PlaneLabels, Gauge>::default();
+        let in_flight_family = Family::<PlaneLabels, Gauge>::default();
         registry.register(
             "rpc_in_flight",
             "Requests being served, by plane",
-            in_flight.clone(),
+            in_flight_family.clone(),
         );
+        let in_flight = ["data", "admin"]
+            .map(|plane| in_flight_family.get_or_create_owned(&PlaneLabels { plane }));
         Self {
             inner: Arc::new(Inner {
                 registry,
@@ -297,7 +332,7 @@ impl Metrics {
                 token,
                 certificates: process.certificates,
                 methods: plane_methods(),
-                unknown: Arc::new(UNKNOWN.to_owned()),
+                unknown: Method::new(UNKNOWN.to_owned()),
             }),
         }
     }
@@ -316,7 +351,9 @@ impl Metrics {
         let gauge = self
             .inner
             .in_flight
-            .get_or_create_owned(&PlaneLabels { plane });
+            .get(plane_index(plane))
+            .cloned()
+            .unwrap_or_default();
         gauge.inc();
         InFlight(gauge)
     }
@@ -330,27 +367,31 @@ impl Metrics {
         code: tonic::Code,
         took: Duration,
     ) {
-        let method = self
-            .inner
-            .methods
-            .get(path)
-            .unwrap_or(&self.inner.unknown)
-            .clone();
-        self.inner
-            .durations
-            .get_or_create(&MethodLabels {
-                plane,
-                method: method.clone(),
+        let inner = &self.inner;
+        let method = inner.methods.get(path).unwrap_or(&inner.unknown);
+        let Some(slot) = method.planes.get(plane_index(plane)) else {
+            return;
+        };
+        slot.duration
+            .get_or_init(|| {
+                inner.durations.get_or_create_owned(&MethodLabels {
+                    plane,
+                    method: method.name.clone(),
+                })
             })
             .observe(took.as_secs_f64());
-        self.inner
-            .requests
-            .get_or_create(&RpcLabels {
-                plane,
-                method,
-                code: code_label(code),
-            })
-            .inc();
+        let index = usize::try_from(i32::from(code)).unwrap_or(0);
+        if let Some(counter) = slot.codes.get(index) {
+            counter
+                .get_or_init(|| {
+                    inner.requests.get_or_create_owned(&RpcLabels {
+                        plane,
+                        method: method.name.clone(),
+                        code: code_label(code),
+                    })
+                })
+                .inc();
+        }
     }
 
     /// The scrape: Prometheus text (version 0.0.4), or OpenMetrics when `openmetrics`. Counts
@@ -416,7 +457,7 @@ impl Drop for InFlight {
 
 /// `/service/Method` → `Method` for every method of the two planes' services, the health
 /// service (`Health.Check`, `Health.Watch`) and reflection (`Reflection`).
-fn plane_methods() -> HashMap<String, Arc<String>> {
+fn plane_methods() -> HashMap<String, Method> {
     let mut methods = HashMap::new();
     for set in [
         api::DATA_FILE_DESCRIPTOR_SET,
@@ -431,7 +472,7 @@ fn plane_methods() -> HashMap<String, Arc<String>> {
                 let name = format!("{package}.{}", service.name.unwrap_or_default());
                 for m in service.method {
                     let m = m.name.unwrap_or_default();
-                    methods.insert(format!("/{name}/{m}"), Arc::new(m));
+                    methods.insert(format!("/{name}/{m}"), Method::new(m));
                 }
             }
         }
@@ -439,12 +480,12 @@ fn plane_methods() -> HashMap<String, Arc<String>> {
     for m in ["Check", "Watch"] {
         methods.insert(
             format!("/grpc.health.v1.Health/{m}"),
-            Arc::new(format!("Health.{m}")),
+            Method::new(format!("Health.{m}")),
         );
     }
     methods.insert(
         "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo".to_owned(),
-        Arc::new("Reflection".to_owned()),
+        Method::new("Reflection".to_owned()),
     );
     methods
 }

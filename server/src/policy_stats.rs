@@ -15,8 +15,9 @@ use parking_lot::Mutex;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+
+use crate::histogram::AtomicHistogram;
 
 #[expect(
     clippy::disallowed_methods,
@@ -69,11 +70,14 @@ const EVAL_BUCKETS: [f64; 12] = [
     0.01,
 ];
 
-/// Policy decisions for Prometheus: by effect and by where they came from.
-#[derive(Clone, Debug)]
+/// Policy decisions for Prometheus: by effect and by where they came from. Each counter is
+/// kept once made, so a decision touches no family's lock.
+#[derive(Debug)]
 struct PolicyMetrics {
     decisions: Family<DecisionLabels, Counter>,
-    evaluation: Histogram,
+    /// By [allow, deny] × [cedar, cache].
+    counters: [[OnceLock<Counter>; 2]; 2],
+    evaluation: AtomicHistogram,
 }
 
 impl std::fmt::Debug for PolicyStats {
@@ -123,7 +127,8 @@ impl PolicyStats {
     pub(crate) fn register(&self, registry: &mut Registry) {
         let m = PolicyMetrics {
             decisions: Family::default(),
-            evaluation: Histogram::new(EVAL_BUCKETS),
+            counters: Default::default(),
+            evaluation: AtomicHistogram::new(&EVAL_BUCKETS),
         };
         let policy = registry.sub_registry_with_prefix("policy");
         policy.register(
@@ -150,9 +155,17 @@ impl PolicyStats {
                 "deny"
             };
             let source = if reused { "cache" } else { "cedar" };
-            m.decisions
-                .get_or_create(&DecisionLabels { effect, source })
+            let slot = m
+                .counters
+                .get(usize::from(effect == "deny"))
+                .and_then(|by_source| by_source.get(usize::from(reused)));
+            if let Some(slot) = slot {
+                slot.get_or_init(|| {
+                    m.decisions
+                        .get_or_create_owned(&DecisionLabels { effect, source })
+                })
                 .inc();
+            }
             if !reused {
                 m.evaluation.observe(took.as_secs_f64());
             }

@@ -2,7 +2,7 @@
 //! operation, mechanism and outcome, with its duration), the session pool, and a deep health
 //! check that runs real operations on the token at most every [`DEEP_CHECK_EVERY`].
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use hsm_bridge::{Hsm, HsmMeter, HsmOp, Pkcs11Hsm};
@@ -12,8 +12,9 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+
+use crate::histogram::AtomicHistogram;
 
 /// The deep health check runs at most this often; in between, its last answer is reused.
 pub const DEEP_CHECK_EVERY: Duration = Duration::from_secs(10);
@@ -36,15 +37,40 @@ struct OpOnly {
     operation: &'static str,
 }
 
-fn op_histogram() -> Histogram {
-    Histogram::new(HSM_BUCKETS)
+fn op_histogram() -> AtomicHistogram {
+    AtomicHistogram::new(&HSM_BUCKETS)
 }
 
+/// Every operation's name, in the order of the kept series below.
+const OPERATIONS: [&str; 11] = [
+    "random",
+    "generate_key",
+    "find_key",
+    "destroy_key",
+    "self_test",
+    "encrypt",
+    "decrypt",
+    "read_attributes",
+    "signing_key",
+    "sign",
+    "describe",
+];
+/// Every outcome's name, likewise.
+const OUTCOMES: [&str; 3] = ["ok", "decrypt_failed", "error"];
+
 /// Counts of the key service's HSM operations: the meter a [`hsm_bridge::Metered`] HSM tells.
+/// Each series is kept once made, so an operation touches no family's lock.
 #[derive(Clone, Debug)]
 pub struct HsmMetrics {
     operations: Family<OpLabels, Counter>,
-    durations: Family<OpOnly, Histogram, fn() -> Histogram>,
+    durations: Family<OpOnly, AtomicHistogram, fn() -> AtomicHistogram>,
+    kept: Arc<Kept>,
+}
+
+#[derive(Debug, Default)]
+struct Kept {
+    counters: [[OnceLock<Counter>; 3]; 11],
+    durations: [OnceLock<AtomicHistogram>; 11],
 }
 
 impl Default for HsmMetrics {
@@ -59,24 +85,38 @@ impl HsmMetrics {
         Self {
             operations: Family::default(),
             durations: Family::new_with_constructor(op_histogram),
+            kept: Arc::default(),
         }
     }
 }
 
 impl HsmMeter for HsmMetrics {
     fn observe(&self, op: HsmOp, outcome: &'static str, took: Duration) {
-        self.operations
-            .get_or_create(&OpLabels {
-                operation: op.as_str(),
-                mechanism: op.mechanism(),
-                outcome,
-            })
-            .inc();
-        self.durations
-            .get_or_create(&OpOnly {
-                operation: op.as_str(),
-            })
-            .observe(took.as_secs_f64());
+        let operation = op.as_str();
+        let labels = OpLabels {
+            operation,
+            mechanism: op.mechanism(),
+            outcome,
+        };
+        let at = OPERATIONS.iter().position(|o| *o == operation);
+        let how = OUTCOMES.iter().position(|o| *o == outcome);
+        let (Some(at), Some(how)) = (at, how) else {
+            // An operation or outcome this list does not name yet: counted the slow way.
+            self.operations.get_or_create(&labels).inc();
+            self.durations
+                .get_or_create(&OpOnly { operation })
+                .observe(took.as_secs_f64());
+            return;
+        };
+        let kept = &self.kept;
+        if let Some(c) = kept.counters.get(at).and_then(|c| c.get(how)) {
+            c.get_or_init(|| self.operations.get_or_create_owned(&labels))
+                .inc();
+        }
+        if let Some(d) = kept.durations.get(at) {
+            d.get_or_init(|| self.durations.get_or_create_owned(&OpOnly { operation }))
+                .observe(took.as_secs_f64());
+        }
     }
 }
 
