@@ -46,6 +46,7 @@ pub mod reshare;
 pub mod restore;
 pub mod seal;
 mod secret;
+mod signature;
 pub mod store;
 
 pub use clock::{Clock, Rng, SystemClock, SystemRng};

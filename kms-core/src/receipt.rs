@@ -6,7 +6,6 @@
 //! [`verify`] refuses any other form, so no byte of a receipt can change unnoticed, not even
 //! whitespace the signature does not cover.
 
-use aws_lc_rs::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_FIXED};
 use hsm_bridge::Hsm;
 use serde::{Deserialize, Serialize};
 
@@ -234,7 +233,9 @@ pub(crate) fn check_signature(
         });
     }
     let value = hex::decode(&signature.value).map_err(|_| ReceiptError::BadSignature)?;
-    UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, public_point)
-        .verify(message, &value)
-        .map_err(|_| ReceiptError::BadSignature)
+    if crate::signature::p256_verifies(public_point, message, &value) {
+        Ok(())
+    } else {
+        Err(ReceiptError::BadSignature)
+    }
 }

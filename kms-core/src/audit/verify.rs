@@ -10,7 +10,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use aws_lc_rs::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_FIXED};
 use serde::Serialize;
 
 use super::chain::{
@@ -192,9 +191,12 @@ impl<'a> Verifier<'a> {
             .ok_or_else(|| format!("checkpoint {} has a malformed head", cp.seq))?;
         let signature = hex::decode(&cp.signature)
             .map_err(|_| format!("checkpoint {} has a malformed signature", cp.seq))?;
-        UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, point)
-            .verify(&checkpoint_message(cp.seq, &head, cp.time_ms), &signature)
-            .map_err(|_| format!("checkpoint {} signature does not verify", cp.seq))
+        let message = checkpoint_message(cp.seq, &head, cp.time_ms);
+        if crate::signature::p256_verifies(point, &message, &signature) {
+            Ok(())
+        } else {
+            Err(format!("checkpoint {} signature does not verify", cp.seq))
+        }
     }
 
     fn bad(&mut self, seq: u64, kind: BreakKind, problem: String) {
