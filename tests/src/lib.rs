@@ -48,18 +48,8 @@ impl Server {
     /// The same, with `extra` added to `kms serve`'s arguments.
     pub fn start_with_args(bin: &str, dir: &Path, log_filter: &str, extra: &[&str]) -> Server {
         let bin = std::env::var_os("KMS_BIN").map_or_else(|| PathBuf::from(bin), PathBuf::from);
-        let mut child = Command::new(&bin)
-            .current_dir(dir)
-            .args([
-                "serve",
-                "--dev",
-                "--data-addr",
-                "127.0.0.1:0",
-                "--admin-addr",
-                "127.0.0.1:0",
-                "--metrics-addr",
-                "127.0.0.1:0",
-            ])
+        let mut child = serve_dev(&bin, dir)
+            .args(["--metrics-addr", "127.0.0.1:0"])
             .args(extra)
             .env("RUST_LOG", log_filter)
             .stdout(Stdio::piped())
@@ -237,6 +227,21 @@ impl Server {
             server_name: "localhost".into(),
         }
     }
+}
+
+/// `bin serve --dev` in `dir` on ephemeral data and admin ports, not started: for a test that
+/// adds flags of its own or expects the start to fail.
+pub fn serve_dev(bin: impl AsRef<std::ffi::OsStr>, dir: &Path) -> Command {
+    let mut command = Command::new(bin);
+    command.current_dir(dir).args([
+        "serve",
+        "--dev",
+        "--data-addr",
+        "127.0.0.1:0",
+        "--admin-addr",
+        "127.0.0.1:0",
+    ]);
+    command
 }
 
 /// Runs `kms ARGS` (the binary `bin`) with `dir` as its working directory, where `.kms` is

@@ -1121,18 +1121,7 @@ fn a_failed_hsm_login_is_on_record() {
     let pin = dir.path().join(".kms/secrets/user.pin");
     let good = std::fs::read(&pin).unwrap();
     std::fs::write(&pin, b"wrong-pin-000000").unwrap();
-    let out = Command::new(KMS)
-        .current_dir(dir.path())
-        .args([
-            "serve",
-            "--dev",
-            "--data-addr",
-            "127.0.0.1:0",
-            "--admin-addr",
-            "127.0.0.1:0",
-        ])
-        .output()
-        .unwrap();
+    let out = kms_tests::serve_dev(KMS, dir.path()).output().unwrap();
     assert!(!out.status.success());
     std::fs::write(&pin, good).unwrap();
     let export = kms(dir.path(), &["audit", "export", "--since", "1"]);

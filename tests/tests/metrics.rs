@@ -429,16 +429,7 @@ fn a_real_prometheus_scrapes_counters_latencies_and_the_seal() {
 fn metrics_can_be_turned_off() {
     use std::io::BufRead;
     let dir = tempfile::tempdir().unwrap();
-    let mut child = std::process::Command::new(KMS)
-        .current_dir(dir.path())
-        .args([
-            "serve",
-            "--dev",
-            "--data-addr",
-            "127.0.0.1:0",
-            "--admin-addr",
-            "127.0.0.1:0",
-        ])
+    let mut child = kms_tests::serve_dev(KMS, dir.path())
         .args(["--metrics-addr", "off"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
@@ -542,18 +533,7 @@ fn the_config_chooses_json_logs_and_refuses_metrics_off_loopback() {
     let elsewhere = text.replace("[listen]", "[listen]\nmetrics = \"10.1.2.3:9464\"");
     assert_ne!(elsewhere, text, "the dev config has a [listen] section");
     std::fs::write(&config, elsewhere).unwrap();
-    let out = std::process::Command::new(KMS)
-        .current_dir(dir.path())
-        .args([
-            "serve",
-            "--dev",
-            "--data-addr",
-            "127.0.0.1:0",
-            "--admin-addr",
-            "127.0.0.1:0",
-        ])
-        .output()
-        .unwrap();
+    let out = kms_tests::serve_dev(KMS, dir.path()).output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("not a loopback address"), "{err}");
