@@ -80,8 +80,11 @@ impl Deployment {
         config_path: &Path,
         clock: ClockKind,
     ) -> Result<Self, Error> {
+        // The PIN and the module are found first: a setting that cannot work leaves no data
+        // directory or store behind.
+        let token = hsm_config(&config, config_path)?;
         let store = Arc::new(RocksStore::open(&config.data_dir.join("store"))?);
-        Self::assemble(config, config_path, store, clock)
+        Self::assemble(config, config_path, token, store, clock)
     }
 
     /// Opens the deployment for a ceremony, with the server stopped: as [`Deployment::open`],
@@ -90,6 +93,7 @@ impl Deployment {
     /// MAC key exists to be escrowed.
     pub fn open_offline(config_path: &Path) -> Result<Self, Error> {
         let config = load(config_path)?;
+        let token = hsm_config(&config, config_path)?;
         let store = Arc::new(
             RocksStore::open(&config.data_dir.join("store")).map_err(|e| {
                 Error::Usage(format!(
@@ -99,7 +103,7 @@ impl Deployment {
             })?,
         );
         let clock = ClockKind::of(config_path, &config);
-        let opened = Self::assemble(config, config_path, store, clock)?;
+        let opened = Self::assemble(config, config_path, token, store, clock)?;
         opened.governance()?;
         Ok(opened)
     }
@@ -107,6 +111,7 @@ impl Deployment {
     fn assemble(
         config: Config,
         config_path: &Path,
+        token: HsmConfig,
         store: Arc<RocksStore>,
         clock: ClockKind,
     ) -> Result<Self, Error> {
@@ -116,7 +121,7 @@ impl Deployment {
             clock.clone(),
             config.audit.settings(),
         )?);
-        let hsm = open_hsm(&config, config_path, &audit_log)?;
+        let hsm = open_hsm(&token, &audit_log)?;
         Ok(Self {
             config,
             config_path: config_path.to_path_buf(),
@@ -250,13 +255,8 @@ pub fn hsm_config(config: &Config, config_path: &Path) -> Result<HsmConfig, Erro
 
 /// Opens the token, recording a failure to open it and every retried HSM call in the audit
 /// log, and attaches it to the log (which signs checkpoints with it).
-fn open_hsm(
-    config: &Config,
-    config_path: &Path,
-    audit_log: &Arc<AuditLog>,
-) -> Result<Arc<Pkcs11Hsm>, Error> {
-    let hsm_config = hsm_config(config, config_path)?;
-    let hsm = match Pkcs11Hsm::open(&hsm_config) {
+fn open_hsm(hsm_config: &HsmConfig, audit_log: &Arc<AuditLog>) -> Result<Arc<Pkcs11Hsm>, Error> {
+    let hsm = match Pkcs11Hsm::open(hsm_config) {
         Ok(hsm) => Arc::new(hsm),
         Err(e) => {
             let event = crate::events::hsm_open_failed(&hsm_config.token_label, &e);

@@ -506,3 +506,30 @@ fn a_dev_layout_works_from_another_directory_and_after_a_move() {
     std::fs::rename(first.path().join(".kms"), &to).unwrap();
     inspect(&to);
 }
+
+/// A config whose token cannot be opened for want of its PIN file stops start-up with an error
+/// naming the file, and leaves nothing behind: no data directory, no store, no audit log.
+#[test]
+fn a_missing_pin_file_leaves_no_data_directory_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("kms.toml");
+    std::fs::write(
+        &config,
+        "data_dir = \"data\"\n\n[hsm]\ntoken_label = \"nowhere\"\npin_file = \"missing.pin\"\n\n\
+         [listen]\ndata = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nmetrics = \"off\"\n\n\
+         [tls]\nserver_cert = \"server.pem\"\nserver_key = \"server.key\"\n\
+         admin_client_ca = \"operator-ca.pem\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(KMS)
+        .args(["serve", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("missing.pin"), "{err}");
+    assert!(
+        !dir.path().join("data").exists(),
+        "a data directory was left: {err}"
+    );
+}
