@@ -15,7 +15,6 @@
 use std::collections::BTreeMap;
 
 use aws_lc_rs::digest::{Context, Digest, SHA256};
-use aws_lc_rs::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_FIXED};
 use serde::{Deserialize, Serialize};
 
 use crate::audit::signer_id;
@@ -408,9 +407,11 @@ impl Bundle {
                 found: self.header.signer.id.clone(),
             });
         }
-        UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, trusted)
-            .verify_digest(&self.signed, &self.signature)
-            .map_err(|_| BundleError::Signature)
+        if crate::signature::p256_verifies_digest(trusted, &self.signed, &self.signature) {
+            Ok(())
+        } else {
+            Err(BundleError::Signature)
+        }
     }
 }
 

@@ -1,8 +1,9 @@
 //! Verification of the ECDSA P-256 / SHA-256 signatures the KMS makes in the HSM (audit
-//! checkpoints, destruction receipts): 64 bytes, r ‖ s (IEEE P1363), under a 65-byte
-//! uncompressed public point. One function, so every verifier accepts exactly the same
+//! checkpoints, destruction receipts, backup bundles): 64 bytes, r ‖ s (IEEE P1363), under a
+//! 65-byte uncompressed public point. One function, so every verifier accepts exactly the same
 //! signatures; checked against Wycheproof's vectors below.
 
+use aws_lc_rs::digest::Digest;
 use aws_lc_rs::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_FIXED};
 
 /// Whether `signature` (r ‖ s) is a valid ECDSA P-256 signature of SHA-256(`message`) under
@@ -10,6 +11,14 @@ use aws_lc_rs::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_FIXED};
 pub(crate) fn p256_verifies(public_point: &[u8], message: &[u8], signature: &[u8]) -> bool {
     UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, public_point)
         .verify(message, signature)
+        .is_ok()
+}
+
+/// The same, for a message already hashed with SHA-256 (backup bundles are signed over the
+/// digest of a header and a body read in pieces).
+pub(crate) fn p256_verifies_digest(public_point: &[u8], digest: &Digest, signature: &[u8]) -> bool {
+    UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, public_point)
+        .verify_digest(digest, signature)
         .is_ok()
 }
 
@@ -35,6 +44,13 @@ mod tests {
         for group in &set.test_groups {
             for t in &group.tests {
                 let verified = p256_verifies(&group.key.key, &t.msg, &t.sig);
+                let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &t.msg);
+                assert_eq!(
+                    p256_verifies_digest(&group.key.key, &digest, &t.sig),
+                    verified,
+                    "tc {}: the digest path judges otherwise",
+                    t.tc_id
+                );
                 match t.result {
                     TestResult::Valid => {
                         assert!(verified, "tc {}: {}", t.tc_id, t.comment);
