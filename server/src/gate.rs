@@ -283,7 +283,10 @@ impl Shared {
         >,
     {
         let started = monotonic();
-        let _in_flight = self.metrics.as_ref().map(|m| m.start(self.plane.word()));
+        let _in_flight = self
+            .metrics
+            .as_ref()
+            .and_then(|m| m.start(self.plane.word()));
         let ids = RequestTag::new(request.headers());
         let taken = Taken::default();
         // A `Uri` clone shares its bytes: no copy of the path unless a record needs it.
@@ -327,8 +330,8 @@ impl Shared {
                 response.headers_mut().insert(REQUEST_ID, v);
             }
         }
-        let code = crate::metrics::response_code(response.headers());
         if let Some(m) = &self.metrics {
+            let code = crate::metrics::response_code(response.headers());
             m.answered(self.plane.word(), path, code, started.elapsed());
         }
         // One line per request when asked for (RUST_LOG=info,kms::request=debug); its fields
@@ -338,7 +341,7 @@ impl Shared {
             request_id = %ids.server,
             plane = self.plane.word(),
             rpc = %self.action(path),
-            outcome = crate::metrics::code_label(code),
+            outcome = crate::metrics::code_label(crate::metrics::response_code(response.headers())),
             duration_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
             "request"
         );

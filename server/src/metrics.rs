@@ -347,15 +347,10 @@ impl Metrics {
 
     /// Counts a request as in flight on `plane` (`data` or `admin`) until the returned guard
     /// is dropped.
-    pub(crate) fn start(&self, plane: &'static str) -> InFlight {
-        let gauge = self
-            .inner
-            .in_flight
-            .get(plane_index(plane))
-            .cloned()
-            .unwrap_or_default();
+    pub(crate) fn start(&self, plane: &'static str) -> Option<InFlight<'_>> {
+        let gauge = self.inner.in_flight.get(plane_index(plane))?;
         gauge.inc();
-        InFlight(gauge)
+        Some(InFlight(gauge))
     }
 
     /// Counts an answered request: its plane, its path, the gRPC status it was answered with
@@ -447,9 +442,9 @@ fn now() -> Instant {
 }
 
 /// Holds one request in a plane's in-flight gauge.
-pub(crate) struct InFlight(Gauge);
+pub(crate) struct InFlight<'a>(&'a Gauge);
 
-impl Drop for InFlight {
+impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.dec();
     }
