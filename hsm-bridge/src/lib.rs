@@ -47,7 +47,7 @@ pub use escrow::{
     import_trusted_escrow_key, CheckValue, EscrowPin, EscrowedKey, ObjectId, ObjectReport,
     CHECK_VALUE_LEN, OBJECT_ID_LEN,
 };
-pub use metered::{outcome_label, HsmMeter, HsmOp, Metered};
+pub use metered::{HsmMeter, HsmOp, HsmOutcome, Metered};
 pub use pool::PoolStats;
 pub use token::{token_objects, Pkcs11Hsm, TokenFacts};
 

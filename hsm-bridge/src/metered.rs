@@ -42,6 +42,38 @@ pub enum HsmOp {
 }
 
 impl HsmOp {
+    /// Every operation, in the order of [`HsmOp::index`].
+    pub const ALL: [HsmOp; 11] = [
+        Self::Random,
+        Self::GenerateKey,
+        Self::FindKey,
+        Self::DestroyKey,
+        Self::SelfTest,
+        Self::Encrypt,
+        Self::Decrypt,
+        Self::ReadAttributes,
+        Self::SigningKey,
+        Self::Sign,
+        Self::Describe,
+    ];
+
+    /// Its place in [`HsmOp::ALL`], for a meter that keeps one slot per operation.
+    pub fn index(self) -> usize {
+        match self {
+            Self::Random => 0,
+            Self::GenerateKey => 1,
+            Self::FindKey => 2,
+            Self::DestroyKey => 3,
+            Self::SelfTest => 4,
+            Self::Encrypt => 5,
+            Self::Decrypt => 6,
+            Self::ReadAttributes => 7,
+            Self::SigningKey => 8,
+            Self::Sign => 9,
+            Self::Describe => 10,
+        }
+    }
+
     /// The operation's name, as a label.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -75,20 +107,51 @@ impl HsmOp {
     }
 }
 
-/// How an operation ended, as a label: `ok`, `decrypt_failed` (a wrong key, nonce, AAD or tag:
-/// the caller's input, not the device), or `error`.
-pub fn outcome_label<T>(result: &Result<T>) -> &'static str {
-    match result {
-        Ok(_) => "ok",
-        Err(Error::DecryptFailed) => "decrypt_failed",
-        Err(_) => "error",
+/// How an operation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum HsmOutcome {
+    /// It succeeded.
+    Ok,
+    /// A wrong key, nonce, AAD or tag: the caller's input, not the device.
+    DecryptFailed,
+    /// Any other failure: the token, the session, the module.
+    Error,
+}
+
+impl HsmOutcome {
+    /// How `result` ended.
+    pub fn of<T>(result: &Result<T>) -> Self {
+        match result {
+            Ok(_) => Self::Ok,
+            Err(Error::DecryptFailed) => Self::DecryptFailed,
+            Err(_) => Self::Error,
+        }
+    }
+
+    /// Its name, as a label: `ok`, `decrypt_failed`, `error`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::DecryptFailed => "decrypt_failed",
+            Self::Error => "error",
+        }
+    }
+
+    /// 0, 1 or 2, for a meter that keeps one slot per outcome.
+    pub fn index(self) -> usize {
+        match self {
+            Self::Ok => 0,
+            Self::DecryptFailed => 1,
+            Self::Error => 2,
+        }
     }
 }
 
 /// What is told of each operation. Called on the thread that ran it: keep it quick.
 pub trait HsmMeter: Send + Sync {
-    /// `op` ended with `outcome` (see [`outcome_label`]) after `took`.
-    fn observe(&self, op: HsmOp, outcome: &'static str, took: Duration);
+    /// `op` ended with `outcome` after `took`.
+    fn observe(&self, op: HsmOp, outcome: HsmOutcome, took: Duration);
 }
 
 /// `inner`, with every operation told to `meter`.
@@ -107,7 +170,7 @@ impl Metered {
         let started = stopwatch();
         let result = f(self.inner.as_ref());
         self.meter
-            .observe(op, outcome_label(&result), started.elapsed());
+            .observe(op, HsmOutcome::of(&result), started.elapsed());
         result
     }
 }
@@ -202,5 +265,27 @@ impl Hsm for Metered {
 
     fn describe(&self) -> Result<(TokenFacts, std::path::PathBuf)> {
         self.timed(HsmOp::Describe, |h| h.describe())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_operation_has_its_own_slot() {
+        for (i, op) in HsmOp::ALL.iter().enumerate() {
+            assert_eq!(op.index(), i, "{op:?}");
+        }
+        let names: std::collections::HashSet<_> = HsmOp::ALL.iter().map(|o| o.as_str()).collect();
+        assert_eq!(names.len(), HsmOp::ALL.len());
+        let outcomes = [HsmOutcome::Ok, HsmOutcome::DecryptFailed, HsmOutcome::Error];
+        for (i, o) in outcomes.iter().enumerate() {
+            assert_eq!(o.index(), i);
+        }
+        assert_eq!(
+            HsmOutcome::of::<()>(&Err(Error::DecryptFailed)),
+            HsmOutcome::DecryptFailed
+        );
     }
 }

@@ -255,11 +255,16 @@ fn signing_key_is_made_once_signs_and_never_leaves_the_token() {
 struct Told(std::sync::Mutex<Vec<(&'static str, &'static str, &'static str)>>);
 
 impl hsm_bridge::HsmMeter for Told {
-    fn observe(&self, op: hsm_bridge::HsmOp, outcome: &'static str, _took: std::time::Duration) {
+    fn observe(
+        &self,
+        op: hsm_bridge::HsmOp,
+        outcome: hsm_bridge::HsmOutcome,
+        _took: std::time::Duration,
+    ) {
         self.0
             .lock()
             .unwrap()
-            .push((op.as_str(), op.mechanism(), outcome));
+            .push((op.as_str(), op.mechanism(), outcome.as_str()));
     }
 }
 

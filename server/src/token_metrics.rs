@@ -5,7 +5,7 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use hsm_bridge::{Hsm, HsmMeter, HsmOp, Pkcs11Hsm};
+use hsm_bridge::{Hsm, HsmMeter, HsmOp, HsmOutcome, Pkcs11Hsm};
 use kms_core::Clock;
 use parking_lot::Mutex;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -41,23 +41,6 @@ fn op_histogram() -> AtomicHistogram {
     AtomicHistogram::new(&HSM_BUCKETS)
 }
 
-/// Every operation's name, in the order of the kept series below.
-const OPERATIONS: [&str; 11] = [
-    "random",
-    "generate_key",
-    "find_key",
-    "destroy_key",
-    "self_test",
-    "encrypt",
-    "decrypt",
-    "read_attributes",
-    "signing_key",
-    "sign",
-    "describe",
-];
-/// Every outcome's name, likewise.
-const OUTCOMES: [&str; 3] = ["ok", "decrypt_failed", "error"];
-
 /// Counts of the key service's HSM operations: the meter a [`hsm_bridge::Metered`] HSM tells.
 /// Each series is kept once made, so an operation touches no family's lock.
 #[derive(Clone, Debug)]
@@ -67,10 +50,11 @@ pub struct HsmMetrics {
     kept: Arc<Kept>,
 }
 
+/// By [`HsmOp::index`], then [`HsmOutcome::index`].
 #[derive(Debug, Default)]
 struct Kept {
-    counters: [[OnceLock<Counter>; 3]; 11],
-    durations: [OnceLock<AtomicHistogram>; 11],
+    counters: [[OnceLock<Counter>; 3]; HsmOp::ALL.len()],
+    durations: [OnceLock<AtomicHistogram>; HsmOp::ALL.len()],
 }
 
 impl Default for HsmMetrics {
@@ -91,29 +75,23 @@ impl HsmMetrics {
 }
 
 impl HsmMeter for HsmMetrics {
-    fn observe(&self, op: HsmOp, outcome: &'static str, took: Duration) {
+    fn observe(&self, op: HsmOp, outcome: HsmOutcome, took: Duration) {
         let operation = op.as_str();
-        let labels = OpLabels {
-            operation,
-            mechanism: op.mechanism(),
-            outcome,
-        };
-        let at = OPERATIONS.iter().position(|o| *o == operation);
-        let how = OUTCOMES.iter().position(|o| *o == outcome);
-        let (Some(at), Some(how)) = (at, how) else {
-            // An operation or outcome this list does not name yet: counted the slow way.
-            self.operations.get_or_create(&labels).inc();
-            self.durations
-                .get_or_create(&OpOnly { operation })
-                .observe(took.as_secs_f64());
-            return;
-        };
         let kept = &self.kept;
-        if let Some(c) = kept.counters.get(at).and_then(|c| c.get(how)) {
+        if let Some(c) = kept
+            .counters
+            .get(op.index())
+            .and_then(|c| c.get(outcome.index()))
+        {
+            let labels = OpLabels {
+                operation,
+                mechanism: op.mechanism(),
+                outcome: outcome.as_str(),
+            };
             c.get_or_init(|| self.operations.get_or_create_owned(&labels))
                 .inc();
         }
-        if let Some(d) = kept.durations.get(at) {
+        if let Some(d) = kept.durations.get(op.index()) {
             d.get_or_init(|| self.durations.get_or_create_owned(&OpOnly { operation }))
                 .observe(took.as_secs_f64());
         }
