@@ -26,6 +26,9 @@ pub enum Protection {
 }
 
 impl Protection {
+    /// Every protection level.
+    pub const ALL: [Protection; 2] = [Protection::Hsm, Protection::Software];
+
     /// The level's name on the wire and in records.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -52,6 +55,14 @@ pub enum KeyState {
 }
 
 impl KeyState {
+    /// Every state.
+    pub const ALL: [KeyState; 4] = [
+        KeyState::Disabled,
+        KeyState::Enabled,
+        KeyState::PendingDestruction,
+        KeyState::Destroyed,
+    ];
+
     /// The state's name on the wire and in records.
     pub fn as_str(self) -> &'static str {
         match self {

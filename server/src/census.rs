@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use kms_core::governance::approvals::ApprovalState;
-use kms_core::Kms;
+use kms_core::{Kms, Protection};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -13,9 +13,6 @@ use prometheus_client::registry::Registry;
 
 use crate::governance::Governance;
 
-/// Every key state and protection level, so each reads 0 rather than vanish.
-const STATES: [&str; 4] = ["enabled", "disabled", "pending_destruction", "destroyed"];
-const PROTECTIONS: [&str; 2] = ["hsm", "software"];
 /// Registrations expiring within this many seconds are counted apart.
 const EXPIRING_WITHIN: u64 = 7 * 86_400;
 
@@ -102,29 +99,26 @@ impl Census {
     /// Counts afresh. Reads the approval requests from the store: call it where blocking is
     /// allowed.
     pub(crate) fn refresh(&self) {
-        for state in STATES {
-            for protection in PROTECTIONS {
-                self.keys
-                    .get_or_create(&KeyLabels { state, protection })
-                    .set(0);
-            }
-        }
-        for protection in PROTECTIONS {
-            self.versions
-                .get_or_create(&ProtectionLabels { protection })
-                .set(0);
-        }
-        for c in self.kms.census() {
+        // Every (state, protection) pair is listed, so a count that falls to zero reads 0.
+        let census = self.kms.census();
+        for c in &census {
             let labels = KeyLabels {
-                state: c.state,
-                protection: c.protection,
+                state: c.state.as_str(),
+                protection: c.protection.as_str(),
             };
             self.keys.get_or_create(&labels).set(gauge(c.keys));
+        }
+        for protection in Protection::ALL {
+            let versions = census
+                .iter()
+                .filter(|c| c.protection == protection)
+                .map(|c| c.versions)
+                .sum::<u64>();
             self.versions
                 .get_or_create(&ProtectionLabels {
-                    protection: c.protection,
+                    protection: protection.as_str(),
                 })
-                .inc_by(gauge(c.versions));
+                .set(gauge(versions));
         }
         let now = self.gov.clock.now_unix();
         let live = self

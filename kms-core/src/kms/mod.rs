@@ -148,10 +148,10 @@ enum HsmEscrow {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct KeyCensus {
-    /// The state's name (`enabled`, ...).
-    pub state: &'static str,
-    /// The protection level's name (`hsm`, `software`).
-    pub protection: &'static str,
+    /// The state.
+    pub state: KeyState,
+    /// The protection level.
+    pub protection: Protection,
     /// How many keys.
     pub keys: u64,
     /// How many versions they hold in memory.
@@ -373,33 +373,38 @@ impl Kms {
         Ok(self.entry(key)?.record.clone())
     }
 
-    /// How many keys there are in each (state, protection), and how many usable versions they
-    /// hold in memory (none while sealed): for a node's metrics. Counted under the cache's read
-    /// lock, without copying a record.
+    /// How many keys there are in each (state, protection), every pair listed (zero
+    /// included), and how many usable versions they hold in memory (none while sealed): for a
+    /// node's metrics. Counted under the cache's read lock, without copying a record.
     pub fn census(&self) -> Vec<KeyCensus> {
-        let mut counts: BTreeMap<(&'static str, &'static str), (u64, u64)> = BTreeMap::new();
+        let mut counts: Vec<KeyCensus> = KeyState::ALL
+            .iter()
+            .flat_map(|&state| {
+                Protection::ALL.iter().map(move |&protection| KeyCensus {
+                    state,
+                    protection,
+                    keys: 0,
+                    versions: 0,
+                })
+            })
+            .collect();
         for entry in self.cache.read().keys.values() {
             let r = &entry.record;
-            let slot = counts
-                .entry((r.state.as_str(), r.protection.as_str()))
-                .or_default();
-            slot.0 += 1;
+            let Some(slot) = counts
+                .iter_mut()
+                .find(|c| c.state == r.state && c.protection == r.protection)
+            else {
+                continue;
+            };
             let usable = entry
                 .versions
                 .values()
                 .filter(|v| !matches!(v.as_ref(), VersionKey::Sealed))
                 .count();
-            slot.1 += u64::try_from(usable).unwrap_or(u64::MAX);
+            slot.keys += 1;
+            slot.versions += u64::try_from(usable).unwrap_or(u64::MAX);
         }
         counts
-            .into_iter()
-            .map(|((state, protection), (keys, versions))| KeyCensus {
-                state,
-                protection,
-                keys,
-                versions,
-            })
-            .collect()
     }
 
     /// Up to `limit` keys after `after`, in id order, and the id to continue from.
