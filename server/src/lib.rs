@@ -64,7 +64,7 @@ pub use error::Error;
 pub use gate::{Reflection, SUMMARY_EVERY, UNAUTHENTICATED_PER_SEC};
 pub use governance::{Governance, GRANT_HEADER, MAX_PURPOSE, PURPOSE_HEADER};
 pub use identity::{operator_identity, svid_facts};
-pub use metrics::{plain_http_allowed, Metrics};
+pub use metrics::Metrics;
 pub use policy_stats::{EvalStats, PolicyStats, TimedAuthorizer};
 pub use store_metrics::StoreMetrics;
 pub use token_metrics::{HsmMetrics, TokenWatch, DEEP_CHECK_EVERY};

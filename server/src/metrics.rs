@@ -23,7 +23,6 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 use prost::Message;
@@ -124,8 +123,8 @@ impl std::fmt::Debug for Inner {
 struct AuditMetrics {
     records: Counter,
     failures: Counter,
-    batch: Histogram,
-    commit: Histogram,
+    batch: AtomicHistogram,
+    commit: AtomicHistogram,
     checkpoint_age: Gauge<f64, AtomicU64>,
     /// When the last checkpoint was signed (ms since the epoch); 0 before any.
     last_checkpoint_ms: AtomicU64,
@@ -138,8 +137,8 @@ impl AuditMetrics {
         let m = Self {
             records: Counter::default(),
             failures: Counter::default(),
-            batch: Histogram::new(BATCH_BUCKETS),
-            commit: Histogram::new(COMMIT_BUCKETS),
+            batch: AtomicHistogram::new(&BATCH_BUCKETS),
+            commit: AtomicHistogram::new(&COMMIT_BUCKETS),
             checkpoint_age: Gauge::default(),
             last_checkpoint_ms: AtomicU64::new(0),
             failing: AtomicBool::new(false),
@@ -634,7 +633,7 @@ async fn serve_tls(
 }
 
 /// Whether `addr` may serve metrics in plain HTTP: loopback only.
-pub fn plain_http_allowed(addr: SocketAddr) -> bool {
+pub(crate) fn plain_http_allowed(addr: SocketAddr) -> bool {
     addr.ip().is_loopback()
 }
 

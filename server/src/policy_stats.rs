@@ -149,20 +149,18 @@ impl PolicyStats {
         let took = started.elapsed();
         if let Some(m) = self.metrics.get() {
             // Anything but an allow refuses the request.
-            let effect = if decision == Decision::Allow {
-                "allow"
-            } else {
-                "deny"
-            };
-            let source = if reused { "cache" } else { "cedar" };
+            let allowed = decision == Decision::Allow;
             let slot = m
                 .counters
-                .get(usize::from(effect == "deny"))
+                .get(usize::from(!allowed))
                 .and_then(|by_source| by_source.get(usize::from(reused)));
             if let Some(slot) = slot {
                 slot.get_or_init(|| {
-                    m.decisions
-                        .get_or_create_owned(&DecisionLabels { effect, source })
+                    let labels = DecisionLabels {
+                        effect: if allowed { "allow" } else { "deny" },
+                        source: if reused { "cache" } else { "cedar" },
+                    };
+                    m.decisions.get_or_create_owned(&labels)
                 })
                 .inc();
             }

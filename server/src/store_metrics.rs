@@ -4,8 +4,9 @@ use std::time::Duration;
 
 use kms_core::store::StoreMeter;
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+
+use crate::histogram::AtomicHistogram;
 
 /// Upper bounds of the store write-time buckets, in seconds: 100 µs to 2.5 s.
 const WRITE_BUCKETS: [f64; 14] = [
@@ -17,7 +18,7 @@ const WRITE_BUCKETS: [f64; 14] = [
 /// failed writes: the meter a [`kms_core::RocksStore`] tells.
 #[derive(Clone, Debug)]
 pub struct StoreMetrics {
-    writes: Histogram,
+    writes: AtomicHistogram,
     failures: Counter,
 }
 
@@ -31,7 +32,7 @@ impl StoreMetrics {
     /// Empty counts.
     pub fn new() -> Self {
         Self {
-            writes: Histogram::new(WRITE_BUCKETS),
+            writes: AtomicHistogram::new(&WRITE_BUCKETS),
             failures: Counter::default(),
         }
     }
