@@ -13,7 +13,7 @@ use tonic::transport::Channel;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
-use crate::{key_request, micros_since, new_histogram, now, Error, Latencies};
+use crate::{key_request, micros_since, now, Error, Latencies};
 
 /// What each caller sends.
 #[derive(Clone, Debug)]
@@ -76,13 +76,7 @@ pub async fn closed_loop(
         .take(callers)
         .map(|channel| tokio::spawn(caller(channel.clone(), job.clone(), run.batch, deadline)))
         .collect();
-    let mut total = Latencies {
-        hist: new_histogram()?,
-        items: 0,
-        errors: 0,
-        first_error: None,
-        elapsed: Duration::ZERO,
-    };
+    let mut total = Latencies::empty()?;
     for t in tasks {
         let r = t
             .await
@@ -139,13 +133,7 @@ async fn caller(
         data: DataPlaneClient::new(channel.clone()),
         health: HealthClient::new(channel),
     };
-    let mut out = Latencies {
-        hist: new_histogram()?,
-        items: 0,
-        errors: 0,
-        first_error: None,
-        elapsed: Duration::ZERO,
-    };
+    let mut out = Latencies::empty()?;
     while now() < deadline {
         let t0 = now();
         let outcome = clients.call(&job, batch).await;

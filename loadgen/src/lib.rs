@@ -56,6 +56,17 @@ pub struct Latencies {
 }
 
 impl Latencies {
+    /// Nothing measured yet.
+    pub fn empty() -> Result<Self, Error> {
+        Ok(Self {
+            hist: new_histogram()?,
+            items: 0,
+            errors: 0,
+            first_error: None,
+            elapsed: Duration::ZERO,
+        })
+    }
+
     /// Items per second over the run, 0 for a run of no time.
     pub fn per_second(&self) -> f64 {
         let secs = self.elapsed.as_secs_f64();

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::{key_request, micros_since, new_histogram, now, Error, Latencies};
+use crate::{key_request, micros_since, now, Error, Latencies};
 
 /// Which key change to time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -25,13 +25,7 @@ pub async fn lifecycle(
 ) -> Result<Latencies, Error> {
     let create = key_request(protection, ("purpose", "benchmark"));
     let key = admin.create_key(create.clone()).await?.into_inner().key_id;
-    let mut out = Latencies {
-        hist: new_histogram()?,
-        items: 0,
-        errors: 0,
-        first_error: None,
-        elapsed: Duration::ZERO,
-    };
+    let mut out = Latencies::empty()?;
     let start = now();
     while start.elapsed() < duration {
         let t = now();

@@ -656,16 +656,15 @@ mod tests {
         Arc::new(Fixed(1_800_000_000_000))
     }
 
+    /// Metrics of a node with no keys, governance, token or store to count, sealed as
+    /// `sealed` says.
+    fn bare(sealed: Arc<AtomicBool>) -> Metrics {
+        Metrics::new(sealed, test_clock(), &PolicyStats::new(), None, None, None)
+    }
+
     #[test]
     fn the_audit_writer_s_numbers_and_failures_show() {
-        let m = Metrics::new(
-            Arc::new(AtomicBool::new(false)),
-            test_clock(),
-            &PolicyStats::new(),
-            None,
-            None,
-            None,
-        );
+        let m = bare(Arc::new(AtomicBool::new(false)));
         assert!(m
             .encode(false)
             .unwrap_or_default()
@@ -695,14 +694,7 @@ mod tests {
 
     #[test]
     fn methods_are_named_only_if_a_plane_has_them() {
-        let m = Metrics::new(
-            Arc::new(AtomicBool::new(false)),
-            test_clock(),
-            &PolicyStats::new(),
-            None,
-            None,
-            None,
-        );
+        let m = bare(Arc::new(AtomicBool::new(false)));
         let took = Duration::from_micros(300);
         m.answered(
             "data",
@@ -735,14 +727,7 @@ mod tests {
     #[test]
     fn the_seal_shows_in_the_scrape_and_the_health() {
         let sealed = Arc::new(AtomicBool::new(false));
-        let m = Metrics::new(
-            sealed.clone(),
-            test_clock(),
-            &PolicyStats::new(),
-            None,
-            None,
-            None,
-        );
+        let m = bare(sealed.clone());
         assert!(m.encode(false).unwrap_or_default().contains("kms_sealed 0"));
         assert_eq!(m.not_serving(), None::<String>);
         sealed.store(true, Ordering::Relaxed);

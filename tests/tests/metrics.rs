@@ -403,23 +403,29 @@ fn a_real_prometheus_scrapes_counters_latencies_and_the_seal() {
 
     // The scrape is valid Prometheus text, as Prometheus's own linter reads it.
     let (_, _, scrape) = get(&server.metrics, "/metrics", None);
-    let mut promtool = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
+    promtool(&["check", "metrics"], std::env::temp_dir(), Some(&scrape));
+}
+
+/// Runs Prometheus's `promtool ARGS` in `dir`, with `input` on its standard input, and
+/// asserts that it passes.
+fn promtool(args: &[&str], dir: impl AsRef<std::path::Path>, input: Option<&str>) {
+    let mut child = std::process::Command::new("promtool")
+        .args(args)
+        .current_dir(dir)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    promtool
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(scrape.as_bytes())
-        .unwrap();
-    let out = promtool.wait_with_output().unwrap();
+    let stdin = child.stdin.take().unwrap();
+    if let Some(input) = input {
+        let mut stdin = stdin;
+        stdin.write_all(input.as_bytes()).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
     assert!(
         out.status.success(),
-        "promtool check metrics: {}{}",
+        "promtool {args:?}: {}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
@@ -494,17 +500,7 @@ fn the_dashboard_and_alerts_use_only_what_a_node_exports_and_the_rules_pass_prom
         &["check", "rules", "alerts.yml"][..],
         &["test", "rules", "alerts_test.yml"][..],
     ] {
-        let out = std::process::Command::new("promtool")
-            .args(args)
-            .current_dir(deploy.join("prometheus"))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "promtool {args:?}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        promtool(args, deploy.join("prometheus"), None);
     }
 }
 
